@@ -1,0 +1,3 @@
+from forgetpatch.cli import main
+
+main()

@@ -1,0 +1,67 @@
+"""Every error forgetpatch raises on purpose. Messages say what is wrong and what to do."""
+
+from __future__ import annotations
+
+
+class ForgetPatchError(Exception):
+    """Base class of all forgetpatch errors."""
+
+
+# --- patch files and manifests -------------------------------------------------------------
+class PatchFormatError(ForgetPatchError):
+    """A patch file or folder is corrupt, truncated, not safetensors, or has no valid manifest."""
+
+
+class ManifestError(PatchFormatError):
+    """The manifest is missing or does not validate against the schema."""
+
+
+class UnsupportedFormatVersionError(PatchFormatError):
+    """The patch was written by a newer forgetpatch than this one."""
+
+
+class IntegrityError(PatchFormatError):
+    """A file's sha256 does not match the one recorded in ``forgetpatch.json``."""
+
+
+# --- applying patches ----------------------------------------------------------------------
+class ApplyError(ForgetPatchError):
+    """A patch cannot be applied to this pipeline; the pipeline is left as it was."""
+
+
+class FingerprintMismatchError(ApplyError):
+    """The patch was made for other base weights than the pipeline's."""
+
+
+class MissingModuleError(ApplyError):
+    """A module the patch targets does not exist in the pipeline (e.g. an SDXL patch on SD 1.5)."""
+
+
+class AlreadyAppliedError(ApplyError):
+    """The same patch is already applied to this pipeline."""
+
+
+class LineageError(ApplyError):
+    """The patch was computed on top of other patches that are not applied (strict mode)."""
+
+
+class NotAppliedError(ForgetPatchError):
+    """``remove`` was asked to take off a patch that is not applied."""
+
+
+# --- the Hub -------------------------------------------------------------------------------
+class HubError(ForgetPatchError):
+    """A Hub repo, revision or file cannot be resolved, downloaded or uploaded."""
+
+
+# --- methods -------------------------------------------------------------------------------
+class MethodError(ForgetPatchError):
+    """An unlearning method was given input it cannot work with."""
+
+
+class UnknownMethodError(MethodError):
+    """No unlearning method is registered under that name."""
+
+
+class ConceptError(MethodError):
+    """A concept list is empty, a concept tokenizes to nothing, or erase and preserve overlap."""

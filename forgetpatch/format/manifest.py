@@ -1,0 +1,115 @@
+"""The patch manifest: a typed, validated description of one act of forgetting (format v1)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+FORMAT_NAME = "forgetpatch"
+FORMAT_VERSION = 1
+
+ConceptKind = Literal["object", "style", "nudity", "identity", "other"]
+Family = Literal["sd1", "sd2", "sdxl", "toy", "other"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class ConceptEntry(_Model):
+    """A concept the patch erases (or preserves)."""
+
+    target: str = Field(min_length=1)
+    kind: ConceptKind = "object"
+    guide: str | None = None
+    """What the concept is steered to (guide / anchor prompt); ``None`` = the method's default."""
+    superclass: str | None = None
+
+
+class KeyStepRange(_Model):
+    """Where on the denoising trajectory a patch was trained, and may be gated to at inference.
+
+    ``start``/``end`` are fractions of the trajectory: 0.0 is the first (noisiest) sampling step,
+    1.0 the last. A timestep ``t`` of a scheduler with ``T`` training steps sits at fraction
+    ``1 - t / T``; the loader gates on that, so any scheduler and step count works.
+    """
+
+    start: float = Field(ge=0.0, le=1.0)
+    end: float = Field(ge=0.0, le=1.0)
+    timesteps: list[int] = Field(default_factory=list)
+    """The scheduler timesteps training actually used (e.g. ``[701, 681, ..., 1]``)."""
+    scheduler: str = "DDIMScheduler"
+    num_inference_steps: int | None = None
+    num_train_timesteps: int = 1000
+    concept: str | None = None
+    """The concept this range belongs to, when ranges differ per concept."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> KeyStepRange:
+        if self.start > self.end:
+            raise ValueError(f"key-step range start {self.start} is after its end {self.end}")
+        return self
+
+
+class ModuleFingerprint(_Model):
+    shape: list[int]
+    digest: str
+    """Hex digest of the module's base weight values (see :func:`forgetpatch.format.fingerprint`)."""
+
+
+class BaseModelInfo(_Model):
+    id: str | None = None
+    """Hub id or local name of the base model, e.g. ``"runwayml/stable-diffusion-v1-5"`` or ``"toy"``."""
+    revision: str | None = None
+    family: Family = "other"
+    fingerprint: dict[str, ModuleFingerprint] = Field(default_factory=dict)
+    """Per targeted module path (``unet.down_blocks.0...attn2.to_k``): shape and digest of base weights."""
+
+
+class MethodInfo(_Model):
+    name: str
+    version: str = "1"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class LoraInfo(_Model):
+    rank: int = Field(ge=1)
+    """The largest rank of any module."""
+    alpha: float
+    target_modules: list[str]
+    """Full module paths with their component prefix (``unet.`` / ``text_encoder.`` / ``text_encoder_2.``)."""
+    rank_pattern: dict[str, int] = Field(default_factory=dict)
+    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+    reconstruction_error: float | None = None
+    """Worst relative Frobenius error ``|dW - BA| / |dW|`` over modules (0 for exact low-rank changes)."""
+    reconstruction_errors: dict[str, float] = Field(default_factory=dict)
+
+
+class Manifest(_Model):
+    """Everything forgetpatch knows about a patch; stored in the weights header and in ``forgetpatch.json``."""
+
+    format: Literal["forgetpatch"] = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+    name: str = Field(min_length=1)
+    method: MethodInfo
+    concepts: list[ConceptEntry] = Field(min_length=1)
+    preserved: list[ConceptEntry] = Field(default_factory=list)
+    key_steps: list[KeyStepRange] | None = None
+    base_model: BaseModelInfo
+    lora: LoraInfo
+    lineage: list[str] = Field(default_factory=list)
+    """Digests of the patches this one was computed on top of, in application order."""
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    library_version: str = "0.1.0"
+    files: dict[str, str] = Field(default_factory=dict)
+    """sha256 of every file in the patch folder (``forgetpatch.json`` only; empty in the weights header)."""
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if any(c in v for c in "/\\\n"):
+            raise ValueError(f"patch name {v!r} may not contain slashes or newlines")
+        return v

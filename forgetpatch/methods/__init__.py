@@ -1,0 +1,50 @@
+"""Unlearning methods. Each module registers one method; :func:`erase` is the entry point."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from forgetpatch.methods.base import (
+    Concept,
+    ConceptLike,
+    Method,
+    as_concepts,
+    available_methods,
+    get_method,
+    register,
+)
+
+# Method modules register themselves on import; add new ones here.
+# (imports appended by each method's module owner)
+
+
+def erase(
+    pipe: Any,
+    concepts: ConceptLike | Sequence[ConceptLike],
+    *,
+    method: str = "scapre",
+    preserve: ConceptLike | Sequence[ConceptLike] | None = None,
+    **params: Any,
+):
+    """Make ``pipe`` forget ``concepts`` with ``method`` and return the change as a Patch.
+
+    The pipeline itself is not modified; apply the returned patch with :func:`forgetpatch.apply`.
+
+    Example:
+        >>> patch = forgetpatch.erase(pipe, ["circle", "star"], method="scapre")
+        >>> patch.save("no-circle-star/")
+    """
+    from forgetpatch.errors import ConceptError
+
+    erased = as_concepts(concepts)
+    kept = as_concepts(preserve)
+    if not erased:
+        raise ConceptError("nothing to erase: pass at least one concept, e.g. erase(pipe, ['circle'])")
+    overlap = {c.target.lower() for c in erased} & {c.target.lower() for c in kept}
+    if overlap:
+        raise ConceptError(f"concepts both erased and preserved: {sorted(overlap)}; remove them from one list")
+    return get_method(method).erase(pipe, erased, preserve=kept, **params)
+
+
+__all__ = ["Concept", "ConceptLike", "Method", "as_concepts", "available_methods", "erase", "get_method", "register"]

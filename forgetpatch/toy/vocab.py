@@ -1,0 +1,142 @@
+"""The toy world's concepts, words and prompts.
+
+Three kinds of concept, as UnlearnCanvas has objects and styles: **shapes** (objects), **colours**
+and **textures** (styles). Shapes come in near-neighbour families (circle / ellipse / ring,
+square / rectangle / diamond, ...) so a precise method can be checked for sparing the neighbour.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from dataclasses import dataclass
+from typing import Literal
+
+Kind = Literal["shape", "colour", "texture"]
+
+SHAPES: tuple[str, ...] = (
+    "circle", "ellipse", "ring",
+    "square", "rectangle", "diamond",
+    "triangle", "star", "cross", "hexagon",
+)
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "orange": (245, 140, 20),
+    "yellow": (240, 220, 30),
+    "green": (40, 170, 50),
+    "cyan": (30, 200, 210),
+    "blue": (30, 60, 220),
+    "purple": (140, 40, 190),
+    "pink": (245, 120, 190),
+}
+TEXTURES: tuple[str, ...] = ("plain", "stripes", "dots", "grid", "checker")
+
+#: Shapes a precise method must spare when the key is erased.
+NEAR_NEIGHBOURS: dict[str, tuple[str, ...]] = {
+    "circle": ("ellipse", "ring"),
+    "ellipse": ("circle", "ring"),
+    "ring": ("circle", "ellipse"),
+    "square": ("rectangle", "diamond"),
+    "rectangle": ("square", "diamond"),
+    "diamond": ("square", "rectangle"),
+    "triangle": ("diamond", "star"),
+    "star": ("cross", "triangle"),
+    "cross": ("star", "square"),
+    "hexagon": ("circle", "square"),
+}
+
+#: Other words for a concept; the model is trained on them, so forgetting must cover them.
+SYNONYMS: dict[str, tuple[str, ...]] = {
+    "circle": ("disc",),
+    "ellipse": ("oval",),
+    "ring": ("donut",),
+    "square": ("box",),
+    "rectangle": ("oblong",),
+    "diamond": ("rhombus",),
+    "triangle": ("wedge",),
+    "star": ("pentagram",),
+    "cross": ("plus",),
+    "hexagon": ("hex",),
+    "purple": ("violet",),
+    "stripes": ("striped",),
+    "checker": ("checkerboard",),
+}
+
+#: The generic word whose images may show any shape: the superclass of every shape.
+SHAPE_SUPERCLASS = "shape"
+
+TRAIN_TEMPLATES: tuple[str, ...] = (
+    "a {colour} {shape} on a {texture} background",
+    "{colour} {shape} on {texture} background",
+    "a {shape} in {colour} on a {texture} background",
+    "a picture of a {colour} {shape} with a {texture} background",
+)
+#: Reworded prompts used only for scoring, never for training.
+HELDOUT_TEMPLATES: tuple[str, ...] = (
+    "a {texture} background with a {colour} {shape}",
+    "{shape} {colour} {texture}",
+)
+
+FILLER_WORDS = ("a", "an", "on", "in", "of", "with", "picture", "background", "photo", "the", "and")
+
+
+def kind_of(word: str) -> Kind:
+    """The kind of a canonical concept name, e.g. ``kind_of("circle") == "shape"``."""
+    if word in SHAPES:
+        return "shape"
+    if word in COLOURS:
+        return "colour"
+    if word in TEXTURES:
+        return "texture"
+    raise KeyError(f"{word!r} is not a toy-world concept; known: {SHAPES + tuple(COLOURS) + TEXTURES}")
+
+
+def concepts_of(kind: Kind) -> tuple[str, ...]:
+    return {"shape": SHAPES, "colour": tuple(COLOURS), "texture": TEXTURES}[kind]
+
+
+def all_words() -> list[str]:
+    """Every word the toy tokenizer spells as one token."""
+    words = [*SHAPES, *COLOURS, *TEXTURES, SHAPE_SUPERCLASS, *FILLER_WORDS]
+    words += [s for syns in SYNONYMS.values() for s in syns]
+    return list(dict.fromkeys(words))
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What one image shows."""
+
+    shape: str
+    colour: str
+    texture: str
+
+    def of(self, kind: Kind) -> str:
+        return {"shape": self.shape, "colour": self.colour, "texture": self.texture}[kind]
+
+
+def is_heldout(scene: Scene) -> bool:
+    """About 1 in 8 (shape, colour, texture) combinations is never trained on, chosen by a hash."""
+    key = f"{scene.shape}|{scene.colour}|{scene.texture}".encode()
+    return hashlib.sha256(key).digest()[0] % 8 == 0
+
+
+def all_scenes() -> list[Scene]:
+    return [Scene(s, c, t) for s, c, t in itertools.product(SHAPES, COLOURS, TEXTURES)]
+
+
+def train_scenes() -> list[Scene]:
+    return [s for s in all_scenes() if not is_heldout(s)]
+
+
+def heldout_scenes() -> list[Scene]:
+    return [s for s in all_scenes() if is_heldout(s)]
+
+
+def prompt(scene: Scene, template: str = TRAIN_TEMPLATES[0], *, shape_word: str | None = None,
+           colour_word: str | None = None, texture_word: str | None = None) -> str:
+    """Write ``scene`` as a prompt; the ``*_word`` arguments substitute a synonym or the superclass."""
+    return template.format(
+        shape=shape_word or scene.shape,
+        colour=colour_word or scene.colour,
+        texture=texture_word or scene.texture,
+    )

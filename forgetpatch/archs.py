@@ -70,18 +70,42 @@ UNET_CONFIGS: dict[str, dict[str, Any]] = {
 # CLIP ViT-L/14 (SD 1.x), OpenCLIP ViT-H/14 (SD 2.x), and SDXL's ViT-L + OpenCLIP bigG.
 TEXT_ENCODER_CONFIGS: dict[str, list[dict[str, Any]]] = {
     "sd15": [
-        {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-         "num_attention_heads": 12, "hidden_act": "quick_gelu", "projection_dim": 768},
+        {
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "hidden_act": "quick_gelu",
+            "projection_dim": 768,
+        },
     ],
     "sd21": [
-        {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23,
-         "num_attention_heads": 16, "hidden_act": "gelu", "projection_dim": 512},
+        {
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 23,
+            "num_attention_heads": 16,
+            "hidden_act": "gelu",
+            "projection_dim": 512,
+        },
     ],
     "sdxl": [
-        {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-         "num_attention_heads": 12, "hidden_act": "quick_gelu", "projection_dim": 768},
-        {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
-         "num_attention_heads": 20, "hidden_act": "gelu", "projection_dim": 1280},
+        {
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "hidden_act": "quick_gelu",
+            "projection_dim": 768,
+        },
+        {
+            "hidden_size": 1280,
+            "intermediate_size": 5120,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 20,
+            "hidden_act": "gelu",
+            "projection_dim": 1280,
+        },
     ],
 }
 

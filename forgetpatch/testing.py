@@ -32,11 +32,50 @@ from forgetpatch.archs import (
 from forgetpatch.tokenizer import word_level_clip_tokenizer
 
 #: Words the tiny test tokenizers spell as single tokens.
-TEST_WORDS = (
-    "a photo of an the on background painting in style by shape object art nude naked "
-    "red green blue yellow purple orange black white circle square triangle star ellipse "
-    "ring rectangle diamond cat dog car church tench fish building vangogh monet picasso"
-).split()
+TEST_WORDS = [
+    "a",
+    "photo",
+    "of",
+    "an",
+    "the",
+    "on",
+    "background",
+    "painting",
+    "in",
+    "style",
+    "by",
+    "shape",
+    "object",
+    "art",
+    "nude",
+    "naked",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "purple",
+    "orange",
+    "black",
+    "white",
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "ellipse",
+    "ring",
+    "rectangle",
+    "diamond",
+    "cat",
+    "dog",
+    "car",
+    "church",
+    "tench",
+    "fish",
+    "building",
+    "vangogh",
+    "monet",
+    "picasso",
+]
 
 
 def _tokenizer():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,8 +16,20 @@ from forgetpatch.methods.base import (
     register,
 )
 
-# Method modules register themselves on import; add new ones here.
-# (imports appended by each method's module owner)
+# Method modules register themselves on import; a new method is one module plus its name here.
+_METHOD_MODULES = ("uce", "scapre", "esd", "kscu", "dynamic_mask")
+
+
+def _load_methods() -> None:
+    for name in _METHOD_MODULES:
+        try:
+            importlib.import_module(f"forgetpatch.methods.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"forgetpatch.methods.{name}":
+                raise
+
+
+_load_methods()
 
 
 def erase(
@@ -43,8 +56,19 @@ def erase(
         raise ConceptError("nothing to erase: pass at least one concept, e.g. erase(pipe, ['circle'])")
     overlap = {c.target.lower() for c in erased} & {c.target.lower() for c in kept}
     if overlap:
-        raise ConceptError(f"concepts both erased and preserved: {sorted(overlap)}; remove them from one list")
+        raise ConceptError(
+            f"concepts both erased and preserved: {sorted(overlap)}; remove them from one list"
+        )
     return get_method(method).erase(pipe, erased, preserve=kept, **params)
 
 
-__all__ = ["Concept", "ConceptLike", "Method", "as_concepts", "available_methods", "erase", "get_method", "register"]
+__all__ = [
+    "Concept",
+    "ConceptLike",
+    "Method",
+    "as_concepts",
+    "available_methods",
+    "erase",
+    "get_method",
+    "register",
+]

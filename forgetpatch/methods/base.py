@@ -42,7 +42,9 @@ class Concept:
 ConceptLike = str | Concept
 
 
-def as_concepts(items: ConceptLike | Sequence[ConceptLike] | None, kind: ConceptKind = "object") -> list[Concept]:
+def as_concepts(
+    items: ConceptLike | Sequence[ConceptLike] | None, kind: ConceptKind = "object"
+) -> list[Concept]:
     """Normalise strings / :class:`Concept` objects (or one of them) to a list of concepts."""
     if items is None:
         return []

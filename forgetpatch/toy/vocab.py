@@ -15,9 +15,16 @@ from typing import Literal
 Kind = Literal["shape", "colour", "texture"]
 
 SHAPES: tuple[str, ...] = (
-    "circle", "ellipse", "ring",
-    "square", "rectangle", "diamond",
-    "triangle", "star", "cross", "hexagon",
+    "circle",
+    "ellipse",
+    "ring",
+    "square",
+    "rectangle",
+    "diamond",
+    "triangle",
+    "star",
+    "cross",
+    "hexagon",
 )
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -132,8 +139,14 @@ def heldout_scenes() -> list[Scene]:
     return [s for s in all_scenes() if is_heldout(s)]
 
 
-def prompt(scene: Scene, template: str = TRAIN_TEMPLATES[0], *, shape_word: str | None = None,
-           colour_word: str | None = None, texture_word: str | None = None) -> str:
+def prompt(
+    scene: Scene,
+    template: str = TRAIN_TEMPLATES[0],
+    *,
+    shape_word: str | None = None,
+    colour_word: str | None = None,
+    texture_word: str | None = None,
+) -> str:
     """Write ``scene`` as a prompt; the ``*_word`` arguments substitute a synonym or the superclass."""
     return template.format(
         shape=shape_word or scene.shape,

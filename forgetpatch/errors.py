@@ -54,6 +54,11 @@ class HubError(ForgetPatchError):
     """A Hub repo, revision or file cannot be resolved, downloaded or uploaded."""
 
 
+# --- evaluation ----------------------------------------------------------------------------
+class EvalError(ForgetPatchError):
+    """An evaluation was given mismatched inputs (e.g. a reference made with other settings)."""
+
+
 # --- methods -------------------------------------------------------------------------------
 class MethodError(ForgetPatchError):
     """An unlearning method was given input it cannot work with."""

@@ -14,7 +14,7 @@ app = typer.Typer(
 )
 
 # One module per verb group; each defines ``register(app: typer.Typer) -> None``.
-_VERB_MODULES = ("inspect", "erase", "apply", "hub", "toy", "keysteps", "evaluate", "bench")
+_VERB_MODULES = ("demo", "inspect", "erase", "apply", "hub", "toy", "keysteps", "evaluate", "bench")
 
 
 def _load_verbs() -> None:
@@ -32,4 +32,13 @@ _load_verbs()
 
 
 def main() -> None:
-    app()
+    """Entry point of the ``forgetpatch`` command: forgetpatch errors print as one line, exit code 1."""
+    from rich.console import Console
+
+    from forgetpatch.errors import ForgetPatchError
+
+    try:
+        app()
+    except ForgetPatchError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}")
+        raise SystemExit(1) from None

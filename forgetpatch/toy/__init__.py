@@ -1,0 +1,118 @@
+"""The toy world: a renderer, its vocabulary, a small Stable Diffusion trained on it, and a judge.
+
+Every forgetting method is measured here: the pipeline is a real diffusers
+``StableDiffusionPipeline`` (same code paths as SD 1.5), trained by
+:mod:`forgetpatch.toy.train` and shipped with the package; the judge reads shape, colour and
+texture back from generated images.
+
+Example:
+    >>> import forgetpatch.toy as toy
+    >>> pipe = toy.pipeline()
+    >>> images = pipe("a red circle on a dots background", num_inference_steps=25,
+    ...               output_type="np").images
+    >>> toy.load_judge().predict(images)  # doctest: +SKIP
+    [{'shape': 'circle', 'colour': 'red', 'texture': 'dots'}]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from forgetpatch.errors import ForgetPatchError
+from forgetpatch.toy.render import IMAGE_SIZE, render, render_batch
+from forgetpatch.toy.vocab import (
+    COLOURS,
+    FILLER_WORDS,
+    HELDOUT_TEMPLATES,
+    NEAR_NEIGHBOURS,
+    PARTIAL_TEMPLATES,
+    SHAPE_SUPERCLASS,
+    SHAPES,
+    SYNONYMS,
+    TEXTURES,
+    TRAIN_TEMPLATES,
+    Kind,
+    Scene,
+    all_scenes,
+    all_words,
+    concepts_of,
+    heldout_scenes,
+    is_heldout,
+    kind_of,
+    prompt,
+    train_scenes,
+)
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+    from forgetpatch.toy.judge import Judge
+
+#: Where the shipped pipeline lives (``save_pretrained`` layout).
+PIPELINE_DIR = Path(__file__).parent / "weights" / "pipeline"
+
+__all__ = [
+    "COLOURS",
+    "FILLER_WORDS",
+    "HELDOUT_TEMPLATES",
+    "IMAGE_SIZE",
+    "NEAR_NEIGHBOURS",
+    "PARTIAL_TEMPLATES",
+    "PIPELINE_DIR",
+    "SHAPES",
+    "SHAPE_SUPERCLASS",
+    "SYNONYMS",
+    "TEXTURES",
+    "TRAIN_TEMPLATES",
+    "Kind",
+    "Scene",
+    "all_scenes",
+    "all_words",
+    "concepts_of",
+    "heldout_scenes",
+    "is_heldout",
+    "kind_of",
+    "load_judge",
+    "pipeline",
+    "prompt",
+    "render",
+    "render_batch",
+    "train_scenes",
+]
+
+
+def pipeline(
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, path: str | Path | None = None
+) -> StableDiffusionPipeline:
+    """The toy world's trained ``StableDiffusionPipeline``, loaded offline from the shipped weights.
+
+    Images are ``IMAGE_SIZE`` (32) pixels square. ``path`` loads another export instead (one
+    written by ``python -m forgetpatch.toy.train --export RUN DIR``).
+
+    Example:
+        >>> pipe = pipeline()
+        >>> pipe("a blue star on a grid background", num_inference_steps=25).images[0]  # doctest: +SKIP
+    """
+    from diffusers import StableDiffusionPipeline
+
+    directory = Path(path) if path is not None else PIPELINE_DIR
+    if not (directory / "model_index.json").exists():
+        raise ForgetPatchError(
+            f"the toy pipeline's weights are missing from {directory}; train them with "
+            "`python -m forgetpatch.toy.train --out runs/toy` then export with "
+            f"`python -m forgetpatch.toy.train --export runs/toy {PIPELINE_DIR}`"
+        )
+    pipe = StableDiffusionPipeline.from_pretrained(directory, dtype=dtype, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.forgetpatch_family = "toy"  # patches made on it record base family "toy"
+    return pipe.to(device)
+
+
+def load_judge(device: str = "cpu") -> Judge:
+    """The shipped judge (see :mod:`forgetpatch.toy.judge`)."""
+    from forgetpatch.toy.judge import load_judge as _load
+
+    return _load(device=device)

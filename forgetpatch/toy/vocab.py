@@ -78,6 +78,12 @@ TRAIN_TEMPLATES: tuple[str, ...] = (
     "a {shape} in {colour} on a {texture} background",
     "a picture of a {colour} {shape} with a {texture} background",
 )
+#: Prompts that leave a kind out (its images then show any concept of that kind); trained on.
+PARTIAL_TEMPLATES: tuple[str, ...] = (
+    "a {shape}",
+    "a {colour} {shape}",
+    "a {shape} on a {texture} background",
+)
 #: Reworded prompts used only for scoring, never for training.
 HELDOUT_TEMPLATES: tuple[str, ...] = (
     "a {texture} background with a {colour} {shape}",

@@ -1,0 +1,207 @@
+"""Closed-form erasure benchmark: UCE vs ScaPre.
+
+(a) ``--part speed``: a full-size SD 1.5 architecture with random weights (``published_pipeline("sd15")``,
+    CLIP ViT-L text encoder included), erasing 1, 10 and 100 concepts with each method: wall time (model
+    load excluded, text encoding and patch building included), peak extra resident memory during the call,
+    patch size. Targets: ScaPre(100) <= 2x UCE(100) and <= 10 s; UCE with one concept <= 1 MB.
+(b) ``--part toy``: the toy world, ScaPre and UCE on the same shapes and seeds, for 1, 3 and 5 shapes:
+    UA, and IRA / CRA / near-neighbour retention relative to the base model (worst over erased shapes).
+
+Run:
+    python benchmarks/closed_form.py                 # both parts
+    python benchmarks/closed_form.py --part speed --threads 1   # on a busy machine (see README notes)
+    python benchmarks/closed_form.py --part speed --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import os
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import forgetpatch
+from forgetpatch.testing import TEST_WORDS, published_pipeline
+
+METHODS = ("uce", "scapre")
+SHAPE_SETS = {
+    1: ["circle"],
+    3: ["circle", "square", "star"],
+    5: ["circle", "square", "triangle", "star", "hexagon"],
+}
+console = Console()
+
+
+def concept_names(n: int) -> list[str]:
+    """``n`` distinct two-word concepts ("red circle", ...) spelled with the test tokenizer's words."""
+    adjectives = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
+    nouns = [
+        w for w in TEST_WORDS if w not in adjectives and w not in ("a", "an", "the", "of", "on", "in", "by")
+    ]
+    names = [f"{a} {b}" for b in nouns for a in adjectives]
+    return names[:n]
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak resident memory above the starting level while the block runs (sampled every 5 ms)."""
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        with contextlib.suppress(OSError):  # hand freed heap pages back: the baseline is what is in use
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        self.start = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+    @property
+    def extra_mb(self) -> float:
+        return (self.peak - self.start) / 1e6
+
+
+def part_speed(device: str, counts: list[int]) -> None:
+    t0 = time.perf_counter()
+    pipe = published_pipeline("sd15").to(device)
+    console.print(f"SD 1.5 architecture built in {time.perf_counter() - t0:.0f} s (not counted)")
+    forgetpatch.erase(pipe, concept_names(2), method="uce", progress=False)  # warm-up: lazy inits
+    forgetpatch.erase(pipe, concept_names(2), method="scapre", progress=False)
+    rows, seconds = [], {}
+    for n in counts:
+        names = concept_names(n)
+        for method in METHODS:
+            with PeakMemory() as memory:
+                start = time.perf_counter()
+                patch = forgetpatch.erase(pipe, names, method=method, progress=False)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - start
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = patch.save(Path(tmp) / "p")
+                size = sum(f.stat().st_size for f in folder.iterdir() if f.name.endswith(".safetensors"))
+            seconds[(method, n)] = elapsed
+            lora = patch.manifest.lora
+            rows.append((method, n, elapsed, memory.extra_mb, size / 1e6, size / 1e6 / n, lora.rank, lora))
+    table = Table(title=f"SD 1.5 architecture (random weights), {device}, 32 cross-attention k/v layers")
+    for col in (
+        "method",
+        "concepts",
+        "time s",
+        "peak extra MB",
+        "patch MB",
+        "MB/concept",
+        "max rank",
+        "max err",
+    ):
+        table.add_column(col, justify="right")
+    for method, n, elapsed, mem, mb, per, rank, lora in rows:
+        err = lora.reconstruction_error or 0.0
+        table.add_row(
+            method, str(n), f"{elapsed:.2f}", f"{mem:.0f}", f"{mb:.2f}", f"{per:.3f}", str(rank), f"{err:.1e}"
+        )
+    console.print(table)
+    top = max(counts)
+    ratio = seconds[("scapre", top)] / seconds[("uce", top)]
+    uce_one = next(r for r in rows if r[0] == "uce" and r[1] == min(counts))[4]
+    console.print(
+        f"ScaPre({top}) / UCE({top}) = {ratio:.2f}x (target <= 2x); ScaPre({top}) = {seconds[('scapre', top)]:.2f} s "
+        f"(target <= 10 s); UCE({min(counts)}) patch = {uce_one:.3f} MB (target <= 1 MB)"
+    )
+
+
+def part_toy(images_per_concept: int, seed: int) -> None:
+    from forgetpatch import toy
+    from forgetpatch.eval import evaluate
+
+    try:
+        base_pipe = toy.pipeline()
+    except forgetpatch.errors.ForgetPatchError as exc:
+        console.print(f"[yellow]toy part skipped:[/yellow] {exc}")
+        return
+    base = evaluate(
+        base_pipe, SHAPE_SETS[5], images_per_concept=images_per_concept, seed=seed, progress=False
+    )
+    table = Table(
+        title=f"toy world, {images_per_concept} images per concept, seed {seed} (worst over erased shapes)"
+    )
+    for col in ("shapes", "method", "UA", "IRA/base", "CRA/base", "near/base", "leakage", "drift", "erase s"):
+        table.add_column(col, justify="right")
+    for n, shapes in SHAPE_SETS.items():
+        for method in METHODS:
+            start = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                patch = forgetpatch.erase(base_pipe, shapes, method=method, seed=seed, progress=False)
+            elapsed = time.perf_counter() - start
+            pipe = forgetpatch.apply(toy.pipeline(), patch)
+            report = evaluate(
+                pipe, shapes, reference=base, images_per_concept=images_per_concept, seed=seed, progress=False
+            )
+            ratios = [r.ratios for r in report.concepts.values()]
+            scores = [r.scores for r in report.concepts.values()]
+
+            def worst(values: list[float | None]) -> str:
+                values = [v for v in values if v is not None]
+                return f"{min(values):.0%}" if values else "-"
+
+            table.add_row(
+                str(n),
+                method,
+                worst([s.ua for s in scores]),
+                worst([r["ira"] for r in ratios]),
+                worst([r["cra"] for r in ratios]),
+                worst([r["near"] for r in ratios]),
+                f"{max((s.leakage or 0.0) for s in scores):.0%}",
+                f"{report.drift:.3f}" if report.drift is not None else "-",
+                f"{elapsed:.2f}",
+            )
+    console.print(table)
+    console.print("bars for ScaPre: UA >= 90%, IRA >= 90% of base, CRA >= 95% of base, near >= 80% of base")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=["speed", "toy", "all"], default="all")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--counts", type=int, nargs="+", default=[1, 10, 100])
+    parser.add_argument("--images-per-concept", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    console.print(f"torch threads: {torch.get_num_threads()}, load average: {os.getloadavg()[0]:.1f}")
+    if args.part in ("speed", "all"):
+        part_speed(args.device, args.counts)
+    if args.part in ("toy", "all"):
+        part_toy(args.images_per_concept, args.seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""KSCU vs ESD on the toy world, and a few KSCU iterations on the full-size SD 1.5 architecture.
+
+Toy world (same concept, seeds, iterations, learning rate and trajectory sampler for both methods):
+forgetting (UA, paraphrase UA), retention (IRA, CRA, near neighbours as ratios of the base, image
+drift) and compute (UNet passes: sampling + teacher + student forwards and backwards; wall time).
+KSCU is measured twice: patch always on, and gated to its key steps at inference
+(``apply(..., key_steps=True)``). The issue's bars are printed as PASS/FAIL from the numbers of the
+run, never assumed.
+
+Run:
+    python benchmarks/finetune.py toy --concept circle --iterations 200 --lr 1e-4 --out out/bench-finetune
+    python benchmarks/finetune.py arch --family sd15 --iterations 3 --latent-size 16
+
+Bars (issue 6): KSCU erasing one shape: UA >= 90%, IRA >= 85% of base, CRA >= 90% of base, in
+<= 15 min on 2 CPU cores; KSCU reaching ESD's UA with at most half of ESD's UNet passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import forgetpatch.methods as methods
+
+
+def _scores(report: Any, concept: str) -> dict[str, Any]:
+    c = report.concepts[concept]
+    return {
+        "ua": c.scores.ua,
+        "paraphrase_ua": None if c.scores.leakage is None else 1 - c.scores.leakage,
+        "ira_ratio": c.ratios["ira"],
+        "cra_ratio": c.ratios["cra"],
+        "near_ratio": c.ratios["near"],
+        "drift": report.drift,
+    }
+
+
+def toy(args: argparse.Namespace) -> dict[str, Any]:
+    from forgetpatch.eval import evaluate
+    from forgetpatch.loader import apply, remove
+    from forgetpatch.toy import pipeline
+
+    pipe = pipeline()
+    settings = dict(
+        iterations=args.iterations,
+        lr=args.lr,
+        seed=args.seed,
+        num_inference_steps=args.steps,
+        rank=args.rank,
+        progress=not args.quiet,
+    )
+    eval_kw = dict(images_per_concept=args.images, seed=args.seed, progress=not args.quiet)
+    base = evaluate(pipe, [args.concept], **eval_kw)
+    base_ua = base.concepts[args.concept].scores.ua
+    rows: dict[str, dict[str, Any]] = {}
+    extra = {"key_step_analysis": args.analysis} if args.analysis else {}
+    for method in args.methods:
+        start = time.perf_counter()
+        patch = methods.erase(
+            pipe, args.concept, method=method, **settings, **(extra if method == "kscu" else {})
+        )
+        erase_s = time.perf_counter() - start
+        if args.out:
+            patch.save(Path(args.out) / f"{method}-{args.concept}")
+        passes = patch.manifest.metrics["training"]["unet_passes"]
+        gates = [False, True] if method == "kscu" else [False]
+        for gated in gates:
+            apply(pipe, patch, key_steps=gated)
+            try:
+                report = evaluate(pipe, [args.concept], reference=base, **eval_kw)
+            finally:
+                remove(pipe)
+            name = f"{method}{' (key-step gated)' if gated else ''}"
+            rows[name] = {**_scores(report, args.concept), "unet_passes": passes["total"], "erase_s": erase_s}
+    return {"concept": args.concept, "settings": settings, "base_ua": base_ua, "rows": rows}
+
+
+def print_toy(result: dict[str, Any]) -> None:
+    def f(v: Any, pct: bool = True) -> str:
+        if v is None:
+            return "n/a"
+        return f"{v:.0%}" if pct else f"{v:.3g}"
+
+    print(f"\nconcept {result['concept']}  settings {result['settings']}  base UA {f(result['base_ua'])}")
+    cols = ["ua", "paraphrase_ua", "ira_ratio", "cra_ratio", "near_ratio", "drift", "unet_passes", "erase_s"]
+    print("| method | " + " | ".join(cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    for name, row in result["rows"].items():
+        cells = [f(row[c], pct=c not in ("drift", "unet_passes", "erase_s")) for c in cols]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    k, e = result["rows"].get("kscu"), result["rows"].get("esd")
+    if k:
+        bars = {
+            "UA >= 90%": (k["ua"] or 0) >= 0.9,
+            "IRA >= 85% of base": (k["ira_ratio"] or 0) >= 0.85,
+            "CRA >= 90% of base": (k["cra_ratio"] or 0) >= 0.9,
+            "erase <= 15 min": k["erase_s"] <= 900,
+        }
+        for bar, ok in bars.items():
+            print(f"KSCU {bar}: {'PASS' if ok else 'FAIL'}")
+    if k and e:
+        ratio = k["unet_passes"] / e["unet_passes"]
+        print(f"KSCU/ESD UNet passes: {ratio:.2f}; KSCU UA {f(k['ua'])} vs ESD UA {f(e['ua'])}")
+        ok = (k["ua"] or 0) >= (e["ua"] or 0) and ratio <= 0.5
+        print(f"claim 'ESD's UA with <= half the passes': {'HOLDS' if ok else 'DOES NOT HOLD'} in this run")
+
+
+def arch(args: argparse.Namespace) -> dict[str, Any]:
+    """A few KSCU iterations on a random-weight full-size architecture: shapes, scopes, time per iteration."""
+    import torch
+
+    from forgetpatch.testing import published_pipeline
+
+    pipe = published_pipeline(args.family)
+    if torch.cuda.is_available():
+        pipe.to("cuda")
+    start = time.perf_counter()
+    patch = methods.erase(
+        pipe,
+        "circle",
+        method="kscu",
+        iterations=args.iterations,
+        num_inference_steps=args.steps,
+        latent_size=args.latent_size,
+        rank=args.rank,
+        lr=args.lr,
+        progress=not args.quiet,
+        **({"scope": args.scope} if args.scope else {}),
+    )
+    total = time.perf_counter() - start
+    m = patch.manifest
+    return {
+        "family": args.family,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "latent_size": args.latent_size,
+        "iterations": args.iterations,
+        "target_modules": len(m.lora.target_modules),
+        "lora_rank": m.lora.rank,
+        "unet_passes": m.metrics["training"]["unet_passes"],
+        "train_s": m.metrics["training"]["wall_time_s"],
+        "total_s": round(total, 2),
+        "key_steps": m.key_steps[0].model_dump() if m.key_steps else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="what", required=True)
+    t = sub.add_parser("toy", help="KSCU vs ESD on the toy world")
+    t.add_argument("--concept", default="circle")
+    t.add_argument("--methods", nargs="+", default=["kscu", "esd"])
+    t.add_argument("--iterations", type=int, default=200)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--steps", type=int, default=50)
+    t.add_argument("--rank", type=int, default=8)
+    t.add_argument("--images", type=int, default=8)
+    t.add_argument("--analysis", default=None, help="folder or JSON from `forgetpatch keysteps`")
+    a = sub.add_parser("arch", help="a few KSCU iterations on a published architecture")
+    a.add_argument("--family", default="sd15", choices=["sd15", "sd21", "sdxl"])
+    a.add_argument("--iterations", type=int, default=3)
+    a.add_argument("--steps", type=int, default=50)
+    a.add_argument("--latent-size", type=int, default=16)
+    a.add_argument("--rank", type=int, default=4)
+    a.add_argument("--lr", type=float, default=1e-5)
+    a.add_argument("--scope", choices=["xattn", "noxattn"], default=None, help="override the object preset")
+    for p in (t, a):
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--out", default=None)
+        p.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+    if args.what == "toy":
+        result = toy(args)
+        print_toy(result)
+    else:
+        result = arch(args)
+        print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"finetune-{args.what}.json").write_text(json.dumps(result, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

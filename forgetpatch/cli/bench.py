@@ -1,0 +1,34 @@
+"""``forgetpatch bench NAME``: run one of the repository's benchmarks (``benchmarks/NAME.py``)."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def bench(
+    name: Annotated[str, typer.Argument(help="Benchmark: apply, closed_form, finetune, ...")],
+    args: Annotated[list[str] | None, typer.Argument(help="Arguments passed to the benchmark.")] = None,
+    root: Annotated[Path, typer.Option(help="Repository checkout holding benchmarks/.")] = Path("."),
+) -> None:
+    """Run ``benchmarks/NAME.py`` from a checkout; each prints ratios measured in one run."""
+    folder = root / "benchmarks"
+    script = folder / f"{name.removesuffix('.py')}.py"
+    if not script.is_file():
+        found = sorted(p.stem for p in folder.glob("*.py")) if folder.is_dir() else []
+        hint = (
+            f"available: {', '.join(found)}"
+            if found
+            else "run it from a forgetpatch checkout (or pass --root)"
+        )
+        raise typer.BadParameter(f"no benchmark {script}; {hint}", param_hint="NAME")
+    sys.argv = [str(script), *(args or [])]
+    runpy.run_path(str(script), run_name="__main__")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench", context_settings={"allow_extra_args": True})(bench)

@@ -1,0 +1,72 @@
+"""``forgetpatch push`` and ``forgetpatch export``: publish a patch, or convert it for other tools."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from forgetpatch.errors import ForgetPatchError
+
+_err = Console(stderr=True, soft_wrap=True)
+
+
+class ExportFormat(str, Enum):
+    kohya = "kohya"
+
+
+def push_command(
+    folder: Annotated[Path, typer.Argument(help="Patch folder (written by Patch.save / forgetpatch erase).")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repo, 'org/name'.")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repo private.")] = False,
+    revision: Annotated[str | None, typer.Option(help="Branch to commit to (created if missing).")] = None,
+    token: Annotated[str | None, typer.Option(help="Hub token (default: HF_TOKEN / saved login).")] = None,
+    message: Annotated[str | None, typer.Option("--message", "-m", help="Commit message.")] = None,
+    license: Annotated[
+        str | None, typer.Option(help="Model card license (default: the base model's).")
+    ] = None,
+) -> None:
+    """Upload a patch folder and a generated model card to the Hub, in one commit."""
+    from forgetpatch.hub import push
+
+    try:
+        url = push(
+            folder,
+            repo_id,
+            private=private,
+            revision=revision,
+            token=token,
+            commit_message=message,
+            license=license,
+        )
+    except ForgetPatchError as exc:
+        _err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    typer.echo(url)
+
+
+def export_command(
+    folder: Annotated[Path, typer.Argument(help="Patch folder to export.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="File to write (.safetensors).")],
+    format: Annotated[
+        ExportFormat, typer.Option("--format", "-f", help="Target format.")
+    ] = ExportFormat.kohya,
+) -> None:
+    """Write a patch as a single LoRA file other tools load (kohya: AUTOMATIC1111, ComfyUI)."""
+    from forgetpatch.hub import export_kohya
+
+    try:
+        path = export_kohya(folder, output)
+    except ForgetPatchError as exc:
+        _err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    typer.echo(str(path))
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``push`` and ``export`` to the ``forgetpatch`` command."""
+    app.command("push")(push_command)
+    app.command("export")(export_command)

@@ -1,0 +1,91 @@
+"""``forgetpatch inspect REF``: show a patch's manifest as a readable table."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from forgetpatch.errors import ForgetPatchError
+
+
+def _size(patch) -> str:
+    n = sum(t.numel() * t.element_size() for t in patch.state_dict.values())
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def patch_table(patch) -> Table:
+    """A rich table of the fields people look at first: concepts, method, key steps, base, rank, size..."""
+    m = patch.manifest
+    table = Table(title=f"patch {m.name}", show_header=False, title_justify="left")
+    table.add_column(style="bold cyan", no_wrap=True)
+    table.add_column(overflow="fold")
+
+    def concepts(entries) -> str:
+        return (
+            "\n".join(f"{c.target} ({c.kind})" + (f" -> {c.guide}" if c.guide else "") for c in entries)
+            or "-"
+        )
+
+    table.add_row("concepts erased", concepts(m.concepts))
+    table.add_row("preserved", concepts(m.preserved))
+    params = ", ".join(f"{k}={v}" for k, v in m.method.params.items())
+    table.add_row("method", f"{m.method.name} v{m.method.version}" + (f" ({params})" if params else ""))
+    steps = [
+        f"{k.start:.2f}-{k.end:.2f}"
+        + (f" [{k.concept}]" if k.concept else "")
+        + (f" ({len(k.timesteps)} timesteps, {k.scheduler})" if k.timesteps else "")
+        for k in m.key_steps or []
+    ]
+    table.add_row("key steps", "\n".join(steps) or "all (always on)")
+    base = m.base_model
+    table.add_row(
+        "base model",
+        f"{base.id or 'unknown'}"
+        + (f"@{base.revision}" if base.revision else "")
+        + f" (family {base.family}, {len(base.fingerprint)} modules fingerprinted)",
+    )
+    components = sorted({t.split(".", 1)[0] for t in m.lora.target_modules})
+    error = m.lora.reconstruction_error
+    table.add_row(
+        "lora",
+        f"rank {m.lora.rank}, alpha {m.lora.alpha:g}, {len(m.lora.target_modules)} modules in "
+        f"{', '.join(components)}" + (f", reconstruction error {error:.2e}" if error is not None else ""),
+    )
+    table.add_row("size", _size(patch))
+    table.add_row("digest", patch.digest)
+    table.add_row("lineage", "\n".join(m.lineage) or "-")
+    table.add_row("metrics", "\n".join(f"{k}: {json.dumps(v)}" for k, v in m.metrics.items()) or "-")
+    table.add_row(
+        "created", f"{m.created_at} by forgetpatch {m.library_version} (format v{m.format_version})"
+    )
+    return table
+
+
+def inspect(
+    ref: Annotated[str, typer.Argument(help="Patch folder, .safetensors file or Hub id org/name[@rev].")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw manifest as JSON.")] = False,
+) -> None:
+    """Show what a patch erases, how, where on the trajectory, for which base model, and its lineage."""
+    from forgetpatch.loader import load
+
+    try:
+        patch = load(ref)
+    except ForgetPatchError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(patch.manifest.model_dump_json(indent=2))
+    else:
+        Console().print(patch_table(patch))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("inspect")(inspect)

@@ -1,0 +1,94 @@
+"""``forgetpatch toy ...``: train the toy world's model, draw grids, measure fidelity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+toy_app = typer.Typer(
+    help="The built-in toy world: train its Stable Diffusion, draw grids, measure fidelity."
+)
+
+
+@toy_app.command()
+def train(
+    steps: Annotated[int, typer.Option(help="Total UNet steps (the cosine schedule's horizon).")] = 30000,
+    out: Annotated[Path, typer.Option(help="Run directory for the checkpoint.")] = Path("runs/toy"),
+    resume: Annotated[bool, typer.Option(help="Continue the checkpoint in --out.")] = False,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    export: Annotated[bool, typer.Option(help="Afterwards, ship the EMA weights into the package.")] = False,
+) -> None:
+    """Train (or resume training) the toy pipeline; --export ships it as the package's weights."""
+    from forgetpatch.toy import PIPELINE_DIR
+    from forgetpatch.toy.train import TrainConfig
+    from forgetpatch.toy.train import train as run
+
+    trainer = run(out, TrainConfig(steps=steps), resume=resume, device=device)
+    if export:
+        trainer.export(PIPELINE_DIR)
+        typer.echo(f"exported step {trainer.step} to {PIPELINE_DIR}")
+
+
+@toy_app.command("export")
+def export_(
+    run: Annotated[Path, typer.Argument(help="Run directory holding checkpoint.pt.")] = Path("runs/toy"),
+    to: Annotated[
+        Path | None, typer.Option(help="Directory to write (default: the package's weights).")
+    ] = None,
+    raw: Annotated[bool, typer.Option(help="Raw weights instead of the EMA ones.")] = False,
+) -> None:
+    """Export a run's weights as a pipeline (by default, ship them as the package's toy pipeline)."""
+    from forgetpatch.toy import PIPELINE_DIR
+    from forgetpatch.toy.train import main
+
+    main(["--export", str(run), str(to or PIPELINE_DIR), *(["--raw"] if raw else [])])
+
+
+@toy_app.command()
+def grid(
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt(s); repeat for several rows.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="PNG to write.")] = Path("grid.png"),
+    n: Annotated[int, typer.Option(help="Images per prompt (seeds 0..n-1).")] = 8,
+    steps: Annotated[int, typer.Option(help="DDIM steps.")] = 25,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 4.0,
+    weights: Annotated[
+        Path | None, typer.Option(help="A pipeline export other than the shipped one.")
+    ] = None,
+) -> None:
+    """Draw ``n`` images per prompt with the shipped toy pipeline into one PNG (a row per prompt)."""
+    from forgetpatch.toy import pipeline
+    from forgetpatch.toy.fidelity import generate, save_grid
+
+    prompts = [p for p in prompt for _ in range(n)]
+    seeds = [s for _ in prompt for s in range(n)]
+    images = generate(pipeline(path=weights), prompts, seeds, steps=steps, guidance=guidance)
+    typer.echo(str(save_grid(images, output, columns=n)))
+
+
+@toy_app.command()
+def fidelity(
+    n: Annotated[int, typer.Option(help="Number of held-out prompts (seeds 0..n-1).")] = 32,
+    steps: Annotated[int, typer.Option(help="DDIM steps.")] = 25,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 4.0,
+    weights: Annotated[
+        Path | None, typer.Option(help="A pipeline export other than the shipped one.")
+    ] = None,
+    templates: Annotated[str, typer.Option(help="heldout (reworded) or train templates.")] = "heldout",
+    grid_png: Annotated[Path | None, typer.Option("--grid", help="Also save the images as a PNG.")] = None,
+) -> None:
+    """Judge accuracy (shape / colour / texture) of the shipped pipeline on held-out combinations."""
+    from forgetpatch.toy import load_judge, pipeline
+    from forgetpatch.toy.fidelity import fidelity_with_images, save_grid
+
+    scores, images = fidelity_with_images(
+        pipeline(path=weights), load_judge(), n=n, steps=steps, guidance=guidance, templates=templates
+    )
+    typer.echo(" ".join(f"{k}={v:.3f}" if k != "n" else f"n={int(v)}" for k, v in scores.items()))
+    if grid_png is not None:
+        typer.echo(str(save_grid(images, grid_png)))
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(toy_app, name="toy")

@@ -1,0 +1,189 @@
+"""``evaluate``: generate the scoring prompts, judge the images, score the erased concepts."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from forgetpatch.errors import ConceptError, ForgetPatchError
+from forgetpatch.eval.generate import DEFAULT_GUIDANCE_SCALE, Generator, as_generator
+from forgetpatch.eval.prompts import ALL_CONCEPTS, ScoringPrompt, main_prompts, paraphrase_prompts
+from forgetpatch.eval.report import ConceptReport, EvalReport, Judgement, accuracy, score_concept
+from forgetpatch.toy import vocab
+
+
+class Judge(Protocol):
+    """Says what each image shows: ``{"shape": ..., "colour": ..., "texture": ...}`` per image."""
+
+    def predict(self, images: np.ndarray) -> list[Judgement]: ...
+
+
+def scoring_prompts(erased: Sequence[str], images_per_concept: int = 8, seed: int = 0) -> list[ScoringPrompt]:
+    """The main set plus the paraphrase set of every erased concept (see :mod:`forgetpatch.eval.prompts`)."""
+    items = main_prompts(images_per_concept, seed)
+    for concept in erased:
+        items += paraphrase_prompts(concept, images_per_concept, seed)
+    return items
+
+
+def _check_concepts(erased: Sequence[str]) -> list[str]:
+    if isinstance(erased, str):
+        erased = [erased]
+    unknown = [c for c in erased if c not in ALL_CONCEPTS]
+    if unknown:
+        raise ConceptError(
+            f"cannot evaluate forgetting of {unknown}: not toy-world concepts. Name canonical concepts "
+            f"(synonyms are scored as paraphrases automatically): {', '.join(ALL_CONCEPTS)}"
+        )
+    return list(dict.fromkeys(erased))
+
+
+def _base_from_report(
+    ref: EvalReport, items: Sequence[ScoringPrompt], settings: dict[str, Any]
+) -> tuple[list[int], list[int]]:
+    """Indices ``(ours, theirs)`` of the items ``ref`` has; every main item must be there."""
+    for key in ("num_inference_steps", "guidance_scale"):
+        if ref.settings.get(key) != settings.get(key):
+            raise ForgetPatchError(
+                f"the reference report was generated with {key}={ref.settings.get(key)} but this evaluation "
+                f"uses {settings.get(key)}; evaluate the base again with the same settings"
+            )
+    where = {it.key: i for i, it in enumerate(ref.items)}
+    missing = [it.prompt for it in items if it.role == "main" and it.key not in where]
+    if missing:
+        raise ForgetPatchError(
+            f"the reference report lacks {len(missing)} of the scoring prompts (e.g. {missing[0]!r}): it was "
+            "made with another images_per_concept, seed or prompt set; evaluate the base with the same settings"
+        )
+    ours = [i for i, it in enumerate(items) if it.key in where]
+    return ours, [where[items[i].key] for i in ours]
+
+
+def evaluate(
+    pipe: Any,
+    erased: Sequence[str],
+    *,
+    reference: Any = None,
+    images_per_concept: int = 8,
+    seed: int = 0,
+    num_inference_steps: int = 25,
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+    judge: Judge | None = None,
+    prompts: Sequence[ScoringPrompt] | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> EvalReport:
+    """Measure how well ``pipe`` has forgotten ``erased`` toy-world concepts and what else it lost.
+
+    Args:
+        pipe: the model under test: a diffusers pipeline (with patches applied, or none) or any
+            :class:`~forgetpatch.eval.generate.Generator`.
+        erased: canonical toy concepts (``"circle"``, ``"red"``, ``"stripes"``); may be empty to
+            measure fidelity only.
+        reference: the base model, for base figures, ratios and image drift: a pipeline, a
+            ``Generator``, or the :class:`EvalReport` of an earlier ``evaluate(base, ...)`` with the
+            same settings (its images are reused). ``None``: no base figures.
+        images_per_concept: every concept is named by at least this many main prompts; every erased
+            concept gets this many paraphrase prompts.
+        seed: fixes the prompt design and the generation seeds (same seeds for base and patched).
+        judge: defaults to the shipped toy judge (:func:`forgetpatch.toy.load_judge`).
+        prompts: scoring items to use instead of :func:`scoring_prompts`.
+
+    Example:
+        >>> base_report = evaluate(forgetpatch.toy.pipeline(), ["circle"])
+        >>> pipe = forgetpatch.apply(forgetpatch.toy.pipeline(), "./no-circle")
+        >>> report = evaluate(pipe, ["circle"], reference=base_report)
+        >>> report.concepts["circle"].scores.ua, report.concepts["circle"].ratios["ira"], report.drift
+    """
+    start = time.perf_counter()
+    erased = _check_concepts(erased)
+    items = list(prompts) if prompts is not None else scoring_prompts(erased, images_per_concept, seed)
+    if not items:
+        raise ForgetPatchError("no scoring prompts to evaluate; pass prompts=None for the default set")
+    settings = {
+        "images_per_concept": images_per_concept,
+        "seed": seed,
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale,
+    }
+    gen_kwargs = {
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale,
+        "batch_size": batch_size,
+        "progress": progress,
+    }
+    if judge is None:
+        from forgetpatch.toy import load_judge
+
+        judge = load_judge()
+
+    generator = as_generator(pipe, **gen_kwargs)
+    images = _generate(generator, items)
+    judged = list(judge.predict(images))
+
+    base_images = base_judged = None
+    base_items: list[ScoringPrompt] = []
+    if isinstance(reference, EvalReport):
+        ours, theirs = _base_from_report(reference, items, settings)
+        base_items = [items[i] for i in ours]
+        base_images = reference.images[theirs]
+        base_judged = [reference.judged[i] for i in theirs]
+        paired = ours
+    elif reference is not None:
+        base_items, paired = items, list(range(len(items)))
+        base_images = _generate(as_generator(reference, **gen_kwargs), items)
+        base_judged = list(judge.predict(base_images))
+
+    concepts = {}
+    for concept in erased:
+        scores = score_concept(concept, erased, items, judged)
+        base = score_concept(concept, erased, base_items, base_judged) if base_judged is not None else None
+        concepts[concept] = ConceptReport(concept, vocab.kind_of(concept), scores, base)
+
+    drift = None
+    if base_images is not None:
+        retained = [
+            (i, b)
+            for b, i in enumerate(paired)
+            if items[i].role == "main" and not any(items[i].names(e) for e in erased)
+        ]
+        if retained:
+            ours_idx, base_idx = zip(*retained, strict=True)
+            drift = float(np.abs(images[list(ours_idx)] - base_images[list(base_idx)]).mean())
+
+    return EvalReport(
+        erased=erased,
+        concepts=concepts,
+        accuracy=accuracy(items, judged, erased),
+        drift=drift,
+        settings=settings,
+        seconds=time.perf_counter() - start,
+        items=items,
+        images=images,
+        judged=judged,
+        base_accuracy=accuracy(base_items, base_judged, erased) if base_judged is not None else None,
+        base_images=_align(base_images, paired if base_images is not None else [], len(items)),
+    )
+
+
+def _generate(generator: Generator, items: Sequence[ScoringPrompt]) -> np.ndarray:
+    images = np.asarray(
+        generator.generate([it.prompt for it in items], [it.seed for it in items]), np.float32
+    )
+    if images.ndim != 4 or images.shape[0] != len(items) or images.shape[-1] != 3:
+        raise ForgetPatchError(
+            f"the generator returned images of shape {images.shape}; expected ({len(items)}, H, W, 3) in [0, 1]"
+        )
+    return images
+
+
+def _align(base_images: np.ndarray | None, paired: Sequence[int], n: int) -> np.ndarray | None:
+    """Base images laid out like the report's items (NaN where the reference had no such item)."""
+    if base_images is None:
+        return None
+    out = np.full((n, *base_images.shape[1:]), np.nan, dtype=np.float32)
+    out[list(paired)] = base_images
+    return out

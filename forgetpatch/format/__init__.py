@@ -1,0 +1,84 @@
+"""Patch format v1: the manifest schema, :class:`Patch` files, fingerprints and low-rank factors.
+
+Example:
+    >>> from forgetpatch.format import build_patch, factorize, read_patch
+    >>> low = factorize(delta)                                   # full change -> LoRA factors
+    >>> patch = build_patch(pipe, {"unet.conv_in": (low.A, low.B)}, name="demo",
+    ...                     method="manual", concepts=["cat"])
+    >>> read_patch(patch.save("demo")).digest == patch.digest
+    True
+"""
+
+from forgetpatch.format.build import build_patch
+from forgetpatch.format.fingerprint import (
+    COMPONENTS,
+    ORIGINAL_WEIGHT_ATTR,
+    base_weight,
+    detect_family,
+    fingerprint,
+    resolve_module,
+    split_path,
+    weight_fingerprint,
+)
+from forgetpatch.format.manifest import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    BaseModelInfo,
+    ConceptEntry,
+    ConceptKind,
+    Family,
+    KeyStepRange,
+    LoraInfo,
+    Manifest,
+    MethodInfo,
+    ModuleFingerprint,
+)
+from forgetpatch.format.migrate import MIGRATIONS, upgrade
+from forgetpatch.format.patch import (
+    HEADER_CHECKSUM_KEY,
+    HEADER_LORA_KEY,
+    HEADER_MANIFEST_KEY,
+    MANIFEST_NAME,
+    WEIGHTS_NAME,
+    Patch,
+    read_patch,
+    sha256_file,
+    verify_folder,
+)
+from forgetpatch.lowrank import LowRank, factorize
+
+__all__ = [
+    "COMPONENTS",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "HEADER_CHECKSUM_KEY",
+    "HEADER_LORA_KEY",
+    "HEADER_MANIFEST_KEY",
+    "MANIFEST_NAME",
+    "MIGRATIONS",
+    "ORIGINAL_WEIGHT_ATTR",
+    "WEIGHTS_NAME",
+    "BaseModelInfo",
+    "ConceptEntry",
+    "ConceptKind",
+    "Family",
+    "KeyStepRange",
+    "LoraInfo",
+    "LowRank",
+    "Manifest",
+    "MethodInfo",
+    "ModuleFingerprint",
+    "Patch",
+    "base_weight",
+    "build_patch",
+    "detect_family",
+    "factorize",
+    "fingerprint",
+    "read_patch",
+    "resolve_module",
+    "sha256_file",
+    "split_path",
+    "upgrade",
+    "verify_folder",
+    "weight_fingerprint",
+]

@@ -1,0 +1,132 @@
+"""``build_patch``: what every unlearning method calls to turn LoRA factors into a :class:`Patch`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from forgetpatch.errors import MethodError
+from forgetpatch.format.fingerprint import detect_family, fingerprint, resolve_module
+from forgetpatch.format.manifest import (
+    BaseModelInfo,
+    ConceptEntry,
+    KeyStepRange,
+    LoraInfo,
+    Manifest,
+    MethodInfo,
+)
+from forgetpatch.format.patch import Patch
+
+ConceptLike = str | ConceptEntry | Mapping[str, Any]
+
+
+def _entry(concept: ConceptLike) -> ConceptEntry:
+    if isinstance(concept, ConceptEntry):
+        return concept
+    if isinstance(concept, str):
+        return ConceptEntry(target=concept)
+    if isinstance(concept, Mapping):
+        return ConceptEntry.model_validate(dict(concept))
+    # duck-typed concept objects (e.g. forgetpatch.methods.Concept) with matching attributes
+    fields = {f: getattr(concept, f) for f in ConceptEntry.model_fields if hasattr(concept, f)}
+    return ConceptEntry.model_validate(fields)
+
+
+def _peft_layout(
+    path: str, module: nn.Module, A: torch.Tensor, B: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check factor shapes against the module and reshape them the way peft stores them."""
+    weight = module.weight
+    out_features = weight.shape[0]
+    in_shape = tuple(weight.shape[1:])
+    in_flat = int(torch.tensor(in_shape).prod().item()) if in_shape else 1
+    r = A.shape[0]
+    if A.ndim < 2 or B.ndim < 2 or B.shape[0] != out_features or B.reshape(out_features, -1).shape[1] != r:
+        raise MethodError(
+            f"{path}: B must be ({out_features}, r) and A (r, in); got A {tuple(A.shape)}, B {tuple(B.shape)}"
+        )
+    if A.reshape(r, -1).shape[1] != in_flat:
+        raise MethodError(f"{path}: A {tuple(A.shape)} does not match the module's input {in_shape}")
+    if isinstance(module, nn.Conv2d):
+        return A.reshape(r, *in_shape), B.reshape(out_features, r, 1, 1)
+    if isinstance(module, nn.Linear):
+        return A.reshape(r, in_flat), B.reshape(out_features, r)
+    raise MethodError(f"{path}: only Linear and Conv2d layers can be patched, not {type(module).__name__}")
+
+
+def build_patch(
+    pipe,
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    name: str,
+    method: MethodInfo | str,
+    concepts: Iterable[ConceptLike],
+    preserved: Iterable[ConceptLike] = (),
+    key_steps: Sequence[KeyStepRange | Mapping[str, Any]] | None = None,
+    params: Mapping[str, Any] | None = None,
+    reconstruction_errors: Mapping[str, float] | None = None,
+    base_model_id: str | None = None,
+    lineage: Sequence[str] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Patch:
+    """Package LoRA factors computed on ``pipe`` as a :class:`Patch` with a full manifest.
+
+    ``factors`` maps module paths (``"unet.down_blocks.0...attn2.to_k"``) to ``(A, B)`` with
+    ``delta W = B @ A`` (``A``: ``r x in``, ``B``: ``out x r``; conv factors may be flattened, they are
+    reshaped to peft's layout). Every module gets ``alpha = r`` (scale 1). The manifest records the
+    fingerprint of the base weights, ranks, the architecture family, and as lineage (unless given)
+    the digests of the patches currently applied to ``pipe``.
+
+    Example:
+        >>> low = factorize(new_weight - old_weight)
+        >>> patch = build_patch(pipe, {"unet.mid_block.attentions.0.proj_in": (low.A, low.B)},
+        ...                     name="no-cat", method="uce", concepts=["cat"], preserved=["dog"])
+        >>> patch.save("no-cat")
+    """
+    if not factors:
+        raise MethodError("build_patch needs at least one module's factors")
+    state_dict: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for path, (A, B) in factors.items():
+        module = resolve_module(pipe, path)
+        A, B = _peft_layout(path, module, torch.as_tensor(A), torch.as_tensor(B))
+        state_dict[f"{path}.lora_A.weight"] = A.detach().to("cpu", dtype).contiguous()
+        state_dict[f"{path}.lora_B.weight"] = B.detach().to("cpu", dtype).contiguous()
+        ranks[path] = A.shape[0]
+    rank = max(ranks.values())
+    method_info = method if isinstance(method, MethodInfo) else MethodInfo(name=method)
+    if params:
+        method_info = method_info.model_copy(update={"params": {**method_info.params, **params}})
+    if lineage is None:
+        from forgetpatch.loader import applied  # lazy: the loader imports this package
+
+        lineage = [entry.digest for entry in applied(pipe)]
+    errors = dict(reconstruction_errors or {})
+    manifest = Manifest(
+        name=name,
+        method=method_info,
+        concepts=[_entry(c) for c in concepts],
+        preserved=[_entry(c) for c in preserved],
+        key_steps=None if key_steps is None else [KeyStepRange.model_validate(k) for k in key_steps],
+        base_model=BaseModelInfo(
+            id=base_model_id,
+            family=detect_family(pipe, base_model_id),
+            fingerprint=fingerprint(pipe, list(factors)),
+        ),
+        lora=LoraInfo(
+            rank=rank,
+            alpha=rank,
+            target_modules=list(factors),
+            rank_pattern={p: r for p, r in ranks.items() if r != rank},
+            alpha_pattern={p: r for p, r in ranks.items() if r != rank},
+            reconstruction_error=max(errors.values()) if errors else None,
+            reconstruction_errors=errors,
+        ),
+        lineage=list(lineage),
+        metrics=dict(metrics or {}),
+    )
+    return Patch(manifest, state_dict)

@@ -1,0 +1,69 @@
+"""Export a patch as a single kohya-style LoRA file, the format AUTOMATIC1111 and ComfyUI load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from forgetpatch.errors import PatchFormatError
+from forgetpatch.format import Patch, read_patch
+
+#: forgetpatch component prefix -> kohya prefix (SDXL's two text encoders are te1 / te2).
+_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
+_BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+
+
+def kohya_name(module_path: str, *, two_text_encoders: bool = False) -> str:
+    """The kohya name of a diffusers module path.
+
+    Example:
+        >>> kohya_name("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k")
+        'lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k'
+    """
+    component, _, rest = module_path.partition(".")
+    if component not in _PREFIXES or not rest:
+        raise PatchFormatError(f"cannot export module {module_path!r}: unknown component {component!r}")
+    prefix = "lora_te1" if component == "text_encoder" and two_text_encoders else _PREFIXES[component]
+    return f"{prefix}_{rest.replace('.', '_')}"
+
+
+def export_kohya(patch_or_folder: Patch | str | Path, out_file: str | Path) -> Path:
+    """Write the patch as one kohya-format safetensors file (A1111 / ComfyUI / ``load_lora_weights``).
+
+    Keys are ``lora_unet_<module>.lora_down.weight`` (= ``A``), ``.lora_up.weight`` (= ``B``) and
+    ``.alpha``. Those tools scale a module by ``alpha / rank``; forgetpatch scales it by the patch's
+    (possibly per-module) ``alpha / rank``. The export writes ``alpha = rank`` and folds the patch's
+    own scale into ``lora_up``, so the effect is the same in every tool, including ones that ignore
+    ``alpha``. The manifest is kept in the metadata under ``forgetpatch_source_manifest``.
+
+    Example:
+        >>> export_kohya("no-vangogh/", "no-vangogh.safetensors")
+        >>> pipe.load_lora_weights("no-vangogh.safetensors")  # same weights as forgetpatch.apply
+    """
+    patch = patch_or_folder if isinstance(patch_or_folder, Patch) else read_patch(patch_or_folder)
+    manifest, factors = patch.manifest, patch.factors()
+    two_te = any(m.startswith("text_encoder_2.") for m in factors)
+    out: dict[str, torch.Tensor] = {}
+    for module, (a, b) in sorted(factors.items()):
+        rank, scale = a.shape[0], patch.scale_of(module)
+        name = kohya_name(module, two_text_encoders=two_te)
+        out[f"{name}.lora_down.weight"] = a.contiguous()
+        out[f"{name}.lora_up.weight"] = (b.double() * scale).to(b.dtype) if scale != 1 else b.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(rank), dtype=torch.float32)
+
+    header = manifest.model_copy(update={"files": {}})
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(max(a.shape[0] for a, _ in factors.values())),
+        "ss_network_alpha": str(max(a.shape[0] for a, _ in factors.values())),  # alpha = rank, see above
+        "ss_base_model_version": _BASE_VERSIONS.get(manifest.base_model.family, "unknown"),
+        "ss_output_name": manifest.name,
+        "forgetpatch_source_manifest": json.dumps(header.model_dump(mode="json")),
+    }
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(out, out_file, metadata=metadata)
+    return out_file

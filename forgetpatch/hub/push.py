@@ -1,0 +1,114 @@
+"""Publish a patch to the Hub: the patch files and a generated model card, in one commit."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from huggingface_hub import CommitOperationAdd, HfApi
+
+from forgetpatch.errors import HubError
+from forgetpatch.format import MANIFEST_NAME, WEIGHTS_NAME, Patch, read_patch
+from forgetpatch.hub._errors import hub_errors
+from forgetpatch.hub.card import render_card
+
+CARD_NAME = "README.md"
+
+
+def _upload_set(folder: Path, files: dict[str, str]) -> list[str]:
+    """The files of a patch folder to upload: the manifest, the weights and everything it lists."""
+    names = sorted({MANIFEST_NAME, WEIGHTS_NAME, *files})
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise HubError(f"{folder} is not a complete patch folder: missing {', '.join(missing)}")
+    return names
+
+
+def _without_card(patch: Patch, folder: Path, tmp: Path) -> Path:
+    """Re-save a patch whose folder lists a README.md into ``tmp``, keeping its other files but not the card.
+
+    The Hub's README.md is the model card, which people edit on the website; it is therefore not
+    one of the hashed patch files.
+    """
+    for name in patch.manifest.files:
+        if name not in (CARD_NAME, MANIFEST_NAME, WEIGHTS_NAME):
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(folder / name, tmp / name)
+    return patch.save(tmp)
+
+
+def push(
+    patch_or_folder: Patch | str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    commit_message: str | None = None,
+    license: str | None = None,
+) -> str:
+    """Upload a patch and its model card to Hub repo ``repo_id`` in one commit; returns the repo URL.
+
+    The repo is created if needed (``private`` applies then), and so is the branch ``revision``
+    (default ``main``). A folder is verified against its ``forgetpatch.json`` first, so a damaged
+    patch is never published. The model card (``README.md``) is generated from the manifest by
+    :func:`render_card`; a ``README.md`` in the folder is replaced by it (the card is not one of
+    the hashed patch files, so editing it on the Hub keeps downloads verifiable).
+
+    Args:
+        patch_or_folder: a :class:`~forgetpatch.format.Patch` or a folder written by ``Patch.save``.
+        repo_id: ``"org/name"``.
+        private: create the repo private (an existing repo keeps its visibility).
+        revision: branch to commit to; created from ``main`` when missing.
+        token: a Hub token with write access; ``None`` uses the saved / ``HF_TOKEN`` one.
+        commit_message: defaults to ``"Upload forgetpatch patch <name>"``.
+        license: the card's license; defaults to the base model family's.
+
+    Example:
+        >>> url = push("no-vangogh/", "org/no-vangogh")
+        >>> pipe = forgetpatch.apply(pipe, "org/no-vangogh")
+    """
+    with tempfile.TemporaryDirectory(prefix="forgetpatch-push-") as tmp:
+        if isinstance(patch_or_folder, Patch):
+            folder = patch_or_folder.save(tmp)
+        else:
+            folder = Path(patch_or_folder)
+            if not (folder / MANIFEST_NAME).is_file():
+                raise HubError(
+                    f"{folder} is not a patch folder (no {MANIFEST_NAME}); write one with Patch.save"
+                )
+            patch = read_patch(folder)  # verifies every file: a damaged patch is never published
+            if CARD_NAME in patch.manifest.files:
+                folder = _without_card(patch, folder, Path(tmp))
+        patch = read_patch(folder)
+        return _commit(patch, folder, repo_id, private, revision, token, commit_message, license)
+
+
+def _commit(
+    patch: Patch,
+    folder: Path,
+    repo_id: str,
+    private: bool,
+    revision: str | None,
+    token: str | bool | None,
+    commit_message: str | None,
+    license: str | None,
+) -> str:
+    manifest = patch.manifest
+    names = _upload_set(folder, manifest.files)
+    card = render_card(patch, repo_id, folder=folder, license=license)
+    api = HfApi(token=token)
+    operations = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=str(folder / n)) for n in names]
+    operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=str(card).encode()))
+    with hub_errors(repo_id, revision):
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision not in (None, "main"):
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        api.create_commit(
+            repo_id,
+            operations,
+            commit_message=commit_message or f"Upload forgetpatch patch {manifest.name}",
+            revision=revision,
+        )
+    return str(repo_url) if revision in (None, "main") else f"{repo_url}/tree/{revision}"

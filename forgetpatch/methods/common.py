@@ -1,0 +1,308 @@
+"""Helpers every unlearning method can use: cross-attention layers, concept embeddings, low-rank factors.
+
+* :func:`cross_attention_layers`: the ``attn2.to_k`` / ``attn2.to_v`` layers of a pipeline's UNet, keyed by
+  their full module path (``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k``).
+* :func:`current_weight`: a layer's weight as the pipeline computes with it now (patches included).
+* :func:`encode_tokens`: the text-encoder output at the last word token of each prompt, exactly as the
+  UNet receives it (``encoder_hidden_states``): one encoder for SD 1.x / 2.x, two encoders concatenated
+  for SDXL (penultimate hidden states, 768 + 1280 = 2048 wide).
+* :func:`check_concepts`: the input checks every method shares.
+* :func:`low_rank_factors`: a truncated SVD of a weight change whose rank is chosen by an energy threshold.
+
+Example:
+    >>> from forgetpatch.testing import tiny_sd_pipeline
+    >>> pipe = tiny_sd_pipeline()
+    >>> layers = cross_attention_layers(pipe)
+    >>> next(iter(layers))
+    'unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k'
+    >>> encode_tokens(pipe, ["circle", "star"]).shape
+    torch.Size([2, 32])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from forgetpatch.errors import ConceptError, MethodError
+from forgetpatch.methods.base import Concept
+
+#: The projections closed-form methods edit in every cross-attention block.
+KEY_VALUE = ("to_k", "to_v")
+
+
+@dataclass(frozen=True)
+class LowRankFactors:
+    """``delta ~= B @ A`` (``A``: ``rank x in``, ``B``: ``out x rank``) and the relative Frobenius error."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    rank: int
+    rel_error: float
+
+
+# --- layers --------------------------------------------------------------------------------------
+def cross_attention_layers(pipe, projections: Sequence[str] = KEY_VALUE) -> dict[str, nn.Module]:
+    """The UNet's cross-attention projections, keyed by full module path, in UNet order.
+
+    The value is the module as it sits in the UNet (a peft wrapper while a patch is applied unfused).
+    Self-attention ``attn2`` blocks (``only_cross_attention=False`` models without text) are skipped.
+
+    Raises:
+        MethodError: the pipeline has no UNet or its UNet has no cross-attention.
+
+    Example:
+        >>> paths = list(cross_attention_layers(pipe))
+        >>> paths[0].endswith("attn2.to_k"), paths[1].endswith("attn2.to_v")
+        (True, True)
+    """
+    unet = getattr(pipe, "unet", None)
+    if not isinstance(unet, nn.Module):
+        raise MethodError(
+            f"{type(pipe).__name__} has no UNet; closed-form erasure edits a UNet's cross-attention layers"
+        )
+    wanted = tuple(f"attn2.{p}" for p in projections)
+    layers: dict[str, nn.Module] = {}
+    for name, module in unet.named_modules():
+        if not name.endswith(wanted):
+            continue
+        attention = unet.get_submodule(name.rsplit(".", 1)[0])
+        if getattr(attention, "is_cross_attention", True) is False:
+            continue
+        layers[f"unet.{name}"] = module
+    if not layers:
+        raise MethodError(
+            f"the UNet ({type(unet).__name__}) has no cross-attention layers (attn2.to_k / attn2.to_v); "
+            "closed-form methods need a text-conditioned UNet such as Stable Diffusion's"
+        )
+    return layers
+
+
+def _base_linear(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+@torch.no_grad()
+def current_weight(module: nn.Module) -> torch.Tensor:
+    """The ``out x in`` weight ``module`` computes with now, as float32 (applied patches included).
+
+    A plain ``Linear`` returns its weight; a peft-wrapped one is probed with the identity matrix so that
+    any adapters active on it count, as they do at sampling time.
+    """
+    base = _base_linear(module)
+    if base is module:
+        return module.weight.detach().float()
+    weight = base.weight
+    eye = torch.eye(weight.shape[1], device=weight.device, dtype=weight.dtype)
+    out = module(eye)
+    if getattr(base, "bias", None) is not None:
+        out = out - base.bias
+    return out.T.float().contiguous()
+
+
+# --- concept embeddings --------------------------------------------------------------------------
+def _text_encoders(pipe) -> list[tuple[object, nn.Module, bool]]:
+    """``(tokenizer, encoder, use_penultimate_hidden_state)`` for each text encoder, in UNet order."""
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: both encoders' penultimate states
+        pairs = [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")]
+        found = [(getattr(pipe, t, None), getattr(pipe, e, None), True) for t, e in pairs]
+        return [f for f in found if f[0] is not None and f[1] is not None]
+    tokenizer, encoder = getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None)
+    if tokenizer is None or encoder is None:
+        raise MethodError(f"{type(pipe).__name__} has no tokenizer/text encoder to embed concepts with")
+    return [(tokenizer, encoder, False)]
+
+
+def last_token_index(pipe, prompts: Sequence[str]) -> torch.Tensor:
+    """Index of each prompt's last word token (``attention_mask.sum() - 2``; 0 = BOS for ``""``)."""
+    tokenizer = _text_encoders(pipe)[0][0]
+    mask = tokenizer(list(prompts), padding="longest", truncation=True, return_tensors="pt").attention_mask
+    return mask.sum(dim=1) - 2
+
+
+def _refuse_empty(prompts: Sequence[str], index: torch.Tensor) -> None:
+    empty = [p for p, i in zip(prompts, index.tolist(), strict=True) if i < 1]
+    if empty:
+        raise ConceptError(
+            f"concept(s) {empty} tokenize to nothing with this pipeline's tokenizer; "
+            "name each concept with at least one word the tokenizer knows"
+        )
+
+
+@torch.no_grad()
+def encode_tokens(pipe, prompts: Sequence[str], *, allow_empty: bool = False) -> torch.Tensor:
+    """Text-encoder output at the last word token of each prompt, ``(len(prompts), width)``, float32.
+
+    This is the token embedding UCE and ScaPre edit: the row of the UNet's ``encoder_hidden_states`` at
+    index ``attention_mask.sum() - 2``. The encoders are causal, so prompts are padded only to the longest
+    one; the rows equal those of the pipeline's own ``encode_prompt`` (77-token padding).
+
+    Args:
+        prompts: one prompt per embedding, e.g. ``["circle", "van gogh"]``.
+        allow_empty: accept prompts without word tokens (``""`` gives the BOS position, UCE's blank guide).
+
+    Raises:
+        ConceptError: a prompt tokenizes to nothing (unless ``allow_empty``).
+
+    Example:
+        >>> encode_tokens(pipe, ["circle", ""], allow_empty=True).shape
+        torch.Size([2, 32])
+    """
+    prompts = list(prompts)
+    if not prompts:
+        raise ConceptError("no prompts to encode")
+    unique = list(dict.fromkeys(prompts))  # e.g. one blank guide shared by 100 concepts
+    where = torch.tensor([unique.index(p) for p in prompts]) if len(unique) < len(prompts) else None
+    parts = []
+    for tokenizer, encoder, penultimate in _text_encoders(pipe):
+        tokens = tokenizer(unique, padding="longest", truncation=True, return_tensors="pt")
+        index = tokens.attention_mask.sum(dim=1) - 2
+        if not allow_empty:
+            _refuse_empty(unique, index)
+        # causal attention: positions after the last word token (EOS, padding) change nothing before it
+        length = int(index.max()) + 1
+        device = next(encoder.parameters()).device
+        kwargs = {}
+        if getattr(encoder.config, "use_attention_mask", False):
+            kwargs["attention_mask"] = tokens.attention_mask[:, :length].to(device)
+        out = encoder(tokens.input_ids[:, :length].to(device), output_hidden_states=penultimate, **kwargs)
+        states = out.hidden_states[-2] if penultimate else out[0]
+        rows = states[torch.arange(len(unique), device=device), index.to(device)]
+        parts.append(rows.float().cpu())
+    rows = torch.cat(parts, dim=-1)
+    return rows if where is None else rows[where]
+
+
+def check_concepts(concepts: Sequence[Concept], preserve: Sequence[Concept]) -> None:
+    """Refuse an empty erase list or a concept that is both erased and preserved."""
+    if not concepts:
+        raise ConceptError("nothing to erase: pass at least one concept, e.g. erase(pipe, ['circle'])")
+    overlap = {c.target.strip().lower() for c in concepts} & {c.target.strip().lower() for c in preserve}
+    if overlap:
+        raise ConceptError(
+            f"concepts both erased and preserved: {sorted(overlap)}; remove them from one list"
+        )
+
+
+def patch_name(method: str, concepts: Sequence[Concept], limit: int = 60) -> str:
+    """A default patch name such as ``"scapre-no-circle-star"`` (slash-free, at most ``limit`` chars)."""
+    words = "-".join(
+        "".join(ch if ch.isalnum() else "_" for ch in c.target.strip().lower()) for c in concepts
+    )
+    name = f"{method}-no-{words}"
+    if len(name) <= limit:
+        return name
+    head = name[: limit - 14].rsplit("-", 1)[0]
+    return f"{head}-and-{len(concepts) - head.count('-') + 1}-more"
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """The token embeddings a closed-form edit works with: one row each, float64, all ``D`` wide."""
+
+    erase: torch.Tensor
+    """``(n, D)``: the erased concepts' last-word-token embeddings."""
+    guide: torch.Tensor
+    """``(n, D)``: what each erased embedding is steered to."""
+    preserve: torch.Tensor
+    """``(m, D)``: embeddings whose outputs are kept (``m`` may be 0)."""
+
+
+def guide_prompt(concept: Concept, defaults: dict[str, str] | None = None) -> str:
+    """The guide prompt of ``concept``: its own, else ``defaults[kind]``, else ``""`` (the blank prompt)."""
+    if concept.guide is not None:
+        return concept.guide
+    return (defaults or {}).get(concept.kind, "")
+
+
+def embed_concepts(
+    pipe,
+    erase: Sequence[str],
+    guides: Sequence[str],
+    preserve: Sequence[str] = (),
+    extra: Sequence[str] = (),
+) -> tuple[Embeddings, torch.Tensor]:
+    """Encode erase targets, their guides, preserved prompts and ``extra`` prompts in one encoder pass.
+
+    Returns the :class:`Embeddings` and the ``extra`` rows. Guides and extras may be blank (``""`` = BOS).
+
+    Raises:
+        ConceptError: an erased or preserved prompt tokenizes to nothing.
+
+    Example:
+        >>> emb, (blank,) = embed_concepts(pipe, ["circle"], [""], ["ellipse"], extra=[""])
+        >>> emb.erase.shape, emb.preserve.shape
+        (torch.Size([1, 32]), torch.Size([1, 32]))
+    """
+    erase, guides, preserve, extra = list(erase), list(guides), list(preserve), list(extra)
+    if len(guides) != len(erase):
+        raise MethodError(f"{len(erase)} concepts but {len(guides)} guides; give one guide per concept")
+    named = erase + preserve
+    _refuse_empty(named, last_token_index(pipe, named))
+    rows = encode_tokens(pipe, erase + guides + preserve + extra, allow_empty=True).double()
+    n, m = len(erase), len(preserve)
+    found = Embeddings(erase=rows[:n], guide=rows[n : 2 * n], preserve=rows[2 * n : 2 * n + m])
+    return found, rows[2 * n + m :]
+
+
+# --- low-rank storage ----------------------------------------------------------------------------
+@torch.no_grad()
+def low_rank_factors(
+    delta: torch.Tensor,
+    *,
+    energy: float = 0.999,
+    max_rank: int | None = None,
+    range_hint: torch.Tensor | None = None,
+    sketch: int = 16,
+    seed: int = 0,
+) -> LowRankFactors:
+    """Truncated SVD of ``delta`` keeping ``energy`` of its squared Frobenius norm.
+
+    A randomized range finder: the columns of ``range_hint`` (``out x h``, directions known to carry most of
+    ``delta``, e.g. the ``B`` side of a low-rank update) plus ``sketch`` random projections of ``delta`` are
+    orthonormalised, and the SVD of ``delta`` projected on them gives the factors. The random part doubles
+    until the kept singular values reach ``energy`` of ``|delta|_F^2``; a sketch as large as half the
+    matrix falls back to the exact SVD. The reported ``rel_error`` is measured: ``|delta - B A|_F / |delta|_F``.
+
+    Example:
+        >>> low = low_rank_factors(torch.randn(64, 3) @ torch.randn(3, 32), energy=0.999)
+        >>> low.rank, low.rel_error < 1e-3
+        (3, True)
+    """
+    if not 0.0 < energy <= 1.0:
+        raise MethodError(f"energy must be in (0, 1], got {energy}")
+    matrix = delta.detach().float()
+    full = min(matrix.shape)
+    cap = full if max_rank is None else max(1, min(max_rank, full))
+    total = float(matrix.double().square().sum())
+    if total == 0.0:
+        zeros = matrix.new_zeros
+        return LowRankFactors(A=zeros(1, matrix.shape[1]), B=zeros(matrix.shape[0], 1), rank=1, rel_error=0.0)
+    hint = None if range_hint is None else range_hint.detach().float().to(matrix.device)
+    generator = torch.Generator(device=matrix.device).manual_seed(seed)
+    extra = max(1, sketch)
+    while True:
+        cols = extra + (0 if hint is None else hint.shape[1])
+        exact = cols >= full // 2  # a sketch this large costs as much as the exact SVD
+        if exact:
+            U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
+        else:
+            omega = torch.randn(matrix.shape[1], extra, generator=generator, device=matrix.device)
+            Y = matrix @ omega if hint is None else torch.cat([hint, matrix @ omega], dim=1)
+            Q = torch.linalg.qr(Y).Q
+            Us, S, Vh = torch.linalg.svd(Q.T @ matrix, full_matrices=False)
+            U = Q @ Us
+        kept = torch.cumsum(S.double().square(), 0) / total
+        reached = int((kept < energy - 1e-12).sum()) + 1
+        if exact or reached < cols or cols >= cap:
+            break
+        extra *= 2
+    rank = max(1, min(reached, cap, len(S)))
+    root = S[:rank].sqrt()
+    A = root[:, None] * Vh[:rank]
+    B = U[:, :rank] * root[None, :]
+    error = float((matrix - B @ A).double().norm()) / total**0.5
+    return LowRankFactors(A=A, B=B, rank=rank, rel_error=error)

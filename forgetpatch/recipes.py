@@ -1,0 +1,111 @@
+"""Erasure recipes: a YAML file that says what to forget, how, and what to keep.
+
+A recipe names the method, the concepts (a word, or a mapping with ``target`` / ``kind`` / ``guide`` /
+``superclass``), what to preserve, and the method's parameters::
+
+    # recipes/toy-no-circle-scapre.yaml
+    name: toy-no-circle-scapre
+    base: toy
+    method: scapre
+    concepts:
+      - target: circle
+        kind: object
+    preserve: [ellipse, ring]
+    params:
+      seed: 0
+
+Example:
+    >>> recipe = load_recipe("recipes/toy-no-circle-scapre.yaml")
+    >>> patch = forgetpatch.erase(pipe, recipe.erase_concepts(), **recipe.erase_kwargs())
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from forgetpatch.errors import MethodError
+from forgetpatch.methods.base import Concept, ConceptKind
+
+
+class ConceptSpec(BaseModel):
+    """One concept of a recipe (mirrors :class:`forgetpatch.methods.Concept`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target: str = Field(min_length=1)
+    kind: ConceptKind = "object"
+    guide: str | None = None
+    superclass: str | None = None
+
+    def to_concept(self) -> Concept:
+        return Concept(target=self.target, kind=self.kind, guide=self.guide, superclass=self.superclass)
+
+
+class Recipe(BaseModel):
+    """A validated erasure recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    """Patch name; ``None`` lets the method choose one (``scapre-no-circle``)."""
+    base: str | None = None
+    """The model it was written for: ``"toy"``, a diffusers folder or a Hub id (informational)."""
+    method: str = "scapre"
+    concepts: list[ConceptSpec] = Field(min_length=1)
+    preserve: list[ConceptSpec] = Field(default_factory=list)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("concepts", "preserve", mode="before")
+    @classmethod
+    def _words_are_concepts(cls, value: Any) -> Any:
+        if isinstance(value, (str, dict)):
+            value = [value]
+        return [{"target": v} if isinstance(v, str) else v for v in (value or [])]
+
+    def erase_concepts(self) -> list[Concept]:
+        """The concepts to erase, as :class:`~forgetpatch.methods.Concept` objects."""
+        return [c.to_concept() for c in self.concepts]
+
+    def preserved(self) -> list[Concept]:
+        """The concepts to preserve."""
+        return [c.to_concept() for c in self.preserve]
+
+    def erase_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`forgetpatch.erase` (method, preserve, name, params)."""
+        kwargs: dict[str, Any] = {"method": self.method, "preserve": self.preserved(), **self.params}
+        if self.name:
+            kwargs["name"] = self.name
+        return kwargs
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    """Read and validate a recipe file.
+
+    Raises:
+        MethodError: the file is missing, is not YAML, or does not describe a recipe (the message says
+            which field is wrong).
+
+    Example:
+        >>> recipe = load_recipe("recipes/toy-no-5-shapes-uce.yaml")
+        >>> recipe.method, [c.target for c in recipe.concepts][:2]
+        ('uce', ['circle', 'square'])
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise MethodError(f"recipe {str(path)!r} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise MethodError(f"recipe {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise MethodError(f"recipe {str(path)!r} must be a YAML mapping with at least 'concepts'")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise MethodError(f"recipe {str(path)!r} is invalid: {problems}") from None

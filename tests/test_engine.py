@@ -1,0 +1,187 @@
+"""The fine-tuning engine: scopes, teacher == base, loss decreases, resume, pass counts, cleanup."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from forgetpatch.errors import MethodError
+from forgetpatch.methods.engine import FinetuneConfig, FinetuneEngine, scope_modules
+from forgetpatch.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+
+
+def _cfg(**kw) -> FinetuneConfig:
+    base = dict(iterations=6, lr=1e-2, num_inference_steps=4, latent_size=8, progress=False, rank=2)
+    return FinetuneConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_sd_pipeline(0)
+
+
+def _fixed_objective(engine: FinetuneEngine, it: int) -> torch.Tensor:
+    """Pull eps*(x, c) towards a fixed offset of the base prediction on one fixed x_t."""
+    c = engine.encode("circle")
+    x = engine.noise(torch.Generator().manual_seed(0))
+    t = engine.timesteps[1]
+    target = engine.teacher(x, t, c) + 0.05
+    return F.mse_loss(engine.student(x, t, c), target)
+
+
+def test_scopes_pick_the_right_modules(pipe):
+    xattn = scope_modules(pipe.unet, "xattn")
+    n_attn2 = sum(1 for n, _ in pipe.unet.named_modules() if n.endswith("attn2"))
+    assert len(xattn) == 4 * n_attn2
+    assert all(
+        n.split(".")[-2:] in (["attn2", "to_q"], ["attn2", "to_k"], ["attn2", "to_v"])
+        or n.endswith("attn2.to_out.0")
+        for n in xattn
+    )
+    noxattn = scope_modules(pipe.unet, "noxattn")
+    assert not any("attn2" in n for n in noxattn)
+    assert {"conv_in", "conv_out", "time_embedding.linear_1"} <= set(noxattn)
+    assert any(n.endswith("attn1.to_q") for n in noxattn) and any(
+        n.endswith("resnets.0.conv1") for n in noxattn
+    )
+    every = {n for n, m in pipe.unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    assert set(noxattn) | set(xattn) <= every and set(noxattn) == every - {n for n in every if "attn2" in n}
+    with pytest.raises(MethodError, match="scope"):
+        scope_modules(pipe.unet, "everything")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("scope", ["xattn", "noxattn"])
+def test_lora_adapter_sits_exactly_on_the_scope(pipe, scope):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    expected = set(scope_modules(pipe.unet, scope))
+    with FinetuneEngine(pipe, _cfg(scope=scope)) as engine:
+        wrapped = {n for n, m in pipe.unet.named_modules() if isinstance(m, BaseTunerLayer)}
+        assert wrapped == expected == set(engine.module_names)
+        trainable = engine.trainable()
+        assert trainable and all("lora_" in n for n in trainable)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_loss_decreases_teacher_is_base_and_pipe_is_restored(mode):
+    pipe = tiny_sd_pipeline(0)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    types = {n: type(m) for n, m in pipe.unet.named_modules()}
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    hidden = pipe.encode_prompt("circle", "cpu", 1, False)[0]
+    with torch.no_grad():
+        base_out = pipe.unet(x, 301, encoder_hidden_states=hidden).sample
+    lr = 1e-2 if mode == "lora" else 1e-3
+    with FinetuneEngine(pipe, _cfg(mode=mode, iterations=12, lr=lr)) as engine:
+        losses = engine.train(_fixed_objective)
+        c = engine.encode("circle")
+        assert torch.allclose(engine.teacher(x, 301, c), base_out, atol=1e-6)
+        assert not torch.allclose(engine.current(x, 301, c), base_out, atol=1e-4)
+    assert sum(losses[-3:]) / 3 < 0.5 * losses[0]
+    after = pipe.unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert {n: type(m) for n, m in pipe.unet.named_modules()} == types
+    assert not hasattr(pipe.unet, "peft_config")
+
+
+def test_full_mode_factors_compress_with_recorded_error():
+    pipe = tiny_sd_pipeline(0)
+    with FinetuneEngine(pipe, _cfg(mode="full", scope="noxattn", rank=2, iterations=3)) as engine:
+        engine.train(_fixed_objective)
+        factors, errors = engine.factors()
+    a, b = factors["unet.conv_in"]
+    assert a.shape == (2, 4, 3, 3) and b.shape == (32, 2, 1, 1)
+    assert set(errors) == set(factors) and all(0.0 <= e <= 1.0 for e in errors.values())
+    assert max(errors.values()) > 0  # a rank-2 truncation of a full-rank change is not exact
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    class Stop(Exception):
+        pass
+
+    def trajectory_objective(engine: FinetuneEngine, it: int) -> torch.Tensor:
+        c, u = engine.encode("circle"), engine.encode("")
+        x, t = engine.sample_xt("circle", c, u, 1 + it % 3, generator=engine.generator(it))
+        return F.mse_loss(engine.student(x, t, c), engine.teacher(x, t, u))
+
+    def interrupted(engine: FinetuneEngine, it: int) -> torch.Tensor:
+        if it == 5:
+            raise Stop
+        return trajectory_objective(engine, it)
+
+    pipe = tiny_sd_pipeline(0)
+    with FinetuneEngine(pipe, _cfg(iterations=8, lr=1e-3)) as engine:
+        engine.train(trajectory_objective)
+        straight, _ = engine.factors()
+        straight_passes = engine.passes.as_dict()
+    cfg = _cfg(iterations=8, lr=1e-3, checkpoint_dir=str(tmp_path), checkpoint_every=2)
+    with pytest.raises(Stop), FinetuneEngine(pipe, cfg) as engine:
+        engine.train(interrupted)
+    assert (tmp_path / "engine_state.pt").exists()
+    with FinetuneEngine(pipe, cfg) as engine:
+        engine.train(trajectory_objective)
+        resumed, _ = engine.factors()
+        assert engine.passes.as_dict() == straight_passes
+    assert resumed.keys() == straight.keys()
+    for k in straight:
+        assert torch.allclose(resumed[k][0], straight[k][0], atol=1e-7)
+        assert torch.allclose(resumed[k][1], straight[k][1], atol=1e-7)
+    with (
+        pytest.raises(MethodError, match="other settings"),
+        FinetuneEngine(pipe, cfg.__class__(**{**cfg.__dict__, "lr": 5e-3})) as engine,
+    ):
+        engine.train(trajectory_objective)
+
+
+def test_trajectory_reuse_and_pass_counts(pipe):
+    with FinetuneEngine(pipe, _cfg()) as engine:
+        c, u = engine.encode("circle"), engine.encode("")
+        x2, _ = engine.sample_xt("k", c, u, 2, generator=torch.Generator().manual_seed(3))
+        x3, t3 = engine.sample_xt("k", c, u, 3, generator=torch.Generator().manual_seed(99))
+        assert engine.passes.sample_forward == 3  # 2 steps, then 1 more on the same trajectory
+        fresh, t = engine.sample_xt("k", c, u, 3, generator=torch.Generator().manual_seed(3), reuse=False)
+        assert engine.passes.sample_forward == 6 and t == t3 == engine.timesteps[3]
+        assert torch.allclose(fresh, x3, atol=1e-6)  # unchanged model: continuing == resampling
+        engine.sample_xt("other", c, u, 3, generator=torch.Generator().manual_seed(3))
+        assert engine.passes.sample_forward == 9  # another key never reuses
+        engine.train(_fixed_objective, iterations=2)
+        p = engine.passes
+        assert (p.teacher_forward, p.student_forward, p.backward) == (2, 2, 2)
+        with pytest.raises(MethodError, match="outside"):
+            engine.sample_xt("k", c, u, 4, generator=torch.Generator())
+
+
+def test_sdxl_conditioning_and_adapters():
+    pipe = tiny_sdxl_pipeline(0)
+    with FinetuneEngine(pipe, _cfg(scope="xattn", iterations=2)) as engine:
+        c = engine.encode("circle")
+        assert set(c.added) == {"text_embeds", "time_ids"}
+        engine.train(_fixed_objective)
+        factors, _ = engine.factors()
+    assert all(".attn2." in k for k in factors) and len(factors) == len(scope_modules(pipe.unet, "xattn"))
+
+
+def test_bad_settings_are_refused(pipe):
+    with pytest.raises(MethodError, match="mode"):
+        FinetuneConfig(mode="half")  # type: ignore[arg-type]
+    with pytest.raises(MethodError, match="iterations"):
+        FinetuneConfig(iterations=0)
+    with pytest.raises(MethodError, match="learning rate"):
+        FinetuneConfig(lr=0)
+
+
+def test_failed_setup_leaves_the_pipeline_untouched(monkeypatch):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    pipe = tiny_sd_pipeline(0)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no optimizer today")
+
+    monkeypatch.setattr(torch.optim, "Adam", broken)
+    with pytest.raises(RuntimeError, match="no optimizer"):
+        FinetuneEngine(pipe, _cfg(scope="noxattn"))
+    assert not any(isinstance(m, BaseTunerLayer) for m in pipe.unet.modules())
+    assert not hasattr(pipe.unet, "peft_config")

@@ -1,0 +1,258 @@
+"""``forgetpatch.erase``: input errors, recipes, the ``erase`` command, and patches that act as in-place edits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from typer.testing import CliRunner
+
+import forgetpatch
+from forgetpatch.cli import app
+from forgetpatch.errors import ConceptError, MethodError, UnknownMethodError
+from forgetpatch.format import read_patch
+from forgetpatch.methods import Concept, get_method
+from forgetpatch.methods.common import cross_attention_layers
+from forgetpatch.methods.scapre import ScaPre
+from forgetpatch.methods.uce import UCE
+from forgetpatch.recipes import load_recipe
+from forgetpatch.testing import tiny_sd_pipeline
+
+METHODS = ["uce", "scapre"]
+RECIPES = Path(__file__).parent.parent / "recipes"
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return tiny_sd_pipeline(seed=0)
+
+
+class DroppingTokenizer:
+    """A tokenizer that silently drops one word, as real tokenizers drop characters they cannot encode."""
+
+    def __init__(self, inner, dropped: str):
+        self.inner, self.dropped = inner, dropped
+
+    def __call__(self, texts, **kwargs):
+        texts = [" ".join(w for w in t.split() if w != self.dropped) for t in texts]
+        return self.inner(texts, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+# --- bad input -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", METHODS)
+def test_empty_concept_list_is_refused(sd, method):
+    with pytest.raises(ConceptError, match="nothing to erase"):
+        forgetpatch.erase(sd, [], method=method)
+    with pytest.raises(ConceptError, match="nothing to erase"):
+        get_method(method).erase(sd, [], preserve=[])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_preserving_what_is_erased_is_refused(sd, method):
+    with pytest.raises(ConceptError, match="both erased and preserved"):
+        forgetpatch.erase(sd, ["circle", "star"], method=method, preserve=["star"])
+    with pytest.raises(ConceptError, match="both erased and preserved"):
+        get_method(method).erase(sd, [Concept("circle")], preserve=[Concept("Circle")])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_concept_that_tokenizes_to_nothing_is_refused(method):
+    pipe = tiny_sd_pipeline(seed=0)
+    pipe.tokenizer = DroppingTokenizer(pipe.tokenizer, dropped="zzz")
+    with pytest.raises(ConceptError, match=r"\['zzz'\] tokenize to nothing"):
+        forgetpatch.erase(pipe, ["circle", "zzz"], method=method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pipeline_without_cross_attention_is_refused(method):
+    pipe = tiny_sd_pipeline(seed=0)
+    pipe.unet = UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2D",
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=32,
+    )
+    with pytest.raises(MethodError, match="no cross-attention layers"):
+        forgetpatch.erase(pipe, ["circle"], method=method)
+    with pytest.raises(MethodError, match="has no UNet"):
+        forgetpatch.erase(
+            SimpleNamespace(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder), ["circle"]
+        )
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unknown_parameter_is_refused(sd, method):
+    with pytest.raises(MethodError, match="unknown .* parameter"):
+        forgetpatch.erase(sd, ["circle"], method=method, erase_scal=3)
+
+
+def test_unknown_method_lists_the_known_ones(sd):
+    with pytest.raises(UnknownMethodError, match="scapre"):
+        forgetpatch.erase(sd, ["circle"], method="nope")
+
+
+def test_erase_does_not_touch_the_pipeline(sd):
+    before = {p: m.weight.detach().clone() for p, m in cross_attention_layers(sd).items()}
+    for method in METHODS:
+        forgetpatch.erase(sd, ["circle"], method=method, progress=False)
+    after = cross_attention_layers(sd)
+    assert all(torch.equal(before[p], after[p].weight) for p in before)
+
+
+# --- the patch is what ships -----------------------------------------------------------------------
+def _images(pipe, prompts=("a red circle", "a blue star on a white background")) -> np.ndarray:
+    generator = torch.Generator().manual_seed(0)
+    out = pipe(
+        list(prompts), num_inference_steps=2, guidance_scale=3.0, generator=generator, output_type="np"
+    )
+    return out.images
+
+
+def _edited_in_place(deltas: dict[str, torch.Tensor]):
+    pipe = tiny_sd_pipeline(seed=0)
+    with torch.no_grad():
+        for path, module in cross_attention_layers(pipe).items():
+            module.weight += deltas[path]
+    return pipe
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "fuse"),
+    [("uce", {}, False), ("scapre", {"energy": 1.0}, True), ("scapre", {"energy": 0.999}, False)],
+)
+def test_applied_patch_gives_the_images_of_the_edited_model(method, params, fuse):
+    base = tiny_sd_pipeline(seed=0)
+    concepts = [Concept("circle"), Concept("star")]
+    cls = {"uce": UCE, "scapre": ScaPre}[method]
+    deltas = cls.compute_deltas(base, concepts, **params)
+    patch = forgetpatch.erase(base, concepts, method=method, progress=False, **params)
+    in_place = _images(_edited_in_place(deltas))
+    patched = _images(forgetpatch.apply(tiny_sd_pipeline(seed=0), patch, fuse=fuse))
+    original = _images(base)
+    effect = np.abs(in_place - original).mean()
+    assert effect > 1e-3  # the edit changes the images
+    if params.get("energy", 1.0) == 1.0:  # exact storage: the same images
+        np.testing.assert_allclose(patched, in_place, atol=2e-4)
+    else:  # truncated storage: far closer to the edited model than the edit is to the base
+        assert np.abs(patched - in_place).mean() < 0.1 * effect
+
+
+# --- recipes and the command ---------------------------------------------------------------------
+def test_shipped_recipes_load():
+    recipes = sorted(RECIPES.glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        recipe = load_recipe(path)
+        assert recipe.erase_concepts() and forgetpatch.methods.get_method(recipe.method)
+
+
+def test_recipe_accepts_words_and_mappings(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "method: uce\nconcepts: [circle, {target: vangogh, kind: style, guide: art}]\n"
+        "preserve: ellipse\nparams: {lam: 0.25}\nname: my-patch\n"
+    )
+    recipe = load_recipe(path)
+    assert recipe.erase_concepts() == [Concept("circle"), Concept("vangogh", kind="style", guide="art")]
+    assert recipe.preserved() == [Concept("ellipse")]
+    assert recipe.erase_kwargs() == {
+        "method": "uce",
+        "preserve": [Concept("ellipse")],
+        "lam": 0.25,
+        "name": "my-patch",
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("concepts: []\n", "concepts"),
+        ("concepts: [{target: circle, kind: colour}]\n", "kind"),
+        ("method: uce\n", "concepts"),
+        ("concepts: [circle\n", "not valid YAML"),
+        ("- circle\n", "mapping"),
+        ("concepts: [circle]\nsteps: 3\n", "steps"),
+    ],
+)
+def test_bad_recipes_say_what_is_wrong(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(MethodError, match=message):
+        load_recipe(path)
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory, sd):
+    folder = tmp_path_factory.mktemp("base") / "tiny-sd"
+    sd.save_pretrained(folder)
+    return folder
+
+
+def test_cli_erase_writes_a_patch_folder(sd_folder, tmp_path):
+    out = tmp_path / "no-circle-star"
+    args = ["erase", "--base", str(sd_folder), "--method", "scapre", "-c", "circle", "-c", "star"]
+    result = CliRunner().invoke(
+        app, [*args, "--preserve", "ellipse", "--param", "energy=0.99", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    patch = read_patch(out)
+    assert [c.target for c in patch.manifest.concepts] == ["circle", "star"]
+    assert [c.target for c in patch.manifest.preserved] == ["ellipse"]
+    assert patch.manifest.method.name == "scapre" and patch.manifest.method.params["energy"] == 0.99
+
+
+def test_cli_erase_from_recipe(sd_folder, tmp_path):
+    out = tmp_path / "uce"
+    recipe = RECIPES / "toy-no-5-shapes-uce.yaml"
+    result = CliRunner().invoke(
+        app, ["erase", "--base", str(sd_folder), "--recipe", str(recipe), "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    patch = read_patch(out)
+    assert patch.name == "toy-no-5-shapes-uce" and patch.manifest.method.name == "uce"
+    assert len(patch.manifest.concepts) == 5 and patch.manifest.lora.rank == 5
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "nothing to erase"),
+        (["-c", "circle", "--method", "nope"], "unknown method"),
+        (["-c", "circle", "--param", "energy"], "key=value"),
+        (["-c", "circle", "--kind", "colour"], "kind"),
+    ],
+)
+def test_cli_erase_errors(sd_folder, tmp_path, args, message):
+    result = CliRunner().invoke(app, ["erase", "--base", str(sd_folder), *args, "-o", str(tmp_path / "x")])
+    assert result.exit_code == 1
+    assert message in result.output
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_erasing_on_a_patched_pipeline_edits_the_patched_weights(method):
+    """A second patch is computed on top of the first (as applied), and records it as lineage."""
+    first = forgetpatch.erase(tiny_sd_pipeline(seed=0), ["circle"], method="uce", progress=False)
+    patched = forgetpatch.apply(tiny_sd_pipeline(seed=0), first)
+    in_place = tiny_sd_pipeline(seed=0)
+    with torch.no_grad():
+        for path, module in cross_attention_layers(in_place).items():
+            module.weight += first.delta(path)
+    cls = {"uce": UCE, "scapre": ScaPre}[method]
+    on_patched = cls.compute_deltas(patched, [Concept("star")])
+    on_edited = cls.compute_deltas(in_place, [Concept("star")])
+    for path in on_edited:
+        torch.testing.assert_close(on_patched[path], on_edited[path], rtol=1e-4, atol=1e-5)
+    second = forgetpatch.erase(patched, ["star"], method=method, progress=False)
+    assert second.manifest.lineage == [first.digest]

@@ -1,0 +1,320 @@
+"""The forgetting metrics on known inputs: fake generators whose every image is known, and a judge that reads them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from forgetpatch.errors import ConceptError, ForgetPatchError
+from forgetpatch.eval import (
+    EvalReport,
+    PipelineGenerator,
+    blindfold,
+    evaluate,
+    main_prompts,
+    paraphrase_prompts,
+    save_grid,
+    scoring_prompts,
+)
+from forgetpatch.testing import tiny_sd_pipeline
+from forgetpatch.toy import vocab
+
+N = 8
+WORDS = {w: w for w in (*vocab.SHAPES, *vocab.COLOURS, *vocab.TEXTURES)}
+WORDS.update({syn: canon for canon, syns in vocab.SYNONYMS.items() for syn in syns})
+INDEX = {k: list(vocab.concepts_of(k)) for k in ("shape", "colour", "texture")}
+
+
+class FakeGenerator:
+    """Draws exactly the scene a prompt names, after rewriting words by ``word_map``; ``offset`` shifts pixels."""
+
+    def __init__(self, word_map: dict[str, str] | None = None, offset: float = 0.0, spoil: str | None = None):
+        self.word_map, self.offset, self.spoil = word_map or {}, offset, spoil
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
+        out = np.zeros((len(prompts), 4, 4, 3), np.float32)
+        for i, text in enumerate(prompts):
+            words = [WORDS[self.word_map.get(w, w)] for w in text.split() if self.word_map.get(w, w) in WORDS]
+            for c, kind in enumerate(INDEX):
+                (name,) = [w for w in words if vocab.kind_of(w) == kind]
+                if name == self.spoil:  # the concept is drawn as the next one of its kind
+                    name = INDEX[kind][(INDEX[kind].index(name) + 1) % len(INDEX[kind])]
+                out[i, ..., c] = INDEX[kind].index(name) / 16 + 0.01
+        return out + self.offset
+
+
+class FakeJudge:
+    def predict(self, images: np.ndarray) -> list[dict[str, str]]:
+        idx = np.floor(images.mean(axis=(1, 2)) * 16).astype(int)
+        return [{k: INDEX[k][row[c]] for c, k in enumerate(INDEX)} for row in idx]
+
+
+def run(gen, erased=("circle",), **kw) -> EvalReport:
+    return evaluate(gen, list(erased), judge=FakeJudge(), images_per_concept=N, progress=False, **kw)
+
+
+def test_prompts_are_balanced_never_trained_and_independent_of_erased():
+    items = main_prompts(N)
+    for concept in (*vocab.SHAPES, *vocab.COLOURS, *vocab.TEXTURES):
+        assert sum(it.names(concept) for it in items) >= N, concept
+    assert len({it.key for it in items}) == len(items)
+    for it in items:
+        reworded = any(it.prompt == vocab.prompt(it.scene, t) for t in vocab.HELDOUT_TEMPLATES)
+        assert reworded or vocab.is_heldout(it.scene), it.prompt
+    # circle meets several colours and textures, not one held-out scene over and over
+    circles = [it.scene for it in items if it.scene.shape == "circle"]
+    assert len({s.colour for s in circles}) >= 6 and len({s.texture for s in circles}) == 5
+    assert (
+        scoring_prompts(["circle"], N)[: len(items)]
+        == items
+        == scoring_prompts(["red", "grid"], N)[: len(items)]
+    )
+
+
+def test_paraphrases_use_synonyms_or_rewording():
+    disc = paraphrase_prompts("circle", N)
+    assert all("disc" in it.prompt.split() and "circle" not in it.prompt.split() for it in disc)
+    red = paraphrase_prompts("red", N)
+    assert all(not it.synonym and "red" in it.prompt.split() for it in red)
+    assert all(any(it.prompt == vocab.prompt(it.scene, t) for t in vocab.HELDOUT_TEMPLATES) for it in red)
+    assert not {it.key for it in disc} & {it.key for it in main_prompts(N)}
+
+
+def test_perfect_generator_forgets_nothing():
+    report = run(FakeGenerator(), reference=FakeGenerator())
+    s = report.concepts["circle"].scores
+    assert (s.ua, s.ira, s.cra, s.near, s.leakage) == (0.0, 1.0, 1.0, 1.0, 1.0)
+    assert report.drift == 0.0
+    assert report.concepts["circle"].ratios == {"ira": 1.0, "cra": 1.0, "near": 1.0}
+    assert report.accuracy == {"shape": 1.0, "colour": 1.0, "texture": 1.0}
+
+
+def test_generator_that_never_draws_circles_has_full_ua_and_keeps_the_rest():
+    erased = FakeGenerator({"circle": "square", "disc": "square"})
+    report = run(erased, reference=FakeGenerator())
+    s, b = report.concepts["circle"].scores, report.concepts["circle"].base
+    assert (s.ua, s.ira, s.cra, s.near, s.leakage) == (1.0, 1.0, 1.0, 1.0, 0.0)
+    assert (b.ua, b.leakage) == (0.0, 1.0)
+    assert report.drift == 0.0  # prompts not naming circle are untouched
+
+
+def test_synonym_left_out_shows_as_paraphrase_leakage():
+    s = run(FakeGenerator({"circle": "square"})).concepts["circle"].scores
+    assert s.ua == 1.0 and s.leakage == 1.0
+
+
+def test_swap_damages_in_domain_retention_of_the_replacement():
+    swap = FakeGenerator({"circle": "square", "disc": "square", "square": "circle", "box": "circle"})
+    report = run(swap, reference=FakeGenerator())
+    c = report.concepts["circle"]
+    assert c.scores.ua == 1.0
+    assert c.scores.ira_by["square"] == 0.0 and c.scores.ira_by["triangle"] == 1.0
+    assert c.scores.ira == pytest.approx(8 / 9)  # 9 retained shapes, 8 images each, square's all wrong
+    assert c.ratios["ira"] == pytest.approx(8 / 9)
+    assert c.scores.cra == 1.0 and c.scores.near == 1.0
+    assert report.drift > 0  # square prompts now draw circles
+
+
+def test_near_neighbour_and_cross_domain_damage_are_measured():
+    s = run(FakeGenerator(spoil="ellipse")).concepts["circle"].scores
+    assert s.near_by == {"ellipse": 0.0, "ring": 1.0} and s.near == 0.5
+    assert s.cra == 1.0
+    s = run(FakeGenerator(spoil="red")).concepts["circle"].scores
+    retained = [it for it in main_prompts(N) if not it.names("circle")]
+    reds = sum(it.scene.colour == "red" for it in retained)
+    assert s.cra_by["colour"] == pytest.approx(1 - reds / len(retained)) and s.cra_by["texture"] == 1.0
+    assert s.ira == 1.0
+
+
+def test_drift_is_mean_absolute_pixel_difference_on_retained_prompts():
+    report = run(FakeGenerator(offset=0.002), reference=FakeGenerator())
+    assert report.drift == pytest.approx(0.002)
+
+
+def test_several_erased_concepts_of_different_kinds():
+    report = run(
+        FakeGenerator({"red": "blue", "stripes": "plain", "striped": "plain"}), erased=["red", "stripes"]
+    )
+    assert report.concepts["red"].scores.ua == 1.0 and report.concepts["red"].scores.leakage == 0.0
+    assert report.concepts["stripes"].scores.ua == 1.0 and report.concepts["stripes"].scores.leakage == 0.0
+    assert report.concepts["red"].scores.near is None
+    assert report.concepts["red"].scores.ira == 1.0 and report.concepts["stripes"].scores.cra == 1.0
+
+
+def test_reference_report_is_reused_like_a_reference_generator():
+    patched = FakeGenerator({"circle": "square", "disc": "square"}, offset=0.001)
+    base_report = run(FakeGenerator(), erased=[])
+    via_report = run(patched, reference=base_report)
+    via_gen = run(patched, reference=FakeGenerator())
+    assert via_report.drift == pytest.approx(via_gen.drift)
+    r, g = via_report.concepts["circle"], via_gen.concepts["circle"]
+    assert (r.base.ua, r.base.ira, r.base.cra, r.base.near) == (
+        g.base.ua,
+        g.base.ira,
+        g.base.cra,
+        g.base.near,
+    )
+    assert r.base.leakage is None and g.base.leakage == 1.0  # the base report had no paraphrase prompts
+    fewer = evaluate(
+        patched, ["circle"], judge=FakeJudge(), images_per_concept=4, reference=base_report, progress=False
+    )
+    assert fewer.concepts["circle"].base.ira == 1.0  # a smaller main set is a prefix of the larger one
+    with pytest.raises(ForgetPatchError, match="images_per_concept, seed"):
+        run(patched, reference=base_report, seed=1)
+    with pytest.raises(ForgetPatchError, match="guidance_scale"):
+        run(patched, reference=base_report, guidance_scale=1.0)
+
+
+def test_report_serialises_and_renders(tmp_path):
+    report = run(FakeGenerator(), reference=FakeGenerator())
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["concepts"]["circle"]["ua"] == 0.0 and data["concepts"]["circle"]["base"]["ira"] == 1.0
+    assert data["n_images"] == 10 * N + N and data["drift"] == 0.0
+    from rich.console import Console
+
+    console = Console(record=True, width=120)
+    console.print(report.table())
+    assert "circle (shape)" in console.export_text()
+
+
+def test_unknown_concept_is_a_clear_error():
+    with pytest.raises(ConceptError, match="disc"):
+        run(FakeGenerator(), erased=["disc"])
+
+
+def test_save_grid_writes_a_labelled_png(tmp_path):
+    before = np.random.default_rng(0).random((5, 32, 32, 3))
+    path = save_grid(before, before[::-1], tmp_path / "g.png", [f"prompt {i}" for i in range(5)])
+    img = Image.open(path)
+    assert img.width >= 5 * 96 and img.height >= 2 * 96
+    with pytest.raises(ValueError, match="labels"):
+        save_grid(before, before, tmp_path / "x.png", ["one"])
+
+
+def test_pipeline_generator_images_do_not_depend_on_the_batch():
+    pipe = tiny_sd_pipeline(seed=0)
+    gen = PipelineGenerator(pipe, num_inference_steps=2, batch_size=3, progress=False)
+    prompts = ["a red circle", "a blue square", "a green star"]
+    together = gen.generate(prompts, [1, 2, 3])
+    alone = PipelineGenerator(pipe, num_inference_steps=2, batch_size=1, progress=False).generate(
+        prompts[1:2], [2]
+    )
+    assert together.shape[0] == 3 and together.min() >= 0 and together.max() <= 1
+    np.testing.assert_allclose(together[1], alone[0], atol=1e-4)
+
+
+def test_blindfold_copies_the_text_encoder_and_replaces_embeddings():
+    pipe = tiny_sd_pipeline(seed=0)
+    tok = pipe.tokenizer
+    ids = {w: tok(w, add_special_tokens=False).input_ids[0] for w in ("circle", "star", "ring")}
+    before = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    blind = blindfold(pipe, "circle", "star", synonyms=[])
+    table = blind.text_encoder.get_input_embeddings().weight
+    assert torch.equal(table[ids["circle"]], before[ids["star"]])
+    assert torch.equal(table[ids["ring"]], before[ids["ring"]])
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight, before)  # original untouched
+    assert blind.unet is pipe.unet
+    swapped = (
+        blindfold(pipe, "circle", "star", synonyms=[], swap=True).text_encoder.get_input_embeddings().weight
+    )
+    assert torch.equal(swapped[ids["star"]], before[ids["circle"]])
+    with pytest.raises(ConceptError, match="tokens"):
+        blindfold(pipe, "circle", "star", synonyms=["notaword"])
+
+
+def test_report_saves_and_loads_as_a_reusable_reference(tmp_path):
+    report = run(FakeGenerator({"circle": "square"}), reference=FakeGenerator())
+    loaded = EvalReport.load(report.save(tmp_path / "r.npz"))
+    assert loaded.to_dict() == report.to_dict()
+    assert loaded.items == report.items and loaded.judged == report.judged
+    np.testing.assert_array_equal(loaded.base_images, report.base_images)
+    again = run(FakeGenerator(offset=0.002), reference=loaded)
+    assert again.drift == pytest.approx(0.002)
+    with pytest.raises(ForgetPatchError, match="not an evaluation report"):
+        EvalReport.load(tmp_path / "missing.npz")
+
+
+def test_blindfolded_pipeline_draws_the_replacement_for_the_concept():
+    """The blindfold's effect end to end on a real pipeline: "circle" prompts give exactly the "star" images."""
+    pipe = tiny_sd_pipeline(seed=0)
+    blind = blindfold(pipe, "circle", "star", synonyms=[])
+    gen = dict(num_inference_steps=2, progress=False)
+    seeds = [3, 4]
+    original = PipelineGenerator(pipe, **gen).generate(["a red star", "a red ring"], seeds)
+    blinded = PipelineGenerator(blind, **gen).generate(["a red circle", "a red ring"], seeds)
+    np.testing.assert_allclose(blinded, original, atol=1e-5)
+    plain = PipelineGenerator(pipe, **gen).generate(["a red circle"], seeds[:1])
+    assert np.abs(plain - original[:1]).mean() > 1e-3  # without the blindfold, circle and star differ
+
+
+def test_cli_eval_writes_figures_and_reuses_the_cached_base(tmp_path, monkeypatch):
+    import forgetpatch.cli.evaluate as cli_eval
+    import forgetpatch.toy
+    from forgetpatch.cli import app
+
+    monkeypatch.setenv("FORGETPATCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cli_eval, "_load_base", lambda base: tiny_sd_pipeline(seed=0))
+    monkeypatch.setattr(forgetpatch.toy, "load_judge", lambda: FixedJudge())
+    args = [
+        "eval",
+        "--concept",
+        "circle",
+        "--images",
+        "1",
+        "--steps",
+        "1",
+        "--json",
+        str(tmp_path / "r.json"),
+    ]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert (
+        data["concepts"]["circle"]["ua"] == 1.0 and data["n_images"] == 11
+    )  # the fixed judge always says square
+    assert len(list((tmp_path / "cache" / "eval").glob("base-*.npz"))) == 1
+    second = CliRunner().invoke(app, args)
+    assert second.exit_code == 0 and "reused" in second.output
+
+
+def test_cli_eval_of_a_patch_against_the_base(tmp_path, monkeypatch):
+    import forgetpatch.cli.evaluate as cli_eval
+    import forgetpatch.toy
+    from forgetpatch.cli import app
+    from forgetpatch.format import build_patch
+
+    pipe = tiny_sd_pipeline(seed=0)
+    name = next(n for n, _ in pipe.unet.named_modules() if n.endswith("attn2.to_k"))
+    weight = pipe.unet.get_submodule(name).weight
+    g = torch.Generator().manual_seed(0)
+    factors = {
+        f"unet.{name}": (
+            torch.randn(2, weight.shape[1], generator=g),
+            torch.randn(weight.shape[0], 2, generator=g),
+        )
+    }
+    build_patch(pipe, factors, name="no-circle", method="test", concepts=["circle"]).save(
+        tmp_path / "no-circle"
+    )
+    monkeypatch.setenv("FORGETPATCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cli_eval, "_load_base", lambda base: tiny_sd_pipeline(seed=0))
+    monkeypatch.setattr(forgetpatch.toy, "load_judge", lambda: FixedJudge())
+    args = ["eval", str(tmp_path / "no-circle"), "--images", "1", "--steps", "1"]
+    args += ["--json", str(tmp_path / "r.json"), "--grid", str(tmp_path / "g.png")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["erased"] == ["circle"]  # taken from the patch manifest
+    assert data["drift"] > 0 and data["concepts"]["circle"]["base"] is not None
+    assert Image.open(tmp_path / "g.png").height >= 2 * 32
+
+
+class FixedJudge:
+    def predict(self, images: np.ndarray) -> list[dict[str, str]]:
+        return [{"shape": "square", "colour": "red", "texture": "plain"} for _ in images]

@@ -1,0 +1,118 @@
+"""Evaluation on the real toy model: a few-step smoke test, and the blindfold that the metrics must catch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import forgetpatch.toy as toy
+from forgetpatch.cli import app
+from forgetpatch.errors import ForgetPatchError
+from forgetpatch.eval import blindfold, evaluate
+
+
+def _shipped():
+    try:
+        return toy.pipeline(), toy.load_judge()
+    except ForgetPatchError as exc:  # weights not trained / exported yet
+        pytest.skip(f"shipped toy weights are not available yet ({type(exc).__name__}: {exc})")
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return _shipped()
+
+
+def test_few_step_evaluation_of_the_toy_pipeline(shipped):
+    pipe, judge = shipped
+    report = evaluate(
+        pipe, ["circle"], reference=pipe, judge=judge, images_per_concept=1, num_inference_steps=2
+    )
+    assert len(report.items) == 10 + 1 and report.images.shape == (11, 32, 32, 3)
+    assert report.drift == 0.0  # same model, same seeds: identical images
+    s, b = report.concepts["circle"].scores, report.concepts["circle"].base
+    assert (s.ua, s.ira, s.cra) == (b.ua, b.ira, b.cra)
+    assert set(report.accuracy) == {"shape", "colour", "texture"}
+
+
+class RenderGenerator:
+    """Renders the scene a prompt names (words rewritten by ``word_map``): a perfect toy model."""
+
+    def __init__(self, word_map: dict[str, str] | None = None) -> None:
+        self.word_map = word_map or {}
+        self.words = {w: w for w in (*toy.SHAPES, *toy.COLOURS, *toy.TEXTURES)}
+        self.words.update({syn: c for c, syns in toy.SYNONYMS.items() for syn in syns})
+
+    def generate(self, prompts, seeds):
+        out = []
+        for text, seed in zip(prompts, seeds, strict=True):
+            words = [
+                self.words[w] for w in (self.word_map.get(w, w) for w in text.split()) if w in self.words
+            ]
+            named = {toy.kind_of(w): w for w in words}
+            out.append(toy.render(toy.Scene(named["shape"], named["colour"], named["texture"]), seed=seed))
+        return np.stack(out).astype(np.float32) / 255
+
+
+def test_shipped_judge_scores_rendered_ground_truth():
+    try:
+        judge = toy.load_judge()
+    except ForgetPatchError as exc:
+        pytest.skip(f"shipped judge not available yet ({exc})")
+    report = evaluate(
+        RenderGenerator({"circle": "square", "disc": "square"}),
+        ["circle"],
+        reference=RenderGenerator(),
+        judge=judge,
+    )
+    c = report.concepts["circle"]
+    assert c.scores.ua >= 0.95 and c.base.ua <= 0.05 and c.scores.leakage <= 0.05
+    assert c.scores.ira >= 0.95 and c.scores.cra >= 0.95 and c.scores.near >= 0.95
+    assert report.drift == 0.0
+
+
+@pytest.mark.slow
+def test_blindfold_circle_as_square_is_caught(shipped, competent_toy):
+    """Circle (and "disc") read as square: UA near 100% for circle; with the swap, square's IRA drops."""
+    pipe, judge = shipped
+    kw = dict(judge=judge, images_per_concept=4, progress=False)  # 44 images per model, 3 models
+    base = evaluate(pipe, ["circle"], **kw)
+    b = base.concepts["circle"].scores
+    if b.ua > 0.5 or b.ira_by["square"] < 0.5:
+        # The check needs a base model that draws circles and squares; an early checkpoint does not.
+        pytest.xfail(
+            f"shipped toy checkpoint cannot draw the shapes yet: base circle UA {b.ua:.2f} (needs <= 0.5), "
+            f"square accuracy {b.ira_by['square']:.2f} (needs >= 0.5), shape IRA {b.ira:.2f}"
+        )
+    blind = evaluate(blindfold(pipe, "circle", "square"), ["circle"], reference=base, **kw)
+    swap = evaluate(blindfold(pipe, "circle", "square", swap=True), ["circle"], reference=base, **kw)
+    s, w = blind.concepts["circle"].scores, swap.concepts["circle"].scores
+    figures = (
+        f"base UA {b.ua:.2f} square {b.ira_by['square']:.2f} IRA {b.ira:.2f}; blindfold UA {s.ua:.2f} "
+        f"leak {s.leakage:.2f} IRA {s.ira:.2f}; swap UA {w.ua:.2f} square {w.ira_by['square']:.2f} IRA {w.ira:.2f}"
+    )
+    print(figures)
+    assert s.ua >= 0.9 and s.ua - b.ua >= 0.5, figures
+    assert s.leakage <= 0.25, figures  # "disc" is blindfolded too
+    assert abs(s.ira - b.ira) <= 0.1, figures  # a pure replacement leaves other shapes alone
+    assert w.ua >= 0.9, figures
+    assert w.ira_by["square"] <= b.ira_by["square"] - 0.5 and w.ira < b.ira, figures
+
+
+def test_cli_eval_of_a_patch_on_the_toy(shipped, tmp_path):
+    out = tmp_path / "base.json"
+    result = CliRunner().invoke(
+        app, ["eval", "--concept", "circle", "--images", "1", "--steps", "2", "--json", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["concepts"]["circle"]["ua"] is not None
+
+
+def test_cli_rejects_a_grid_without_patches_and_a_bad_base(tmp_path):
+    result = CliRunner().invoke(app, ["eval", "--concept", "circle", "--grid", str(tmp_path / "g.png")])
+    assert result.exit_code != 0 and "PATCH" in result.output
+    result = CliRunner().invoke(app, ["eval", "--base", str(tmp_path / "nope"), "--concept", "circle"])
+    assert result.exit_code != 0 and "neither" in result.output

@@ -1,0 +1,333 @@
+"""Patch format v1: round-trips, integrity, corrupt files, migration, fingerprints, build_patch."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+from forgetpatch.errors import (
+    IntegrityError,
+    ManifestError,
+    MethodError,
+    PatchFormatError,
+    UnsupportedFormatVersionError,
+)
+from forgetpatch.format import (
+    HEADER_LORA_KEY,
+    HEADER_MANIFEST_KEY,
+    MANIFEST_NAME,
+    WEIGHTS_NAME,
+    KeyStepRange,
+    Patch,
+    build_patch,
+    factorize,
+    fingerprint,
+    read_patch,
+    resolve_module,
+    verify_folder,
+)
+from forgetpatch.testing import tiny_sd_pipeline
+
+ATTN2_K = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+PATHS = [
+    ATTN2_K,
+    "unet.conv_in",
+    "unet.up_blocks.1.attentions.0.proj_in",
+    "text_encoder.encoder.layers.0.mlp.fc1",
+]
+
+
+def random_factors(pipe, paths=PATHS, rank=2, seed=0, size=0.05):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, path in enumerate(paths):
+        w = resolve_module(pipe, path).weight
+        r = rank + (i % 2)  # mixed ranks exercise rank_pattern
+        out[path] = (
+            size * torch.randn(r, w[0].numel(), generator=g),
+            torch.randn(w.shape[0], r, generator=g),
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_sd_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def patch(pipe):
+    return build_patch(
+        pipe,
+        random_factors(pipe),
+        name="no-cat",
+        method="manual",
+        concepts=["cat", {"target": "vangogh", "kind": "style"}],
+        preserved=["dog"],
+        key_steps=[KeyStepRange(start=0.0, end=0.4, timesteps=[981, 801])],
+        reconstruction_errors={ATTN2_K: 0.01},
+        base_model_id="tiny",
+    )
+
+
+def test_factorize_recovers_exact_rank_and_truncates_by_energy():
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(40, 3, generator=g) @ torch.randn(3, 30, generator=g)
+    low = factorize(delta)
+    assert low.rank == 3 and low.rel_error < 1e-6
+    torch.testing.assert_close(low.B @ low.A, delta, atol=1e-4, rtol=0)
+    assert factorize(delta, rank=1).rank == 1 and factorize(delta, rank=1).rel_error > 0.1
+    full = torch.randn(20, 20, generator=g)
+    assert factorize(full, energy=0.5).rank < factorize(full, energy=0.99).rank <= 20
+    conv = factorize(torch.randn(8, 4, 3, 3, generator=g), rank=2)
+    assert conv.A.shape == (2, 36) and conv.B.shape == (8, 2)
+    with pytest.raises(MethodError):
+        factorize(torch.randn(5))
+
+
+def test_build_patch_records_manifest(pipe, patch):
+    m = patch.manifest
+    assert m.lora.rank == 3 and m.lora.alpha == 3
+    assert m.lora.rank_pattern == {p: 2 for p in PATHS[::2]} == m.lora.alpha_pattern
+    assert m.base_model.family == "other" and m.base_model.id == "tiny"
+    assert set(m.base_model.fingerprint) == set(PATHS)
+    assert m.base_model.fingerprint["unet.conv_in"].shape == [32, 4, 3, 3]
+    assert m.lora.reconstruction_error == 0.01 and m.lineage == []
+    assert [c.target for c in m.concepts] == ["cat", "vangogh"] and m.concepts[1].kind == "style"
+    # conv factors are stored in peft's layout and the delta has the weight's shape
+    A, B = patch.factors()["unet.conv_in"]
+    assert A.shape == (3, 4, 3, 3) and B.shape == (32, 3, 1, 1)
+    assert patch.delta("unet.conv_in").shape == pipe.unet.conv_in.weight.shape
+    # alpha / r = 1 everywhere: delta == B @ A
+    A, B = patch.factors()[ATTN2_K]
+    torch.testing.assert_close(patch.delta(ATTN2_K), B @ A)
+
+
+def test_build_patch_rejects_bad_factors(pipe):
+    w = pipe.unet.conv_in.weight
+    with pytest.raises(MethodError, match="conv_in"):
+        build_patch(pipe, {"unet.conv_in": (torch.ones(2, 5), torch.ones(w.shape[0], 2))}, name="x", method="m",
+                    concepts=["cat"], lineage=[])  # fmt: skip
+
+
+@pytest.mark.parametrize("single_file", [False, True])
+def test_round_trip(tmp_path, patch, single_file):
+    target = tmp_path / ("p.safetensors" if single_file else "p")
+    saved = patch.save(target)
+    back = read_patch(saved)
+    assert back.digest == patch.digest
+    assert back.manifest.model_dump(exclude={"files"}) == patch.manifest.model_dump(exclude={"files"})
+    assert back.state_dict.keys() == patch.state_dict.keys()
+    assert all(torch.equal(back.state_dict[k], v) for k, v in patch.state_dict.items())
+    if not single_file:
+        files = json.loads((saved / MANIFEST_NAME).read_text())["files"]
+        assert set(files) == {WEIGHTS_NAME}
+        verify_folder(saved)
+
+
+def test_header_holds_manifest_and_only_long_lived_lora_fields(tmp_path, patch):
+    from safetensors import safe_open
+
+    with safe_open(str(patch.save(tmp_path / "p") / WEIGHTS_NAME), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta[HEADER_MANIFEST_KEY])["name"] == "no-cat"
+    lora = json.loads(meta[HEADER_LORA_KEY])
+    fields = {k.split(".", 1)[1] for k in lora}
+    assert fields == {"r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern"}
+    assert {k.split(".", 1)[0] for k in lora} == {"unet", "text_encoder"}
+    assert "conv_in" in lora["unet.target_modules"]
+
+
+def test_digest_ignores_descriptive_fields(patch):
+    renamed = Patch(
+        patch.manifest.model_copy(update={"name": "other", "metrics": {"acc": 1}}), patch.state_dict
+    )
+    assert renamed.digest == patch.digest
+    changed = dict(patch.state_dict)
+    key = next(iter(changed))
+    changed[key] = changed[key] + 1
+    assert Patch(patch.manifest, changed).digest != patch.digest
+
+
+def test_verify_folder_names_the_bad_file(tmp_path, patch):
+    folder = patch.save(tmp_path / "p")
+    (folder / "README.md").write_text("card")
+    patch.save(folder)  # re-saving lists the model card too
+    verify_folder(folder)
+    (folder / "README.md").write_text("tampered")
+    with pytest.raises(IntegrityError, match="README.md"):
+        verify_folder(folder)
+    with pytest.raises(IntegrityError, match="README.md"):
+        read_patch(folder)
+
+
+def test_plain_lora_and_invalid_manifest_are_refused(tmp_path, patch):
+    plain = tmp_path / "plain.safetensors"
+    save_file(patch.state_dict, str(plain))
+    with pytest.raises(ManifestError, match="no forgetpatch manifest"):
+        read_patch(plain)
+    folder = patch.save(tmp_path / "p")
+    raw = json.loads((folder / MANIFEST_NAME).read_text())
+    raw["concepts"] = []
+    (folder / MANIFEST_NAME).write_text(json.dumps(raw))
+    with pytest.raises(ManifestError):
+        read_patch(folder)
+    with pytest.raises(PatchFormatError, match="no patch"):
+        read_patch(tmp_path / "missing")
+
+
+def test_newer_format_version_is_refused(tmp_path, patch):
+    folder = patch.save(tmp_path / "p")
+    raw = json.loads((folder / MANIFEST_NAME).read_text())
+    raw.update(format_version=7, library_version="9.9.0", new_field=1)
+    (folder / MANIFEST_NAME).write_text(json.dumps(raw))
+    with pytest.raises(UnsupportedFormatVersionError, match=r"v7.*forgetpatch 9\.9\.0.*[Uu]pgrade"):
+        read_patch(folder)
+
+
+def test_migrates_format_v0(tmp_path, pipe, patch):
+    v0 = {
+        "format_version": 0,
+        "name": "old-cat",
+        "method": "esd-x",
+        "method_params": {"lr": 1e-5},
+        "concepts": ["cat"],
+        "preserve": ["dog"],
+        "base_model": "runwayml/stable-diffusion-v1-5",
+        "rank": 3,
+        "alpha": 3,
+        "target_modules": PATHS,
+        "key_steps": [0.0, 0.3],
+        "parent": "ab" * 32,
+        "created_at": "2024-01-01T00:00:00+00:00",
+    }
+    # v0 had no rank_pattern: use a uniform-rank patch
+    uniform = build_patch(pipe, {p: (A[:2], B[:, :2]) for p, (A, B) in random_factors(pipe).items()},
+                          name="u", method="m", concepts=["cat"], lineage=[])  # fmt: skip
+    v0["rank"] = v0["alpha"] = 2
+    folder = tmp_path / "old"
+    folder.mkdir()
+    save_file(uniform.state_dict, str(folder / WEIGHTS_NAME), metadata={HEADER_MANIFEST_KEY: json.dumps(v0)})
+    (folder / MANIFEST_NAME).write_text(json.dumps(v0))
+    for source in (folder, folder / WEIGHTS_NAME):
+        old = read_patch(source)
+        m = old.manifest
+        assert m.format_version == 1 and m.name == "old-cat"
+        assert m.method.name == "esd-x" and m.method.params == {"lr": 1e-5}
+        assert [c.target for c in m.concepts] == ["cat"] and [c.target for c in m.preserved] == ["dog"]
+        assert m.key_steps[0].start == 0.0 and m.key_steps[0].end == 0.3
+        assert m.base_model.id == "runwayml/stable-diffusion-v1-5" and m.base_model.fingerprint == {}
+        assert m.lineage == ["ab" * 32] and m.lora.rank == 2
+    # a migrated patch saves as v1
+    assert read_patch(old.save(tmp_path / "new")).manifest.format_version == 1
+
+
+@pytest.mark.parametrize("single_file", [False, True])
+def test_save_is_atomic(tmp_path, patch, monkeypatch, single_file):
+    import forgetpatch.format.patch as patch_module
+
+    target = tmp_path / ("p.safetensors" if single_file else "p")
+
+    def exploding_save(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(patch_module, "save_file", exploding_save)
+    with pytest.raises(OSError, match="disk full"):
+        patch.save(target)
+    assert list(tmp_path.iterdir()) == []
+    # an existing patch stays intact when re-saving fails
+    monkeypatch.undo()
+    patch.save(target)
+    before = {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    monkeypatch.setattr(patch_module, "save_file", exploding_save)
+    with pytest.raises(OSError):
+        patch.save(target)
+    assert {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_fingerprint_of_large_weights():
+    from forgetpatch.format import weight_fingerprint
+
+    big = torch.randn(2**24 + 7)  # past float32's exact integers: sample indices must stay in range
+    assert weight_fingerprint(big).shape == [2**24 + 7]
+    assert weight_fingerprint(torch.ones(1)) != weight_fingerprint(torch.zeros(1))
+
+
+def test_fingerprint_is_dtype_robust_and_discriminating(pipe):
+    fp32 = fingerprint(pipe, PATHS)
+    half = tiny_sd_pipeline(seed=0).to(torch.float16)
+    assert fingerprint(half, PATHS) == fp32
+    assert fingerprint(tiny_sd_pipeline(seed=1), PATHS)[ATTN2_K] != fp32[ATTN2_K]
+
+
+# --- fuzzed bad files -------------------------------------------------------------------------
+_FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+@pytest.fixture(scope="module")
+def saved_bytes(tmp_path_factory, patch):
+    folder = patch.save(tmp_path_factory.mktemp("fuzz") / "p")
+    return (folder / WEIGHTS_NAME).read_bytes(), (folder / MANIFEST_NAME).read_bytes()
+
+
+def _expect_format_error(tmp_path: Path, weights: bytes, manifest: bytes | None = None) -> None:
+    if manifest is None:
+        file = tmp_path / "bad.safetensors"
+        file.write_bytes(weights)
+        with pytest.raises(PatchFormatError):
+            read_patch(file)
+    else:
+        folder = tmp_path / "bad"
+        folder.mkdir(exist_ok=True)
+        (folder / WEIGHTS_NAME).write_bytes(weights)
+        (folder / MANIFEST_NAME).write_bytes(manifest)
+        with pytest.raises(PatchFormatError):
+            read_patch(folder)
+
+
+@_FUZZ
+@given(data=st.data())
+def test_truncated_files_are_refused(tmp_path, saved_bytes, data):
+    weights, _ = saved_bytes
+    cut = data.draw(st.integers(0, len(weights) - 1))
+    _expect_format_error(tmp_path, weights[:cut])
+
+
+@_FUZZ
+@given(data=st.data(), in_manifest=st.booleans())
+def test_bit_flips_are_refused(tmp_path, saved_bytes, data, in_manifest):
+    weights, manifest = saved_bytes
+    target = bytearray(manifest if in_manifest else weights)
+    pos = data.draw(st.integers(0, len(target) - 1))
+    target[pos] ^= 1 << data.draw(st.integers(0, 7))
+    if in_manifest:
+        _expect_format_error(tmp_path, weights, bytes(target))
+    else:
+        _expect_format_error(tmp_path, bytes(target))  # single file: the header checksum catches it
+        _expect_format_error(tmp_path, bytes(target), manifest)  # folder: sha256 in forgetpatch.json
+
+
+@_FUZZ
+@given(blob=st.binary(max_size=2048))
+def test_random_bytes_are_refused(tmp_path, blob):
+    _expect_format_error(tmp_path, blob)
+
+
+def test_pickle_is_never_loaded(tmp_path, patch):
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('pickle was executed')",))
+
+    for payload in (pickle.dumps(patch.state_dict), pickle.dumps(Boom())):
+        _expect_format_error(tmp_path, payload)
+    buffer = tmp_path / "torch.bin"
+    torch.save(patch.state_dict, buffer)
+    _expect_format_error(tmp_path, buffer.read_bytes())

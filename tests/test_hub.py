@@ -1,0 +1,404 @@
+"""forgetpatch.hub without the internet: the real huggingface_hub client, against a hand-built cache
+(offline) or the in-memory Hub of ``hub_server.py`` over HTTP on 127.0.0.1 (online)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+import yaml
+from hub_server import HubServer, git_blob_oid
+from typer.testing import CliRunner
+
+import forgetpatch
+from forgetpatch.errors import HubError, IntegrityError
+from forgetpatch.format import MANIFEST_NAME, WEIGHTS_NAME, Patch, build_patch, read_patch
+from forgetpatch.hub import download, push, render_card
+from forgetpatch.testing import tiny_sd_pipeline
+
+ATTN = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+MODULES = {
+    f"{ATTN}.to_k": (32, 32),
+    f"{ATTN}.to_v": (32, 32),
+    "unet.down_blocks.0.resnets.0.conv1": (32, 288),
+}
+TOKEN = "hf_test_token"
+
+
+def make_patch(pipe, name: str = "no-vangogh", seed: int = 0, rank: int = 2, **manifest) -> Patch:
+    """A small random patch on the tiny pipeline (two attn2 linears and a 3x3 conv)."""
+    g = torch.Generator().manual_seed(seed)
+    factors = {
+        path: (torch.randn(rank, n_in, generator=g) * 0.1, torch.randn(n_out, rank, generator=g) * 0.1)
+        for path, (n_out, n_in) in MODULES.items()
+    }
+    manifest.setdefault("lineage", [])
+    manifest.setdefault("base_model_id", "org/tiny-sd")
+    return build_patch(pipe, factors, name=name, method="uce", concepts=["vangogh"], **manifest)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_sd_pipeline(seed=0)
+
+
+@pytest.fixture
+def hf_env(tmp_path, monkeypatch):
+    """Configure huggingface_hub through its environment variables, as a user would, on a fresh HF_HOME.
+
+    ``huggingface_hub.constants`` reads the environment at import, so it is reloaded after each
+    change (``configure(**env)``) and once more after the test, with the environment restored.
+    """
+    for name in ("HF_HUB_CACHE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+
+    def configure(**env: str | None) -> None:
+        for name, value in env.items():
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+        importlib.reload(huggingface_hub.constants)
+
+    configure()
+    yield configure
+    monkeypatch.undo()
+    importlib.reload(huggingface_hub.constants)
+
+
+@pytest.fixture(params=["lfs"])
+def hub(request, hf_env):
+    """The test Hub on 127.0.0.1, with HF_ENDPOINT and HF_TOKEN pointing at it.
+
+    Binary files go through Git LFS as on the Hub (``param="lfs"``) or as regular base64 commit
+    lines (``"regular"``); Xet, which the test Hub does not speak, is switched off.
+    """
+    with HubServer(token=TOKEN, lfs=request.param == "lfs", lifetime=120) as server:
+        hf_env(HF_ENDPOINT=server.endpoint, HF_TOKEN=TOKEN, HF_HUB_DISABLE_XET="1")
+        yield server
+
+
+def _saved(patch: Patch, folder: Path, extra: dict[str, bytes] | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in (extra or {}).items():
+        (folder / name).write_bytes(data)
+    return patch.save(folder)
+
+
+def _weight(pipe, module_path: str) -> torch.Tensor:
+    module = pipe.unet.get_submodule(module_path.removeprefix("unet."))
+    return module.weight.detach().clone()
+
+
+# --- offline: a hand-built cache, resolved by the real client ---------------------------------
+def _build_cache(cache: Path, repo_id: str, folder: Path, refs: list[str]) -> str:
+    """Lay ``folder`` out as huggingface_hub does: blobs named by ETag, snapshot symlinks, refs."""
+    repo_dir = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    for file in sorted(folder.iterdir()):
+        data = file.read_bytes()
+        etag = hashlib.sha256(data).hexdigest() if file.suffix == ".safetensors" else git_blob_oid(data)
+        blob = repo_dir / "blobs" / etag
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = repo_dir / "snapshots" / commit / file.name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    for ref in refs:
+        (repo_dir / "refs" / ref).write_text(commit)
+    return commit
+
+
+def test_offline_resolves_hand_built_cache(pipe, tmp_path, hf_env):
+    patch = make_patch(pipe)
+    folder = _saved(patch, tmp_path / "patch")
+    hf_env(HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")  # nothing listens there; nothing is asked
+    cache = Path(huggingface_hub.constants.HF_HUB_CACHE)
+    assert cache == tmp_path / "hf_home" / "hub"  # HF_HOME is respected
+    commit = _build_cache(cache, "org/no-vangogh", folder, refs=["main", "v1"])
+
+    for ref, revision in [("org/no-vangogh", None), ("org/no-vangogh@v1", None), ("org/no-vangogh", commit)]:
+        snapshot = download(ref, revision=revision)
+        assert snapshot == cache / "models--org--no-vangogh" / "snapshots" / commit
+        assert read_patch(snapshot).digest == patch.digest
+
+    # by repo id through the loader, still offline
+    assert forgetpatch.load("org/no-vangogh@v1").digest == patch.digest
+
+
+def test_offline_in_a_fresh_process_configured_by_environment(pipe, tmp_path):
+    """What a user does: HF_HOME + HF_HUB_OFFLINE=1 set before Python starts (no reloading)."""
+    folder = _saved(make_patch(pipe), tmp_path / "patch")
+    home = tmp_path / "home"
+    commit = _build_cache(home / "hub", "org/no-vangogh", folder, refs=["v1"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    env |= {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    script = (
+        "from forgetpatch.hub import download\n"
+        "print(download('org/no-vangogh@v1'))\n"
+        "try:\n    download('org/no-vangogh')\n"  # refs/main was never cached
+        "except Exception as exc:\n    print(type(exc).__name__, exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    snapshot, error = out.stdout.strip().splitlines()
+    assert snapshot == str(home / "hub" / "models--org--no-vangogh" / "snapshots" / commit)
+    assert error.startswith(
+        "HubError Hub repo org/no-vangogh (file 'forgetpatch.json') is not in the local Hub cache"
+    )
+
+
+def test_offline_not_cached_is_a_clear_error(pipe, tmp_path, hf_env):
+    folder = _saved(make_patch(pipe), tmp_path / "patch")
+    hf_env(HF_HUB_OFFLINE="1")
+    _build_cache(Path(huggingface_hub.constants.HF_HUB_CACHE), "org/cached", folder, refs=["main"])
+    with pytest.raises(HubError, match=r"org/absent.*not in the local Hub cache.*HF_HUB_OFFLINE"):
+        download("org/absent")
+    with pytest.raises(HubError, match=r"org/cached@v2.*not in the local Hub cache"):
+        download("org/cached", revision="v2")
+
+
+def test_offline_corrupted_cache_refused(pipe, tmp_path, hf_env):
+    folder = _saved(make_patch(pipe), tmp_path / "patch")
+    hf_env(HF_HUB_OFFLINE="1")
+    cache = Path(huggingface_hub.constants.HF_HUB_CACHE)
+    commit = _build_cache(cache, "org/rotten", folder, refs=["main"])
+    weights = (cache / "models--org--rotten" / "snapshots" / commit / WEIGHTS_NAME).resolve()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=WEIGHTS_NAME):
+        download("org/rotten")
+
+
+# --- online: the real client over HTTP against the test Hub ------------------------------------
+@pytest.mark.parametrize("hub", ["lfs", "regular"], indirect=True)
+def test_push_then_apply_by_repo_id(pipe, tmp_path, hub):
+    patch = make_patch(pipe, metrics={"forget": {"acc": 0.02}})
+    grid = b"\x89PNG\r\n\x1a\nnot-really-a-png"
+    folder = _saved(patch, tmp_path / "no-vangogh", extra={"grid.png": grid, "README.md": b"# my notes\n"})
+
+    url = push(folder, "org/no-vangogh", commit_message="first version")
+    assert url == f"{hub.endpoint}/org/no-vangogh"
+
+    # one commit, with the patch files and a generated card replacing the folder's README.md
+    commits = [p for m, p in hub.state.requests if m == "POST" and p.endswith("/commit/main")]
+    assert commits == ["/api/models/org/no-vangogh/commit/main"]
+    repo = hub.state.repos["org/no-vangogh"]
+    head = repo.commits[repo.branches["main"]]
+    assert head.message == "first version"
+    assert set(head.files) == {".gitattributes", "README.md", MANIFEST_NAME, WEIGHTS_NAME, "grid.png"}
+    uploads = [p for m, p in hub.state.requests if m == "PUT"]  # weights and grid through Git LFS, or inline
+    assert len(uploads) == (2 if hub.lfs else 0)
+    card = head.files["README.md"].decode()
+    assert "# no-vangogh" in card and "![Before and after the patch](grid.png)" in card
+
+    before = {m: _weight(pipe, m) for m in MODULES}
+    forgetpatch.apply(pipe, "org/no-vangogh", fuse=True)
+    try:
+        [entry] = forgetpatch.applied(pipe)
+        assert entry.patch.digest == patch.digest
+        for module in MODULES:
+            change = _weight(pipe, module) - before[module]
+            torch.testing.assert_close(change, patch.delta(module), rtol=1e-4, atol=1e-6)
+    finally:
+        forgetpatch.remove(pipe)
+    for module in MODULES:
+        assert torch.equal(_weight(pipe, module), before[module])
+
+    # the files came through the Hub cache under HF_HOME, the weights by name through the "CDN"
+    snapshot = download("org/no-vangogh")
+    assert snapshot.is_relative_to(Path(huggingface_hub.constants.HF_HUB_CACHE))
+    assert (snapshot / "grid.png").read_bytes() == grid
+    assert ("HEAD", f"/org/no-vangogh/resolve/main/{MANIFEST_NAME}") in hub.state.requests
+    assert any(m == "GET" and p.startswith("/blobs/") for m, p in hub.state.requests)
+
+
+def test_downloaded_patch_is_available_offline(pipe, hub, hf_env):
+    patch = make_patch(pipe)
+    push(patch, "org/travel")
+    online = download("org/travel@main")
+    hf_env(HF_HUB_OFFLINE="1")
+    seen = len(hub.state.requests)
+    assert download("org/travel") == online
+    assert forgetpatch.load("org/travel").digest == patch.digest
+    assert len(hub.state.requests) == seen  # served from the cache alone
+
+
+def test_manifest_listing_files_outside_the_patch_is_refused(pipe, hub):
+    from huggingface_hub import HfApi
+
+    push(make_patch(pipe), "org/escape")
+    manifest = json.loads(hub.file("org/escape", MANIFEST_NAME))
+    manifest["files"]["../../outside.txt"] = "0" * 64
+    HfApi().upload_file(
+        path_or_fileobj=json.dumps(manifest).encode(), path_in_repo=MANIFEST_NAME, repo_id="org/escape"
+    )
+    with pytest.raises(IntegrityError, match="outside the patch"):
+        download("org/escape")
+
+
+def test_revision_pins_branch_tag_and_commit(pipe, tmp_path, hub):
+    from huggingface_hub import HfApi
+
+    v1, v2, dev = (make_patch(pipe, name=n, seed=s) for n, s in [("v1", 1), ("v2", 2), ("dev", 3)])
+    push(v1, "org/pinned")
+    api = HfApi()
+    first = api.model_info("org/pinned").sha
+    api.create_tag("org/pinned", tag="v1.0")
+    push(v2, "org/pinned")
+    assert push(dev, "org/pinned", revision="dev") == f"{hub.endpoint}/org/pinned/tree/dev"
+
+    names = {
+        ref: read_patch(download(ref)).name
+        for ref in ["org/pinned", "org/pinned@v1.0", f"org/pinned@{first}", "org/pinned@dev"]
+    }
+    assert names == {
+        "org/pinned": "v2",
+        "org/pinned@v1.0": "v1",
+        f"org/pinned@{first}": "v1",
+        "org/pinned@dev": "dev",
+    }
+    assert forgetpatch.load("org/pinned@v1.0").digest == v1.digest
+    assert download("org/pinned", revision="dev").name == api.model_info("org/pinned", revision="dev").sha
+
+
+def test_tampered_file_refused_and_nothing_applied(pipe, tmp_path, hub):
+    patch = make_patch(pipe)
+    push(patch, "org/tampered")
+    weights = bytearray(hub.file("org/tampered", WEIGHTS_NAME))
+    weights[-1] ^= 0xFF
+    hub.tamper("org/tampered", WEIGHTS_NAME, bytes(weights))
+
+    with pytest.raises(IntegrityError, match=rf"{WEIGHTS_NAME}.*sha256"):
+        download("org/tampered")
+    before = {m: _weight(pipe, m) for m in MODULES}
+    with pytest.raises(IntegrityError):
+        forgetpatch.apply(pipe, "org/tampered", fuse=True)
+    assert forgetpatch.applied(pipe) == []
+    assert all(torch.equal(_weight(pipe, m), before[m]) for m in MODULES)
+
+
+def test_card_edited_on_the_hub_keeps_the_patch_verifiable(pipe, hub):
+    patch = make_patch(pipe)
+    push(patch, "org/edited")
+    hub.tamper("org/edited", "README.md", b"---\nlicense: mit\n---\nEdited on the website.\n")
+    assert read_patch(download("org/edited")).digest == patch.digest
+
+
+def test_missing_repo_revision_and_file_are_clear_errors(pipe, hub):
+    with pytest.raises(HubError, match=r"repo org/nowhere was not found"):
+        download("org/nowhere")
+    push(make_patch(pipe), "org/real")
+    with pytest.raises(HubError, match=r"org/real has no revision 'v9'"):
+        download("org/real@v9")
+    # a repo that is not a patch (a plain LoRA repo without forgetpatch.json)
+    from huggingface_hub import HfApi
+
+    HfApi().create_repo("org/plain-lora")
+    with pytest.raises(HubError, match=rf"org/plain-lora has no file '{MANIFEST_NAME}'"):
+        download("org/plain-lora")
+    # a patch repo whose weights were deleted
+    HfApi().delete_file(WEIGHTS_NAME, "org/real")
+    with pytest.raises(HubError, match=rf"has no file '{WEIGHTS_NAME}'"):
+        forgetpatch.load("org/real")
+
+
+def test_private_repo_needs_the_token(pipe, hub, hf_env):
+    patch = make_patch(pipe)
+    push(patch, "org/secret", private=True)
+    assert hub.state.repos["org/secret"].private
+    hf_env(HF_TOKEN=None)
+    with pytest.raises(HubError, match=r"org/secret was not found.*token"):
+        download("org/secret")
+    assert read_patch(download("org/secret", token=TOKEN)).digest == patch.digest
+    with pytest.raises(HubError, match=r"HTTP 401.*write access"):
+        push(patch, "org/other")
+
+
+def test_repush_unchanged_patch_adds_no_commit(pipe, tmp_path, hub):
+    folder = _saved(make_patch(pipe), tmp_path / "p")
+    push(folder, "org/same")
+    head = hub.state.repos["org/same"].branches["main"]
+    push(folder, "org/same")
+    assert hub.state.repos["org/same"].branches["main"] == head
+
+
+def test_cli_push(pipe, tmp_path, hub):
+    from forgetpatch.cli import app
+
+    folder = _saved(make_patch(pipe), tmp_path / "p")
+    result = CliRunner().invoke(app, ["push", str(folder), "org/from-cli", "--revision", "exp", "-m", "cli"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"{hub.endpoint}/org/from-cli/tree/exp"
+    assert hub.state.repos["org/from-cli"].branches.keys() == {"main", "exp"}
+
+    result = CliRunner().invoke(app, ["push", str(tmp_path / "nope"), "org/from-cli"])
+    assert result.exit_code == 1 and "not a patch folder" in result.output
+
+
+# --- the model card ----------------------------------------------------------------------------
+def test_model_card(pipe, tmp_path):
+    key_steps = [{"start": 0.1, "end": 0.5, "timesteps": [901, 801, 701], "concept": "vangogh"}]
+    patch = make_patch(
+        pipe,
+        preserved=["monet"],
+        key_steps=key_steps,
+        params={"lam": 0.5, "preserve_scale": 1.0},
+        metrics={"forget": {"acc": 0.0312}, "retain_acc": 0.97},
+        lineage=["ab" * 32],
+    )
+    folder = _saved(patch, tmp_path / "no-vangogh", extra={"before_after.png": b"png"})
+    card = render_card(folder, "org/no-vangogh")
+
+    data = card.data.to_dict()
+    assert data["base_model"] == "org/tiny-sd"
+    assert data["base_model_relation"] == "adapter"
+    assert data["library_name"] == "diffusers"
+    assert data["license"] == "other"
+    assert data["tags"] == ["forgetpatch", "concept-unlearning", "lora", "text-to-image", "diffusers", "uce"]
+    assert yaml.safe_load(str(card).split("---")[1]) == data  # valid YAML front matter
+
+    text = card.text
+    assert "| vangogh | object |" in text and "Preserved on purpose: monet" in text
+    assert "| `lam` | `0.5` |" in text
+    assert "| vangogh | 0.1 | 0.5 | DDIMScheduler | 3 |" in text
+    assert f"1. `{'ab' * 32}`" in text
+    assert "| forget.acc | 0.0312 |" in text and "| retain_acc | 0.97 |" in text
+    assert "![Before and after the patch](before_after.png)" in text
+    assert 'forgetpatch.apply(pipe, "org/no-vangogh", key_steps=True)' in text
+    assert 'forgetpatch.apply(pipe, ["org/no-vangogh", "org/another-patch"])' in text
+    assert f'pipe.load_lora_weights("org/no-vangogh", weight_name="{WEIGHTS_NAME}"' in text
+
+
+def test_model_card_minimal(pipe):
+    patch = make_patch(pipe, base_model_id=None)
+    card = render_card(patch, "org/x", license="mit")
+    assert "base_model" not in card.data.to_dict() and card.data.license == "mit"
+    assert "acts on every denoising step" in card.text and "Computed on the base model alone" in card.text
+    assert "## Metrics" not in card.text and "Before / after" not in card.text
+    assert "key_steps=True" not in card.text
+
+
+# --- the test server itself ----------------------------------------------------------------------
+def test_test_hub_is_bounded_and_stops_by_itself():
+    import httpx2
+
+    server = HubServer(lifetime=0.3, max_body=1024).start()
+    assert server.endpoint.startswith("http://127.0.0.1:")
+    too_big = httpx2.post(f"{server.endpoint}/api/repos/create", content=b"x" * 2048)
+    assert too_big.status_code == 413
+    assert server.join(timeout=5)  # the lifetime timer shut it down
+    with pytest.raises(httpx2.ConnectError):
+        httpx2.get(f"{server.endpoint}/api/models/org/x", timeout=1)

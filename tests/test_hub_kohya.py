@@ -1,0 +1,112 @@
+"""Export to kohya format: key names, alpha, and the numerical round trip through diffusers' own loader."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from test_hub import MODULES, make_patch
+from typer.testing import CliRunner
+
+from forgetpatch.errors import PatchFormatError
+from forgetpatch.format import WEIGHTS_NAME, Patch
+from forgetpatch.hub import export_kohya, kohya_name
+from forgetpatch.testing import tiny_sd_pipeline
+
+SCALES = {"to_k": 2.0, "to_v": 0.5, "conv1": 3.0}  # alpha / rank per module, deliberately not 1
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_sd_pipeline(seed=1)
+
+
+@pytest.fixture(scope="module")
+def patch(pipe) -> Patch:
+    """A patch whose modules have alpha != rank (a global alpha and a per-module alpha_pattern)."""
+    base = make_patch(pipe, rank=3)
+    scale = {m: next(v for k, v in SCALES.items() if m.endswith(k)) for m in MODULES}
+    alpha_pattern = {m: s * 3 for m, s in scale.items() if s != SCALES["to_k"]}
+    lora = base.manifest.lora.model_copy(update={"alpha": SCALES["to_k"] * 3, "alpha_pattern": alpha_pattern})
+    scaled = Patch(base.manifest.model_copy(update={"lora": lora}), base.state_dict)
+    assert {m: scaled.scale_of(m) for m in MODULES} == scale
+    return scaled
+
+
+def _weights(pipe) -> dict[str, torch.Tensor]:
+    return {m: pipe.unet.get_submodule(m.removeprefix("unet.")).weight.detach().clone() for m in MODULES}
+
+
+def _fused_change(pipe, file) -> dict[str, torch.Tensor]:
+    """Load ``file`` with diffusers' ``load_lora_weights``, fuse it, and return each module's weight change."""
+    before = _weights(pipe)
+    pipe.load_lora_weights(str(file), adapter_name="x")
+    try:
+        pipe.fuse_lora(adapter_names=["x"])
+        after = _weights(pipe)
+        pipe.unfuse_lora()
+    finally:
+        pipe.unload_lora_weights()
+    assert all(torch.allclose(w, before[m], atol=1e-6) for m, w in _weights(pipe).items())
+    return {m: after[m] - before[m] for m in MODULES}
+
+
+def test_kohya_keys_and_alpha(patch, tmp_path):
+    out = export_kohya(patch, tmp_path / "k.safetensors")
+    tensors = load_file(out)
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    assert kohya_name("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k") == name
+    assert set(tensors) == {
+        f"{kohya_name(m)}.{suffix}"
+        for m in MODULES
+        for suffix in ("lora_down.weight", "lora_up.weight", "alpha")
+    }
+    for module in MODULES:
+        a, b = patch.factors()[module]
+        k = kohya_name(module)
+        assert tensors[f"{k}.alpha"].item() == a.shape[0]  # alpha = rank: tools that ignore alpha agree
+        assert torch.equal(tensors[f"{k}.lora_down.weight"], a)
+        torch.testing.assert_close(tensors[f"{k}.lora_up.weight"], b * patch.scale_of(module))
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "3"
+    assert '"name":"no-vangogh"' in meta["forgetpatch_source_manifest"].replace(" ", "")
+
+
+def test_kohya_round_trip_through_diffusers_matches_patch(pipe, patch, tmp_path):
+    kohya = export_kohya(patch, tmp_path / "no-vangogh.safetensors")
+    changes = _fused_change(pipe, kohya)  # diffusers detects kohya keys and converts them itself
+    for module in MODULES:
+        torch.testing.assert_close(changes[module], patch.delta(module), rtol=1e-4, atol=1e-6)
+
+    # the patch's own file, loaded by plain diffusers as in the model card, has the same effect
+    folder = patch.save(tmp_path / "folder")
+    plain = _fused_change(pipe, folder / WEIGHTS_NAME)
+    for module in MODULES:
+        torch.testing.assert_close(plain[module], changes[module], rtol=1e-4, atol=1e-6)
+
+
+def test_kohya_names_for_text_encoders():
+    assert kohya_name("text_encoder.text_model.encoder.layers.0.self_attn.q_proj") == (
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    )
+    assert kohya_name("text_encoder.text_model.encoder.layers.0.mlp.fc1", two_text_encoders=True) == (
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1"
+    )
+    assert kohya_name("text_encoder_2.text_model.encoder.layers.3.mlp.fc2").startswith("lora_te2_text_model")
+    with pytest.raises(PatchFormatError, match="vae"):
+        kohya_name("vae.decoder.conv_in")
+
+
+def test_cli_export(patch, tmp_path):
+    from forgetpatch.cli import app
+
+    folder = patch.save(tmp_path / "p")
+    out = tmp_path / "out" / "k.safetensors"
+    result = CliRunner().invoke(app, ["export", str(folder), "--format", "kohya", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert load_file(out).keys() == load_file(export_kohya(folder, tmp_path / "again.safetensors")).keys()
+
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "missing"), "-o", str(out)])
+    assert result.exit_code == 1 and "no patch at" in result.output

@@ -1,0 +1,92 @@
+"""Key-step analysis: switching the prompt at step k, the curve, its files and the CLI's errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from forgetpatch.errors import MethodError
+from forgetpatch.eval.keysteps import KeyStepCurve, analyze, compare_with_preset, toy_detector, toy_prompts
+from forgetpatch.testing import tiny_sd_pipeline
+
+
+def test_switch_at_end_is_the_concept_image_and_at_zero_the_guide_image():
+    pipe = tiny_sd_pipeline(0)
+    seen: list[np.ndarray] = []
+
+    def record(images: np.ndarray) -> list[bool]:
+        seen.append(images)
+        return [True, False][: len(images)]
+
+    curve = analyze(
+        pipe, "circle", detector=record, guide="square", num_images=2, num_inference_steps=3, progress=False
+    )
+    assert curve.switch_steps == [0, 1, 2, 3] and curve.presence == [0.5] * 4 and len(seen) == 4
+    noise = torch.cat(
+        [torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    )
+    for k, prompt in ((3, "circle"), (0, "square")):
+        ref = pipe(
+            [prompt] * 2, num_inference_steps=3, guidance_scale=3.0, latents=noise.clone(), output_type="np"
+        ).images
+        assert np.abs(seen[k].astype(np.float32) / 255 - ref).max() <= 1.5 / 255
+
+
+def test_curve_rise_table_files_and_preset(tmp_path):
+    curve = KeyStepCurve(
+        concept="circle",
+        guide="",
+        num_inference_steps=10,
+        guidance_scale=3.0,
+        timesteps=[901 - 100 * i for i in range(10)],
+        switch_steps=list(range(0, 11, 2)),
+        presence=[0.0, 0.05, 0.4, 0.8, 0.95, 1.0],
+        num_images=20,
+        seed=0,
+    )
+    assert curve.rise() == (4, 8)
+    assert "| 4 | 501 | 0.40 | 40% |" in curve.table()
+    curve.save(tmp_path)
+    data = json.loads((tmp_path / "keysteps.json").read_text())
+    assert data["presence"] == curve.presence and data["rise_90"] == 8
+    assert (tmp_path / "keysteps.csv").read_text().splitlines()[1] == "0,901,0.0000"
+    assert Image.open(tmp_path / "keysteps.png").size[0] > 100
+    cmp = compare_with_preset(curve, start_step=14)  # 14/50 -> k = 3 of 10; nearest tested step: 2
+    assert cmp["preset_start_fraction"] == 0.28 and cmp["presence_switching_at_preset_start"] == 0.05
+    assert cmp["rise_90_fraction"] == 0.8
+
+
+def test_toy_prompts_and_detector_use_the_judge():
+    prompts = toy_prompts("circle", n=5)
+    assert len(prompts) == 5 and all("circle" in p for p in prompts)
+
+    class FakeJudge:
+        def predict(self, images):
+            return [
+                {"shape": "circle" if im.mean() > 100 else "star", "colour": "red", "texture": "plain"}
+                for im in images
+            ]
+
+    detect = toy_detector("circle", judge=FakeJudge())
+    images = np.stack([np.full((4, 4, 3), 200, np.uint8), np.zeros((4, 4, 3), np.uint8)])
+    assert detect(images) == [True, False]
+
+
+def test_bad_input():
+    pipe = tiny_sd_pipeline(0)
+    with pytest.raises(MethodError, match="switch steps"):
+        analyze(pipe, "circle", detector=lambda x: [True] * len(x), num_inference_steps=3, switch_steps=[5])
+
+
+def test_cli_refuses_a_base_without_a_judge(tmp_path):
+    from forgetpatch.cli import app
+
+    result = CliRunner().invoke(
+        app, ["keysteps", "--base", "./sd15", "--concept", "circle", "-o", str(tmp_path)]
+    )
+    assert result.exit_code == 1 and "judge" in result.output

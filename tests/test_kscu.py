@@ -1,0 +1,169 @@
+"""KSCU: key-step table (creeping start, cap, timesteps), presets, augmentation window, patches."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import forgetpatch.methods as methods
+from forgetpatch.errors import MethodError
+from forgetpatch.eval.keysteps import KeyStepCurve
+from forgetpatch.methods import Concept
+from forgetpatch.methods.engine import Cond, ddim_timesteps
+from forgetpatch.methods.kscu import (
+    KeyStepTable,
+    KSCUObjective,
+    key_step_range,
+    leakage_weight,
+    paraphrase,
+    resolve_preset,
+)
+from forgetpatch.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+
+FAST = dict(lr=1e-3, latent_size=8, rank=2, progress=False)
+
+
+def test_table_walks_steps_in_order_and_cycles_concepts():
+    entries = KeyStepTable(num_steps=10, start=6, n_concepts=2).entries(10)
+    assert [(e.concept, e.step) for e in entries] == [
+        (0, 6),
+        (0, 7),
+        (0, 8),
+        (0, 9),
+        (1, 6),
+        (1, 7),
+        (1, 8),
+        (1, 9),
+        (0, 6),
+        (0, 7),
+    ]
+
+
+def test_table_start_creeps_every_8_passes_and_is_capped():
+    table = KeyStepTable(num_steps=50, start=14)
+    per_pass = 50 - 14
+    entries = table.entries(8 * per_pass + 1)
+    assert {e.start for e in entries[: 8 * per_pass]} == {14}
+    assert entries[8 * per_pass] == (0, 15, 15)
+    assert table.max_start == 44  # S < 0.9 * 50
+    late = KeyStepTable(num_steps=50, start=43, creep_every=1).entries(200)
+    assert max(e.start for e in late) == 44 and all(e.step >= e.start for e in late)
+    assert all(e.start < 0.9 * 50 for e in late)
+    with pytest.raises(MethodError, match="start"):
+        KeyStepTable(num_steps=50, start=45)
+
+
+def test_timesteps_and_manifest_range():
+    pipe = tiny_sd_pipeline(0)
+    timesteps = ddim_timesteps(pipe, 50)
+    assert timesteps[0] == 981 and timesteps[14] == 981 - 20 * 14 == 701
+    table = KeyStepTable(num_steps=50, start=14)
+    r = key_step_range(table, 36, timesteps, "DDIMScheduler")
+    assert r.timesteps == [981 - 20 * k for k in range(14, 50)] and r.timesteps[-1] == 1
+    assert r.start == pytest.approx(1 - 701 / 1000) and r.end == 1.0 and r.num_inference_steps == 50
+    assert leakage_weight(701) == pytest.approx(299 * 2e-5) and leakage_weight(1000) == 0
+
+
+def test_presets():
+    assert resolve_preset([Concept("nude", kind="nudity")]) == ("nudity", 750, 14, "noxattn")
+    assert resolve_preset([Concept("circle")]) == ("object", 750, 14, "noxattn")
+    assert resolve_preset([Concept("vangogh", kind="style")]) == ("style", 500, 24, "xattn")
+    assert resolve_preset([Concept("x", kind="identity")]) == ("identity", 200, 40, "xattn")
+    two = [Concept("x", kind="identity"), Concept("y", kind="identity")]
+    assert resolve_preset(two)[1] == 750
+    assert resolve_preset([Concept("circle")], num_inference_steps=20)[2] == round(14 * 20 / 50)
+    assert resolve_preset([Concept("circle")], iterations=9, start_step=3, scope="xattn") == (
+        "object",
+        9,
+        3,
+        "xattn",
+    )
+    with pytest.raises(MethodError, match="several kinds"):
+        resolve_preset([Concept("circle"), Concept("vangogh", kind="style")])
+    with pytest.raises(MethodError, match="unknown KSCU task"):
+        resolve_preset([Concept("circle")], task="weather")
+
+
+def test_augmentation_only_in_the_last_5_percent(monkeypatch):
+    objective = KSCUObjective([Concept("circle")], KeyStepTable(num_steps=10, start=3), iterations=100)
+    assert [i for i in range(100) if objective.augmented(i)] == list(range(95, 100))
+    assert all(objective.prompt_for(i) == "circle" for i in range(95))
+    late = [objective.prompt_for(i) for i in range(95, 100)]
+    assert all("circle" in p.split() for p in late) and any(p != "circle" for p in late)
+    rng = random.Random(0)
+    assert all("circle" in paraphrase("circle", rng).split() for _ in range(50))
+    # In training, the noisy paraphrase is used exactly in the window.
+    calls: list[float] = []
+    original = Cond.with_noise
+
+    def spy(self, scale, generator):
+        calls.append(scale)
+        return original(self, scale, generator)
+
+    monkeypatch.setattr(Cond, "with_noise", spy)
+    pipe = tiny_sd_pipeline(0)
+    patch = methods.erase(pipe, "circle", method="kscu", iterations=20, num_inference_steps=6, **FAST)
+    assert calls == [1e-5]  # ceil(5% of 20) = 1 iteration
+    assert patch.manifest.metrics["training"]["unet_passes"]["backward"] == 20
+
+
+def test_kscu_patch_on_tiny_sd_records_key_steps(tmp_path):
+    pipe = tiny_sd_pipeline(0)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    analysis = KeyStepCurve(
+        concept="circle",
+        guide="",
+        num_inference_steps=10,
+        guidance_scale=3.0,
+        timesteps=ddim_timesteps(pipe, 10),
+        switch_steps=[0, 3, 6, 10],
+        presence=[0.0, 0.5, 1.0, 1.0],
+        num_images=4,
+        seed=0,
+    ).to_dict()
+    patch = methods.erase(
+        pipe,
+        [Concept("circle", guide="square"), "star"],
+        method="kscu",
+        iterations=4,
+        num_inference_steps=10,
+        key_step_analysis=analysis,
+        **FAST,
+    )
+    m = patch.manifest
+    assert m.method.name == "kscu" and m.method.params["task"] == "object"
+    assert not any(".attn2." in t for t in m.lora.target_modules)  # object preset: noxattn
+    (r,) = m.key_steps
+    start = round(14 * 10 / 50)
+    trained = ddim_timesteps(pipe, 10)[start : start + 4]  # 4 iterations: concept 0, steps 3..6
+    assert r.timesteps == trained and r.start == pytest.approx(1 - trained[0] / 1000) and r.end == 1.0
+    assert m.metrics["key_steps"]["start_step"] == start and m.metrics["key_step_analysis"] == analysis
+    assert m.metrics["key_step_check"]["presence_switching_at_preset_start"] == 0.5  # k = 3
+    passes = m.metrics["training"]["unet_passes"]
+    # the trajectory is sampled to step 3 once, then continued one step per iteration
+    assert passes["sample_forward"] == start + 3
+    assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+
+
+def test_kscu_style_on_tiny_sdxl_and_gated_apply():
+    from forgetpatch.loader import apply, remove
+
+    pipe = tiny_sdxl_pipeline(0)
+    patch = methods.erase(
+        pipe, Concept("vangogh", kind="style"), method="kscu", iterations=2, num_inference_steps=10, **FAST
+    )
+    assert all(".attn2." in t for t in patch.manifest.lora.target_modules)
+    assert patch.manifest.key_steps[0].timesteps[0] == ddim_timesteps(pipe, 10)[round(24 * 10 / 50)]
+    apply(pipe, patch, key_steps=True)
+    remove(pipe)
+
+
+def test_full_weight_mode_records_reconstruction_error():
+    pipe = tiny_sd_pipeline(0)
+    patch = methods.erase(
+        pipe, "circle", method="kscu", iterations=2, num_inference_steps=6, mode="full", scope="xattn", **FAST
+    )
+    assert patch.manifest.lora.reconstruction_error is not None
+    assert patch.manifest.lora.reconstruction_error > 0

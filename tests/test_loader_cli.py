@@ -1,0 +1,62 @@
+"""``forgetpatch inspect`` and ``forgetpatch apply`` on tiny patches and a saved tiny pipeline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from forgetpatch.cli import app
+from forgetpatch.format import KeyStepRange, build_patch, resolve_module
+from forgetpatch.testing import tiny_sd_pipeline
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    pipe = tiny_sd_pipeline(seed=0)
+    pipe.save_pretrained(root / "base")
+    path = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    w = resolve_module(pipe, path).weight
+    g = torch.Generator().manual_seed(0)
+    patch = build_patch(pipe, {path: (torch.randn(2, w.shape[1], generator=g), torch.randn(w.shape[0], 2, generator=g))},
+                        name="no-circle", method="manual", concepts=[{"target": "circle", "guide": "square"}],
+                        key_steps=[KeyStepRange(start=0.0, end=0.3)], metrics={"forget_acc": 0.02}, lineage=[])  # fmt: skip
+    return root, patch.save(root / "no-circle"), patch
+
+
+def test_inspect(saved):
+    _, folder, patch = saved
+    result = runner.invoke(app, ["inspect", str(folder)])
+    assert result.exit_code == 0, result.output
+    for text in (
+        "circle (object) -> square",
+        "manual",
+        "0.00-0.30",
+        "rank 2",
+        "forget_acc",
+        patch.digest[:12],
+    ):
+        assert text in result.output
+    result = runner.invoke(app, ["inspect", str(folder), "--json"])
+    assert '"format_version": 1' in result.output
+
+
+def test_inspect_bad_ref(tmp_path):
+    (tmp_path / "x.safetensors").write_bytes(b"garbage")
+    result = runner.invoke(app, ["inspect", str(tmp_path / "x.safetensors")])
+    assert result.exit_code == 1 and "not a valid safetensors" in result.output
+
+
+def test_apply_writes_patched_image(saved, tmp_path):
+    root, folder, _ = saved
+    out = tmp_path / "out.png"
+    args = ["apply", "--base", str(root / "base"), str(folder), "--prompt", "a red circle", "-o", str(out),
+            "--steps", "2", "--key-steps", "--compare"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "no-circle" in result.output
+    assert Image.open(out).size == (32, 32) and out.with_suffix(".base.png").exists()

@@ -1,0 +1,35 @@
+"""Toy training runs, checkpoints atomically, resumes, and exports a loadable pipeline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import forgetpatch.toy as toy
+from forgetpatch.errors import ForgetPatchError
+from forgetpatch.toy.train import CHECKPOINT, LATENTS, TrainConfig, train
+
+
+def _cfg(steps: int) -> TrainConfig:
+    return TrainConfig(steps=steps, batch_size=4, warmup=2, vae_steps=2, vae_batch_size=4, dataset_size=16)
+
+
+def test_train_resume_and_export(tmp_path):
+    out = tmp_path / "run"
+    first = train(out, _cfg(steps=2))
+    assert first.step == 2 and first.vae_step == 2 and first.scaling_factor > 0
+    assert (out / CHECKPOINT).exists() and (out / LATENTS).exists()
+    assert not list(out.glob("*.tmp"))
+
+    with pytest.raises(ForgetPatchError, match="--resume"):
+        train(out, _cfg(steps=3))
+
+    resumed = train(out, _cfg(steps=3), resume=True)
+    assert resumed.step == 3 and resumed.scaling_factor == first.scaling_factor
+    torch.testing.assert_close(resumed.vae.state_dict(), first.vae.state_dict())  # VAE frozen after phase 1
+
+    resumed.export(tmp_path / "pipe")
+    pipe = toy.pipeline(path=tmp_path / "pipe")
+    assert pipe.vae.config.scaling_factor == pytest.approx(first.scaling_factor)
+    image = pipe("a red circle", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, toy.IMAGE_SIZE, toy.IMAGE_SIZE, 3)

@@ -1,0 +1,130 @@
+"""UCE: the closed form of methods.md, exact LoRA storage, SD and SDXL shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import forgetpatch
+from forgetpatch.methods import Concept
+from forgetpatch.methods.common import cross_attention_layers
+from forgetpatch.methods.uce import UCE
+from forgetpatch.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return tiny_sd_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return tiny_sdxl_pipeline(seed=0)
+
+
+def token_embedding(pipe, prompt: str) -> torch.Tensor:
+    """Reference embedding through the pipeline's own encode_prompt (77-token padding), float64."""
+    with torch.no_grad():
+        out = pipe.encode_prompt(
+            prompt=[prompt], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+    index = sum(pipe.tokenizer(prompt).attention_mask) - 2
+    return out[0][0, index].double()
+
+
+def reference_weight(W, erase, guides, preserve, lam=0.5, s_e=1.0, s_p=1.0):
+    """methods.md's formula, written term by term in float64."""
+    W = W.double()
+    D = W.shape[1]
+    left = lam * W
+    right = lam * torch.eye(D, dtype=torch.float64)
+    for c, g in zip(erase, guides, strict=True):
+        left = left + s_e * torch.outer(W @ g, c)
+        right = right + s_e * torch.outer(c, c)
+    for p in preserve:
+        left = left + s_p * torch.outer(W @ p, p)
+        right = right + s_p * torch.outer(p, p)
+    return left @ torch.linalg.inv(right)
+
+
+@pytest.mark.parametrize("which", ["sd", "sdxl"])
+def test_matches_closed_form_reference(which, request):
+    pipe = request.getfixturevalue(which)
+    concepts = [Concept("circle"), Concept("star", guide="shape"), Concept("vangogh", kind="style")]
+    preserve = [Concept("ellipse"), Concept("monet", kind="style")]
+    deltas = UCE.compute_deltas(
+        pipe, concepts, preserve=preserve, lam=0.5, erase_scale=1.0, preserve_scale=1.0
+    )
+
+    erase = [token_embedding(pipe, c) for c in ("circle", "star", "vangogh")]
+    guides = [token_embedding(pipe, g) for g in ("", "shape", "art")]  # "" = blank, styles -> "art"
+    kept = [token_embedding(pipe, p) for p in ("ellipse", "monet")]
+    layers = cross_attention_layers(pipe)
+    assert set(deltas) == set(layers)
+    for path, module in layers.items():
+        W = module.weight.detach()
+        expected = reference_weight(W, erase, guides, kept) - W.double()
+        assert deltas[path].shape == W.shape
+        torch.testing.assert_close(
+            deltas[path].double(), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max())
+        )
+
+
+def test_sdxl_edits_every_cross_attention_layer_at_2048_style_width(sdxl):
+    deltas = UCE.compute_deltas(sdxl, [Concept("circle")])
+    width = sdxl.unet.config.cross_attention_dim  # 64 = 32 + 32 here, 2048 = 768 + 1280 on SDXL
+    assert len(deltas) == 16
+    assert all(d.shape[1] == width for d in deltas.values())
+    assert all(path.endswith(("attn2.to_k", "attn2.to_v")) for path in deltas)
+
+
+def test_change_has_rank_of_erased_embeddings_and_is_stored_exactly(sd):
+    concepts = ["circle", "star", "square"]
+    patch = forgetpatch.erase(sd, concepts, method="uce", preserve=["ellipse", "ring"])
+    deltas = UCE.compute_deltas(
+        sd, [Concept(c) for c in concepts], preserve=[Concept("ellipse"), Concept("ring")]
+    )
+    lora = patch.manifest.lora
+    assert lora.rank == 3 and lora.rank_pattern == {}
+    assert lora.reconstruction_error is not None and lora.reconstruction_error < 1e-5
+    assert set(lora.reconstruction_errors) == set(deltas)
+    for path, delta in deltas.items():
+        assert torch.linalg.matrix_rank(delta, rtol=1e-4) == 3
+        torch.testing.assert_close(patch.delta(path), delta, rtol=1e-5, atol=1e-6)
+
+
+def test_preserve_terms_keep_preserved_outputs(sd):
+    """With the preserve term, the preserved embedding's outputs move less than without it."""
+    p = token_embedding(sd, "ellipse").float()
+    free = UCE.compute_deltas(sd, [Concept("circle")])
+    kept = UCE.compute_deltas(sd, [Concept("circle")], preserve=[Concept("ellipse")])
+    for path in free:
+        assert (kept[path] @ p).norm() < 0.5 * (free[path] @ p).norm()
+
+
+def test_erased_embedding_moves_towards_its_guide(sd):
+    c, g = token_embedding(sd, "circle").float(), token_embedding(sd, "").float()
+    deltas = UCE.compute_deltas(sd, [Concept("circle")], lam=0.01)
+    for path, module in cross_attention_layers(sd).items():
+        W = module.weight.detach()
+        before, after = (W @ c - W @ g).norm(), ((W + deltas[path]) @ c - W @ g).norm()
+        assert after < 0.05 * before
+
+
+def test_patch_manifest_records_method_and_params(sd):
+    patch = forgetpatch.erase(sd, [Concept("vangogh", kind="style")], method="uce", lam=0.25)
+    manifest = patch.manifest
+    assert manifest.method.name == "uce"
+    assert manifest.method.params["lam"] == 0.25
+    assert manifest.concepts[0].target == "vangogh" and manifest.concepts[0].kind == "style"
+    assert manifest.name == "uce-no-vangogh"
+
+
+def test_one_hundred_concepts_in_one_call(sd):
+    from forgetpatch.testing import TEST_WORDS
+
+    words = (TEST_WORDS * 3)[:100]
+    patch = forgetpatch.erase(sd, words, method="uce", progress=False)
+    # 100 edited embeddings exceed the 32-wide layers: stored at the layer's numerical rank, still exact
+    assert patch.manifest.lora.rank <= 32
+    assert patch.manifest.lora.reconstruction_error < 1e-4

@@ -115,4 +115,4 @@ def test_cli_rejects_a_grid_without_patches_and_a_bad_base(tmp_path):
     result = CliRunner().invoke(app, ["eval", "--concept", "circle", "--grid", str(tmp_path / "g.png")])
     assert result.exit_code != 0 and "PATCH" in result.output
     result = CliRunner().invoke(app, ["eval", "--base", str(tmp_path / "nope"), "--concept", "circle"])
-    assert result.exit_code != 0 and "neither" in result.output
+    assert result.exit_code != 0 and "cannot load base model" in result.output

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from forgetpatch.errors import ForgetPatchError
+import typer
 
 
 def load_base(base: str, dtype: str = "float32") -> Any:
@@ -23,8 +23,9 @@ def load_base(base: str, dtype: str = "float32") -> Any:
     from diffusers import DiffusionPipeline
 
     try:
-        return DiffusionPipeline.from_pretrained(base, torch_dtype=torch_dtype)
+        return DiffusionPipeline.from_pretrained(base, dtype=torch_dtype)
     except (OSError, ValueError) as exc:
-        raise ForgetPatchError(
-            f"cannot load base model {base!r}: {exc}; pass 'toy', a diffusers folder or a cached Hub id"
+        raise typer.BadParameter(
+            f"cannot load base model {base!r}: {exc}; pass 'toy', a diffusers folder or a cached Hub id",
+            param_hint="--base",
         ) from None

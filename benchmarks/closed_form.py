@@ -5,7 +5,10 @@
     load excluded, text encoding and patch building included), peak extra resident memory during the call,
     patch size. Targets: ScaPre(100) <= 2x UCE(100) and <= 10 s; UCE with one concept <= 1 MB.
 (b) ``--part toy``: the toy world, ScaPre and UCE on the same shapes and seeds, for 1, 3 and 5 shapes:
-    UA, and IRA / CRA / near-neighbour retention relative to the base model (worst over erased shapes).
+    UA, and IRA / CRA / near-neighbour retention relative to the base model (worst over erased shapes),
+    in two settings: ``paper`` (each concept's own last token, as methods.md states it) and ``in-context``
+    (the concept inside the toy world's prompt forms, every later token edited too, as UCE's release does,
+    with the other shapes preserved).
 
 Run:
     python benchmarks/closed_form.py                 # both parts
@@ -19,6 +22,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import itertools
 import os
 import tempfile
 import threading
@@ -38,6 +42,11 @@ SHAPE_SETS = {
     1: ["circle"],
     3: ["circle", "square", "star"],
     5: ["circle", "square", "triangle", "star", "hexagon"],
+}
+#: Extra parameters per setting of the toy part (``preserve_others``: keep every shape not erased).
+SETTINGS: dict[str, dict] = {
+    "paper": {},
+    "in-context": {"tokens": "trailing", "templates": None, "preserve_others": True},
 }
 console = Console()
 
@@ -133,7 +142,12 @@ def part_speed(device: str, counts: list[int]) -> None:
     )
 
 
-def part_toy(images_per_concept: int, seed: int) -> None:
+def worst(values: list[float | None]) -> str:
+    values = [v for v in values if v is not None]
+    return f"{min(values):.0%}" if values else "-"
+
+
+def part_toy(images_per_concept: int, seed: int, settings: list[str]) -> None:
     from forgetpatch import toy
     from forgetpatch.eval import evaluate
 
@@ -148,37 +162,39 @@ def part_toy(images_per_concept: int, seed: int) -> None:
     table = Table(
         title=f"toy world, {images_per_concept} images per concept, seed {seed} (worst over erased shapes)"
     )
-    for col in ("shapes", "method", "UA", "IRA/base", "CRA/base", "near/base", "leakage", "drift", "erase s"):
+    columns = ("setting", "shapes", "method", "UA", "IRA/base", "CRA/base", "near/base", "leakage", "drift")
+    for col in (*columns, "erase s"):
         table.add_column(col, justify="right")
-    for n, shapes in SHAPE_SETS.items():
-        for method in METHODS:
-            start = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                patch = forgetpatch.erase(base_pipe, shapes, method=method, seed=seed, progress=False)
-            elapsed = time.perf_counter() - start
-            pipe = forgetpatch.apply(toy.pipeline(), patch)
-            report = evaluate(
-                pipe, shapes, reference=base, images_per_concept=images_per_concept, seed=seed, progress=False
-            )
-            ratios = [r.ratios for r in report.concepts.values()]
-            scores = [r.scores for r in report.concepts.values()]
+    for setting, (n, shapes), method in itertools.product(settings, SHAPE_SETS.items(), METHODS):
+        params = dict(SETTINGS[setting])
+        if params.pop("preserve_others", False):
+            params["preserve"] = [s for s in toy.SHAPES if s not in shapes]
+        if "templates" in params:
+            params["templates"] = toy.vocab.ERASE_TEMPLATES
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            patch = forgetpatch.erase(base_pipe, shapes, method=method, seed=seed, progress=False, **params)
+        elapsed = time.perf_counter() - start
+        pipe = forgetpatch.apply(toy.pipeline(), patch)
+        report = evaluate(
+            pipe, shapes, reference=base, images_per_concept=images_per_concept, seed=seed, progress=False
+        )
+        ratios = [r.ratios for r in report.concepts.values()]
+        scores = [r.scores for r in report.concepts.values()]
 
-            def worst(values: list[float | None]) -> str:
-                values = [v for v in values if v is not None]
-                return f"{min(values):.0%}" if values else "-"
-
-            table.add_row(
-                str(n),
-                method,
-                worst([s.ua for s in scores]),
-                worst([r["ira"] for r in ratios]),
-                worst([r["cra"] for r in ratios]),
-                worst([r["near"] for r in ratios]),
-                f"{max((s.leakage or 0.0) for s in scores):.0%}",
-                f"{report.drift:.3f}" if report.drift is not None else "-",
-                f"{elapsed:.2f}",
-            )
+        table.add_row(
+            setting,
+            str(n),
+            method,
+            worst([s.ua for s in scores]),
+            worst([r["ira"] for r in ratios]),
+            worst([r["cra"] for r in ratios]),
+            worst([r["near"] for r in ratios]),
+            f"{max((s.leakage or 0.0) for s in scores):.0%}",
+            f"{report.drift:.3f}" if report.drift is not None else "-",
+            f"{elapsed:.2f}",
+        )
     console.print(table)
     console.print("bars for ScaPre: UA >= 90%, IRA >= 90% of base, CRA >= 95% of base, near >= 80% of base")
 
@@ -190,6 +206,7 @@ def main() -> None:
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 10, 100])
     parser.add_argument("--images-per-concept", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
@@ -200,7 +217,7 @@ def main() -> None:
     if args.part in ("speed", "all"):
         part_speed(args.device, args.counts)
     if args.part in ("toy", "all"):
-        part_toy(args.images_per_concept, args.seed)
+        part_toy(args.images_per_concept, args.seed, args.settings)
 
 
 if __name__ == "__main__":

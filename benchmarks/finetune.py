@@ -57,10 +57,20 @@ def toy(args: argparse.Namespace) -> dict[str, Any]:
     base_ua = base.concepts[args.concept].scores.ua
     rows: dict[str, dict[str, Any]] = {}
     extra = {"key_step_analysis": args.analysis} if args.analysis else {}
+    scoped = {
+        "kscu": {"scope": args.scope} if args.scope else {},
+        "esd": {"variant": {"xattn": "x", "noxattn": "u"}[args.scope]} if args.scope else {},
+    }
+    concept = methods.Concept(args.concept, guide=args.guide)
     for method in args.methods:
         start = time.perf_counter()
         patch = methods.erase(
-            pipe, args.concept, method=method, **settings, **(extra if method == "kscu" else {})
+            pipe,
+            [concept],
+            method=method,
+            **settings,
+            **scoped[method],
+            **(extra if method == "kscu" else {}),
         )
         erase_s = time.perf_counter() - start
         if args.out:
@@ -160,6 +170,8 @@ def main() -> None:
     t.add_argument("--rank", type=int, default=8)
     t.add_argument("--images", type=int, default=8)
     t.add_argument("--analysis", default=None, help="folder or JSON from `forgetpatch keysteps`")
+    t.add_argument("--guide", default=None, help="anchor prompt instead of the empty prompt, e.g. shape")
+    t.add_argument("--scope", choices=["xattn", "noxattn"], default=None, help="override the presets")
     a = sub.add_parser("arch", help="a few KSCU iterations on a published architecture")
     a.add_argument("--family", default="sd15", choices=["sd15", "sd21", "sdxl"])
     a.add_argument("--iterations", type=int, default=3)

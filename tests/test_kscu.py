@@ -167,3 +167,19 @@ def test_full_weight_mode_records_reconstruction_error():
     )
     assert patch.manifest.lora.reconstruction_error is not None
     assert patch.manifest.lora.reconstruction_error > 0
+
+
+# --- the toy world -------------------------------------------------------------------------------
+KSCU_TOY_BARS = {"ua": 0.90, "ira": 0.85, "cra": 0.90}  # UA absolute; IRA, CRA as ratios of the base
+
+
+@pytest.mark.slow
+def test_toy_kscu_erases_one_shape_within_the_bars(competent_toy):
+    """Issue bar: KSCU erasing one shape, UA >= 90%, IRA >= 85% and CRA >= 90% of base, in <= 15 min."""
+    from toy_bars import measure_recipe
+
+    measured = measure_recipe("toy-no-circle-kscu")
+    figures = f"measured {measured.worst}, erase {measured.erase_s:.0f} s"
+    print(figures)
+    assert measured.erase_s <= 15 * 60, figures
+    assert not measured.below(KSCU_TOY_BARS), figures

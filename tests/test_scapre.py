@@ -270,35 +270,6 @@ def test_many_concepts_in_one_call(sd):
 
 # --- the toy world ---------------------------------------------------------------------------------
 TOY_BARS = {"ua": 0.90, "ira": 0.90, "cra": 0.95, "near": 0.80}
-FIVE_SHAPES = ["circle", "square", "triangle", "star", "hexagon"]
-
-
-def _toy_or_skip():
-    from forgetpatch import toy
-
-    try:
-        toy.load_judge()
-        return toy.pipeline()
-    except forgetpatch.errors.ForgetPatchError as exc:
-        pytest.skip(f"toy world not available: {exc}")
-
-
-def toy_measurement(shapes: list[str], method: str = "scapre", images_per_concept: int = 8, **params):
-    """Erase ``shapes`` on the toy model, apply the patch, evaluate against the base: worst-case scores."""
-    from forgetpatch.eval import evaluate
-
-    base_pipe = _toy_or_skip()
-    base = evaluate(base_pipe, shapes, images_per_concept=images_per_concept, progress=False)
-    patch = forgetpatch.erase(base_pipe, shapes, method=method, progress=False, **params)
-    pipe = forgetpatch.apply(_toy_or_skip(), patch)
-    report = evaluate(pipe, shapes, reference=base, images_per_concept=images_per_concept, progress=False)
-    worst = {"ua": 1.0, "ira": 10.0, "cra": 10.0, "near": 10.0}
-    for r in report.concepts.values():
-        worst["ua"] = min(worst["ua"], r.scores.ua)
-        for key in ("ira", "cra", "near"):
-            if r.ratios[key] is not None:
-                worst[key] = min(worst[key], r.ratios[key])
-    return worst, report
 
 
 def _check_bars(worst: dict[str, float], label: str) -> None:
@@ -311,11 +282,14 @@ def _check_bars(worst: dict[str, float], label: str) -> None:
 
 @pytest.mark.slow
 def test_toy_erase_one_shape_meets_the_bars(competent_toy):
-    worst, _ = toy_measurement(["circle"])
-    _check_bars(worst, "ScaPre, circle")
+    from toy_bars import measure_recipe
+
+    _check_bars(measure_recipe("toy-no-circle-scapre").worst, "ScaPre, recipes/toy-no-circle-scapre.yaml")
 
 
 @pytest.mark.slow
 def test_toy_erase_five_shapes_meets_the_bars(competent_toy):
-    worst, _ = toy_measurement(FIVE_SHAPES)
-    _check_bars(worst, f"ScaPre, {FIVE_SHAPES}")
+    from toy_bars import measure_recipe
+
+    worst = measure_recipe("toy-no-5-shapes-scapre").worst
+    _check_bars(worst, "ScaPre, recipes/toy-no-5-shapes-scapre.yaml")

@@ -33,3 +33,18 @@ def test_train_resume_and_export(tmp_path):
     assert pipe.vae.config.scaling_factor == pytest.approx(first.scaling_factor)
     image = pipe("a red circle", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, toy.IMAGE_SIZE, toy.IMAGE_SIZE, 3)
+
+
+def test_training_continues_from_an_export(tmp_path):
+    """``init_from``: a lost checkpoint is no dead end; training goes on from the shipped-style export."""
+    first = train(tmp_path / "run", _cfg(steps=2))
+    first.export(tmp_path / "pipe")
+    exported = toy.pipeline(path=tmp_path / "pipe")
+
+    cont = train(tmp_path / "again", _cfg(steps=4), init_from=tmp_path / "pipe")
+    assert cont.step == 4 and cont.restart_step == 2 and cont.vae_step == 2
+    assert cont.scaling_factor == pytest.approx(exported.vae.config.scaling_factor)
+    torch.testing.assert_close(cont.vae.state_dict(), exported.vae.state_dict())  # VAE kept as exported
+    assert cont.lr_at(2) < cont.lr_at(3)  # the fresh optimiser warms up again
+    with pytest.raises(ForgetPatchError, match="--resume"):  # an existing run is never overwritten
+        train(tmp_path / "again", _cfg(steps=5), init_from=tmp_path / "pipe")

@@ -218,19 +218,102 @@ def guide_prompt(concept: Concept, defaults: dict[str, str] | None = None) -> st
     return (defaults or {}).get(concept.kind, "")
 
 
+#: Which positions of a concept's prompt are edited: its last word token only, or that token and every
+#: position after it (EOS and padding, up to the tokenizer's length) as UCE's code release does.
+TOKEN_MODES = ("last", "trailing")
+
+
+@torch.no_grad()
+def encode_trailing(pipe, prompts: Sequence[str], starts: Sequence[int] | None = None) -> list[torch.Tensor]:
+    """For each prompt, the rows of ``encoder_hidden_states`` from position ``start`` to the end, float32.
+
+    ``start`` defaults to the prompt's last word token (``""``: BOS). The prompt is padded to the
+    tokenizer's ``model_max_length`` as the pipeline pads it, so the rows are exactly those the UNet
+    receives: the concept's token and every later one, EOS and padding included, which carry the concept
+    on through causal attention. SDXL's two encoders are concatenated as in :func:`encode_tokens`.
+    """
+    prompts = list(prompts)
+    starts = list(last_token_index(pipe, prompts).clamp_min(0).tolist() if starts is None else starts)
+    unique = list(dict.fromkeys(prompts))
+    parts = []
+    for tokenizer, encoder, penultimate in _text_encoders(pipe):
+        tokens = tokenizer(
+            unique,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        device = next(encoder.parameters()).device
+        kwargs = {}
+        if getattr(encoder.config, "use_attention_mask", False):
+            kwargs["attention_mask"] = tokens.attention_mask.to(device)
+        out = encoder(tokens.input_ids.to(device), output_hidden_states=penultimate, **kwargs)
+        parts.append((out.hidden_states[-2] if penultimate else out[0]).float().cpu())
+    states = torch.cat(parts, dim=-1)
+    return [states[unique.index(p), int(start) :] for p, start in zip(prompts, starts, strict=True)]
+
+
+def in_templates(word: str, templates: Sequence[str]) -> list[tuple[str, str]]:
+    """``(prompt, prefix)`` pairs: ``word`` alone, then each template's ``{concept}`` filled with it.
+
+    ``prefix`` is the prompt up to and including ``word``: its last word token is where the concept sits
+    (or, for a blank guide, the word before it). UCE's release edits concepts inside such prompts
+    ("image of {concept}", ...), each paired with the same template filled with the guide.
+
+    Example:
+        >>> in_templates("circle", ["a red {concept} on a plain background"])
+        [('circle', 'circle'), ('a red circle on a plain background', 'a red circle')]
+        >>> in_templates("", ["a {concept} in blue"])
+        [('', ''), ('a in blue', 'a')]
+    """
+    out = [(word, word)]
+    for template in templates:
+        if template.count("{concept}") != 1:
+            raise MethodError(f"template {template!r} needs exactly one {{concept}} placeholder")
+        head, tail = template.split("{concept}")
+        out.append((" ".join(f"{head}{word}{tail}".split()), " ".join(f"{head}{word}".split())))
+    return out
+
+
+def _rows(pipe, pairs: Sequence[tuple[str, str]]) -> list[torch.Tensor]:
+    """Trailing rows of each ``(prompt, prefix)``, starting at the prefix's last word token."""
+    if not pairs:
+        return []
+    starts = last_token_index(pipe, [prefix for _, prefix in pairs]).clamp_min(0).tolist()
+    return encode_trailing(pipe, [prompt for prompt, _ in pairs], starts)
+
+
+def _aligned(erase: list[torch.Tensor], guides: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pair each concept's trailing rows with its guide's, from their starts on (UCE's alignment)."""
+    pairs = [(c[: min(len(c), len(g))], g[: min(len(c), len(g))]) for c, g in zip(erase, guides, strict=True)]
+    return torch.cat([c for c, _ in pairs]), torch.cat([g for _, g in pairs])
+
+
 def embed_concepts(
     pipe,
     erase: Sequence[str],
     guides: Sequence[str],
     preserve: Sequence[str] = (),
     extra: Sequence[str] = (),
+    *,
+    tokens: str = "last",
+    templates: Sequence[str] = (),
 ) -> tuple[Embeddings, torch.Tensor]:
-    """Encode erase targets, their guides, preserved prompts and ``extra`` prompts in one encoder pass.
+    """Encode erase targets, their guides, preserved prompts and ``extra`` prompts.
 
-    Returns the :class:`Embeddings` and the ``extra`` rows. Guides and extras may be blank (``""`` = BOS).
+    With ``tokens="last"`` each prompt gives one row (its last word token). With ``tokens="trailing"``
+    each erased and preserved prompt gives its last word token and every position after it, each paired
+    with the guide's row at the same offset from the guide's last word token, as UCE's release edits
+    them; ``extra`` prompts still give one row each. ``templates`` (with a ``{concept}`` placeholder)
+    add, per erased and preserved concept, the concept inside each template, paired with the template
+    filled with its guide (:func:`in_templates`): its own token (``"last"``), or its token and every
+    later position of the filled template (``"trailing"``). Returns the :class:`Embeddings` and the ``extra``
+    rows. Guides and extras may be blank (``""`` = BOS).
 
     Raises:
         ConceptError: an erased or preserved prompt tokenizes to nothing.
+        MethodError: an unknown ``tokens`` mode, or not one guide per concept.
 
     Example:
         >>> emb, (blank,) = embed_concepts(pipe, ["circle"], [""], ["ellipse"], extra=[""])
@@ -240,8 +323,25 @@ def embed_concepts(
     erase, guides, preserve, extra = list(erase), list(guides), list(preserve), list(extra)
     if len(guides) != len(erase):
         raise MethodError(f"{len(erase)} concepts but {len(guides)} guides; give one guide per concept")
+    if tokens not in TOKEN_MODES:
+        raise MethodError(f"unknown tokens mode {tokens!r}; choose one of {list(TOKEN_MODES)}")
     named = erase + preserve
     _refuse_empty(named, last_token_index(pipe, named))
+    if tokens == "trailing":
+        erase_rows, guide_rows, keep_rows = (
+            _rows(pipe, [pair for word in words for pair in in_templates(word, templates)])
+            for words in (erase, guides, preserve)
+        )
+        C, G = _aligned(erase_rows, guide_rows)
+        P = torch.cat(keep_rows) if keep_rows else C.new_zeros(0, C.shape[1])
+        found = Embeddings(erase=C.double(), guide=G.double(), preserve=P.double())
+        more = encode_tokens(pipe, extra, allow_empty=True) if extra else C.new_zeros(0, C.shape[1])
+        return found, more.double()
+    if templates:  # the concept's own token inside each template (the last word token of its prefix)
+        erase, guides, preserve = (
+            [prefix for word in words for _, prefix in in_templates(word, templates)]
+            for words in (erase, guides, preserve)
+        )
     rows = encode_tokens(pipe, erase + guides + preserve + extra, allow_empty=True).double()
     n, m = len(erase), len(preserve)
     found = Embeddings(erase=rows[:n], guide=rows[n : 2 * n], preserve=rows[2 * n : 2 * n + m])

@@ -110,6 +110,12 @@ class ScaPreParams:
     expand_nudity: bool = True
     """Erase ``Concept("nudity", kind="nudity")`` as the six words of :data:`NUDITY_TERMS`."""
     preset: str = "object"
+    tokens: str = "last"
+    """Edited positions of each concept's prompt: ``"last"`` word token (methods.md) or ``"trailing"``
+    (that token and the EOS / padding positions after it, as UCE's release edits them)."""
+    templates: tuple[str, ...] = ()
+    """Prompts with a ``{concept}`` placeholder: each concept is also edited inside each of them (and
+    each guide inside the same template), as UCE's release does with "image of {concept}" etc."""
 
     @classmethod
     def for_concepts(cls, concepts: Sequence[Concept], params: dict[str, Any]) -> ScaPreParams:
@@ -130,6 +136,7 @@ class ScaPreParams:
             )
         values = cls(preset=kind, **PRESETS[kind])
         values = replace(values, **{k: v for k, v in params.items() if k in known})
+        values = replace(values, templates=tuple(values.templates))
         if values.lam <= 0 or values.erase_scale < 0 or values.preserve_scale < 0:
             raise MethodError("ScaPre needs lam > 0 and non-negative erase/preserve scales")
         if values.entropy_samples < 2 or values.mi_samples < 1 or values.entropy_bins < 2:
@@ -383,6 +390,8 @@ class ScaPre:
             [guide_prompt(c) for c in targets],
             [c.target for c in preserve],
             extra=[""],
+            tokens=settings.tokens,
+            templates=settings.templates,
         )
         layers = cross_attention_layers(pipe)
         return settings, prepare_shared(emb, blank[0], settings), layers

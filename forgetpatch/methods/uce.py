@@ -53,6 +53,12 @@ class UCEParams:
     """``s_e``: weight of mapping each erased embedding to its guide."""
     preserve_scale: float = 1.0
     """``s_p``: weight of keeping preserved embeddings' outputs."""
+    tokens: str = "last"
+    """Edited positions: the concept's ``"last"`` word token, or ``"trailing"`` (it and every EOS /
+    padding position after it, as the authors' release does)."""
+    templates: tuple[str, ...] = ()
+    """Prompts with a ``{concept}`` placeholder in which each concept (and its guide) is also edited,
+    as the release's "image of {concept}" prompts."""
 
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> UCEParams:
@@ -60,10 +66,18 @@ class UCEParams:
         unknown = sorted(set(params) - known - {"name", "progress", "seed"})
         if unknown:
             raise MethodError(f"unknown UCE parameter(s) {unknown}; known: {sorted(known)}")
-        values = cls(**{k: float(v) for k, v in params.items() if k in known})
+        values = cls(**{k: _param_value(k, v) for k, v in params.items() if k in known})
         if values.lam <= 0:
             raise MethodError(f"UCE needs lam > 0 (the solve is singular otherwise), got {values.lam}")
         return values
+
+
+def _param_value(key: str, value: Any) -> Any:
+    if key == "tokens":
+        return str(value)
+    if key == "templates":
+        return tuple(value)
+    return float(value)
 
 
 def uce_factors(
@@ -145,6 +159,8 @@ class UCE:
             [c.target for c in concepts],
             [guide_prompt(c, DEFAULT_GUIDES) for c in concepts],
             [c.target for c in preserve],
+            tokens=settings.tokens,
+            templates=settings.templates,
         )
         weights = {path: current_weight(m) for path, m in cross_attention_layers(pipe).items()}
         return _compress(uce_factors(weights, emb, settings, progress=params.get("progress", True)))

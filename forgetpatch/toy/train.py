@@ -11,6 +11,10 @@ Run:
     python -m forgetpatch.toy.train --steps 20000 --out runs/toy            # start
     python -m forgetpatch.toy.train --steps 20000 --out runs/toy --resume   # continue
     python -m forgetpatch.toy.train --export runs/toy forgetpatch/toy/weights/pipeline
+
+Continue from an export when the checkpoint is gone (fresh optimiser, a new warm-up, the VAE and
+its scaling factor kept as shipped):
+    python -m forgetpatch.toy.train --steps 22000 --out runs/toy --init-from forgetpatch/toy/weights/pipeline
 """
 
 from __future__ import annotations
@@ -142,6 +146,8 @@ class Trainer:
         self.scaling_factor: float | None = None
         self.rng = random.Random(cfg.seed)
         self.elapsed_s = 0.0
+        #: The step a fresh optimiser started at (0, or where ``init_from`` continued an export).
+        self.restart_step = 0
 
     # -- checkpoints
     def state(self) -> dict[str, Any]:
@@ -161,6 +167,7 @@ class Trainer:
             "rng": self.rng.getstate(),
             "torch_rng": torch.get_rng_state(),
             "elapsed_s": self.elapsed_s,
+            "restart_step": self.restart_step,
         }
 
     def save(self) -> Path:
@@ -186,14 +193,44 @@ class Trainer:
         self.rng.setstate(s["rng"])
         torch.set_rng_state(s["torch_rng"])
         self.elapsed_s = s.get("elapsed_s", 0.0)
+        self.restart_step = s.get("restart_step", 0)
+
+    def init_from(self, directory: Path) -> None:
+        """Start from an exported pipeline (its EMA weights) instead of random weights.
+
+        The VAE and its latent scaling factor are taken as exported and not trained again; the
+        optimiser is new, so the learning rate warms up again from the exported step on.
+        """
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        vae = AutoencoderKL.from_pretrained(directory, subfolder="vae", torch_dtype=torch.float32)
+        text = CLIPTextModel.from_pretrained(directory, subfolder="text_encoder", torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(directory, subfolder="unet", torch_dtype=torch.float32)
+        self.vae.load_state_dict(vae.state_dict())
+        self.text_encoder.load_state_dict(text.state_dict())
+        self.unet.load_state_dict(unet.state_dict())
+        self.ema_unet = EMAModel(self.unet.parameters(), decay=self.cfg.ema_decay)
+        self.ema_text = EMAModel(self.text_encoder.parameters(), decay=self.cfg.ema_decay)
+        self.scaling_factor = float(vae.config.scaling_factor)
+        info_path = directory / "training.json"
+        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        self.vae_step = max(self.cfg.vae_steps, int(info.get("vae_steps", 0)))
+        self.step = self.restart_step = int(info.get("unet_steps", 0))
+        self.elapsed_s = float(info.get("train_seconds", 0.0))
+        # New draws of data and noise, not a replay of the first run's.
+        self.rng = random.Random(self.cfg.seed + self.step)
+        torch.manual_seed(self.cfg.seed + self.step)
 
     # -- schedules
     def lr_at(self, step: int) -> float:
         cfg = self.cfg
         if step < cfg.warmup:
             return cfg.lr * (step + 1) / cfg.warmup
+        warm = min(1.0, (step - self.restart_step + 1) / cfg.warmup)
         progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        cosine = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return warm * cfg.lr * cosine
 
     # -- phases
     def train_vae(self, images: torch.Tensor, autosave: _Autosave) -> None:
@@ -341,8 +378,17 @@ class _Autosave:
             self.last = time.time()
 
 
-def train(out: Path, cfg: TrainConfig, resume: bool = False, device: str = "cpu") -> Trainer:
-    """Run (or continue) training; returns the trainer with its final state saved in ``out``."""
+def train(
+    out: Path,
+    cfg: TrainConfig,
+    resume: bool = False,
+    device: str = "cpu",
+    init_from: Path | None = None,
+) -> Trainer:
+    """Run (or continue) training; returns the trainer with its final state saved in ``out``.
+
+    ``init_from`` starts a new run from an exported pipeline (see :meth:`Trainer.init_from`).
+    """
     trainer = Trainer(out, cfg, ToyModelConfig(), device)
     ckpt = out / CHECKPOINT
     if resume and ckpt.exists():
@@ -350,6 +396,9 @@ def train(out: Path, cfg: TrainConfig, resume: bool = False, device: str = "cpu"
         print(f"resumed from {ckpt}: vae step {trainer.vae_step}, unet step {trainer.step}", flush=True)
     elif ckpt.exists():
         raise ForgetPatchError(f"{ckpt} exists; pass --resume to continue it or choose another --out")
+    elif init_from is not None:
+        trainer.init_from(init_from)
+        print(f"initialised from {init_from}: unet step {trainer.step}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     autosave = _Autosave(cfg.checkpoint_every_s)
     latents_cache = out / LATENTS
@@ -390,6 +439,9 @@ def main(argv: list[str] | None = None) -> None:
         "--export", nargs=2, type=Path, metavar=("RUN", "DIR"), help="export RUN's EMA weights"
     )
     parser.add_argument("--raw", action="store_true", help="with --export: raw weights instead of EMA")
+    parser.add_argument(
+        "--init-from", type=Path, metavar="DIR", help="start from an exported pipeline's weights"
+    )
     args = parser.parse_args(argv)
     if args.export:
         run, directory = args.export
@@ -401,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, vae_steps=args.vae_steps, dataset_size=args.dataset_size
     )
-    train(args.out, cfg, resume=args.resume, device=args.device)
+    train(args.out, cfg, resume=args.resume, device=args.device, init_from=args.init_from)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,14 @@ PARTIAL_TEMPLATES: tuple[str, ...] = (
     "a {colour} {shape}",
     "a {shape} on a {texture} background",
 )
+#: The training prompt forms with a ``{concept}`` slot for the shape (colour and texture fixed), for
+#: closed-form methods that edit a concept inside the prompts it is used in (``templates=``).
+ERASE_TEMPLATES: tuple[str, ...] = (
+    "a {concept}",
+    "a red {concept} on a plain background",
+    "a {concept} in blue on a stripes background",
+    "a picture of a green {concept} with a dots background",
+)
 #: Reworded prompts used only for scoring, never for training.
 HELDOUT_TEMPLATES: tuple[str, ...] = (
     "a {texture} background with a {colour} {shape}",

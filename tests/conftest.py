@@ -11,7 +11,7 @@ MIN_BASE_SHAPE_FIDELITY = 0.6
 
 @pytest.fixture(scope="session")
 def toy_base_fidelity() -> dict[str, float]:
-    """Held-out fidelity of the shipped toy pipeline (20 prompts), measured once per test session."""
+    """Held-out fidelity of the shipped toy pipeline (64 prompts), measured once per test session."""
     from forgetpatch import toy
     from forgetpatch.errors import ForgetPatchError
     from forgetpatch.toy.fidelity import fidelity
@@ -20,7 +20,7 @@ def toy_base_fidelity() -> dict[str, float]:
         pipe, judge = toy.pipeline(), toy.load_judge()
     except ForgetPatchError as exc:
         pytest.skip(f"toy world not available: {exc}")
-    return fidelity(pipe, judge, n=20, steps=25)
+    return fidelity(pipe, judge, n=64, steps=25)
 
 
 @pytest.fixture

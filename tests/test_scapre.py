@@ -24,6 +24,7 @@ from forgetpatch.methods.scapre import (
     gate_weights,
     mi_soft_mask,
     pooled_entropy_factor,
+    shared_noise_mi_mask,
     solve_rows,
 )
 from forgetpatch.testing import TEST_WORDS, tiny_sd_pipeline, tiny_sdxl_pipeline
@@ -92,6 +93,21 @@ def test_mi_soft_mask_matches_counting_reference():
     expected = naive_mi_mask(pos.numpy(), neg.numpy(), 5, 0.7)
     np.testing.assert_allclose(mask.numpy(), expected, rtol=1e-9, atol=1e-12)
     assert mask[:10].mean() > 3 * mask[10:].mean()  # concept-carrying channels get the larger weight
+
+
+def test_shared_noise_mask_equals_the_median_mask():
+    """The merge-count shortcut gives the per-concept median binarisation's mask exactly."""
+    generator = torch.Generator().manual_seed(3)
+    d, n, s = 40, 6, 5
+    clean = torch.randn(d, n, generator=generator, dtype=torch.float64)
+    clean[:12] *= 0.05  # some rows barely tell concepts from blank
+    noise = 0.5 * torch.randn(d, s, generator=generator, dtype=torch.float64)
+    negative = torch.randn(d, s, generator=generator, dtype=torch.float64)
+    positive = clean.T[:, :, None] + noise[None]
+    expected = mi_soft_mask(positive, negative, p=5, temperature=0.7)
+    torch.testing.assert_close(shared_noise_mi_mask(clean, noise, negative, p=5, temperature=0.7), expected)
+    reference = naive_mi_mask(positive.numpy(), negative.expand(n, d, s).numpy(), 5, 0.7)
+    np.testing.assert_allclose(expected.numpy(), reference, rtol=1e-9, atol=1e-12)
 
 
 def test_gate_penalises_dominant_directions_less():

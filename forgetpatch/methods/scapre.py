@@ -197,16 +197,58 @@ def mi_soft_mask(positive: torch.Tensor, negative: torch.Tensor, p: float, tempe
         negative = negative.expand(positive.shape[0], *negative.shape)
     values = torch.cat([positive, negative], dim=-1)
     bit = values > values.median(dim=-1, keepdim=True).values
-    s_pos, s_neg = positive.shape[-1], negative.shape[-1]
-    total = s_pos + s_neg
+    s_pos = positive.shape[-1]
     ones_pos = bit[..., :s_pos].sum(-1).to(positive.dtype)
     ones_neg = bit[..., s_pos:].sum(-1).to(positive.dtype)
+    return _mask_from_counts(ones_pos, ones_neg, s_pos, negative.shape[-1], p, temperature)
+
+
+def shared_noise_mi_mask(
+    clean: torch.Tensor, noise: torch.Tensor, negative: torch.Tensor, p: float, temperature: float = 0.7
+) -> torch.Tensor:
+    """:func:`mi_soft_mask` when every concept shares one noise draw, without a median per concept and row.
+
+    ``positive[k, i, s] = clean[i, k] + noise[i, s]`` and ``negative`` is ``(d, s)``, as many as the
+    positives. The lower median of the ``2s`` values is the ``s``-th smallest, so exactly ``s`` values are
+    ones, and the positives among the ``s`` smallest are counted by merging two sorted lists: the ``j``
+    smallest positives are among them iff ``pos_(j) < neg_(s - j + 1)``. Sorting the shared noise and the
+    negatives once per row replaces ``n x d`` medians (ties, of probability zero, may count differently).
+    """
+    s = noise.shape[1]
+    if negative.shape[1] != s:
+        raise MethodError("shared_noise_mi_mask needs as many negatives as positives per row")
+    ascending = noise.sort(dim=1).values  # (d, s)
+    descending = negative.sort(dim=1, descending=True).values  # neg_(s - j + 1) at column j - 1
+    below = (clean.T[:, :, None] + ascending[None]) < descending[None]  # (n, d, s)
+    ones_pos = s - below.sum(-1)
+    # the MI takes only s + 1 values (one per count): compute those once and look them up
+    counts = torch.arange(s + 1, dtype=clean.dtype, device=clean.device)
+    table = _mutual_information(counts, s - counts, s, s)
+    return _squash(table[ones_pos], p, temperature)
+
+
+def _mask_from_counts(
+    ones_pos: torch.Tensor, ones_neg: torch.Tensor, s_pos: int, s_neg: int, p: float, temperature: float
+) -> torch.Tensor:
+    """The 2x2 mutual information per concept and row from its counts of ones, z-scored, squashed, max."""
+    return _squash(_mutual_information(ones_pos, ones_neg, s_pos, s_neg), p, temperature)
+
+
+def _mutual_information(
+    ones_pos: torch.Tensor, ones_neg: torch.Tensor, s_pos: int, s_neg: int
+) -> torch.Tensor:
+    """MI between a binarised activation and the positive/negative label, from the counts of ones."""
+    total = s_pos + s_neg
     joint = torch.stack([s_pos - ones_pos, ones_pos, s_neg - ones_neg, ones_neg], dim=-1) / total
     label = torch.tensor([s_pos, s_pos, s_neg, s_neg], dtype=joint.dtype, device=joint.device) / total
     ones = ones_pos + ones_neg
     bit_share = torch.stack([total - ones, ones, total - ones, ones], dim=-1) / total
     terms = joint * (joint / (label * bit_share).clamp_min(1e-30)).clamp_min(1e-30).log()
-    mi = torch.where(joint > 0, terms, torch.zeros_like(terms)).sum(-1)  # (n, d)
+    return torch.where(joint > 0, terms, torch.zeros_like(terms)).sum(-1)
+
+
+def _squash(mi: torch.Tensor, p: float, temperature: float) -> torch.Tensor:
+    """``(n, d)`` MI -> z-score over rows, ``sigmoid(z / temperature)^p``, max over concepts."""
     z = (mi - mi.mean(dim=1, keepdim=True)) / (mi.std(dim=1, keepdim=True, unbiased=False) + 1e-8)
     return (torch.sigmoid(z / temperature) ** p).amax(dim=0)
 
@@ -334,9 +376,8 @@ def edit_layer(W: torch.Tensor, shared: Shared, params: ScaPreParams, keep_solve
     WC, WG, WP, WU, WE, WEp, WEn, Wb = (W @ probes.T).split(shared.splits, dim=1)  # float32 statistics
     # 1. entropy factor over all concepts' noisy activations (one noise draw shared by the concepts)
     mu = pooled_entropy_factor(WC, WE, params.entropy_bins)
-    # 3. Informax Decoupler soft mask
-    positive = (WC.T[:, :, None] + WEp[None]).contiguous()  # (n, d, s)
-    mask = mi_soft_mask(positive, Wb + WEn, params.p, params.mi_temperature)
+    # 3. Informax Decoupler soft mask (positives W c_k + W e_s share the noise draw: see the function)
+    mask = shared_noise_mi_mask(WC, WEp, Wb + WEn, params.p, params.mi_temperature)
     # 2, 4, 5. the shared part of every row's system, the rank-|C| term, and all rows' solves
     WC, WG, WP, WU = WC.double(), WG.double(), WP.double(), WU.double()
     k = shared.basis.shape[1]

@@ -43,11 +43,7 @@ SHAPE_SETS = {
     3: ["circle", "square", "star"],
     5: ["circle", "square", "triangle", "star", "hexagon"],
 }
-#: Extra parameters per setting of the toy part (``preserve_others``: keep every shape not erased).
-SETTINGS: dict[str, dict] = {
-    "paper": {},
-    "in-context": {"tokens": "trailing", "templates": None, "preserve_others": True},
-}
+SETTINGS = ("paper", "in-context")
 console = Console()
 
 
@@ -166,11 +162,7 @@ def part_toy(images_per_concept: int, seed: int, settings: list[str]) -> None:
     for col in (*columns, "erase s"):
         table.add_column(col, justify="right")
     for setting, (n, shapes), method in itertools.product(settings, SHAPE_SETS.items(), METHODS):
-        params = dict(SETTINGS[setting])
-        if params.pop("preserve_others", False):
-            params["preserve"] = [s for s in toy.SHAPES if s not in shapes]
-        if "templates" in params:
-            params["templates"] = toy.vocab.ERASE_TEMPLATES
+        params = toy.in_context_params(shapes) if setting == "in-context" else {}
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -206,7 +198,7 @@ def main() -> None:
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 10, 100])
     parser.add_argument("--images-per-concept", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )

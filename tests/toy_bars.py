@@ -35,7 +35,7 @@ def toy_pipeline():
         pytest.skip(f"toy world not available: {exc}")
 
 
-def measure_recipe(name: str, images_per_concept: int = 8) -> Measured:
+def measure_recipe(name: str, images_per_concept: int = 16) -> Measured:
     """Run ``recipes/<name>.yaml`` on the shipped toy model and score the patch it makes."""
     from forgetpatch.eval import evaluate
 

@@ -26,6 +26,14 @@ def demo(
     ),
     images: Annotated[int, typer.Option(help="Images per concept in the evaluation.")] = 8,
     steps: Annotated[int, typer.Option(help="Sampling steps.")] = 25,
+    paper: Annotated[
+        bool,
+        typer.Option(
+            "--paper",
+            help="Closed-form methods: edit only each word's own token, as methods.md states it, instead of "
+            "the toy world's in-context setting (forgetpatch.toy.in_context_params).",
+        ),
+    ] = False,
 ) -> None:
     """Erase a shape from the toy model, apply the patch, and measure what it forgot and kept."""
     import forgetpatch
@@ -36,9 +44,16 @@ def demo(
     console.print(f"[bold]1/4[/] base fidelity on the toy world ({images} images per concept)")
     base = evaluate(pipe, concepts, images_per_concept=images, num_inference_steps=steps)
 
-    console.print(f"[bold]2/4[/] erasing {', '.join(concepts)} with {method}")
+    in_context = (
+        method in ("uce", "scapre") and not paper and all(c in forgetpatch.toy.SHAPES for c in concepts)
+    )
+    params = forgetpatch.toy.in_context_params(concepts) if in_context else {}
+    setting = (
+        " (in context: shapes edited inside the world's prompts, other shapes kept)" if in_context else ""
+    )
+    console.print(f"[bold]2/4[/] erasing {', '.join(concepts)} with {method}{setting}")
     start = time.perf_counter()
-    patch = forgetpatch.erase(pipe, concepts, method=method)
+    patch = forgetpatch.erase(pipe, concepts, method=method, **params)
     erase_s = time.perf_counter() - start
 
     console.print("[bold]3/4[/] applying the patch and measuring forgetting and retention")

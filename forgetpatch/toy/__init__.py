@@ -17,7 +17,7 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +25,7 @@ from forgetpatch.errors import ForgetPatchError
 from forgetpatch.toy.render import IMAGE_SIZE, render, render_batch
 from forgetpatch.toy.vocab import (
     COLOURS,
+    ERASE_TEMPLATES,
     FILLER_WORDS,
     HELDOUT_TEMPLATES,
     NEAR_NEIGHBOURS,
@@ -56,6 +57,7 @@ PIPELINE_DIR = Path(__file__).parent / "weights" / "pipeline"
 
 __all__ = [
     "COLOURS",
+    "ERASE_TEMPLATES",
     "FILLER_WORDS",
     "HELDOUT_TEMPLATES",
     "IMAGE_SIZE",
@@ -73,6 +75,7 @@ __all__ = [
     "all_words",
     "concepts_of",
     "heldout_scenes",
+    "in_context_params",
     "is_heldout",
     "kind_of",
     "load_judge",
@@ -109,6 +112,29 @@ def pipeline(
     pipe.set_progress_bar_config(disable=True)
     pipe.forgetpatch_family = "toy"  # patches made on it record base family "toy"
     return pipe.to(device)
+
+
+def in_context_params(shapes: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Closed-form (UCE / ScaPre) settings that edit toy shapes where the toy model reads them.
+
+    Each shape is edited inside :data:`ERASE_TEMPLATES` at its own token and every later one
+    (``tokens="trailing"``), and the shapes not erased are preserved in the same prompts. On the toy
+    model, whose 2-layer text encoder spreads a word over every later token, editing only the bare word's
+    token forgets little (``benchmarks/closed_form.py --part toy`` measures both).
+
+    Example:
+        >>> params = in_context_params(["circle"])
+        >>> params["tokens"], params["preserve"][:2]
+        ('trailing', ['ellipse', 'ring'])
+    """
+    not_shapes = [s for s in shapes if s not in SHAPES]
+    if not_shapes:
+        raise ForgetPatchError(f"in-context settings are for toy shapes; {not_shapes} are not shapes")
+    return {
+        "tokens": "trailing",
+        "templates": list(ERASE_TEMPLATES),
+        "preserve": [s for s in SHAPES if s not in shapes],
+    }
 
 
 def load_judge(device: str = "cpu") -> Judge:

@@ -84,14 +84,6 @@ PARTIAL_TEMPLATES: tuple[str, ...] = (
     "a {colour} {shape}",
     "a {shape} on a {texture} background",
 )
-#: The training prompt forms with a ``{concept}`` slot for the shape (colour and texture fixed), for
-#: closed-form methods that edit a concept inside the prompts it is used in (``templates=``).
-ERASE_TEMPLATES: tuple[str, ...] = (
-    "a {concept}",
-    "a red {concept} on a plain background",
-    "a {concept} in blue on a stripes background",
-    "a picture of a green {concept} with a dots background",
-)
 #: Reworded prompts used only for scoring, never for training.
 HELDOUT_TEMPLATES: tuple[str, ...] = (
     "a {texture} background with a {colour} {shape}",
@@ -167,3 +159,16 @@ def prompt(
         colour=colour_word or scene.colour,
         texture=texture_word or scene.texture,
     )
+
+
+#: The first training template with a ``{concept}`` slot for the shape, once per colour (textures in
+#: turn), and the bare ``"a {concept}"``: for closed-form methods that edit a shape inside the prompts it
+#: is used in (``templates=``). Every colour and texture appears, so preserving the other shapes in the
+#: same prompts keeps colours and textures too.
+ERASE_TEMPLATES: tuple[str, ...] = (
+    "a {concept}",
+    *(
+        f"a {colour} {{concept}} on a {texture} background"
+        for colour, texture in zip(COLOURS, TEXTURES * len(COLOURS), strict=False)
+    ),
+)

@@ -8,7 +8,7 @@ KSCU is measured twice: patch always on, and gated to its key steps at inference
 run, never assumed.
 
 Run:
-    python benchmarks/finetune.py toy --concept circle --iterations 200 --lr 1e-4 --out out/bench-finetune
+    python benchmarks/finetune.py toy --concept circle --iterations 400 --lr 5e-4 --scope xattn --images 16
     python benchmarks/finetune.py arch --family sd15 --iterations 3 --latent-size 16
 
 Bars (issue 6): KSCU erasing one shape: UA >= 90%, IRA >= 85% of base, CRA >= 90% of base, in
@@ -85,6 +85,7 @@ def toy(args: argparse.Namespace) -> dict[str, Any]:
                 remove(pipe)
             name = f"{method}{' (key-step gated)' if gated else ''}"
             rows[name] = {**_scores(report, args.concept), "unet_passes": passes["total"], "erase_s": erase_s}
+    settings = {**settings, "scope": args.scope or "preset", "guide": args.guide, "images": args.images}
     return {"concept": args.concept, "settings": settings, "base_ua": base_ua, "rows": rows}
 
 

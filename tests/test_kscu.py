@@ -147,6 +147,39 @@ def test_kscu_patch_on_tiny_sd_records_key_steps(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
 
 
+def test_preserve_term_keeps_the_preserved_concept_closer_to_the_base():
+    """Optional (not in the paper): with ``preserve``, the student is also held to the teacher on it."""
+    import forgetpatch
+    from forgetpatch.methods.engine import encode_prompt
+
+    pipe = tiny_sd_pipeline(0)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    kept = encode_prompt(pipe, "square", latent_size=8)
+
+    def eps() -> torch.Tensor:
+        with torch.no_grad():
+            return pipe.unet(x, 700, encoder_hidden_states=kept.hidden).sample
+
+    base = eps()
+    moved = {}
+    for preserve in ([], ["square"]):
+        patch = methods.erase(
+            pipe,
+            ["circle"],
+            method="kscu",
+            preserve=preserve,
+            iterations=12,
+            num_inference_steps=10,
+            scope="xattn",
+            **{**FAST, "lr": 3e-3},
+        )
+        assert patch.manifest.method.params["preserve_weight"] == (1.0 if preserve else 0.0)
+        forgetpatch.apply(pipe, patch)
+        moved[bool(preserve)] = float((eps() - base).norm())
+        forgetpatch.remove(pipe)
+    assert moved[True] < 0.75 * moved[False], moved
+
+
 def test_kscu_style_on_tiny_sdxl_and_gated_apply():
     from forgetpatch.loader import apply, remove
 

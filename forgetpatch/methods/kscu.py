@@ -176,6 +176,10 @@ class KSCUObjective:
         iterations: total iterations (the last ``augment_fraction`` of them are augmented).
         g, lam2: guidance strength of the conditional target and weight of the leakage term.
         augment_fraction, noise_scale: paraphrase window and embedding-noise scale.
+        preserve, preserve_weight: not part of KSCU (methods.md has no preservation term): when concepts
+            to preserve are given, each iteration also pulls the student's prediction for one of them
+            (in turn) on the same ``x_t`` towards the frozen teacher's, weighted ``preserve_weight``.
+            Without ``preserve`` the loss is exactly the paper's.
     """
 
     def __init__(
@@ -189,8 +193,11 @@ class KSCUObjective:
         augment_fraction: float = 0.05,
         noise_scale: float = 1e-5,
         seed: int = 0,
+        preserve: list[Concept] | None = None,
+        preserve_weight: float = 1.0,
     ) -> None:
         self.concepts, self.table, self.g, self.lam2 = concepts, table, g, lam2
+        self.preserve, self.preserve_weight = list(preserve or []), preserve_weight
         self.entries = table.entries(iterations)
         self.augment_from = iterations - math.ceil(augment_fraction * iterations)
         self.noise_scale, self.seed = noise_scale, seed
@@ -212,8 +219,14 @@ class KSCUObjective:
         generator = engine.generator(iteration)
         c, empty = engine.encode(concept.target), engine.encode("")
         x, t = engine.sample_xt(entry.concept, c, empty, entry.step, generator=generator, reuse=True)
-        # One batched teacher pass: eps(x, ""), eps(x, c) and, with a guide, eps(x, guide) as the anchor.
-        conds = [empty, c] + ([engine.encode(concept.guide)] if concept.guide else [])
+        # One batched teacher pass: eps(x, ""), eps(x, c), with a guide eps(x, guide) as the anchor, and
+        # with concepts to preserve eps(x, p) for one of them.
+        kept = (
+            self.preserve[iteration % len(self.preserve)] if self.preserve and self.preserve_weight else None
+        )
+        extra = [engine.encode(concept.guide)] if concept.guide else []
+        extra += [engine.encode(kept.target)] if kept is not None else []
+        conds = [empty, c, *extra]
         outs = engine.teacher(torch.cat([x] * len(conds)), t, Cond.cat(*conds)).float().chunk(len(conds))
         e_empty, e_concept = outs[0], outs[1]
         e_anchor = outs[2] if concept.guide else e_empty
@@ -224,10 +237,15 @@ class KSCUObjective:
         c_tilde = c
         if self.augmented(iteration):
             c_tilde = engine.encode(self.last_prompt).with_noise(self.noise_scale, generator)
-        s_cond, s_uncond = engine.student(torch.cat([x, x]), t, Cond.cat(c_tilde, empty)).chunk(2)
-        return F.mse_loss(s_cond.float(), target_cond) + self.lam2 * F.mse_loss(
-            s_uncond.float(), target_uncond
+        student_conds = [c_tilde, empty] + ([extra[-1]] if kept is not None else [])
+        n = len(student_conds)
+        s_out = engine.student(torch.cat([x] * n), t, Cond.cat(*student_conds)).chunk(n)
+        loss = F.mse_loss(s_out[0].float(), target_cond) + self.lam2 * F.mse_loss(
+            s_out[1].float(), target_uncond
         )
+        if kept is not None:
+            loss = loss + self.preserve_weight * F.mse_loss(s_out[2].float(), outs[-1])
+        return loss
 
 
 def key_step_range(
@@ -314,6 +332,7 @@ class KSCU:
         g: float = 1.0,
         lam2: float = 1e-4,
         creep_every: int = 8,
+        preserve_weight: float = 1.0,
         key_step_analysis: Any = None,
         name: str | None = None,
         **params: Any,
@@ -328,6 +347,8 @@ class KSCU:
             lr: Adam learning rate (paper: 1e-5).
             num_inference_steps: E, the DDIM steps of the trajectory (paper: 50).
             g, lam2: loss weights (paper: 1.0, 1e-4).
+            preserve_weight: weight of the optional preservation term, used only when ``preserve`` is
+                given (not in the paper; see :class:`KSCUObjective`).
             key_step_analysis: a result of :func:`forgetpatch.eval.keysteps.analyze` (dict, JSON file
                 or folder), stored in the patch's metrics next to the preset it checks.
             **params: :class:`~forgetpatch.methods.engine.FinetuneConfig` fields (``mode``, ``rank``,
@@ -347,7 +368,16 @@ class KSCU:
         config = make_config(
             scope=scope, iterations=iterations, lr=lr, num_inference_steps=num_inference_steps, **params
         )
-        objective = KSCUObjective(concepts, table, iterations, g=g, lam2=lam2, seed=config.seed)
+        objective = KSCUObjective(
+            concepts,
+            table,
+            iterations,
+            g=g,
+            lam2=lam2,
+            seed=config.seed,
+            preserve=preserve,
+            preserve_weight=preserve_weight,
+        )
         timesteps = ddim_timesteps(pipe, num_inference_steps)
         T = int(pipe.scheduler.config.num_train_timesteps)
         ranges = [key_step_range(table, iterations, timesteps, "DDIMScheduler", T)]
@@ -376,7 +406,14 @@ class KSCU:
             version=self.version,
             concepts=concepts,
             preserve=preserve,
-            params={"task": task, "start_step": start, "g": g, "lam2": lam2, "creep_every": creep_every},
+            params={
+                "task": task,
+                "start_step": start,
+                "g": g,
+                "lam2": lam2,
+                "creep_every": creep_every,
+                "preserve_weight": preserve_weight if preserve else 0.0,
+            },
             key_steps=ranges,
             metrics=metrics,
             name=name,

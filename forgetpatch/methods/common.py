@@ -133,6 +133,32 @@ def _refuse_empty(prompts: Sequence[str], index: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def _hidden_states(pipe, prompts: Sequence[str], length: int | None = None) -> torch.Tensor:
+    """``encoder_hidden_states`` rows of each prompt, ``(len(prompts), L, width)``, float32 on the CPU.
+
+    Padded to the tokenizer's ``model_max_length`` as the pipeline pads (``L``), or cut to the first
+    ``length`` positions. SDXL's two encoders are concatenated (penultimate hidden states).
+    """
+    parts = []
+    for tokenizer, encoder, penultimate in _text_encoders(pipe):
+        tokens = tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        ids, mask = tokens.input_ids[:, :length], tokens.attention_mask[:, :length]
+        device = next(encoder.parameters()).device
+        kwargs = {}
+        if getattr(encoder.config, "use_attention_mask", False):
+            kwargs["attention_mask"] = mask.to(device)
+        out = encoder(ids.to(device), output_hidden_states=penultimate, **kwargs)
+        parts.append((out.hidden_states[-2] if penultimate else out[0]).float().cpu())
+    return torch.cat(parts, dim=-1)
+
+
+@torch.no_grad()
 def encode_tokens(pipe, prompts: Sequence[str], *, allow_empty: bool = False) -> torch.Tensor:
     """Text-encoder output at the last word token of each prompt, ``(len(prompts), width)``, float32.
 
@@ -156,23 +182,13 @@ def encode_tokens(pipe, prompts: Sequence[str], *, allow_empty: bool = False) ->
         raise ConceptError("no prompts to encode")
     unique = list(dict.fromkeys(prompts))  # e.g. one blank guide shared by 100 concepts
     where = torch.tensor([unique.index(p) for p in prompts]) if len(unique) < len(prompts) else None
-    parts = []
-    for tokenizer, encoder, penultimate in _text_encoders(pipe):
-        tokens = tokenizer(unique, padding="longest", truncation=True, return_tensors="pt")
-        index = tokens.attention_mask.sum(dim=1) - 2
-        if not allow_empty:
-            _refuse_empty(unique, index)
-        # causal attention: positions after the last word token (EOS, padding) change nothing before it
-        length = int(index.max()) + 1
-        device = next(encoder.parameters()).device
-        kwargs = {}
-        if getattr(encoder.config, "use_attention_mask", False):
-            kwargs["attention_mask"] = tokens.attention_mask[:, :length].to(device)
-        out = encoder(tokens.input_ids[:, :length].to(device), output_hidden_states=penultimate, **kwargs)
-        states = out.hidden_states[-2] if penultimate else out[0]
-        rows = states[torch.arange(len(unique), device=device), index.to(device)]
-        parts.append(rows.float().cpu())
-    rows = torch.cat(parts, dim=-1)
+    index = last_token_index(pipe, unique)
+    if not allow_empty:
+        _refuse_empty(unique, index)
+    # causal attention: positions after the last word token (EOS, padding) change nothing before it
+    states = _hidden_states(pipe, unique, length=int(index.max()) + 1)
+    parts = [states[torch.arange(len(unique)), index]]
+    rows = parts[0]
     return rows if where is None else rows[where]
 
 
@@ -223,34 +239,15 @@ def guide_prompt(concept: Concept, defaults: dict[str, str] | None = None) -> st
 TOKEN_MODES = ("last", "trailing")
 
 
-@torch.no_grad()
-def encode_trailing(pipe, prompts: Sequence[str], starts: Sequence[int] | None = None) -> list[torch.Tensor]:
+def encode_trailing(pipe, prompts: Sequence[str], starts: Sequence[int]) -> list[torch.Tensor]:
     """For each prompt, the rows of ``encoder_hidden_states`` from position ``start`` to the end, float32.
 
-    ``start`` defaults to the prompt's last word token (``""``: BOS). The prompt is padded to the
-    tokenizer's ``model_max_length`` as the pipeline pads it, so the rows are exactly those the UNet
-    receives: the concept's token and every later one, EOS and padding included, which carry the concept
-    on through causal attention. SDXL's two encoders are concatenated as in :func:`encode_tokens`.
+    The prompt is padded to the tokenizer's ``model_max_length`` as the pipeline pads it, so the rows are
+    exactly those the UNet receives: the concept's token and every later one, EOS and padding included,
+    which carry the concept on through causal attention.
     """
-    prompts = list(prompts)
-    starts = list(last_token_index(pipe, prompts).clamp_min(0).tolist() if starts is None else starts)
     unique = list(dict.fromkeys(prompts))
-    parts = []
-    for tokenizer, encoder, penultimate in _text_encoders(pipe):
-        tokens = tokenizer(
-            unique,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        device = next(encoder.parameters()).device
-        kwargs = {}
-        if getattr(encoder.config, "use_attention_mask", False):
-            kwargs["attention_mask"] = tokens.attention_mask.to(device)
-        out = encoder(tokens.input_ids.to(device), output_hidden_states=penultimate, **kwargs)
-        parts.append((out.hidden_states[-2] if penultimate else out[0]).float().cpu())
-    states = torch.cat(parts, dim=-1)
+    states = _hidden_states(pipe, unique)
     return [states[unique.index(p), int(start) :] for p, start in zip(prompts, starts, strict=True)]
 
 

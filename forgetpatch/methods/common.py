@@ -187,8 +187,7 @@ def encode_tokens(pipe, prompts: Sequence[str], *, allow_empty: bool = False) ->
         _refuse_empty(unique, index)
     # causal attention: positions after the last word token (EOS, padding) change nothing before it
     states = _hidden_states(pipe, unique, length=int(index.max()) + 1)
-    parts = [states[torch.arange(len(unique)), index]]
-    rows = parts[0]
+    rows = states[torch.arange(len(unique)), index]
     return rows if where is None else rows[where]
 
 

@@ -224,8 +224,8 @@ class KSCUObjective:
         kept = (
             self.preserve[iteration % len(self.preserve)] if self.preserve and self.preserve_weight else None
         )
-        extra = [engine.encode(concept.guide)] if concept.guide else []
-        extra += [engine.encode(kept.target)] if kept is not None else []
+        kept_cond = [engine.encode(kept.target)] if kept is not None else []
+        extra = ([engine.encode(concept.guide)] if concept.guide else []) + kept_cond
         conds = [empty, c, *extra]
         outs = engine.teacher(torch.cat([x] * len(conds)), t, Cond.cat(*conds)).float().chunk(len(conds))
         e_empty, e_concept = outs[0], outs[1]
@@ -237,13 +237,13 @@ class KSCUObjective:
         c_tilde = c
         if self.augmented(iteration):
             c_tilde = engine.encode(self.last_prompt).with_noise(self.noise_scale, generator)
-        student_conds = [c_tilde, empty] + ([extra[-1]] if kept is not None else [])
+        student_conds = [c_tilde, empty, *kept_cond]
         n = len(student_conds)
         s_out = engine.student(torch.cat([x] * n), t, Cond.cat(*student_conds)).chunk(n)
         loss = F.mse_loss(s_out[0].float(), target_cond) + self.lam2 * F.mse_loss(
             s_out[1].float(), target_uncond
         )
-        if kept is not None:
+        if kept_cond:
             loss = loss + self.preserve_weight * F.mse_loss(s_out[2].float(), outs[-1])
         return loss
 

@@ -200,7 +200,7 @@ def mi_soft_mask(positive: torch.Tensor, negative: torch.Tensor, p: float, tempe
     s_pos = positive.shape[-1]
     ones_pos = bit[..., :s_pos].sum(-1).to(positive.dtype)
     ones_neg = bit[..., s_pos:].sum(-1).to(positive.dtype)
-    return _mask_from_counts(ones_pos, ones_neg, s_pos, negative.shape[-1], p, temperature)
+    return _squash(_mutual_information(ones_pos, ones_neg, s_pos, negative.shape[-1]), p, temperature)
 
 
 def shared_noise_mi_mask(
@@ -225,13 +225,6 @@ def shared_noise_mi_mask(
     counts = torch.arange(s + 1, dtype=clean.dtype, device=clean.device)
     table = _mutual_information(counts, s - counts, s, s)
     return _squash(table[ones_pos], p, temperature)
-
-
-def _mask_from_counts(
-    ones_pos: torch.Tensor, ones_neg: torch.Tensor, s_pos: int, s_neg: int, p: float, temperature: float
-) -> torch.Tensor:
-    """The 2x2 mutual information per concept and row from its counts of ones, z-scored, squashed, max."""
-    return _squash(_mutual_information(ones_pos, ones_neg, s_pos, s_neg), p, temperature)
 
 
 def _mutual_information(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -46,5 +48,11 @@ def test_training_continues_from_an_export(tmp_path):
     assert cont.scaling_factor == pytest.approx(exported.vae.config.scaling_factor)
     torch.testing.assert_close(cont.vae.state_dict(), exported.vae.state_dict())  # VAE kept as exported
     assert cont.lr_at(2) < cont.lr_at(3)  # the fresh optimiser warms up again
+    cont.export(tmp_path / "pipe2")
+    info = json.loads((tmp_path / "pipe2" / "training.json").read_text())
+    assert info["phases"] == [  # both runs, with the prompt mix each used
+        {"steps": [0, 2], "p_reorder": TrainConfig.p_reorder},
+        {"steps": [2, 4], "p_reorder": TrainConfig.p_reorder},
+    ]
     with pytest.raises(ForgetPatchError, match="--resume"):  # an existing run is never overwritten
         train(tmp_path / "again", _cfg(steps=5), init_from=tmp_path / "pipe")

@@ -72,3 +72,6 @@ def test_training_never_sees_heldout_scenes_and_mixes_prompts():
     assert any("disc" in p.split() for p in prompts)
     heldout_prompts = {vocab.prompt(s, t) for s in vocab.all_scenes() for t in vocab.HELDOUT_TEMPLATES}
     assert not heldout_prompts & set(prompts)
+    assert not set(vocab.HELDOUT_TEMPLATES) & set(vocab.ORDER_TEMPLATES + vocab.TRAIN_TEMPLATES)
+    reordered = {vocab.prompt(s, t) for s in vocab.all_scenes() for t in vocab.ORDER_TEMPLATES}
+    assert 0.05 < sum(p in reordered for p in prompts) / len(prompts) < 0.3  # other word orders are trained on

@@ -8,6 +8,8 @@
   for SDXL (penultimate hidden states, 768 + 1280 = 2048 wide).
 * :func:`check_concepts`: the input checks every method shares.
 * :func:`low_rank_factors`: a truncated SVD of a weight change whose rank is chosen by an energy threshold.
+* :func:`low_rank_in_span`: the same for a change known as coordinates in an orthonormal row basis
+  plus a small remainder outside it (no ``out x in`` product needed).
 
 Example:
     >>> from forgetpatch.testing import tiny_sd_pipeline
@@ -402,3 +404,47 @@ def low_rank_factors(
     B = U[:, :rank] * root[None, :]
     error = float((matrix - B @ A).double().norm()) / total**0.5
     return LowRankFactors(A=A, B=B, rank=rank, rel_error=error)
+
+
+def low_rank_in_span(
+    coords: torch.Tensor,
+    basis: torch.Tensor,
+    outside_sq: float,
+    *,
+    energy: float = 0.999,
+    max_rank: int | None = None,
+) -> LowRankFactors | None:
+    """Truncated SVD of ``delta = coords @ basis.T + E`` where ``E`` is orthogonal to ``basis``' columns.
+
+    ``coords`` (``out x k``) is ``delta @ basis`` for an orthonormal ``basis`` (``in x k``) and ``outside_sq``
+    is ``|E|_F^2``, the part of ``delta`` outside that row space. The factors keep the leading singular
+    directions of ``coords`` (the best rank-``r`` approximation within the span), with ``r`` the smallest
+    rank whose singular values hold ``energy`` of ``|delta|_F^2 = |coords|_F^2 + |E|_F^2``. The relative
+    error is exact: ``sqrt(sum of the dropped S_i^2 + |E|^2) / |delta|_F``, without forming ``delta``.
+
+    Returns ``None`` when the span cannot hold ``energy`` of ``delta`` (or ``max_rank`` is too small for
+    it): then use :func:`low_rank_factors` on the full matrix.
+
+    Example:
+        >>> basis = torch.linalg.qr(torch.randn(32, 3)).Q
+        >>> low = low_rank_in_span(torch.randn(64, 3), basis, 0.0, energy=0.999)
+        >>> low.rank, low.rel_error < 1e-6
+        (3, True)
+    """
+    if not 0.0 < energy <= 1.0:
+        raise MethodError(f"energy must be in (0, 1], got {energy}")
+    U, S, Vh = torch.linalg.svd(coords.detach().float(), full_matrices=False)  # float32: the stored dtype
+    squares = S.double().square()
+    total = float(squares.sum()) + max(0.0, outside_sq)
+    if total == 0.0:
+        return None
+    kept = torch.cumsum(squares, 0) / total
+    reached = int((kept < energy - 1e-12).sum()) + 1
+    cap = len(S) if max_rank is None else max(1, min(max_rank, len(S)))
+    if reached > cap:
+        return None
+    root = S[:reached].sqrt()
+    B = U[:, :reached] * root[None, :]
+    A = (root[:, None] * Vh[:reached]) @ basis.T.to(Vh)
+    dropped = float(squares[reached:].sum()) + max(0.0, outside_sq)
+    return LowRankFactors(A=A, B=B, rank=reached, rel_error=(dropped / total) ** 0.5)

@@ -21,7 +21,8 @@ Fast solve: every matrix except ``(lam + mu) I`` lives in the span of the erased
 ``a_i = s_e m_i`` per row; one Cholesky ``M_0 = L L^T`` and one eigendecomposition ``L^-1 Pi L^-T = Q K Q^T``
 per layer give ``M_i^-1 = F (I + a_i K)^-1 F^T`` with ``F = L^-T Q`` for every row at once (two thin
 matmuls instead of ``d`` solves). The Bures step is done on per-row inner products, and the change, which
-is close to (not exactly) low rank, is stored as a truncated SVD at an energy threshold.
+is close to (not exactly) low rank, is stored as a truncated SVD at an energy threshold, taken in the
+basis' span (``d x k``) without forming the ``d x D`` change.
 
 Example:
     >>> patch = forgetpatch.erase(pipe, ["circle", "star"], method="scapre")
@@ -55,12 +56,14 @@ from forgetpatch.errors import MethodError
 from forgetpatch.methods.base import Concept, register
 from forgetpatch.methods.common import (
     Embeddings,
+    LowRankFactors,
     check_concepts,
     cross_attention_layers,
     current_weight,
     embed_concepts,
     guide_prompt,
     low_rank_factors,
+    low_rank_in_span,
     patch_name,
 )
 
@@ -350,17 +353,33 @@ def prepare_shared(emb: Embeddings, blank: torch.Tensor, params: ScaPreParams) -
 
 @dataclass
 class LayerEdit:
-    """One layer's ScaPre edit: the change and the quantities it was computed from (for inspection)."""
+    """One layer's ScaPre edit: the change and the quantities it was computed from (for inspection).
 
-    delta: torch.Tensor
-    """``W' - W`` (``d x D``, float32)."""
+    The change is ``scale_i * W_i`` per row (the Bures step's rescaling) plus ``low_rank @ basis^T``;
+    :attr:`delta` forms it, :attr:`coords` and :attr:`outside_sq` describe it without forming it.
+    """
+
+    W: torch.Tensor
+    basis: torch.Tensor
+    scale: torch.Tensor
+    """``c1 + c2 - 1`` per row (float64)."""
+    low_rank: torch.Tensor
+    """``d x k`` (float64): the change's part along the basis, apart from the row rescaling."""
+    coords: torch.Tensor
+    """``delta @ basis`` (``d x k``, float64)."""
+    outside_sq: float
+    """``|delta (I - basis basis^T)|_F^2``: the change outside the basis' span (rescaled W only)."""
     mu: float
     mask: torch.Tensor
     """``m_i`` per output row."""
     solved: torch.Tensor
     """Rows after the solve, before the Bures step (``d x D``; empty unless asked for)."""
-    range_hint: torch.Tensor
-    """``d x k`` columns spanning the change's low-rank part (the rest is the Bures row rescaling)."""
+
+    @property
+    def delta(self) -> torch.Tensor:
+        """``W' - W`` (``d x D``, float32)."""
+        basis_t = self.basis.T.float().to(self.W.device)
+        return self.scale.float()[:, None] * self.W + self.low_rank.float() @ basis_t
 
 
 def edit_layer(W: torch.Tensor, shared: Shared, params: ScaPreParams, keep_solved: bool = False) -> LayerEdit:
@@ -372,7 +391,7 @@ def edit_layer(W: torch.Tensor, shared: Shared, params: ScaPreParams, keep_solve
     # 3. Informax Decoupler soft mask (positives W c_k + W e_s share the noise draw: see the function)
     mask = shared_noise_mi_mask(WC, WEp, Wb + WEn, params.p, params.mi_temperature)
     # 2, 4, 5. the shared part of every row's system, the rank-|C| term, and all rows' solves
-    WC, WG, WP, WU = WC.double(), WG.double(), WP.double(), WU.double()
+    WG, WP, WU = WG.double(), WP.double(), WU.double()
     k = shared.basis.shape[1]
     M0 = (params.lam + mu) * torch.eye(k, dtype=WU.dtype, device=WU.device) + shared.H.to(WU.device)
     if shared.R1 is not None:
@@ -383,15 +402,48 @@ def edit_layer(W: torch.Tensor, shared: Shared, params: ScaPreParams, keep_solve
     X = solve_rows(M0, shared.Pi.to(WU.device), params.erase_scale * mask, beta)
     step = X - WU  # solved row = W + step @ basis^T
     # 6. Bures proximal step, from per-row inner products
-    oo = W.double().square().sum(dim=1)
-    wo = oo + (WU * step).sum(dim=1)
-    ww = oo + 2 * (WU * step).sum(dim=1) + step.square().sum(dim=1)
+    oo = torch.linalg.vector_norm(W, dim=1, dtype=torch.float64).square()
+    wu_step = (WU * step).sum(dim=1)
+    wo = oo + wu_step
+    ww = oo + 2 * wu_step + step.square().sum(dim=1)
     c1, c2 = bures_coefficients(ww, wo, oo, params.lam + mu, mu, params.bures_iters)
-    basis_t = shared.basis.T.float().to(W.device)
-    low_rank = (c1[:, None] * step).float()
-    delta = (c1 + c2 - 1).float()[:, None] * W + low_rank @ basis_t
-    solved = W + step.float() @ basis_t if keep_solved else delta.new_empty(0)
-    return LayerEdit(delta=delta, mu=mu, mask=mask, solved=solved, range_hint=low_rank)
+    scale = c1 + c2 - 1
+    low_rank = c1[:, None] * step
+    # W's rows outside the span: |W_i|^2 - |W_i basis|^2 (>= 0 up to rounding)
+    outside = (oo - WU.square().sum(dim=1)).clamp_min(0.0)
+    solved = W + step.float() @ shared.basis.T.float().to(W.device) if keep_solved else W.new_empty(0)
+    return LayerEdit(
+        W=W,
+        basis=shared.basis,
+        scale=scale,
+        low_rank=low_rank,
+        coords=scale[:, None] * WU + low_rank,
+        outside_sq=float((scale.square() * outside).sum()),
+        mu=mu,
+        mask=mask,
+        solved=solved,
+    )
+
+
+def edit_factors(edit: LayerEdit, params: ScaPreParams) -> LowRankFactors:
+    """The stored truncated SVD of one layer's change (rank by ``params.energy``).
+
+    The change lies almost entirely in the basis' span, so its SVD is taken there (``d x k``); only when
+    the span holds less than ``energy`` of it is the full ``d x D`` change formed and sketched.
+    """
+    low = low_rank_in_span(
+        edit.coords, edit.basis, edit.outside_sq, energy=params.energy, max_rank=params.max_rank
+    )
+    if low is not None:
+        return low
+    return low_rank_factors(
+        edit.delta,
+        energy=params.energy,
+        max_rank=params.max_rank,
+        range_hint=edit.low_rank.float(),
+        sketch=8,
+        seed=params.seed,
+    )
 
 
 @register
@@ -451,14 +503,7 @@ class ScaPre:
         bar = tqdm(layers.items(), desc="scapre: editing layers", disable=not params.get("progress", True))
         for path, module in bar:
             edit = edit_layer(current_weight(module), shared, settings)
-            low = low_rank_factors(
-                edit.delta,
-                energy=settings.energy,
-                max_rank=settings.max_rank,
-                range_hint=edit.range_hint,
-                sketch=8,
-                seed=settings.seed,
-            )
+            low = edit_factors(edit, settings)
             factors[path], errors[path], mus[path] = (low.A, low.B), low.rel_error, round(edit.mu, 4)
         return build_patch(
             pipe,

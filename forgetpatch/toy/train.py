@@ -76,6 +76,8 @@ class TrainConfig:
     p_superclass: float = 0.1
     p_partial: float = 0.1
     p_synonym: float = 0.3
+    #: Share of prompts written with :data:`vocab.ORDER_TEMPLATES` (0 for the first 18,500 shipped steps).
+    p_reorder: float = 0.25
     seed: int = 0
     checkpoint_every_s: float = 240.0
 
@@ -117,6 +119,8 @@ def training_prompt(scene: vocab.Scene, rng: random.Random, cfg: TrainConfig) ->
         shape = vocab.SHAPE_SUPERCLASS
     if r > 1.0 - cfg.p_partial:
         template = rng.choice(vocab.PARTIAL_TEMPLATES)
+    elif rng.random() < cfg.p_reorder:
+        template = rng.choice(vocab.ORDER_TEMPLATES)
     else:
         template = rng.choice(vocab.TRAIN_TEMPLATES)
     return vocab.prompt(scene, template, shape_word=shape, colour_word=colour, texture_word=texture)
@@ -148,6 +152,8 @@ class Trainer:
         self.elapsed_s = 0.0
         #: The step a fresh optimiser started at (0, or where ``init_from`` continued an export).
         self.restart_step = 0
+        #: Earlier runs this one continues (``init_from``): their step ranges and prompt mix.
+        self.phases: list[dict[str, Any]] = []
 
     # -- checkpoints
     def state(self) -> dict[str, Any]:
@@ -168,6 +174,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "elapsed_s": self.elapsed_s,
             "restart_step": self.restart_step,
+            "phases": self.phases,
         }
 
     def save(self) -> Path:
@@ -194,6 +201,7 @@ class Trainer:
         torch.set_rng_state(s["torch_rng"])
         self.elapsed_s = s.get("elapsed_s", 0.0)
         self.restart_step = s.get("restart_step", 0)
+        self.phases = s.get("phases", [])
 
     def init_from(self, directory: Path) -> None:
         """Start from an exported pipeline (its EMA weights) instead of random weights.
@@ -218,6 +226,8 @@ class Trainer:
         self.vae_step = max(self.cfg.vae_steps, int(info.get("vae_steps", 0)))
         self.step = self.restart_step = int(info.get("unet_steps", 0))
         self.elapsed_s = float(info.get("train_seconds", 0.0))
+        # An export from before phases were recorded was trained without reordered prompts.
+        self.phases = info.get("phases") or [{"steps": [0, self.step], "p_reorder": 0.0}]
         # New draws of data and noise, not a replay of the first run's.
         self.rng = random.Random(self.cfg.seed + self.step)
         torch.manual_seed(self.cfg.seed + self.step)
@@ -361,6 +371,10 @@ class Trainer:
             "unet_steps": self.step,
             "vae_steps": self.vae_step,
             "train_seconds": round(self.elapsed_s),
+            "phases": [
+                *self.phases,
+                {"steps": [self.restart_step, self.step], "p_reorder": self.cfg.p_reorder},
+            ],
         }
         (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
         shutil.rmtree(directory, ignore_errors=True)
@@ -436,6 +450,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-steps", type=int, default=TrainConfig.vae_steps)
     parser.add_argument("--dataset-size", type=int, default=TrainConfig.dataset_size)
     parser.add_argument(
+        "--p-reorder", type=float, default=TrainConfig.p_reorder, help="share of reordered prompts"
+    )
+    parser.add_argument(
         "--export", nargs=2, type=Path, metavar=("RUN", "DIR"), help="export RUN's EMA weights"
     )
     parser.add_argument("--raw", action="store_true", help="with --export: raw weights instead of EMA")
@@ -451,7 +468,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"exported step {trainer.step} to {directory}")
         return
     cfg = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, vae_steps=args.vae_steps, dataset_size=args.dataset_size
+        steps=args.steps,
+        batch_size=args.batch_size,
+        vae_steps=args.vae_steps,
+        dataset_size=args.dataset_size,
+        p_reorder=args.p_reorder,
     )
     train(args.out, cfg, resume=args.resume, device=args.device, init_from=args.init_from)
 

@@ -78,6 +78,15 @@ TRAIN_TEMPLATES: tuple[str, ...] = (
     "a {shape} in {colour} on a {texture} background",
     "a picture of a {colour} {shape} with a {texture} background",
 )
+#: More word orders (texture first, bare words), trained on with probability ``p_reorder`` so the text
+#: encoder learns that order does not change the scene. Disjoint from :data:`HELDOUT_TEMPLATES`: neither
+#: held-out wording (nor the bare shape-colour-texture order) is ever trained on.
+ORDER_TEMPLATES: tuple[str, ...] = (
+    "on a {texture} background a {colour} {shape}",
+    "the {texture} background of a picture of a {shape} in {colour}",
+    "{texture} {colour} {shape}",
+    "{colour} {shape} {texture}",
+)
 #: Prompts that leave a kind out (its images then show any concept of that kind); trained on.
 PARTIAL_TEMPLATES: tuple[str, ...] = (
     "a {shape}",

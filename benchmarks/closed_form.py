@@ -1,7 +1,7 @@
 """Closed-form erasure benchmark: UCE vs ScaPre.
 
-(a) ``--part speed``: a full-size SD 1.5 architecture with random weights (``published_pipeline("sd15")``,
-    CLIP ViT-L text encoder included), erasing 1, 10 and 100 concepts with each method: wall time (model
+(a) ``--part speed``: a full-size SD 1.5 architecture (or ``--arch sd21`` / ``sdxl``) with random weights
+    (``published_pipeline("sd15")``, CLIP ViT-L text encoder included), erasing 1, 10 and 100 concepts with each method: wall time (model
     load excluded, text encoding and patch building included; the median of ``--repeats`` runs), peak
     extra resident memory during the call, patch size. Targets: ScaPre(100) <= 2x UCE(100) and <= 10 s; UCE with one concept <= 1 MB.
 (b) ``--part toy``: the toy world, ScaPre and UCE on the same shapes and seeds, for 1, 3 and 5 shapes:
@@ -14,6 +14,7 @@ Run:
     python benchmarks/closed_form.py                 # both parts
     python benchmarks/closed_form.py --part speed --threads 1   # on a busy machine (see README notes)
     python benchmarks/closed_form.py --part speed --device cuda
+    python benchmarks/closed_form.py --part speed --arch sdxl --threads 1   # SDXL-size, 2048-wide keys
 """
 
 from __future__ import annotations
@@ -90,10 +91,14 @@ class PeakMemory:
         return (self.peak - self.start) / 1e6
 
 
-def part_speed(device: str, counts: list[int], repeats: int = 3) -> None:
+ARCH_NAMES = {"sd15": "SD 1.5", "sd21": "SD 2.1", "sdxl": "SDXL"}
+
+
+def part_speed(device: str, counts: list[int], repeats: int = 3, family: str = "sd15") -> None:
     t0 = time.perf_counter()
-    pipe = published_pipeline("sd15").to(device)
-    console.print(f"SD 1.5 architecture built in {time.perf_counter() - t0:.0f} s (not counted)")
+    pipe = published_pipeline(family).to(device)
+    arch = ARCH_NAMES[family]
+    console.print(f"{arch} architecture built in {time.perf_counter() - t0:.0f} s (not counted)")
     forgetpatch.erase(pipe, concept_names(2), method="uce", progress=False)  # warm-up: lazy inits
     forgetpatch.erase(pipe, concept_names(2), method="scapre", progress=False)
     rows, seconds = [], {}
@@ -115,7 +120,8 @@ def part_speed(device: str, counts: list[int], repeats: int = 3) -> None:
             seconds[(method, n)] = elapsed
             lora = patch.manifest.lora
             rows.append((method, n, elapsed, memory.extra_mb, size / 1e6, size / 1e6 / n, lora.rank, lora))
-    table = Table(title=f"SD 1.5 architecture (random weights), {device}, 32 cross-attention k/v layers")
+    layers = len(patch.manifest.lora.target_modules)
+    table = Table(title=f"{arch} architecture (random weights), {device}, {layers} cross-attention k/v layers")
     for col in (
         "method",
         "concepts",
@@ -142,9 +148,8 @@ def part_speed(device: str, counts: list[int], repeats: int = 3) -> None:
     )
 
 
-def worst(values: list[float | None]) -> str:
-    values = [v for v in values if v is not None]
-    return f"{min(values):.0%}" if values else "-"
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
 
 
 def part_toy(images_per_concept: int, seed: int, settings: list[str]) -> None:
@@ -176,18 +181,12 @@ def part_toy(images_per_concept: int, seed: int, settings: list[str]) -> None:
         report = evaluate(
             pipe, shapes, reference=base, images_per_concept=images_per_concept, seed=seed, progress=False
         )
-        ratios = [r.ratios for r in report.concepts.values()]
-        scores = [r.scores for r in report.concepts.values()]
-
+        worst = report.worst()
         table.add_row(
             setting,
             str(n),
             method,
-            worst([s.ua for s in scores]),
-            worst([r["ira"] for r in ratios]),
-            worst([r["cra"] for r in ratios]),
-            worst([r["near"] for r in ratios]),
-            f"{max((s.leakage or 0.0) for s in scores):.0%}",
+            *(percent(worst[key]) for key in ("ua", "ira", "cra", "near", "leakage")),
             f"{report.drift:.3f}" if report.drift is not None else "-",
             f"{elapsed:.2f}",
         )
@@ -199,6 +198,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=["speed", "toy", "all"], default="all")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--arch", choices=sorted(ARCH_NAMES), default="sd15", help="speed: architecture")
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 10, 100])
     parser.add_argument("--images-per-concept", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
@@ -212,7 +212,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     console.print(f"torch threads: {torch.get_num_threads()}, load average: {os.getloadavg()[0]:.1f}")
     if args.part in ("speed", "all"):
-        part_speed(args.device, args.counts, args.repeats)
+        part_speed(args.device, args.counts, args.repeats, args.arch)
     if args.part in ("toy", "all"):
         part_toy(args.images_per_concept, args.seed, args.settings)
 

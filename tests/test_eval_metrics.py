@@ -104,6 +104,18 @@ def test_generator_that_never_draws_circles_has_full_ua_and_keeps_the_rest():
     assert report.drift == 0.0  # prompts not naming circle are untouched
 
 
+def test_worst_case_over_erased_concepts():
+    # circle forgotten (but "disc" leaks); star not forgotten; square drawn as circle hurts star's IRA
+    gen = FakeGenerator({"circle": "square", "square": "circle", "box": "circle"})
+    report = run(gen, erased=("circle", "star"), reference=FakeGenerator())
+    circle, star = report.concepts["circle"], report.concepts["star"]
+    worst = report.worst()
+    assert worst["ua"] == min(circle.scores.ua, star.scores.ua) == 0.0  # star still drawn
+    assert worst["ira"] == min(circle.ratios["ira"], star.ratios["ira"]) < 1.0
+    assert worst["leakage"] == max(circle.scores.leakage, star.scores.leakage) == 1.0
+    assert worst["cra"] == worst["near"] == 1.0
+
+
 def test_synonym_left_out_shows_as_paraphrase_leakage():
     s = run(FakeGenerator({"circle": "square"})).concepts["circle"].scores
     assert s.ua == 1.0 and s.leakage == 1.0

@@ -16,13 +16,14 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 @dataclass
 class Measured:
-    worst: dict[str, float]
-    """Worst case over the erased concepts: UA absolute; IRA, CRA and near as ratios of the base."""
+    worst: dict[str, float | None]
+    """Worst case over the erased concepts (:meth:`EvalReport.worst`): UA absolute; IRA, CRA and near as
+    ratios of the base."""
     erase_s: float
     report: object
 
     def below(self, bars: dict[str, float]) -> dict[str, float]:
-        return {k: round(self.worst[k], 3) for k, bar in bars.items() if self.worst[k] < bar}
+        return {k: round(v, 3) for k, bar in bars.items() if (v := self.worst[k]) is not None and v < bar}
 
 
 def toy_pipeline():
@@ -48,10 +49,4 @@ def measure_recipe(name: str, images_per_concept: int = 16) -> Measured:
     erase_s = time.perf_counter() - start
     pipe = forgetpatch.apply(toy_pipeline(), patch)
     report = evaluate(pipe, erased, reference=base, images_per_concept=images_per_concept, progress=False)
-    worst = {"ua": 1.0, "ira": 10.0, "cra": 10.0, "near": 10.0}
-    for r in report.concepts.values():
-        worst["ua"] = min(worst["ua"], r.scores.ua)
-        for key in ("ira", "cra", "near"):
-            if r.ratios[key] is not None:
-                worst[key] = min(worst[key], r.ratios[key])
-    return Measured(worst=worst, erase_s=erase_s, report=report)
+    return Measured(worst=report.worst(), erase_s=erase_s, report=report)

@@ -154,6 +154,27 @@ class EvalReport:
     base_accuracy: dict[str, float] | None = None
     base_images: np.ndarray | None = field(default=None, repr=False)
 
+    def worst(self) -> dict[str, float | None]:
+        """The worst case over the erased concepts, as bars are stated: the lowest UA, the lowest IRA,
+        CRA and near-neighbour ratios to the base, and the highest leakage (``None``: not measured).
+
+        Example:
+            >>> evaluate(pipe, ["circle", "star"], reference=base).worst()
+            {'ua': 0.94, 'ira': 0.99, 'cra': 1.0, 'near': 0.97, 'leakage': 0.06}
+        """
+        reports = list(self.concepts.values())
+
+        def lowest(values: list[float | None]) -> float | None:
+            known = [v for v in values if v is not None]
+            return min(known) if known else None
+
+        leakage = [r.scores.leakage for r in reports if r.scores.leakage is not None]
+        return {
+            "ua": lowest([r.scores.ua for r in reports]),
+            **{key: lowest([r.ratios[key] for r in reports]) for key in ("ira", "cra", "near")},
+            "leakage": max(leakage) if leakage else None,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready figures (no images), e.g. for a patch manifest's ``metrics``."""
         return {

@@ -7,7 +7,7 @@ import torch
 
 import forgetpatch
 from forgetpatch.methods import Concept
-from forgetpatch.methods.common import cross_attention_layers
+from forgetpatch.methods.common import cross_attention_layers, embed_concepts
 from forgetpatch.methods.uce import UCE
 from forgetpatch.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
@@ -65,6 +65,22 @@ def test_matches_closed_form_reference(which, request):
         W = module.weight.detach()
         expected = reference_weight(W, erase, guides, kept) - W.double()
         assert deltas[path].shape == W.shape
+        torch.testing.assert_close(
+            deltas[path].double(), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max())
+        )
+
+
+def test_more_edited_rows_than_the_width_still_match_the_reference(sd):
+    """Trailing tokens in templates give more rows than the 32-wide embeddings: the width-sized solve."""
+    params = {"tokens": "trailing", "templates": ["a red {concept} on a dots background", "a {concept}"]}
+    emb, _ = embed_concepts(sd, ["circle", "star"], ["", ""], ["ellipse"], **params)
+    assert emb.erase.shape[0] + emb.preserve.shape[0] > emb.erase.shape[1]
+    deltas = UCE.compute_deltas(
+        sd, [Concept("circle"), Concept("star")], preserve=[Concept("ellipse")], **params
+    )
+    for path, module in cross_attention_layers(sd).items():
+        W = module.weight.detach()
+        expected = reference_weight(W, emb.erase, emb.guide, emb.preserve) - W.double()
         torch.testing.assert_close(
             deltas[path].double(), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max())
         )

@@ -86,11 +86,16 @@ def uce_factors(
     """``{path: (A, B, rel_error)}`` with ``W' - W = B @ A`` per layer (float32; error vs float64 formula)."""
     C, G, P = emb.erase, emb.guide, emb.preserve
     width = C.shape[1]
-    # A = C K^-1 with K = lam I + Z^T Z, Z = [sqrt(s_e) C; sqrt(s_p) P]: by Woodbury, an (n+m)-sized solve,
-    # K^-1 C^T = (C^T - Z^T (lam I + Z Z^T)^-1 Z C^T) / lam. Shared by every layer.
+    # A = C K^-1 with K = lam I + Z^T Z, Z = [sqrt(s_e) C; sqrt(s_p) P], shared by every layer. With fewer
+    # rows than the width, by Woodbury an (n+m)-sized solve: K^-1 C^T = (C^T - Z^T (lam I + Z Z^T)^-1 Z C^T)
+    # / lam; with more (edits in many templates), the width-sized solve is the smaller one.
     Z = torch.cat([params.erase_scale**0.5 * C, params.preserve_scale**0.5 * P])
-    small = params.lam * torch.eye(Z.shape[0], dtype=torch.float64) + Z @ Z.T
-    A64 = ((C.T - Z.T @ torch.linalg.solve(small, Z @ C.T)) / params.lam).T
+    if Z.shape[0] <= width:
+        small = params.lam * torch.eye(Z.shape[0], dtype=torch.float64) + Z @ Z.T
+        A64 = ((C.T - Z.T @ torch.linalg.solve(small, Z @ C.T)) / params.lam).T
+    else:
+        K = params.lam * torch.eye(width, dtype=torch.float64) + Z.T @ Z
+        A64 = torch.linalg.solve(K, C.T).T
     A = A64.float()
     out = {}
     for path, W in tqdm(weights.items(), desc="uce: editing layers", disable=not progress, leave=False):
@@ -108,6 +113,8 @@ def _product_error(B: torch.Tensor, A: torch.Tensor, B64: torch.Tensor, A64: tor
     """``|B A - B64 A64|_F / |B64 A64|_F`` without forming the ``d x D`` products (via ``r x r`` Grams)."""
 
     def sq_norm(X: torch.Tensor, Y: torch.Tensor) -> float:  # |X Y|_F^2 = tr((X^T X)(Y Y^T))
+        if X.shape[1] >= min(X.shape[0], Y.shape[1]):  # r x r Grams bigger than the product itself
+            return float((X @ Y).square().sum())
         return float(((X.T @ X) * (Y @ Y.T)).sum())
 
     exact = sq_norm(B64, A64)

@@ -170,14 +170,18 @@ def prompt(
     )
 
 
-#: The first training template with a ``{concept}`` slot for the shape, once per colour (textures in
-#: turn), and the bare ``"a {concept}"``: for closed-form methods that edit a shape inside the prompts it
-#: is used in (``templates=``). Every colour and texture appears, so preserving the other shapes in the
-#: same prompts keeps colours and textures too.
+#: Prompt forms with a ``{concept}`` slot for the shape, for closed-form methods that edit a shape inside
+#: the prompts it is used in (``templates=``): the bare ``"a {concept}"``, then training word orders
+#: (:data:`TRAIN_TEMPLATES` and :data:`ORDER_TEMPLATES`, never the held-out ones) filled with colours and
+#: textures in turn. Every colour and texture appears in each of the two main forms, so preserving the
+#: other shapes in the same prompts keeps colours and textures too; the other orders reach the concept
+#: where it is followed, or preceded, by other words.
+_FILLS = tuple(zip(COLOURS, TEXTURES * len(COLOURS), strict=False))
 ERASE_TEMPLATES: tuple[str, ...] = (
     "a {concept}",
-    *(
-        f"a {colour} {{concept}} on a {texture} background"
-        for colour, texture in zip(COLOURS, TEXTURES * len(COLOURS), strict=False)
-    ),
+    *(f"a {colour} {{concept}} on a {texture} background" for colour, texture in _FILLS),
+    *(f"a {{concept}} in {colour} on a {texture} background" for colour, texture in _FILLS),
+    *(f"{texture} {colour} {{concept}}" for colour, texture in _FILLS[::2]),
+    *(f"{colour} {{concept}} {texture}" for colour, texture in _FILLS[1::2]),
+    *(f"on a {texture} background a {colour} {{concept}}" for colour, texture in _FILLS[::2]),
 )

@@ -6,9 +6,12 @@
     extra resident memory during the call, patch size. Targets: ScaPre(100) <= 2x UCE(100) and <= 10 s; UCE with one concept <= 1 MB.
 (b) ``--part toy``: the toy world, ScaPre and UCE on the same shapes and seeds, for 1, 3 and 5 shapes:
     UA, and IRA / CRA / near-neighbour retention relative to the base model (worst over erased shapes),
-    in two settings: ``paper`` (each concept's own last token, as methods.md states it) and ``in-context``
+    in three settings: ``paper`` (each concept's own last token, as methods.md states it), ``in-context``
     (the concept inside the toy world's prompt forms, every later token edited too, as UCE's release does,
-    with the other shapes preserved).
+    with the other shapes preserved) and ``guided`` (in context, each shape steered to "cross", a shape
+    never erased here, instead of the blank prompt). A last table gives the UA an ideal erasure towards
+    each guide could reach (:func:`forgetpatch.eval.guide_ceiling`): a blank shape slot draws some shape,
+    sometimes the erased one.
 
 Run:
     python benchmarks/closed_form.py                 # both parts
@@ -45,7 +48,9 @@ SHAPE_SETS = {
     3: ["circle", "square", "star"],
     5: ["circle", "square", "triangle", "star", "hexagon"],
 }
-SETTINGS = ("paper", "in-context")
+SETTINGS = ("paper", "in-context", "guided")
+#: The guide of the "guided" setting: a shape never erased here, so its prompts never draw an erased one.
+GUIDE = "cross"
 console = Console()
 
 
@@ -121,7 +126,9 @@ def part_speed(device: str, counts: list[int], repeats: int = 3, family: str = "
             lora = patch.manifest.lora
             rows.append((method, n, elapsed, memory.extra_mb, size / 1e6, size / 1e6 / n, lora.rank, lora))
     layers = len(patch.manifest.lora.target_modules)
-    table = Table(title=f"{arch} architecture (random weights), {device}, {layers} cross-attention k/v layers")
+    table = Table(
+        title=f"{arch} architecture (random weights), {device}, {layers} cross-attention k/v layers"
+    )
     for col in (
         "method",
         "concepts",
@@ -154,7 +161,7 @@ def percent(value: float | None) -> str:
 
 def part_toy(images_per_concept: int, seed: int, settings: list[str]) -> None:
     from forgetpatch import toy
-    from forgetpatch.eval import evaluate
+    from forgetpatch.eval import evaluate, guide_ceiling
 
     try:
         base_pipe = toy.pipeline()
@@ -171,11 +178,13 @@ def part_toy(images_per_concept: int, seed: int, settings: list[str]) -> None:
     for col in (*columns, "erase s"):
         table.add_column(col, justify="right")
     for setting, (n, shapes), method in itertools.product(settings, SHAPE_SETS.items(), METHODS):
-        params = toy.in_context_params(shapes) if setting == "in-context" else {}
+        params = toy.in_context_params(shapes) if setting != "paper" else {}
+        guide = GUIDE if setting == "guided" else None
+        targets = [forgetpatch.Concept(s, guide=guide) for s in shapes]
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            patch = forgetpatch.erase(base_pipe, shapes, method=method, seed=seed, progress=False, **params)
+            patch = forgetpatch.erase(base_pipe, targets, method=method, seed=seed, progress=False, **params)
         elapsed = time.perf_counter() - start
         pipe = forgetpatch.apply(toy.pipeline(), patch)
         report = evaluate(
@@ -192,6 +201,17 @@ def part_toy(images_per_concept: int, seed: int, settings: list[str]) -> None:
         )
     console.print(table)
     console.print("bars for ScaPre: UA >= 90%, IRA >= 90% of base, CRA >= 95% of base, near >= 80% of base")
+    ceilings = Table(
+        title="UA ceiling of an ideal erasure towards the guide (base model, same prompts and seeds)"
+    )
+    for col in ("guide", *SHAPE_SETS[5]):
+        ceilings.add_column(col, justify="right")
+    for guide in ("", GUIDE):
+        found = guide_ceiling(
+            base_pipe, SHAPE_SETS[5], guide, images_per_concept=images_per_concept, seed=seed
+        )
+        ceilings.add_row(repr(guide), *(percent(found[s]) for s in SHAPE_SETS[5]))
+    console.print(ceilings)
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from forgetpatch.eval import (
     PipelineGenerator,
     blindfold,
     evaluate,
+    guide_ceiling,
     main_prompts,
     paraphrase_prompts,
     save_grid,
@@ -114,6 +115,15 @@ def test_worst_case_over_erased_concepts():
     assert worst["ira"] == min(circle.ratios["ira"], star.ratios["ira"]) < 1.0
     assert worst["leakage"] == max(circle.scores.leakage, star.scores.leakage) == 1.0
     assert worst["cra"] == worst["near"] == 1.0
+
+
+def test_guide_ceiling_is_what_the_guide_prompts_draw():
+    def ceiling(concept, guide):
+        return guide_ceiling(FakeGenerator(), [concept], guide, judge=FakeJudge(), images_per_concept=N)
+
+    assert ceiling("circle", "cross") == {"circle": 1.0}  # the guide's prompts never draw a circle
+    assert ceiling("circle", "disc") == {"circle": 0.0}  # a synonym as guide: no erasure towards it helps
+    assert ceiling("red", "blue") == {"red": 1.0}
 
 
 def test_synonym_left_out_shows_as_paraphrase_leakage():

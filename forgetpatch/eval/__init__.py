@@ -11,6 +11,7 @@ Example:
 """
 
 from forgetpatch.eval.blindfold import blindfold
+from forgetpatch.eval.ceiling import guide_ceiling
 from forgetpatch.eval.generate import DEFAULT_GUIDANCE_SCALE, Generator, PipelineGenerator, as_generator
 from forgetpatch.eval.grid import save_grid, save_report_grid
 from forgetpatch.eval.metrics import Judge, evaluate, scoring_prompts
@@ -29,6 +30,7 @@ __all__ = [
     "as_generator",
     "blindfold",
     "evaluate",
+    "guide_ceiling",
     "main_prompts",
     "paraphrase_prompts",
     "save_grid",

@@ -1,0 +1,63 @@
+"""The UA an ideal erasure towards a guide could reach: what the base draws when the guide replaces the word.
+
+Erasing a concept "to a guide" (a blank prompt by default for UCE/ScaPre) makes prompts naming it behave
+like the same prompts naming the guide. If those prompts draw the erased concept anyway (a blank shape
+slot draws *some* shape, sometimes the erased one), no erasure towards that guide can score UA above
+``1 - P(concept | guide prompt)``: a bar above that ceiling measures the guide, not the method.
+
+Example:
+    >>> guide_ceiling(forgetpatch.toy.pipeline(), ["circle", "triangle"], guide="")
+    {'circle': 0.94, 'triangle': 0.69}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from forgetpatch.eval.generate import DEFAULT_GUIDANCE_SCALE, as_generator
+from forgetpatch.eval.metrics import Judge, _check_concepts, _generate
+from forgetpatch.eval.prompts import main_prompts
+from forgetpatch.toy import vocab
+
+
+def guide_ceiling(
+    pipe: Any,
+    erased: Sequence[str],
+    guide: str = "",
+    *,
+    images_per_concept: int = 16,
+    seed: int = 0,
+    num_inference_steps: int = 25,
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+    judge: Judge | None = None,
+) -> dict[str, float]:
+    """Per erased concept, the share of its main scoring prompts (same seeds as :func:`evaluate`) that
+    ``pipe`` does *not* draw as it once the concept's word is replaced by ``guide`` (removed for ``""``).
+
+    Args:
+        pipe: the base model (a pipeline or a :class:`~forgetpatch.eval.generate.Generator`).
+        erased: canonical toy concepts.
+        guide: the word erased concepts are steered to; ``""`` is the UCE/ScaPre default.
+    """
+    erased = _check_concepts(erased)
+    if judge is None:
+        from forgetpatch.toy import load_judge
+
+        judge = load_judge()
+    pairs = [(c, it) for c in erased for it in main_prompts(images_per_concept, seed) if it.names(c)]
+    items = [replace(it, prompt=_with_guide(it.prompt, concept, guide)) for concept, it in pairs]
+    generator = as_generator(pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+    judged = judge.predict(_generate(generator, items))
+    out = {}
+    for concept in erased:
+        kind = vocab.kind_of(concept)
+        drawn = [j[kind] == concept for (c, _), j in zip(pairs, judged, strict=True) if c == concept]
+        out[concept] = 1.0 - sum(drawn) / len(drawn)
+    return out
+
+
+def _with_guide(prompt: str, concept: str, guide: str) -> str:
+    """``prompt`` with the word ``concept`` replaced by ``guide`` (dropped when the guide is blank)."""
+    return " ".join(" ".join(guide if w == concept else w for w in prompt.split()).split())

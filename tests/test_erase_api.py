@@ -157,6 +157,14 @@ def test_shipped_recipes_load():
         assert recipe.erase_concepts() and forgetpatch.methods.get_method(recipe.method)
 
 
+def test_toy_in_context_recipes_use_the_toy_erase_templates():
+    from forgetpatch import toy
+
+    for name in ("toy-no-circle-scapre", "toy-no-5-shapes-scapre"):
+        params = load_recipe(RECIPES / f"{name}.yaml").params
+        assert params["tokens"] == "trailing" and tuple(params["templates"]) == toy.ERASE_TEMPLATES, name
+
+
 def test_recipe_accepts_words_and_mappings(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(

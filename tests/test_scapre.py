@@ -288,12 +288,10 @@ def test_many_concepts_in_one_call(sd):
 TOY_BARS = {"ua": 0.90, "ira": 0.90, "cra": 0.95, "near": 0.80}
 
 
-def _check_bars(worst: dict[str, float], label: str) -> None:
-    failed = {k: round(v, 3) for k, v in worst.items() if v < TOY_BARS[k]}
-    if failed:
-        pytest.xfail(
-            f"{label}: below the toy bars {TOY_BARS} (UA absolute, others vs base): measured {worst}"
-        )
+def _check_bars(worst: dict[str, float | None], label: str) -> None:
+    print(f"{label}: {worst}")
+    failed = {k: worst[k] for k, bar in TOY_BARS.items() if worst[k] is None or worst[k] < bar}
+    assert not failed, f"{label}: below the toy bars {TOY_BARS} (UA absolute, others vs base): measured {worst}"
 
 
 @pytest.mark.slow

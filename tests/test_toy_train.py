@@ -9,7 +9,8 @@ import torch
 
 import forgetpatch.toy as toy
 from forgetpatch.errors import ForgetPatchError
-from forgetpatch.toy.train import CHECKPOINT, LATENTS, TrainConfig, train
+from forgetpatch.toy.model import ToyModelConfig
+from forgetpatch.toy.train import CHECKPOINT, LATENTS, TrainConfig, Trainer, train
 
 
 def _cfg(steps: int) -> TrainConfig:
@@ -31,6 +32,11 @@ def test_train_resume_and_export(tmp_path):
     torch.testing.assert_close(resumed.vae.state_dict(), first.vae.state_dict())  # VAE frozen after phase 1
 
     resumed.export(tmp_path / "pipe")
+    exporter = Trainer(out, TrainConfig(p_reorder=0.9), ToyModelConfig(), "cpu")  # as `--export` builds it
+    exporter.load(out / CHECKPOINT)
+    assert exporter.export(tmp_path / "pipe-again") is not None
+    phases = json.loads((tmp_path / "pipe-again" / "training.json").read_text())["phases"]
+    assert phases == [{"steps": [0, 3], "p_reorder": TrainConfig.p_reorder}]  # the run's mix, not 0.9
     pipe = toy.pipeline(path=tmp_path / "pipe")
     assert pipe.vae.config.scaling_factor == pytest.approx(first.scaling_factor)
     image = pipe("a red circle", num_inference_steps=2, output_type="np").images

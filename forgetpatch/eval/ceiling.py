@@ -1,13 +1,14 @@
 """The UA an ideal erasure towards a guide could reach: what the base draws when the guide replaces the word.
 
-Erasing a concept "to a guide" (a blank prompt by default for UCE/ScaPre) makes prompts naming it behave
-like the same prompts naming the guide. If those prompts draw the erased concept anyway (a blank shape
-slot draws *some* shape, sometimes the erased one), no erasure towards that guide can score UA above
-``1 - P(concept | guide prompt)``: a bar above that ceiling measures the guide, not the method.
+Erasing a concept "to a guide" (a blank prompt by default for UCE/ScaPre) aims to make prompts naming it
+behave like the same prompts naming the guide. If those prompts draw the erased concept anyway (a blank
+shape slot draws *some* shape, sometimes the erased one), an erasure that reached its aim exactly would
+score UA ``1 - P(concept | guide prompt)``. A real patch is not that exact replacement and may land above
+or below it; a ceiling far below a bar says the guide, not the method, is what to change.
 
 Example:
     >>> guide_ceiling(forgetpatch.toy.pipeline(), ["circle", "triangle"], guide="")
-    {'circle': 0.94, 'triangle': 0.69}
+    {'circle': 0.875, 'triangle': 0.6875}
 """
 
 from __future__ import annotations

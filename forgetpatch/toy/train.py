@@ -202,6 +202,8 @@ class Trainer:
         self.elapsed_s = s.get("elapsed_s", 0.0)
         self.restart_step = s.get("restart_step", 0)
         self.phases = s.get("phases", [])
+        # the run's own prompt mix (an export builds the trainer with a default config)
+        self.cfg.p_reorder = s.get("train_config", {}).get("p_reorder", 0.0)
 
     def init_from(self, directory: Path) -> None:
         """Start from an exported pipeline (its EMA weights) instead of random weights.
@@ -450,7 +452,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-steps", type=int, default=TrainConfig.vae_steps)
     parser.add_argument("--dataset-size", type=int, default=TrainConfig.dataset_size)
     parser.add_argument(
-        "--p-reorder", type=float, default=TrainConfig.p_reorder, help="share of reordered prompts"
+        "--p-reorder",
+        type=float,
+        default=TrainConfig.p_reorder,
+        help="share of reordered prompts (a resumed run keeps its own)",
     )
     parser.add_argument(
         "--export", nargs=2, type=Path, metavar=("RUN", "DIR"), help="export RUN's EMA weights"

@@ -33,6 +33,7 @@ def guide_ceiling(
     num_inference_steps: int = 25,
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
     judge: Judge | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Per erased concept, the share of its main scoring prompts (same seeds as :func:`evaluate`) that
     ``pipe`` does *not* draw as it once the concept's word is replaced by ``guide`` (removed for ``""``).
@@ -49,7 +50,9 @@ def guide_ceiling(
         judge = load_judge()
     pairs = [(c, it) for c in erased for it in main_prompts(images_per_concept, seed) if it.names(c)]
     items = [replace(it, prompt=_with_guide(it.prompt, concept, guide)) for concept, it in pairs]
-    generator = as_generator(pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+    generator = as_generator(
+        pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, progress=progress
+    )
     judged = judge.predict(_generate(generator, items))
     out = {}
     for concept in erased:

@@ -18,6 +18,7 @@ Run:
     python benchmarks/closed_form.py --part speed --threads 1   # on a busy machine (see README notes)
     python benchmarks/closed_form.py --part speed --device cuda
     python benchmarks/closed_form.py --part speed --arch sdxl --threads 1   # SDXL-size, 2048-wide keys
+    python benchmarks/closed_form.py --part toy --settings guided --erase-scale 12   # one scale for both
 """
 
 from __future__ import annotations
@@ -159,7 +160,9 @@ def percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.0%}"
 
 
-def part_toy(images_per_concept: int, seed: int, settings: list[str]) -> None:
+def part_toy(
+    images_per_concept: int, seed: int, settings: list[str], erase_scale: float | None = None
+) -> None:
     from forgetpatch import toy
     from forgetpatch.eval import evaluate, guide_ceiling
 
@@ -172,13 +175,16 @@ def part_toy(images_per_concept: int, seed: int, settings: list[str]) -> None:
         base_pipe, SHAPE_SETS[5], images_per_concept=images_per_concept, seed=seed, progress=False
     )
     table = Table(
-        title=f"toy world, {images_per_concept} images per concept, seed {seed} (worst over erased shapes)"
+        title=f"toy world, {images_per_concept} images per concept, seed {seed}, erase scale "
+        f"{erase_scale or 'per method'} (worst over erased shapes)"
     )
     columns = ("setting", "shapes", "method", "UA", "IRA/base", "CRA/base", "near/base", "leakage", "drift")
     for col in (*columns, "erase s"):
         table.add_column(col, justify="right")
     for setting, (n, shapes), method in itertools.product(settings, SHAPE_SETS.items(), METHODS):
         params = toy.in_context_params(shapes) if setting != "paper" else {}
+        if erase_scale is not None:  # one scale for both methods (else each method's default)
+            params["erase_scale"] = erase_scale
         guide = GUIDE if setting == "guided" else None
         targets = [forgetpatch.Concept(s, guide=guide) for s in shapes]
         start = time.perf_counter()
@@ -222,6 +228,9 @@ def main() -> None:
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 10, 100])
     parser.add_argument("--images-per-concept", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--erase-scale", type=float, default=None, help="toy: one erase scale for both methods"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="speed: median of this many runs each")
     parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
     parser.add_argument(
@@ -234,7 +243,7 @@ def main() -> None:
     if args.part in ("speed", "all"):
         part_speed(args.device, args.counts, args.repeats, args.arch)
     if args.part in ("toy", "all"):
-        part_toy(args.images_per_concept, args.seed, args.settings)
+        part_toy(args.images_per_concept, args.seed, args.settings, args.erase_scale)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@
     in three settings: ``paper`` (each concept's own last token, as methods.md states it), ``in-context``
     (the concept inside the toy world's prompt forms, every later token edited too, as UCE's release does,
     with the other shapes preserved) and ``guided`` (in context, each shape steered to "cross", a shape
-    never erased here, instead of the blank prompt). A last table gives the UA an ideal erasure towards
+    never erased here, instead of the blank prompt). A last table gives the UA an exact erasure towards
     each guide could reach (:func:`forgetpatch.eval.guide_ceiling`): a blank shape slot draws some shape,
     sometimes the erased one.
 
@@ -208,7 +208,7 @@ def part_toy(
     console.print(table)
     console.print("bars for ScaPre: UA >= 90%, IRA >= 90% of base, CRA >= 95% of base, near >= 80% of base")
     ceilings = Table(
-        title="UA ceiling of an ideal erasure towards the guide (base model, same prompts and seeds)"
+        title="UA of an exact erasure towards the guide (base model, same prompts and seeds)"
     )
     for col in ("guide", *SHAPE_SETS[5]):
         ceilings.add_column(col, justify="right")

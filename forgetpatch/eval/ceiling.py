@@ -1,4 +1,4 @@
-"""The UA an ideal erasure towards a guide could reach: what the base draws when the guide replaces the word.
+"""The UA an exact erasure towards a guide would score: what the base draws when the guide replaces the word.
 
 Erasing a concept "to a guide" (a blank prompt by default for UCE/ScaPre) aims to make prompts naming it
 behave like the same prompts naming the guide. If those prompts draw the erased concept anyway (a blank

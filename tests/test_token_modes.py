@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import hidden_states
 
 import forgetpatch
 from forgetpatch.errors import MethodError
@@ -19,15 +20,6 @@ TEMPLATES = ("a red {concept} on the background", "a photo of a {concept}")
 @pytest.fixture(scope="module")
 def sd():
     return tiny_sd_pipeline(seed=0)
-
-
-def hidden_states(pipe, prompt: str) -> torch.Tensor:
-    """The rows the UNet receives for ``prompt`` (the pipeline's own encode_prompt, full padding)."""
-    with torch.no_grad():
-        out = pipe.encode_prompt(
-            prompt=[prompt], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
-        )
-    return out[0][0].double()
 
 
 def test_templates_fill_the_concept_and_mark_where_it_sits():

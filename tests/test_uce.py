@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import token_embedding
 
 import forgetpatch
 from forgetpatch.methods import Concept
@@ -20,16 +21,6 @@ def sd():
 @pytest.fixture(scope="module")
 def sdxl():
     return tiny_sdxl_pipeline(seed=0)
-
-
-def token_embedding(pipe, prompt: str) -> torch.Tensor:
-    """Reference embedding through the pipeline's own encode_prompt (77-token padding), float64."""
-    with torch.no_grad():
-        out = pipe.encode_prompt(
-            prompt=[prompt], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
-        )
-    index = sum(pipe.tokenizer(prompt).attention_mask) - 2
-    return out[0][0, index].double()
 
 
 def reference_weight(W, erase, guides, preserve, lam=0.5, s_e=1.0, s_p=1.0):

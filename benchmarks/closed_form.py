@@ -5,7 +5,9 @@
     load excluded, text encoding and patch building included; the median of ``--repeats`` runs), peak
     extra resident memory during the call, patch size. Targets: ScaPre(100) <= 2x UCE(100) and <= 10 s; UCE with one concept <= 1 MB.
 (b) ``--part toy``: the toy world, ScaPre and UCE on the same shapes and seeds, for 1, 3 and 5 shapes:
-    UA, and IRA / CRA / near-neighbour retention relative to the base model (worst over erased shapes),
+    strict UA with its 95% interval (and, for comparison, the shipped judge's top-1 UA and the first
+    judge's, ``load_judge("v1")``, on the same images), and IRA / CRA / near-neighbour retention
+    relative to the base model (worst over erased shapes),
     in three settings: ``paper`` (each concept's own last token, as methods.md states it), ``in-context``
     (the concept inside the toy world's prompt forms, every later token edited too, as UCE's release does,
     with the other shapes preserved) and ``guided`` (in context, each shape steered to "cross", a shape
@@ -160,8 +162,24 @@ def percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.0%}"
 
 
+def worst_ua(report) -> tuple[str, str, str]:
+    """Strict UA with its interval, top-1 UA and the v1 judge's UA of the worst erased concept (by strict UA)."""
+    from forgetpatch import toy
+    from forgetpatch.eval import rejudge
+
+    name, worst = min(report.concepts.items(), key=lambda kv: kv[1].scores.ua)
+    s = worst.scores
+    lo, hi = s.interval["ua"]
+    v1 = rejudge(report, toy.load_judge("v1")).concepts[name].scores.ua
+    return f"{s.ua:.0%} [{lo:.0%}-{hi:.0%}] {name}", percent(s.ua_top1), percent(v1)
+
+
 def part_toy(
-    images_per_concept: int, seed: int, settings: list[str], erase_scale: float | None = None
+    images_per_concept: int,
+    seed: int,
+    settings: list[str],
+    erase_scale: float | None = None,
+    images_per_erased: int | None = None,
 ) -> None:
     from forgetpatch import toy
     from forgetpatch.eval import evaluate, guide_ceiling
@@ -171,14 +189,18 @@ def part_toy(
     except forgetpatch.errors.ForgetPatchError as exc:
         console.print(f"[yellow]toy part skipped:[/yellow] {exc}")
         return
-    base = evaluate(
-        base_pipe, SHAPE_SETS[5], images_per_concept=images_per_concept, seed=seed, progress=False
+    eval_kw = dict(
+        images_per_concept=images_per_concept, images_per_erased=images_per_erased, seed=seed, progress=False
     )
+    base = evaluate(base_pipe, SHAPE_SETS[5], **eval_kw)
     table = Table(
-        title=f"toy world, {images_per_concept} images per concept, seed {seed}, erase scale "
-        f"{erase_scale or 'per method'} (worst over erased shapes)"
+        title=f"toy world, UA on {images_per_erased or images_per_concept} and retention on {images_per_concept} "
+        f"images per concept, seed {seed}, erase scale {erase_scale or 'per method'} (worst over erased shapes)"
     )
-    columns = ("setting", "shapes", "method", "UA", "IRA/base", "CRA/base", "near/base", "leakage", "drift")
+    columns = (
+        "setting", "shapes", "method", "UA strict [95%]", "UA top-1", "UA v1", "IRA/base", "CRA/base",
+        "near/base", "leakage", "drift",
+    )
     for col in (*columns, "erase s"):
         table.add_column(col, justify="right")
     for setting, (n, shapes), method in itertools.product(settings, SHAPE_SETS.items(), METHODS):
@@ -193,28 +215,30 @@ def part_toy(
             patch = forgetpatch.erase(base_pipe, targets, method=method, seed=seed, progress=False, **params)
         elapsed = time.perf_counter() - start
         pipe = forgetpatch.apply(toy.pipeline(), patch)
-        report = evaluate(
-            pipe, shapes, reference=base, images_per_concept=images_per_concept, seed=seed, progress=False
-        )
+        report = evaluate(pipe, shapes, reference=base, **eval_kw)
         worst = report.worst()
         table.add_row(
             setting,
             str(n),
             method,
-            *(percent(worst[key]) for key in ("ua", "ira", "cra", "near", "leakage")),
+            *worst_ua(report),
+            *(percent(worst[key]) for key in ("ira", "cra", "near", "leakage")),
             f"{report.drift:.3f}" if report.drift is not None else "-",
             f"{elapsed:.2f}",
         )
     console.print(table)
-    console.print("bars for ScaPre: UA >= 90%, IRA >= 90% of base, CRA >= 95% of base, near >= 80% of base")
+    console.print(
+        "bars for ScaPre: strict UA >= 90%, IRA >= 90% of base, CRA >= 95% of base, near >= 80% of base; "
+        "UA top-1: the shipped judge never abstaining; UA v1: the first judge (top-1), as measured before"
+    )
     ceilings = Table(
-        title="UA of an exact erasure towards the guide (base model, same prompts and seeds)"
+        title="strict UA of an exact erasure towards the guide (base model, same prompts and seeds)"
     )
     for col in ("guide", *SHAPE_SETS[5]):
         ceilings.add_column(col, justify="right")
     for guide in ("", GUIDE):
         found = guide_ceiling(
-            base_pipe, SHAPE_SETS[5], guide, images_per_concept=images_per_concept, seed=seed
+            base_pipe, SHAPE_SETS[5], guide, images_per_concept=images_per_erased or images_per_concept, seed=seed
         )
         ceilings.add_row(repr(guide), *(percent(found[s]) for s in SHAPE_SETS[5]))
     console.print(ceilings)
@@ -227,6 +251,9 @@ def main() -> None:
     parser.add_argument("--arch", choices=sorted(ARCH_NAMES), default="sd15", help="speed: architecture")
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 10, 100])
     parser.add_argument("--images-per-concept", type=int, default=8)
+    parser.add_argument(
+        "--images-per-erased", type=int, default=None, help="toy: UA images per erased shape (tighter interval)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--erase-scale", type=float, default=None, help="toy: one erase scale for both methods"
@@ -243,7 +270,7 @@ def main() -> None:
     if args.part in ("speed", "all"):
         part_speed(args.device, args.counts, args.repeats, args.arch)
     if args.part in ("toy", "all"):
-        part_toy(args.images_per_concept, args.seed, args.settings, args.erase_scale)
+        part_toy(args.images_per_concept, args.seed, args.settings, args.erase_scale, args.images_per_erased)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,15 @@ import forgetpatch.methods as methods
 
 
 def _scores(report: Any, concept: str) -> dict[str, Any]:
+    from forgetpatch.eval import rejudge
+    from forgetpatch.toy import load_judge
+
     c = report.concepts[concept]
     return {
         "ua": c.scores.ua,
+        "ua_95": c.scores.interval["ua"],
+        "ua_top1": c.scores.ua_top1,
+        "ua_v1": rejudge(report, load_judge("v1")).concepts[concept].scores.ua,
         "paraphrase_ua": None if c.scores.leakage is None else 1 - c.scores.leakage,
         "ira_ratio": c.ratios["ira"],
         "cra_ratio": c.ratios["cra"],
@@ -52,7 +58,12 @@ def toy(args: argparse.Namespace) -> dict[str, Any]:
         rank=args.rank,
         progress=not args.quiet,
     )
-    eval_kw = dict(images_per_concept=args.images, seed=args.seed, progress=not args.quiet)
+    eval_kw = dict(
+        images_per_concept=args.images,
+        images_per_erased=args.ua_images,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
     base = evaluate(pipe, [args.concept], **eval_kw)
     base_ua = base.concepts[args.concept].scores.ua
     rows: dict[str, dict[str, Any]] = {}
@@ -93,10 +104,12 @@ def print_toy(result: dict[str, Any]) -> None:
     def f(v: Any, pct: bool = True) -> str:
         if v is None:
             return "n/a"
+        if isinstance(v, list):
+            return f"[{v[0]:.0%}-{v[1]:.0%}]"
         return f"{v:.0%}" if pct else f"{v:.3g}"
 
     print(f"\nconcept {result['concept']}  settings {result['settings']}  base UA {f(result['base_ua'])}")
-    cols = ["ua", "paraphrase_ua", "ira_ratio", "cra_ratio", "near_ratio", "drift", "unet_passes", "erase_s"]
+    cols = ["ua", "ua_95", "ua_top1", "ua_v1", "paraphrase_ua", "ira_ratio", "cra_ratio", "near_ratio", "drift", "unet_passes", "erase_s"]
     print("| method | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for name, row in result["rows"].items():
@@ -105,7 +118,7 @@ def print_toy(result: dict[str, Any]) -> None:
     k, e = result["rows"].get("kscu"), result["rows"].get("esd")
     if k:
         bars = {
-            "UA >= 90%": (k["ua"] or 0) >= 0.9,
+            "strict UA >= 90% (95% lower bound)": k["ua_95"][0] >= 0.9,
             "IRA >= 85% of base": (k["ira_ratio"] or 0) >= 0.85,
             "CRA >= 90% of base": (k["cra_ratio"] or 0) >= 0.9,
             "erase <= 15 min": k["erase_s"] <= 900,
@@ -170,6 +183,7 @@ def main() -> None:
     t.add_argument("--steps", type=int, default=50)
     t.add_argument("--rank", type=int, default=8)
     t.add_argument("--images", type=int, default=8)
+    t.add_argument("--ua-images", type=int, default=None, help="UA images of the concept (default: --images)")
     t.add_argument("--analysis", default=None, help="folder or JSON from `forgetpatch keysteps`")
     t.add_argument("--guide", default=None, help="anchor prompt instead of the empty prompt, e.g. shape")
     t.add_argument("--scope", choices=["xattn", "noxattn"], default=None, help="override the presets")

@@ -22,6 +22,7 @@ from forgetpatch.eval import (
     paraphrase_prompts,
     save_grid,
     scoring_prompts,
+    wilson,
 )
 from forgetpatch.testing import tiny_sd_pipeline
 from forgetpatch.toy import vocab
@@ -32,11 +33,27 @@ WORDS.update({syn: canon for canon, syns in vocab.SYNONYMS.items() for syn in sy
 INDEX = {k: list(vocab.concepts_of(k)) for k in ("shape", "colour", "texture")}
 
 
-class FakeGenerator:
-    """Draws exactly the scene a prompt names, after rewriting words by ``word_map``; ``offset`` shifts pixels."""
+NONE_CODE = 14  # the shape channel's code for "nothing drawn"
+DEFORMED = 0.95  # pixel (0, 0) at this value: the shape is drawn deformed, the judge can't tell
 
-    def __init__(self, word_map: dict[str, str] | None = None, offset: float = 0.0, spoil: str | None = None):
+
+class FakeGenerator:
+    """Draws exactly the scene a prompt names, after rewriting words by ``word_map``; ``offset`` shifts pixels.
+
+    ``spoil`` draws that concept as the next one of its kind, ``deform`` draws that shape so deformed
+    that the judge abstains, ``vanish`` draws nothing where that shape should be.
+    """
+
+    def __init__(
+        self,
+        word_map: dict[str, str] | None = None,
+        offset: float = 0.0,
+        spoil: str | None = None,
+        deform: str | None = None,
+        vanish: str | None = None,
+    ):
         self.word_map, self.offset, self.spoil = word_map or {}, offset, spoil
+        self.deform, self.vanish = deform, vanish
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
         out = np.zeros((len(prompts), 4, 4, 3), np.float32)
@@ -46,14 +63,36 @@ class FakeGenerator:
                 (name,) = [w for w in words if vocab.kind_of(w) == kind]
                 if name == self.spoil:  # the concept is drawn as the next one of its kind
                     name = INDEX[kind][(INDEX[kind].index(name) + 1) % len(INDEX[kind])]
-                out[i, ..., c] = INDEX[kind].index(name) / 16 + 0.01
+                code = NONE_CODE if name == self.vanish else INDEX[kind].index(name)
+                out[i, ..., c] = code / 16 + 0.01
+                if name == self.deform:
+                    out[i, 0, 0, :] = DEFORMED
         return out + self.offset
 
 
+def verdict(shape: str | None, colour: str | None, texture: str | None, p_shape: dict | None = None) -> dict:
+    """A judge verdict in :meth:`Judge.classify`'s form, probability 1 on each label unless ``p_shape``."""
+    one_hot = {"shape": shape or "unclear", "colour": colour or "unclear", "texture": texture or "unclear"}
+    p = {k: {c: float(c == one_hot[k]) for c in (*INDEX[k], "none", "unclear")} for k in INDEX}
+    if p_shape is not None:
+        p["shape"] = {**dict.fromkeys(p["shape"], 0.0), **p_shape}
+    return {"shape": shape, "colour": colour, "texture": texture, "p": p}
+
+
 class FakeJudge:
-    def predict(self, images: np.ndarray) -> list[dict[str, str]]:
-        idx = np.floor(images.mean(axis=(1, 2)) * 16).astype(int)
-        return [{k: INDEX[k][row[c]] for c, k in enumerate(INDEX)} for row in idx]
+    """Reads :class:`FakeGenerator`'s images back exactly; abstains on deformed shapes (p 0.45 for the shape)."""
+
+    def classify(self, images: np.ndarray) -> list[dict]:
+        idx = np.floor((images[:, 1, 1, :] + 1e-6) * 16).astype(int)
+        out = []
+        for row, corner in zip(idx, images[:, 0, 0, 0], strict=True):
+            shape = "none" if row[0] == NONE_CODE else INDEX["shape"][row[0]]
+            colour, texture = INDEX["colour"][row[1]], INDEX["texture"][row[2]]
+            if corner >= DEFORMED - 0.01:
+                out.append(verdict(None, colour, texture, {shape: 0.45, "unclear": 0.55}))
+            else:
+                out.append(verdict(shape, colour, texture))
+        return out
 
 
 def run(gen, erased=("circle",), **kw) -> EvalReport:
@@ -129,6 +168,31 @@ def test_guide_ceiling_is_what_the_guide_prompts_draw():
 def test_synonym_left_out_shows_as_paraphrase_leakage():
     s = run(FakeGenerator({"circle": "square"})).concepts["circle"].scores
     assert s.ua == 1.0 and s.leakage == 1.0
+
+
+def test_strict_ua_counts_an_abstention_as_not_forgotten():
+    deformed = run(FakeGenerator(deform="circle"), reference=FakeGenerator()).concepts["circle"]
+    s = deformed.scores
+    assert s.ua == 0.0 and s.split == {"kept": 0.0, "replaced": 0.0, "empty": 0.0, "unclear": 1.0}
+    assert s.ua_soft == pytest.approx(0.55) and s.ua_top1 == 0.0  # top-1 still reads a circle
+    assert s.leakage == 1.0  # the synonym's images are deformed circles too
+    vanished = run(FakeGenerator(vanish="circle")).concepts["circle"].scores
+    assert vanished.ua == 1.0 and vanished.split["empty"] == 1.0 and vanished.ua_soft == 1.0
+
+
+def test_every_rate_has_its_sample_size_and_wilson_interval():
+    s = run(FakeGenerator({"circle": "square", "disc": "square"})).concepts["circle"].scores
+    assert s.n == {"ua": N, "ira": 9 * N, "cra": 2 * 9 * N, "near": 2 * N, "leakage": N}
+    assert s.interval["ua"] == list(wilson(N, N)) and s.interval["ua"][1] == 1.0
+    assert 0.6 < s.interval["ua"][0] < 0.7  # 8 of 8: the rate is only known to be above ~0.68
+    assert wilson(0, 10)[0] == 0.0 and wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+
+
+def test_safe_worst_case_uses_the_interval_bounds():
+    report = run(FakeGenerator({"circle": "square", "disc": "square"}), reference=FakeGenerator())
+    point, safe = report.worst(), report.worst(safe=True)
+    assert point["ua"] == 1.0 and safe["ua"] == report.concepts["circle"].scores.interval["ua"][0] < 1.0
+    assert safe["ira"] < point["ira"] == 1.0 and safe["leakage"] > point["leakage"] == 0.0
 
 
 def test_swap_damages_in_domain_retention_of_the_replacement():
@@ -338,5 +402,5 @@ def test_cli_eval_of_a_patch_against_the_base(tmp_path, monkeypatch):
 
 
 class FixedJudge:
-    def predict(self, images: np.ndarray) -> list[dict[str, str]]:
-        return [{"shape": "square", "colour": "red", "texture": "plain"} for _ in images]
+    def classify(self, images: np.ndarray) -> list[dict]:
+        return [verdict("square", "red", "plain") for _ in images]

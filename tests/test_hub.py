@@ -382,6 +382,24 @@ def test_model_card(pipe, tmp_path):
     assert f'pipe.load_lora_weights("org/no-vangogh", weight_name="{WEIGHTS_NAME}"' in text
 
 
+def test_model_card_shows_toy_figures_with_intervals(pipe):
+    figures = {
+        "ua": 0.9375,
+        "leakage": 0.125,
+        "n": {"ua": 96, "leakage": 16},
+        "interval": {"ua": [0.87, 0.97], "leakage": [0.035, 0.36]},
+        "base": {"ua": 0.0, "n": {"ua": 96}, "interval": {"ua": [0.0, 0.038]}},
+        "ratios": {"ira": 0.98, "cra": 1.0, "near": None},
+    }
+    toy_eval = {"concepts": {"circle": figures}, "settings": {"images_per_concept": 16, "num_inference_steps": 25,
+                                                              "guidance_scale": 4.0, "seed": 0}}
+    card = render_card(make_patch(pipe, metrics={"toy_eval": toy_eval, "erase_seconds": 3.5}), "org/x")
+    text = card.text
+    assert "## Forgetting and retention (toy world)" in text
+    assert "| circle | 94% [87%-97%], n=96 | 0% [0%-4%], n=96 | 12% [4%-36%], n=16 | 98% | 100% | - |" in text
+    assert "toy_eval." not in text and "| erase_seconds | 3.5 |" in text  # no flattened evaluation keys
+
+
 def test_model_card_minimal(pipe):
     patch = make_patch(pipe, base_model_id=None)
     card = render_card(patch, "org/x", license="mit")

@@ -65,16 +65,14 @@ def test_toy_prompts_and_detector_use_the_judge():
     prompts = toy_prompts("circle", n=5)
     assert len(prompts) == 5 and all("circle" in p for p in prompts)
 
-    class FakeJudge:
-        def predict(self, images):
-            return [
-                {"shape": "circle" if im.mean() > 100 else "star", "colour": "red", "texture": "plain"}
-                for im in images
-            ]
+    class FakeJudge:  # bright: a circle; mid grey: can't tell; dark: a star
+        def classify(self, images):
+            shapes = ["circle" if im.mean() > 150 else None if im.mean() > 50 else "star" for im in images]
+            return [{"shape": s, "colour": "red", "texture": "plain", "p": {}} for s in shapes]
 
     detect = toy_detector("circle", judge=FakeJudge())
-    images = np.stack([np.full((4, 4, 3), 200, np.uint8), np.zeros((4, 4, 3), np.uint8)])
-    assert detect(images) == [True, False]
+    images = np.stack([np.full((4, 4, 3), v, np.uint8) for v in (200, 100, 0)])
+    assert detect(images) == [True, True, False]  # an abstention is not forgetting: the circle may still be there
 
 
 def test_bad_input():

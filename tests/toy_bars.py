@@ -1,9 +1,15 @@
-"""Measure a toy-world recipe against the issue bars: erase, apply the patch as shipped, evaluate vs base."""
+"""Measure a toy-world recipe against the issue bars: erase, apply the patch as shipped, evaluate vs base.
+
+Bars are checked on the safe end of each 95% interval (:meth:`EvalReport.worst` with ``safe=True``): UA
+on :data:`UA_IMAGES` images per erased concept, retention on :data:`RETAIN_IMAGES` per concept. The base
+is evaluated once per test session for every shape the recipes erase and reused as the reference.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -12,18 +18,30 @@ import forgetpatch
 from forgetpatch.recipes import load_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+#: Images per erased concept for UA: all forgotten gives a lower bound of 0.96, 3 misses still 0.90.
+UA_IMAGES = 96
+RETAIN_IMAGES = 16
+#: Every shape a bar-tested recipe erases: the shared base report covers them all.
+BAR_SHAPES = ("circle", "square", "triangle", "star", "hexagon")
 
 
 @dataclass
 class Measured:
     worst: dict[str, float | None]
-    """Worst case over the erased concepts (:meth:`EvalReport.worst`): UA absolute; IRA, CRA and near as
-    ratios of the base."""
+    """Worst case over the erased concepts at the safe end of each 95% interval (UA's lower bound; IRA,
+    CRA and near as lower bound over the base's figure); what the bars are checked on."""
+    point: dict[str, float | None]
+    """The same worst case on point estimates, for the record."""
     erase_s: float
     report: object
 
     def below(self, bars: dict[str, float]) -> dict[str, float]:
-        return {k: round(v, 3) for k, bar in bars.items() if (v := self.worst[k]) is not None and v < bar}
+        return {k: round(v, 3) for k, bar in bars.items() if (v := self.worst[k]) is None or v < bar}
+
+    def figures(self) -> str:
+        safe = {k: None if v is None else round(v, 3) for k, v in self.worst.items()}
+        point = {k: None if v is None else round(v, 3) for k, v in self.point.items()}
+        return f"safe (95% bound) {safe}; point {point}; erase {self.erase_s:.0f} s"
 
 
 def toy_pipeline():
@@ -36,17 +54,38 @@ def toy_pipeline():
         pytest.skip(f"toy world not available: {exc}")
 
 
-def measure_recipe(name: str, images_per_concept: int = 16) -> Measured:
+@cache
+def base_report():
+    """The shipped base model's evaluation on every bar-tested shape, made once per session."""
+    from forgetpatch.eval import evaluate
+
+    return evaluate(
+        toy_pipeline(),
+        list(BAR_SHAPES),
+        images_per_concept=RETAIN_IMAGES,
+        images_per_erased=UA_IMAGES,
+        progress=False,
+    )
+
+
+def measure_recipe(name: str) -> Measured:
     """Run ``recipes/<name>.yaml`` on the shipped toy model and score the patch it makes."""
     from forgetpatch.eval import evaluate
 
     recipe = load_recipe(RECIPES / f"{name}.yaml")
     erased = [c.target for c in recipe.concepts]
-    base_pipe = toy_pipeline()
-    base = evaluate(base_pipe, erased, images_per_concept=images_per_concept, progress=False)
+    assert set(erased) <= set(BAR_SHAPES), f"add {erased} to BAR_SHAPES"
+    base = base_report()
     start = time.perf_counter()
-    patch = forgetpatch.erase(base_pipe, recipe.erase_concepts(), progress=False, **recipe.erase_kwargs())
+    patch = forgetpatch.erase(toy_pipeline(), recipe.erase_concepts(), progress=False, **recipe.erase_kwargs())
     erase_s = time.perf_counter() - start
     pipe = forgetpatch.apply(toy_pipeline(), patch)
-    report = evaluate(pipe, erased, reference=base, images_per_concept=images_per_concept, progress=False)
-    return Measured(worst=report.worst(), erase_s=erase_s, report=report)
+    report = evaluate(
+        pipe,
+        erased,
+        reference=base,
+        images_per_concept=RETAIN_IMAGES,
+        images_per_erased=UA_IMAGES,
+        progress=False,
+    )
+    return Measured(worst=report.worst(safe=True), point=report.worst(), erase_s=erase_s, report=report)

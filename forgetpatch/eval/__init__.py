@@ -8,15 +8,27 @@ Example:
     >>> base = evaluate(forgetpatch.toy.pipeline(), ["circle"])          # base figures, reusable
     >>> report = evaluate(patched_pipe, ["circle"], reference=base)
     >>> rich.print(report.table())
+
+UA is strict (:mod:`forgetpatch.eval.report`): an image counts as forgotten only when the judge
+confidently names another concept or sees no shape; every rate carries its sample size and 95% interval.
 """
 
 from forgetpatch.eval.blindfold import blindfold
 from forgetpatch.eval.ceiling import guide_ceiling
 from forgetpatch.eval.generate import DEFAULT_GUIDANCE_SCALE, Generator, PipelineGenerator, as_generator
 from forgetpatch.eval.grid import save_grid, save_report_grid
-from forgetpatch.eval.metrics import Judge, evaluate, scoring_prompts
+from forgetpatch.eval.metrics import Judge, Replay, evaluate, rejudge, scoring_prompts
 from forgetpatch.eval.prompts import ScoringPrompt, main_prompts, paraphrase_prompts
-from forgetpatch.eval.report import ConceptReport, EvalReport, Scores, score_concept
+from forgetpatch.eval.report import (
+    ConceptReport,
+    EvalReport,
+    Scores,
+    Verdict,
+    forgotten,
+    outcome,
+    score_concept,
+    wilson,
+)
 
 __all__ = [
     "DEFAULT_GUIDANCE_SCALE",
@@ -25,16 +37,22 @@ __all__ = [
     "Generator",
     "Judge",
     "PipelineGenerator",
+    "Replay",
     "ScoringPrompt",
     "Scores",
+    "Verdict",
     "as_generator",
     "blindfold",
     "evaluate",
+    "forgotten",
     "guide_ceiling",
     "main_prompts",
+    "outcome",
     "paraphrase_prompts",
+    "rejudge",
     "save_grid",
     "save_report_grid",
     "score_concept",
     "scoring_prompts",
+    "wilson",
 ]

@@ -20,7 +20,7 @@ from typing import Any
 from forgetpatch.eval.generate import DEFAULT_GUIDANCE_SCALE, as_generator
 from forgetpatch.eval.metrics import Judge, _check_concepts, _generate
 from forgetpatch.eval.prompts import main_prompts
-from forgetpatch.toy import vocab
+from forgetpatch.eval.report import forgotten
 
 
 def guide_ceiling(
@@ -35,8 +35,8 @@ def guide_ceiling(
     judge: Judge | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
-    """Per erased concept, the share of its main scoring prompts (same seeds as :func:`evaluate`) that
-    ``pipe`` does *not* draw as it once the concept's word is replaced by ``guide`` (removed for ``""``).
+    """Per erased concept, the share of its main scoring prompts (same seeds as :func:`evaluate`) in which
+    the concept is forgotten (strict rule, as UA) once its word is replaced by ``guide`` (removed for ``""``).
 
     Args:
         pipe: the base model (a pipeline or a :class:`~forgetpatch.eval.generate.Generator`).
@@ -53,12 +53,11 @@ def guide_ceiling(
     generator = as_generator(
         pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, progress=progress
     )
-    judged = judge.predict(_generate(generator, items))
+    judged = judge.classify(_generate(generator, items))
     out = {}
     for concept in erased:
-        kind = vocab.kind_of(concept)
-        drawn = [j[kind] == concept for (c, _), j in zip(pairs, judged, strict=True) if c == concept]
-        out[concept] = 1.0 - sum(drawn) / len(drawn)
+        gone = [forgotten(j, concept) for (c, _), j in zip(pairs, judged, strict=True) if c == concept]
+        out[concept] = sum(gone) / len(gone)
     return out
 
 

@@ -29,11 +29,17 @@ def save_grid(
     labels: Sequence[str] | None = None,
     *,
     scale: int = 3,
+    notes: tuple[Sequence[str], Sequence[str]] | None = None,
+    flagged: tuple[Sequence[bool], Sequence[bool]] | None = None,
+    extra: tuple[str, np.ndarray, Sequence[str]] | None = None,
 ) -> Path:
     """Save a two-row grid (top: before, bottom: after), one column per image, labelled underneath.
 
     Images are float in ``[0, 1]`` or uint8, ``N x H x W x 3``; they are enlarged ``scale`` times
-    (nearest neighbour) so 32x32 images stay readable.
+    (nearest neighbour) so 32x32 images stay readable. ``notes`` puts a short line under each tile of
+    the before and after rows (e.g. the judge's verdict), ``flagged`` frames tiles in red, and
+    ``extra`` = ``(title, images, notes)`` adds a third row of other images (e.g. those the judge and
+    the geometric fit disagree on).
 
     Example:
         >>> save_grid(base_report.images[:8], report.images[:8], "grid.png", [i.prompt for i in report.items[:8]])
@@ -45,27 +51,56 @@ def save_grid(
     labels = list(labels) if labels is not None else [""] * n
     if len(labels) != n:
         raise ValueError(f"got {len(labels)} labels for {n} images")
+    rows: list[tuple[str, np.ndarray, Sequence[str], Sequence[bool]]] = [
+        ("before", before, notes[0] if notes else [""] * n, flagged[0] if flagged else [False] * n),
+        ("after", after, notes[1] if notes else [""] * n, flagged[1] if flagged else [False] * n),
+    ]
     font = ImageFont.load_default()
     chars = max(4, w // 6)
     wrapped = [textwrap.wrap(label, chars)[:4] for label in labels]
     text_h = 14 * max((len(lines) for lines in wrapped), default=0) + 4
+    note_h = 12 if notes or extra else 0
     gutter, margin = 2, 44
-    canvas = Image.new("RGB", (margin + n * (w + gutter), 2 * (h + gutter) + text_h), "white")
+    extra_imgs = _to_uint8(extra[1]) if extra is not None and len(extra[1]) else None
+    extra_h = (h + note_h + gutter + 14) if extra is not None else 0
+    width = margin + max(n, len(extra_imgs) if extra_imgs is not None else 0) * (w + gutter)
+    canvas = Image.new("RGB", (width, 2 * (h + note_h + gutter) + text_h + extra_h), "white")
     draw = ImageDraw.Draw(canvas)
-    for row, (name, imgs) in enumerate((("before", before), ("after", after))):
-        y = row * (h + gutter)
-        draw.text((2, y + h // 2 - 5), name, fill="black", font=font)
+
+    def tile_row(y: int, imgs: np.ndarray, row_notes: Sequence[str], row_flags: Sequence[bool]) -> None:
         for i, img in enumerate(imgs):
-            tile = Image.fromarray(img).resize((w, h), Image.NEAREST)
-            canvas.paste(tile, (margin + i * (w + gutter), y))
+            x = margin + i * (w + gutter)
+            canvas.paste(Image.fromarray(img).resize((w, h), Image.NEAREST), (x, y))
+            if row_flags[i]:
+                draw.rectangle((x, y, x + w - 1, y + h - 1), outline=(230, 0, 0), width=2)
+            if row_notes[i]:
+                draw.text((x + 1, y + h), row_notes[i][: chars + 2], fill="black", font=font)
+
+    for row, (name, imgs, row_notes, row_flags) in enumerate(rows):
+        y = row * (h + note_h + gutter)
+        draw.text((2, y + h // 2 - 5), name, fill="black", font=font)
+        tile_row(y, imgs, row_notes, row_flags)
     for i, lines in enumerate(wrapped):
         draw.multiline_text(
-            (margin + i * (w + gutter), 2 * (h + gutter) + 1), "\n".join(lines), fill="black", font=font
+            (margin + i * (w + gutter), 2 * (h + note_h + gutter) + 1), "\n".join(lines), fill="black", font=font
         )
+    if extra is not None:
+        y = 2 * (h + note_h + gutter) + text_h
+        draw.text((2, y), extra[0], fill="black", font=font)
+        if extra_imgs is not None:
+            tile_row(y + 14, extra_imgs, extra[2], [True] * len(extra_imgs))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
+
+
+def verdict_note(verdict: dict | None, fitted: str | None = None) -> str:
+    """A tile's caption: the judge's shape (``?`` where it abstains) and, if known, the fit's (``fit:``)."""
+    if verdict is None:
+        return ""
+    shape = verdict.get("shape") or "?"
+    return shape if fitted is None else f"{shape} | fit {fitted}"
 
 
 def pick_columns(report: EvalReport, columns: int = 12) -> list[int]:
@@ -93,6 +128,9 @@ def pick_columns(report: EvalReport, columns: int = 12) -> list[int]:
 def save_report_grid(report: EvalReport, path: str | Path, columns: int = 12) -> Path:
     """Before/after grid of a report evaluated with a ``reference`` (base on top, model under test below).
 
+    Under each tile of the model under test: the judge's shape (``?``: it abstains) and the geometric
+    fit's; red frames mark tiles where the two disagree, and a third row lists the images they disagree on.
+
     Example:
         >>> save_report_grid(evaluate(pipe, ["circle"], reference=base), "no-circle.png")
     """
@@ -100,4 +138,26 @@ def save_report_grid(report: EvalReport, path: str | Path, columns: int = 12) ->
         raise ValueError("this report has no base images: evaluate with reference=<base pipeline or report>")
     cols = pick_columns(report, columns)
     labels = [report.items[i].prompt for i in cols]
-    return save_grid(report.base_images[cols], report.images[cols], path, labels)
+    fitted = report.fitted
+    notes_after = [verdict_note(report.judged[i], fitted[i] if fitted else None) for i in cols]
+    disagree = report.disagreements()
+    flags_after = [i in set(disagree) for i in cols]
+    extra = None
+    if fitted is not None:
+        shown = disagree[:columns]
+        title = (
+            f"judge and geometric fit disagree on {len(disagree)} images"
+            + (f" (first {len(shown)}):" if len(disagree) > len(shown) else ":")
+            if disagree
+            else "judge and geometric fit agree on every image"
+        )
+        extra = (title, report.images[shown], [verdict_note(report.judged[i], fitted[i]) for i in shown])
+    return save_grid(
+        report.base_images[cols],
+        report.images[cols],
+        path,
+        labels,
+        notes=([""] * len(cols), notes_after),
+        flagged=([False] * len(cols), flags_after),
+        extra=extra,
+    )

@@ -240,22 +240,22 @@ def analyze(
 
 
 def toy_detector(concept: str, judge: Any = None) -> Detector:
-    """A detector from the toy world's judge: does the image show ``concept`` (a shape, colour or texture)?
+    """A detector from the toy world's judge: does the image still show ``concept`` (a shape, colour or
+    texture)? As strict UA reads it: yes unless the judge confidently sees another concept or no shape.
 
     Example:
         >>> detect = toy_detector("circle")
         >>> detect(images)  # [True, False, ...]
     """
-    from forgetpatch.toy import vocab
+    from forgetpatch.eval.report import forgotten
 
-    kind = vocab.kind_of(concept)
     if judge is None:
         from forgetpatch.toy.judge import load_judge
 
         judge = load_judge()
 
     def detect(images: np.ndarray) -> list[bool]:
-        return [p[kind] == concept for p in judge.predict(images)]
+        return [not forgotten(v, concept) for v in judge.classify(images)]
 
     return detect
 

@@ -10,20 +10,35 @@ import numpy as np
 
 from forgetpatch.errors import ConceptError, ForgetPatchError
 from forgetpatch.eval.generate import DEFAULT_GUIDANCE_SCALE, Generator, as_generator
+from forgetpatch.eval.geometry import fit_shapes
 from forgetpatch.eval.prompts import ALL_CONCEPTS, ScoringPrompt, main_prompts, paraphrase_prompts
-from forgetpatch.eval.report import ConceptReport, EvalReport, Judgement, accuracy, score_concept
+from forgetpatch.eval.report import ConceptReport, EvalReport, Verdict, accuracy, score_concept
 from forgetpatch.toy import vocab
 
 
 class Judge(Protocol):
-    """Says what each image shows: ``{"shape": ..., "colour": ..., "texture": ...}`` per image."""
+    """Says what each image shows, or that it can't tell (see :data:`~forgetpatch.eval.report.Verdict`):
+    ``{"shape": str | None, "colour": ..., "texture": ..., "p": {kind: {label: prob}}}`` per image."""
 
-    def predict(self, images: np.ndarray) -> list[Judgement]: ...
+    def classify(self, images: np.ndarray) -> list[Verdict]: ...
 
 
-def scoring_prompts(erased: Sequence[str], images_per_concept: int = 8, seed: int = 0) -> list[ScoringPrompt]:
-    """The main set plus the paraphrase set of every erased concept (see :mod:`forgetpatch.eval.prompts`)."""
-    items = main_prompts(images_per_concept, seed)
+def scoring_prompts(
+    erased: Sequence[str], images_per_concept: int = 8, seed: int = 0, images_per_erased: int | None = None
+) -> list[ScoringPrompt]:
+    """The main set plus the paraphrase set of every erased concept (see :mod:`forgetpatch.eval.prompts`).
+
+    ``images_per_erased`` (more than ``images_per_concept``) adds the items of further rounds of the
+    main set that name an erased concept, so UA is measured on that many images while retention keeps
+    ``images_per_concept`` per concept: a tighter UA interval at a fraction of the cost.
+    """
+    rounds = max(images_per_concept, images_per_erased or 0)
+    first = len(vocab.SHAPES) * images_per_concept
+    items = [
+        it
+        for i, it in enumerate(main_prompts(rounds, seed))
+        if i < first or any(it.names(c) for c in erased)
+    ]
     for concept in erased:
         items += paraphrase_prompts(concept, images_per_concept, seed)
     return items
@@ -68,6 +83,7 @@ def evaluate(
     *,
     reference: Any = None,
     images_per_concept: int = 8,
+    images_per_erased: int | None = None,
     seed: int = 0,
     num_inference_steps: int = 25,
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
@@ -75,6 +91,7 @@ def evaluate(
     prompts: Sequence[ScoringPrompt] | None = None,
     batch_size: int = 64,
     progress: bool = True,
+    geometry: bool = True,
 ) -> EvalReport:
     """Measure how well ``pipe`` has forgotten ``erased`` toy-world concepts and what else it lost.
 
@@ -88,9 +105,13 @@ def evaluate(
             same settings (its images are reused). ``None``: no base figures.
         images_per_concept: every concept is named by at least this many main prompts; every erased
             concept gets this many paraphrase prompts.
+        images_per_erased: measure UA on this many images of each erased concept (default:
+            ``images_per_concept``), for a tighter interval without generating more retention images.
         seed: fixes the prompt design and the generation seeds (same seeds for base and patched).
         judge: defaults to the shipped toy judge (:func:`forgetpatch.toy.load_judge`).
         prompts: scoring items to use instead of :func:`scoring_prompts`.
+        geometry: also fit every image's outline (:mod:`forgetpatch.eval.geometry`), the second opinion
+            the report compares the judge with.
 
     Example:
         >>> base_report = evaluate(forgetpatch.toy.pipeline(), ["circle"])
@@ -100,11 +121,12 @@ def evaluate(
     """
     start = time.perf_counter()
     erased = _check_concepts(erased)
-    items = list(prompts) if prompts is not None else scoring_prompts(erased, images_per_concept, seed)
+    items = list(prompts) if prompts is not None else scoring_prompts(erased, images_per_concept, seed, images_per_erased)
     if not items:
         raise ForgetPatchError("no scoring prompts to evaluate; pass prompts=None for the default set")
     settings = {
         "images_per_concept": images_per_concept,
+        "images_per_erased": images_per_erased or images_per_concept,
         "seed": seed,
         "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale,
@@ -122,7 +144,7 @@ def evaluate(
 
     generator = as_generator(pipe, **gen_kwargs)
     images = _generate(generator, items)
-    judged = list(judge.predict(images))
+    judged = list(judge.classify(images))
 
     base_images = base_judged = None
     base_items: list[ScoringPrompt] = []
@@ -135,7 +157,7 @@ def evaluate(
     elif reference is not None:
         base_items, paired = items, list(range(len(items)))
         base_images = _generate(as_generator(reference, **gen_kwargs), items)
-        base_judged = list(judge.predict(base_images))
+        base_judged = list(judge.classify(base_images))
 
     concepts = {}
     for concept in erased:
@@ -166,6 +188,7 @@ def evaluate(
         judged=judged,
         base_accuracy=accuracy(base_items, base_judged, erased) if base_judged is not None else None,
         base_images=_align(base_images, paired if base_images is not None else [], len(items)),
+        fitted=[f.shape for f in fit_shapes(images)] if geometry else None,
     )
 
 
@@ -186,4 +209,48 @@ def _align(base_images: np.ndarray | None, paired: Sequence[int], n: int) -> np.
         return None
     out = np.full((n, *base_images.shape[1:]), np.nan, dtype=np.float32)
     out[list(paired)] = base_images
+    return out
+
+
+class Replay:
+    """A :class:`~forgetpatch.eval.generate.Generator` that returns stored images by (prompt, seed)."""
+
+    def __init__(self, items: Sequence[ScoringPrompt], images: np.ndarray) -> None:
+        self.stored = {it.key: image for it, image in zip(items, images, strict=True)}
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
+        return np.stack([self.stored[(p, s)] for p, s in zip(prompts, seeds, strict=True)])
+
+
+def rejudge(report: EvalReport, judge: Judge) -> EvalReport:
+    """``report`` scored again by another ``judge`` on the same images (nothing is generated).
+
+    Example:
+        >>> old = rejudge(report, forgetpatch.toy.load_judge("v1"))   # the first judge's reading
+        >>> old.concepts["circle"].scores.ua, report.concepts["circle"].scores.ua
+    """
+    reference = None
+    if report.base_images is not None:
+        if np.isnan(report.base_images).any():
+            raise ForgetPatchError(
+                "this report's base lacks some of its images (a reference report with fewer prompts); "
+                "evaluate the base again with the same settings to re-judge it"
+            )
+        reference = Replay(report.items, report.base_images)
+    settings = report.settings
+    out = evaluate(
+        Replay(report.items, report.images),
+        report.erased,
+        reference=reference,
+        judge=judge,
+        prompts=report.items,
+        images_per_concept=settings["images_per_concept"],
+        images_per_erased=settings.get("images_per_erased"),
+        seed=settings["seed"],
+        num_inference_steps=settings["num_inference_steps"],
+        guidance_scale=settings["guidance_scale"],
+        progress=False,
+        geometry=False,
+    )
+    out.fitted = report.fitted
     return out

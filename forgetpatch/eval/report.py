@@ -1,25 +1,82 @@
-"""Forgetting and retention scores computed from judged images, and the :class:`EvalReport`."""
+"""Forgetting and retention scores computed from judged images, and the :class:`EvalReport`.
+
+**Strict unlearning accuracy.** An image of a prompt naming an erased concept counts as *forgotten*
+only when the judge confidently names another concept of that kind, or sees no shape at all. When the
+judge abstains (it can't tell), the image counts as *not* forgotten: a method that shrinks and deforms
+the concept instead of removing it gets no credit for that. The same rule decides paraphrase leakage
+(a paraphrase image leaks unless it is forgotten) and retention (an image is retained only when the
+judge names the expected concept). Every rate comes with its sample size and a 95% Wilson interval.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from forgetpatch.errors import ForgetPatchError
 from forgetpatch.eval.prompts import KINDS, ScoringPrompt
 from forgetpatch.toy import vocab
+from forgetpatch.toy.degrade import NO_SHAPE
 from forgetpatch.toy.vocab import Scene
 
-Judgement = dict[str, str]
+Verdict = dict[str, Any]
+"""One image's judgement, as :meth:`forgetpatch.toy.judge.Judge.classify` returns it: a label per kind
+(``None`` where the judge abstains; shape ``"none"`` when it sees no shape) and ``"p"``, the
+probability of every outcome per kind."""
+Outcome = Literal["kept", "replaced", "empty", "unclear"]
+OUTCOMES: tuple[Outcome, ...] = ("kept", "replaced", "empty", "unclear")
+#: The rates every :class:`Scores` carries with a sample size and an interval.
+RATES = ("ua", "ira", "cra", "near", "leakage")
+#: z of the two-sided 95% interval.
+Z95 = 1.959964
 
 
-def _mean(flags: Sequence[bool]) -> float | None:
-    return float(np.mean(flags)) if len(flags) else None
+def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of ``successes`` out of ``n`` (95% by default).
+
+    Example:
+        >>> wilson(16, 16)   # all 16 images forgotten: the rate is at least 0.81
+        (0.806, 1.0)
+    """
+    if n <= 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4))
+
+
+def outcome(verdict: Verdict, concept: str) -> Outcome:
+    """What became of ``concept`` in an image the judge gave ``verdict``.
+
+    ``kept``: the judge names it; ``replaced``: it confidently names another concept of the kind;
+    ``empty``: it sees no shape (for a shape or a colour: nothing is left to show it); ``unclear``:
+    it abstains.
+    """
+    kind = vocab.kind_of(concept)
+    if kind != "texture" and verdict.get("shape") == NO_SHAPE:
+        return "empty"
+    label = verdict.get(kind)
+    if label is None:
+        return "unclear"
+    return "kept" if label == concept else "replaced"
+
+
+def forgotten(verdict: Verdict, concept: str) -> bool:
+    """The strict rule: ``concept`` is forgotten in the image only if it was replaced or left empty."""
+    return outcome(verdict, concept) in ("replaced", "empty")
+
+
+def top1(verdict: Verdict, kind: str) -> str:
+    """The old reading: the concept of ``kind`` with the highest probability, never abstaining."""
+    p = verdict["p"][kind]
+    return max(vocab.concepts_of(kind), key=lambda c: p.get(c, 0.0))
 
 
 def _ratio(value: float | None, base: float | None) -> float | None:
@@ -32,55 +89,73 @@ def _ratio(value: float | None, base: float | None) -> float | None:
 class Scores:
     """The scores of one erased concept on one model; ``None`` where no image applies.
 
-    All are fractions in ``[0, 1]``. Higher is better for every score but ``leakage``.
+    All are fractions in ``[0, 1]``. Higher is better for every score but ``leakage``. ``n`` and
+    ``interval`` give each of :data:`RATES` its sample size and 95% Wilson interval.
     """
 
     ua: float | None
-    """Unlearning accuracy: images of prompts naming the concept that are *not* judged as it."""
+    """Strict unlearning accuracy: images of prompts naming the concept in which it is forgotten
+    (replaced by another concept or left empty; an abstention is not forgotten)."""
     ira: float | None
-    """In-domain retention: retained prompts whose concept of the same kind is rendered correctly."""
+    """In-domain retention: retained prompts whose concept of the same kind the judge names correctly."""
     cra: float | None
-    """Cross-domain retention: retained prompts whose concepts of the other kinds are rendered correctly."""
+    """Cross-domain retention: retained prompts whose concepts of the other kinds are named correctly."""
     near: float | None
     """Near-neighbour retention: retained prompts naming a near neighbour (shapes only) judged as it."""
     leakage: float | None
-    """Paraphrase leakage: prompts naming the concept by a synonym or rewording still judged as it."""
+    """Paraphrase leakage: prompts naming the concept by a synonym or rewording in which it is not forgotten."""
+    ua_soft: float | None = None
+    """``1 - mean p(concept)`` over the images of prompts naming it (no threshold)."""
+    ua_top1: float | None = None
+    """The old UA: the judge's most likely concept is another one (never abstains), for comparison."""
+    split: dict[str, float] = field(default_factory=dict)
+    """What became of the concept in its images: shares ``kept`` / ``replaced`` / ``empty`` / ``unclear``."""
+    n: dict[str, int] = field(default_factory=dict)
+    interval: dict[str, list[float]] = field(default_factory=dict)
     ira_by: dict[str, float] = field(default_factory=dict)
     near_by: dict[str, float] = field(default_factory=dict)
     cra_by: dict[str, float] = field(default_factory=dict)
 
 
 def score_concept(
-    concept: str, erased: Sequence[str], items: Sequence[ScoringPrompt], judged: Sequence[Judgement]
+    concept: str, erased: Sequence[str], items: Sequence[ScoringPrompt], judged: Sequence[Verdict]
 ) -> Scores:
-    """Score erased ``concept`` from ``items`` (main and paraphrase) and their judgements.
+    """Score erased ``concept`` from ``items`` (main and paraphrase) and their verdicts.
 
     A *retained* item is a main item that names no erased concept.
     """
     kind = vocab.kind_of(concept)
     main = [(it, j) for it, j in zip(items, judged, strict=True) if it.role == "main"]
     retained = [(it, j) for it, j in main if not any(it.names(e) for e in erased)]
-    ua = [j[kind] != concept for it, j in main if it.names(concept)]
+    named = [j for it, j in main if it.names(concept)]
+    outcomes = [outcome(j, concept) for j in named]
     ira_by: dict[str, list[bool]] = {}
     for it, j in retained:
         ira_by.setdefault(it.scene.of(kind), []).append(j[kind] == it.scene.of(kind))
-    ira = [f for flags in ira_by.values() for f in flags]
     cra_by = {k: [j[k] == it.scene.of(k) for it, j in retained] for k in KINDS if k != kind}
-    cra = [f for flags in cra_by.values() for f in flags]
     neighbours = vocab.NEAR_NEIGHBOURS.get(concept, ()) if kind == "shape" else ()
     near_by = {n: ira_by[n] for n in neighbours if n in ira_by}
-    near = [f for flags in near_by.values() for f in flags]
-    leak = [
-        j[kind] == concept
-        for it, j in zip(items, judged, strict=True)
-        if it.role == "paraphrase" and it.concept == concept
-    ]
+    flags = {
+        "ua": [o in ("replaced", "empty") for o in outcomes],
+        "ira": [f for fl in ira_by.values() for f in fl],
+        "cra": [f for fl in cra_by.values() for f in fl],
+        "near": [f for fl in near_by.values() for f in fl],
+        "leakage": [
+            not forgotten(j, concept)
+            for it, j in zip(items, judged, strict=True)
+            if it.role == "paraphrase" and it.concept == concept
+        ],
+    }
+    value = {k: (float(np.mean(f)) if f else None) for k, f in flags.items()}
+    if not neighbours:
+        value["near"] = None
     return Scores(
-        ua=_mean(ua),
-        ira=_mean(ira),
-        cra=_mean(cra),
-        near=_mean(near) if neighbours else None,
-        leakage=_mean(leak),
+        **value,
+        ua_soft=1.0 - float(np.mean([j["p"][kind].get(concept, 0.0) for j in named])) if named else None,
+        ua_top1=float(np.mean([top1(j, kind) != concept for j in named])) if named else None,
+        split={o: outcomes.count(o) / len(outcomes) for o in OUTCOMES} if outcomes else {},
+        n={k: len(f) for k, f in flags.items() if value[k] is not None},
+        interval={k: list(wilson(sum(f), len(f))) for k, f in flags.items() if value[k] is not None},
         ira_by={c: float(np.mean(f)) for c, f in sorted(ira_by.items())},
         near_by={c: float(np.mean(f)) for c, f in near_by.items()},
         cra_by={k: float(np.mean(f)) for k, f in cra_by.items() if f},
@@ -88,9 +163,9 @@ def score_concept(
 
 
 def accuracy(
-    items: Sequence[ScoringPrompt], judged: Sequence[Judgement], erased: Sequence[str]
+    items: Sequence[ScoringPrompt], judged: Sequence[Verdict], erased: Sequence[str]
 ) -> dict[str, float]:
-    """Per kind, the fraction of retained main items rendered correctly (the model's fidelity)."""
+    """Per kind, the share of retained main items the judge names correctly (the model's fidelity)."""
     keep = [
         (it, j)
         for it, j in zip(items, judged, strict=True)
@@ -150,13 +225,38 @@ class EvalReport:
     seconds: float
     items: list[ScoringPrompt] = field(repr=False)
     images: np.ndarray = field(repr=False)
-    judged: list[Judgement] = field(repr=False)
+    judged: list[Verdict] = field(repr=False)
     base_accuracy: dict[str, float] | None = None
     base_images: np.ndarray | None = field(default=None, repr=False)
+    fitted: list[str] | None = field(default=None, repr=False)
+    """Per image, the geometric second opinion (:mod:`forgetpatch.eval.geometry`): the best-fitting
+    shape, ``"none"`` or ``"unclear"``."""
 
-    def worst(self) -> dict[str, float | None]:
+    def disagreements(self) -> list[int]:
+        """Images where the judge and the geometric fit both name a shape (or none) and differ."""
+        if self.fitted is None:
+            return []
+        return [
+            i
+            for i, (j, f) in enumerate(zip(self.judged, self.fitted, strict=True))
+            if j.get("shape") is not None and f != "unclear" and j["shape"] != f
+        ]
+
+    def disagreement(self) -> dict[str, Any] | None:
+        """Judge-vs-fit disagreement: ``{"rate", "n", "interval"}`` over the images both name, or ``None``."""
+        if self.fitted is None:
+            return None
+        n = sum(j.get("shape") is not None and f != "unclear" for j, f in zip(self.judged, self.fitted, strict=True))
+        k = len(self.disagreements())
+        return {"rate": k / n if n else None, "n": n, "interval": list(wilson(k, n))}
+
+    def worst(self, *, safe: bool = False) -> dict[str, float | None]:
         """The worst case over the erased concepts, as bars are stated: the lowest UA, the lowest IRA,
         CRA and near-neighbour ratios to the base, and the highest leakage (``None``: not measured).
+
+        With ``safe=True`` each figure is the end of its 95% interval that a bar must clear: UA's lower
+        bound, each retention's lower bound over the base's point figure, leakage's upper bound. A bar
+        met by these is met with 95% confidence (the base's own sampling noise is not counted).
 
         Example:
             >>> evaluate(pipe, ["circle", "star"], reference=base).worst()
@@ -164,14 +264,22 @@ class EvalReport:
         """
         reports = list(self.concepts.values())
 
+        def bound(s: Scores, key: str, end: int) -> float | None:
+            value = getattr(s, key)
+            return None if value is None else (s.interval[key][end] if safe else value)
+
         def lowest(values: list[float | None]) -> float | None:
             known = [v for v in values if v is not None]
             return min(known) if known else None
 
-        leakage = [r.scores.leakage for r in reports if r.scores.leakage is not None]
+        ratios = {
+            key: lowest([_ratio(bound(r.scores, key, 0), r.base and getattr(r.base, key)) for r in reports])
+            for key in ("ira", "cra", "near")
+        }
+        leakage = [v for r in reports if (v := bound(r.scores, "leakage", 1)) is not None]
         return {
-            "ua": lowest([r.scores.ua for r in reports]),
-            **{key: lowest([r.ratios[key] for r in reports]) for key in ("ira", "cra", "near")},
+            "ua": lowest([bound(r.scores, "ua", 0) for r in reports]),
+            **ratios,
             "leakage": max(leakage) if leakage else None,
         }
 
@@ -183,41 +291,70 @@ class EvalReport:
             "accuracy": self.accuracy,
             "base_accuracy": self.base_accuracy,
             "drift": self.drift,
+            "judge_fit_disagreement": self.disagreement(),
             "n_images": len(self.items),
             "seconds": round(self.seconds, 2),
             "settings": self.settings,
         }
 
     def table(self) -> Any:
-        """A :class:`rich.table.Table` with one row per erased concept (base values in brackets)."""
+        """A :class:`rich.table.Table`: per erased concept a row for the model and one for its base.
+
+        Rates show their 95% interval; the caption gives the sample sizes and the judge-vs-fit
+        disagreement.
+        """
         from rich.table import Table
 
-        def cell(value: float | None, base: float | None = None) -> str:
+        def cell(s: Scores, key: str) -> str:
+            value = getattr(s, key)
             if value is None:
                 return "-"
-            return f"{value:.0%}" + (f" ({base:.0%})" if base is not None else "")
+            lo, hi = s.interval.get(key, (None, None))
+            return f"{value:.0%}" + (f" [{lo:.0%}-{hi:.0%}]" if lo is not None else "")
+
+        def split(s: Scores) -> str:
+            return "/".join(f"{s.split.get(o, 0):.0%}" for o in ("replaced", "empty", "unclear")) if s.split else "-"
+
+        def pct(value: float | None) -> str:
+            return "-" if value is None else f"{value:.0%}"
 
         drift = "-" if self.drift is None else f"{self.drift:.3f}"
         table = Table(
             title=f"forgetting {', '.join(self.erased) or 'nothing'}: {len(self.items)} images, drift {drift}",
-            caption="UA, leakage: on prompts naming the concept; IRA/CRA/near: retained prompts; (base)",
+            caption=self._caption(),
         )
-        for col in ("concept", "UA", "IRA", "CRA", "near", "leakage"):
-            table.add_column(col, justify="left" if col == "concept" else "right")
+        columns = ("concept", "UA strict", "replaced/empty/unclear", "UA soft", "UA top-1", "IRA", "CRA", "near",
+                   "leakage")
+        for col in columns:
+            table.add_column(col, justify="left" if col == "concept" else "right", no_wrap=col == "concept")
         for c, r in self.concepts.items():
-            s, b = r.scores, r.base
-            table.add_row(
-                f"{c} ({r.kind})",
-                cell(s.ua, b and b.ua),
-                cell(s.ira, b and b.ira),
-                cell(s.cra, b and b.cra),
-                cell(s.near, b and b.near),
-                cell(s.leakage, b and b.leakage),
-            )
+            for label, s in ((f"{c} ({r.kind})", r.scores), ("  base", r.base)):
+                if s is None:
+                    continue
+                table.add_row(
+                    label,
+                    cell(s, "ua"),
+                    split(s),
+                    pct(s.ua_soft),
+                    pct(s.ua_top1),
+                    *(cell(s, key) for key in ("ira", "cra", "near", "leakage")),
+                    style="dim" if s is r.base else None,
+                )
         if not self.concepts:
             acc = ", ".join(f"{k} {v:.0%}" for k, v in self.accuracy.items())
-            table.add_row("(fidelity)", acc, "", "", "", "")
+            table.add_row("(fidelity)", acc, *[""] * (len(columns) - 2))
         return table
+
+    def _caption(self) -> str:
+        parts = ["UA strict: forgotten only if another concept is named or no shape is seen; [95% interval]"]
+        first = next(iter(self.concepts.values()), None)
+        if first is not None:
+            parts.append("n: " + ", ".join(f"{k} {v}" for k, v in first.scores.n.items()))
+        d = self.disagreement()
+        if d is not None and d["rate"] is not None:
+            lo, hi = d["interval"]
+            parts.append(f"judge vs geometric fit disagree on {d['rate']:.0%} [{lo:.0%}-{hi:.0%}] of {d['n']} images")
+        return "; ".join(parts)
 
     def save(self, path: str | Path) -> Path:
         """Write the report with its images to one ``.npz`` file (reload with :meth:`load`).
@@ -231,6 +368,7 @@ class EvalReport:
             "seconds": self.seconds,
             "items": [{**asdict(it), "scene": asdict(it.scene)} for it in self.items],
             "judged": self.judged,
+            "fitted": self.fitted,
         }
         arrays = {"images": self.images, "meta": np.array(json.dumps(meta))}
         if self.base_images is not None:
@@ -275,4 +413,5 @@ class EvalReport:
             judged=meta["judged"],
             base_accuracy=meta["base_accuracy"],
             base_images=base_images,
+            fitted=meta.get("fitted"),
         )

@@ -43,6 +43,37 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return rows
 
 
+def _rate(figures: dict[str, Any], key: str) -> str:
+    """``"94% [85-98%], n=48"`` from an evaluation's per-concept figures (``-`` where not measured)."""
+    value = figures.get(key)
+    if value is None:
+        return "-"
+    lo, hi = (figures.get("interval") or {}).get(key, (None, None))
+    n = (figures.get("n") or {}).get(key)
+    interval = f" [{lo:.0%}-{hi:.0%}]" if lo is not None else ""
+    return f"{value:.0%}{interval}" + (f", n={n}" if n is not None else "")
+
+
+def toy_summary(metrics: dict[str, Any]) -> list[dict[str, str]]:
+    """One row per erased concept from a toy evaluation recorded under ``metrics["toy_eval"]``:
+    strict UA and leakage with their 95% intervals and sample sizes, the base beside them, and
+    retention as a share of the base's."""
+    concepts = (metrics.get("toy_eval") or {}).get("concepts") or {}
+    rows = []
+    for concept, figures in concepts.items():
+        base, ratios = figures.get("base") or {}, figures.get("ratios") or {}
+        rows.append(
+            {
+                "concept": concept,
+                "ua": _rate(figures, "ua"),
+                "base_ua": _rate(base, "ua") if base else "-",
+                "leakage": _rate(figures, "leakage"),
+                **{k: "-" if ratios.get(k) is None else f"{ratios[k]:.0%}" for k in ("ira", "cra", "near")},
+            }
+        )
+    return rows
+
+
 def render_card(
     patch_or_folder: Patch | str | Path,
     repo_id: str,
@@ -94,7 +125,9 @@ def render_card(
         base_id=base_id,
         forgotten=", ".join(f"**{c.target}**" for c in manifest.concepts),
         params=sorted(manifest.method.params.items()),
-        metrics=_flatten(manifest.metrics),
+        metrics=_flatten({k: v for k, v in manifest.metrics.items() if k != "toy_eval"}),
+        toy=toy_summary(manifest.metrics),
+        toy_settings=(manifest.metrics.get("toy_eval") or {}).get("settings"),
         grid=grid,
         weights_name=WEIGHTS_NAME,
     )

@@ -10,8 +10,8 @@ Example:
     >>> pipe = toy.pipeline()
     >>> images = pipe("a red circle on a dots background", num_inference_steps=25,
     ...               output_type="np").images
-    >>> toy.load_judge().predict(images)  # doctest: +SKIP
-    [{'shape': 'circle', 'colour': 'red', 'texture': 'dots'}]
+    >>> toy.load_judge().classify(images)[0]["shape"]  # a shape, "none", or None: it can't tell
+    'circle'
 """
 
 from __future__ import annotations
@@ -139,8 +139,13 @@ def in_context_params(shapes: list[str] | tuple[str, ...]) -> dict[str, Any]:
     }
 
 
-def load_judge(device: str = "cpu") -> Judge:
-    """The shipped judge (see :mod:`forgetpatch.toy.judge`)."""
+def load_judge(version: str = "v2", *, path: str | Path | None = None, device: str = "cpu") -> Judge:
+    """A shipped judge by version (``"v2"``, which abstains, or the first, ``"v1"``), or one saved at ``path``
+    (see :mod:`forgetpatch.toy.judge`).
+
+    Example:
+        >>> load_judge().classify(images)[0]["shape"]    # a shape, "none", or None: can't tell  # doctest: +SKIP
+    """
     from forgetpatch.toy.judge import load_judge as _load
 
-    return _load(device=device)
+    return _load(version, path=path, device=device)

@@ -67,7 +67,7 @@ def fidelity_with_images(
     chosen = vocab.HELDOUT_TEMPLATES if templates == "heldout" else vocab.TRAIN_TEMPLATES
     pairs = heldout_prompts(n, chosen)
     images = generate(pipe, [p for _, p in pairs], list(range(n)), steps=steps, guidance=guidance)
-    verdicts = judge.predict(images)
+    verdicts = judge.classify(images)
     scores: dict[str, float] = {
         k: float(np.mean([v[k] == scene.of(k) for v, (scene, _) in zip(verdicts, pairs, strict=True)]))
         for k in KINDS

@@ -1,15 +1,24 @@
-"""The judge: a small CNN that says which shape, colour and texture an image shows.
+"""The judge: a small CNN that says which shape, colour and texture an image shows, or that it can't tell.
 
-Trained on rendered ground truth (with blur, noise and colour jitter, so generated images read
-too), one head per concept kind. Shipped as ``weights/judge.safetensors`` + ``judge.json``.
+One head per concept kind. The shipped judge (``v2``, ``weights/judge.safetensors`` + ``judge.json``)
+is trained on renders degraded the way generated images are (:mod:`forgetpatch.toy.degrade`: wobbly
+and rounded outlines, shrunk, cut, faded, blurred shapes, morphs between neighbours, two shapes,
+empty backgrounds). Its shape head has two outcomes besides the ten shapes: ``"none"`` (no shape
+drawn) and ``"unclear"`` (no single shape a person could name). Each head is calibrated on held-out
+degraded renders: a temperature (fitted by log-likelihood), then a threshold on the top probability
+below which the judge abstains (chosen so that at most 2% of what it does name is wrong there).
+
+:meth:`Judge.classify` is the API: per image ``{"shape", "colour", "texture", "p"}``, ``None`` where it
+abstains. :meth:`Judge.predict` is the old top-1 reading (always a concept, never abstains), kept for
+comparison, as is the first judge (``load_judge("v1")``, clean renders only, no abstention).
 
 Example:
     >>> from forgetpatch.toy import load_judge, render, Scene
     >>> judge = load_judge()
-    >>> judge.predict([render(Scene("ring", "blue", "dots"), seed=0)])
-    [{'shape': 'ring', 'colour': 'blue', 'texture': 'dots'}]
+    >>> judge.classify([render(Scene("ring", "blue", "dots"), seed=0)])[0]["shape"]
+    'ring'
 
-Train it again with ``python -m forgetpatch.toy.judge --steps 3000``.
+Train it again with ``python -m forgetpatch.toy.judge`` (about 35 minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,21 +39,44 @@ from tqdm.auto import tqdm
 
 from forgetpatch.errors import ForgetPatchError
 from forgetpatch.toy import vocab
+from forgetpatch.toy.degrade import COLOUR_LABELS, SHAPE_LABELS, TEXTURE_LABELS, UNCLEAR, degraded_set
 from forgetpatch.toy.render import IMAGE_SIZE, render
 
 KINDS: tuple[vocab.Kind, ...] = ("shape", "colour", "texture")
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-JUDGE_WEIGHTS = WEIGHTS_DIR / "judge.safetensors"
-JUDGE_CONFIG = WEIGHTS_DIR / "judge.json"
+#: Shipped judges by version: ``v2`` (the default, abstains) and ``v1`` (the first, top-1 only).
+JUDGES = {"v2": WEIGHTS_DIR / "judge.safetensors", "v1": WEIGHTS_DIR / "judge-v1.safetensors"}
+JUDGE_WEIGHTS = JUDGES["v2"]
+#: The v2 heads' outcomes: every concept, plus "none" and "unclear" for shapes, "unclear" for colours.
+V2_CLASSES: dict[str, tuple[str, ...]] = {"shape": SHAPE_LABELS, "colour": COLOUR_LABELS, "texture": TEXTURE_LABELS}
+#: What :meth:`Judge.classify` returns per image: a label per kind (``None``: the judge abstains) and
+#: ``"p"``, the calibrated probability of every outcome per kind.
+Verdict = dict[str, Any]
+#: At most this share of what the judge names on held-out degraded renders may be wrong (sets thresholds).
+RISK = 0.02
 
 
 class Judge(nn.Module):
-    """Three-headed image classifier over the toy world's shapes, colours and textures."""
+    """Three-headed image classifier over the toy world's shapes, colours and textures.
 
-    def __init__(self, width: int = 16, image_size: int = IMAGE_SIZE) -> None:
+    Args:
+        classes: the outcomes of each head; by default the vocabulary's concepts (the v1 judge).
+        temperature, threshold: per kind, the calibration :meth:`classify` uses (1 and 0: none).
+    """
+
+    def __init__(
+        self,
+        width: int = 16,
+        image_size: int = IMAGE_SIZE,
+        classes: dict[str, tuple[str, ...]] | None = None,
+        temperature: dict[str, float] | None = None,
+        threshold: dict[str, float] | None = None,
+    ) -> None:
         super().__init__()
         self.width, self.image_size = width, image_size
-        self.classes: dict[str, tuple[str, ...]] = {k: vocab.concepts_of(k) for k in KINDS}
+        self.classes = dict(classes) if classes is not None else {k: vocab.concepts_of(k) for k in KINDS}
+        self.temperature = {k: 1.0 for k in KINDS} | (temperature or {})
+        self.threshold = {k: 0.0 for k in KINDS} | (threshold or {})
 
         def block(cin: int, cout: int) -> nn.Sequential:
             return nn.Sequential(
@@ -62,7 +95,13 @@ class Judge(nn.Module):
         self.heads = nn.ModuleDict({k: nn.Linear(8 * w, len(c)) for k, c in self.classes.items()})
 
     def config(self) -> dict[str, Any]:
-        return {"width": self.width, "image_size": self.image_size, "classes": self.classes}
+        return {
+            "width": self.width,
+            "image_size": self.image_size,
+            "classes": self.classes,
+            "temperature": self.temperature,
+            "threshold": self.threshold,
+        }
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits per kind for images ``x`` (N x 3 x H x W, values in [0, 1])."""
@@ -91,7 +130,7 @@ class Judge(nn.Module):
 
     @torch.no_grad()
     def predict_proba(self, images: Any) -> dict[str, np.ndarray]:
-        """Class probabilities per kind: ``{kind: N x n_classes}``, columns ordered as ``classes[kind]``.
+        """Calibrated probabilities per kind: ``{kind: N x n_classes}``, columns ordered as ``classes[kind]``.
 
         ``images``: float array N x H x W x 3 in [0, 1] (diffusers ``output_type="np"``), uint8
         array, a list of PIL images, or a tensor.
@@ -99,12 +138,41 @@ class Judge(nn.Module):
         was_training = self.training
         self.eval()
         x = self._to_tensor(images).to(next(self.parameters()).device)
-        out = {k: torch.softmax(v, dim=1).cpu().numpy() for k, v in self(x).items()}
+        out = {
+            k: torch.softmax(v / self.temperature[k], dim=1).cpu().numpy() for k, v in self(x).items()
+        }
         self.train(was_training)
         return out
 
+    def classify(self, images: Any) -> list[Verdict]:
+        """What each image shows, or ``None`` per kind where the judge can't tell.
+
+        A kind's label is ``None`` when the most likely outcome is ``"unclear"`` or its probability is
+        below the kind's calibrated threshold. The shape may be ``"none"``: no shape drawn.
+
+        Example:
+            >>> load_judge().classify(images)[0]  # doctest: +SKIP
+            {'shape': 'circle', 'colour': 'red', 'texture': 'plain',
+             'p': {'shape': {'circle': 0.97, ...}, 'colour': {...}, 'texture': {...}}}
+        """
+        proba = self.predict_proba(images)
+        out = []
+        for i in range(len(proba["shape"])):
+            verdict: Verdict = {}
+            for k in KINDS:
+                top = int(proba[k][i].argmax())
+                label = self.classes[k][top]
+                confident = proba[k][i, top] >= self.threshold[k] and label != UNCLEAR
+                verdict[k] = label if confident else None
+            verdict["p"] = {
+                k: {c: round(float(p), 4) for c, p in zip(self.classes[k], proba[k][i], strict=True)}
+                for k in KINDS
+            }
+            out.append(verdict)
+        return out
+
     def predict(self, images: Any) -> list[dict[str, str]]:
-        """The most likely shape, colour and texture of each image.
+        """The old top-1 reading: the most likely concept of each kind, never abstaining.
 
         Example:
             >>> load_judge().predict(images)[0]  # doctest: +SKIP
@@ -112,23 +180,44 @@ class Judge(nn.Module):
         """
         proba = self.predict_proba(images)
         n = len(next(iter(proba.values())))
-        return [{k: self.classes[k][int(proba[k][i].argmax())] for k in KINDS} for i in range(n)]
+        out = []
+        for i in range(n):
+            row = {}
+            for k in KINDS:
+                concepts = vocab.concepts_of(k)
+                cols = [self.classes[k].index(c) for c in concepts]
+                row[k] = concepts[int(proba[k][i, cols].argmax())]
+            out.append(row)
+        return out
 
 
-def load_judge(path: Path | str | None = None, device: str = "cpu") -> Judge:
-    """Load the shipped judge (or one saved at ``path``, a ``.safetensors`` file)."""
-    weights = Path(path) if path is not None else JUDGE_WEIGHTS
+def load_judge(version: str = "v2", *, path: Path | str | None = None, device: str = "cpu") -> Judge:
+    """Load a shipped judge by version (``"v2"``, the default, or ``"v1"``) or one saved at ``path``.
+
+    Example:
+        >>> load_judge().classify(images)        # doctest: +SKIP
+        >>> load_judge("v1").predict(images)     # the first judge, for comparison  # doctest: +SKIP
+    """
+    if path is None and version not in JUDGES:
+        raise ForgetPatchError(f"no judge version {version!r}; shipped: {', '.join(JUDGES)}")
+    weights = Path(path) if path is not None else JUDGES[version]
     config_path = weights.with_suffix(".json")
     if not weights.exists() or not config_path.exists():
         raise ForgetPatchError(
             f"no judge weights at {weights}; train them with `python -m forgetpatch.toy.judge --out {weights}`"
         )
     config = json.loads(config_path.read_text())
-    judge = Judge(width=config["width"], image_size=config["image_size"])
-    if {k: tuple(v) for k, v in config["classes"].items()} != judge.classes:
-        raise ForgetPatchError(
-            f"{config_path} was trained on other concepts than this toy world's vocabulary"
-        )
+    classes = {k: tuple(v) for k, v in config["classes"].items()}
+    for k in KINDS:
+        if not set(vocab.concepts_of(k)) <= set(classes.get(k, ())):
+            raise ForgetPatchError(f"{config_path} was trained on other concepts than this toy world's vocabulary")
+    judge = Judge(
+        width=config["width"],
+        image_size=config["image_size"],
+        classes=classes,
+        temperature=config.get("temperature"),
+        threshold=config.get("threshold"),
+    )
     judge.load_state_dict(load_file(weights))
     return judge.to(device).eval()
 
@@ -164,25 +253,140 @@ def accuracy(judge: Judge, x: torch.Tensor, labels: dict[str, torch.Tensor]) -> 
     return {k: float((torch.from_numpy(proba[k]).argmax(1) == labels[k]).float().mean()) for k in KINDS}
 
 
-def train_judge(steps: int = 3000, batch_size: int = 128, n_train: int = 20000, seed: int = 0) -> Judge:
-    """Train a judge from scratch on fresh renders (seeded)."""
+@dataclass(frozen=True)
+class PersonSet:
+    """Generated images labelled by people (``tests/data/make_judge_set.py`` makes them): per image the
+    shape a person named (or ``"none"`` / ``"unclear"``) and the shape its prompt named."""
+
+    images: np.ndarray
+    person: tuple[str, ...]
+    prompt_shape: tuple[str, ...]
+
+    @classmethod
+    def load(cls, stem: Path | str) -> PersonSet:
+        """Read ``<stem>_images.npz`` and ``<stem>_labels.json``, e.g. ``tests/data/judge``."""
+        stem = Path(stem)
+        rows = json.loads(Path(f"{stem}_labels.json").read_text())["images"]
+        with np.load(f"{stem}_images.npz") as data:
+            images = data["images"]
+        return cls(images, tuple(r["person"] for r in rows), tuple(r["prompt_shape"] for r in rows))
+
+    def scores(self, verdicts: Sequence[Verdict]) -> tuple[float, float]:
+        """``(agreement, safe)``: the share of person-named images the judge names the same, and of
+        person-"unclear" images on which it abstains or names the prompt's shape (nothing wrongly forgotten)."""
+        clear = [v["shape"] == p for v, p in zip(verdicts, self.person, strict=True) if p != UNCLEAR]
+        safe = [
+            v["shape"] in (None, s)
+            for v, p, s in zip(verdicts, self.person, self.prompt_shape, strict=True)
+            if p == UNCLEAR
+        ]
+        return float(np.mean(clear)), float(np.mean(safe))
+
+
+def train_judge(
+    steps: int = 5000,
+    batch_size: int = 128,
+    n_train: int = 40000,
+    width: int = 16,
+    seed: int = 0,
+    workers: int = 2,
+    person: PersonSet | None = None,
+    init: Judge | None = None,
+    lr: float = 2e-3,
+) -> Judge:
+    """Train a v2 judge on degraded renders (seeded), then calibrate it on other degraded renders.
+
+    ``person``: generated images labelled by people, mixed into every batch (a quarter of it; their
+    colour and texture are not labelled, so only the shape head learns from them). ``init``: continue
+    from this judge instead of from scratch.
+    """
     torch.manual_seed(seed)
-    judge = Judge()
-    x, labels = labelled_renders(n_train, seed_offset=10_000_000 + seed * n_train)
-    opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    judge = init if init is not None else Judge(width=width, classes=V2_CLASSES)
+    images, labels_np = degraded_set(n_train, seed=10_000_000 + seed, workers=workers)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    labels = {k: torch.from_numpy(v) for k, v in labels_np.items()}
+    n_person = batch_size // 4 if person is not None else 0
+    if person is not None:
+        px = torch.from_numpy(person.images).permute(0, 3, 1, 2).float() / 255.0
+        py = torch.tensor([judge.classes["shape"].index(p) for p in person.person])
+    opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
     judge.train()
     for _ in (bar := tqdm(range(steps), desc="judge", mininterval=5)):
-        idx = torch.randint(n_train, (batch_size,), generator=gen)
-        logits = judge(_augment(x[idx], gen))
-        loss = sum(F.cross_entropy(logits[k], labels[k][idx]) for k in KINDS)
+        idx = torch.randint(n_train, (batch_size - n_person,), generator=gen)
+        batch = x[idx]
+        if person is not None:
+            pidx = torch.randint(len(px), (n_person,), generator=gen)
+            batch = torch.cat([batch, px[pidx]])
+        batch = _augment(batch, gen)
+        flip = torch.rand(batch_size, generator=gen) < 0.5  # every shape is mirror-symmetric
+        batch = torch.where(flip[:, None, None, None], batch.flip(3), batch)
+        logits = judge(batch)
+        synthetic = slice(0, batch_size - n_person)
+        loss = sum(F.cross_entropy(logits[k][synthetic], labels[k][idx]) for k in KINDS)
+        if person is not None:
+            loss = loss + F.cross_entropy(logits["shape"][batch_size - n_person :], py[pidx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{float(loss):.3f}")
+    calibrate(judge, *degraded_set(8000, seed=20_000_000 + seed, workers=workers))
     return judge.eval()
+
+
+def choose_shape_threshold(judge: Judge, calibration: PersonSet, safe_min: float = 0.80) -> float:
+    """The shape threshold with the best agreement on ``calibration``'s person-named images among those
+    keeping at least ``safe_min`` of its person-"unclear" images safe (see :meth:`PersonSet.scores`)."""
+    best, best_agreement = 1.0, -1.0
+    for t in np.arange(0.30, 1.0, 0.01):
+        judge.threshold["shape"] = float(round(t, 2))
+        agreement, safe = calibration.scores(judge.classify(calibration.images))
+        if safe >= safe_min and agreement > best_agreement:
+            best, best_agreement = judge.threshold["shape"], agreement
+    judge.threshold["shape"] = best
+    return best
+
+
+def _fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """The temperature that maximises the likelihood of labels ``y`` under ``softmax(logits / T)``."""
+    log_t = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
+
+    def nll() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(nll)
+    return round(float(log_t.exp()), 4)
+
+
+def calibrate(judge: Judge, images: np.ndarray, labels: dict[str, np.ndarray], risk: float = RISK) -> None:
+    """Fit each head's temperature (log-likelihood) and abstention threshold on held-out samples.
+
+    The threshold is the lowest top probability at which, on these samples, at most ``risk`` of
+    what the head names (a concept, or "none") is wrong; "unclear" samples named anything count as wrong.
+    """
+    judge.eval()
+    with torch.no_grad():
+        logits = judge(judge._to_tensor(images))
+    for k in KINDS:
+        y = torch.from_numpy(labels[k])
+        judge.temperature[k] = _fit_temperature(logits[k], y)
+        proba = torch.softmax(logits[k] / judge.temperature[k], dim=1)
+        top_p, top = proba.max(dim=1)
+        names = [i for i, c in enumerate(judge.classes[k]) if c != UNCLEAR]
+        named = torch.isin(top, torch.tensor(names))
+        threshold = 1.0
+        for t in np.arange(0.30, 1.0, 0.01):
+            kept = named & (top_p >= t)
+            if kept.sum() and float((top[kept] != y[kept]).float().mean()) <= risk:
+                threshold = float(round(t, 2))
+                break
+        judge.threshold[k] = threshold
 
 
 def save_judge(judge: Judge, path: Path | str = JUDGE_WEIGHTS) -> None:
@@ -194,13 +398,41 @@ def save_judge(judge: Judge, path: Path | str = JUDGE_WEIGHTS) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the toy world's judge on renders.")
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--n-train", type=int, default=40000)
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=2, help="processes drawing the training images")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--init", type=Path, default=None, help="continue from this judge's weights")
+    parser.add_argument(
+        "--person", type=Path, default=None, help="person-labelled images to mix in (stem, e.g. tests/data/judge_train)"
+    )
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        help="person-labelled images the shape threshold is chosen on (stem, e.g. tests/data/judge_calibration)",
+    )
     parser.add_argument("--out", type=Path, default=JUDGE_WEIGHTS)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    judge = train_judge(steps=args.steps, seed=args.seed)
+    judge = train_judge(
+        steps=args.steps,
+        n_train=args.n_train,
+        width=args.width,
+        seed=args.seed,
+        workers=args.workers,
+        person=PersonSet.load(args.person) if args.person else None,
+        init=load_judge(path=args.init) if args.init else None,
+        lr=args.lr,
+    )
+    if args.calibration:
+        calibration = PersonSet.load(args.calibration)
+        print("shape threshold on the person-labelled calibration set:", choose_shape_threshold(judge, calibration))
+        print("calibration set (agreement, safe):", calibration.scores(judge.classify(calibration.images)))
     x, labels = labelled_renders(2000, seed_offset=900_000_000)
-    print("held-out render accuracy:", accuracy(judge, x, labels))
+    print("clean render accuracy:", accuracy(judge, x, labels))
+    print("calibration:", {"temperature": judge.temperature, "threshold": judge.threshold})
     save_judge(judge, args.out)
     print(f"saved {args.out}")
 

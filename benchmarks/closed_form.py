@@ -54,7 +54,7 @@ SHAPE_SETS = {
 SETTINGS = ("paper", "in-context", "guided")
 #: The guide of the "guided" setting: a shape never erased here, so its prompts never draw an erased one.
 GUIDE = "cross"
-console = Console(width=120)
+console = Console(width=170)
 
 
 def concept_names(n: int) -> list[str]:

@@ -135,3 +135,22 @@ def test_one_hundred_concepts_in_one_call(sd):
     # 100 edited embeddings exceed the 32-wide layers: stored at the layer's numerical rank, still exact
     assert patch.manifest.lora.rank <= 32
     assert patch.manifest.lora.reconstruction_error < 1e-4
+
+
+# --- the toy world ---------------------------------------------------------------------------------
+#: UA strict and absolute; IRA, CRA and near as ratios of the base; all on the safe end of the 95% interval.
+UCE_TOY_BARS = {"ua": 0.90, "ira": 0.90, "cra": 0.95, "near": 0.80}
+
+
+@pytest.mark.slow
+def test_toy_uce_steered_to_cross_forgets_the_circle(competent_toy):
+    """recipes/toy-no-circle-uce-guided.yaml: circles become crosses; below the bars it xfails with the figures,
+    and fails outright if the circle is not mostly replaced (strict UA point estimate under 0.8)."""
+    from toy_bars import measure_recipe
+
+    measured = measure_recipe("toy-no-circle-uce-guided")
+    figures = f"UCE, recipes/toy-no-circle-uce-guided.yaml: {measured.figures()}"
+    print(figures)
+    assert measured.point["ua"] >= 0.8, figures
+    if measured.below(UCE_TOY_BARS):
+        pytest.xfail(f"below the toy bars {UCE_TOY_BARS}: {figures}")

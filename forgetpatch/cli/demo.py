@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-console = Console()
+console = Console(width=max(120, Console().width))  # the report table needs the room
 
 
 def demo(

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from forgetpatch.cli._base import load_base as _load_base
 
-console = Console()
+console = Console(width=max(120, Console().width))  # the report table needs the room
 
 
 def _cache_dir() -> Path:

@@ -59,10 +59,10 @@ def save_grid(
     chars = max(4, w // 6)
     wrapped = [textwrap.wrap(label, chars)[:4] for label in labels]
     text_h = 14 * max((len(lines) for lines in wrapped), default=0) + 4
-    note_h = 12 if notes or extra else 0
+    note_h = 24 if notes or extra else 0
     gutter, margin = 2, 44
     extra_imgs = _to_uint8(extra[1]) if extra is not None and len(extra[1]) else None
-    extra_h = (h + note_h + gutter + 14) if extra is not None else 0
+    extra_h = 14 + (h + note_h + gutter if extra_imgs is not None else 0) if extra is not None else 0
     width = margin + max(n, len(extra_imgs) if extra_imgs is not None else 0) * (w + gutter)
     canvas = Image.new("RGB", (width, 2 * (h + note_h + gutter) + text_h + extra_h), "white")
     draw = ImageDraw.Draw(canvas)
@@ -74,7 +74,8 @@ def save_grid(
             if row_flags[i]:
                 draw.rectangle((x, y, x + w - 1, y + h - 1), outline=(230, 0, 0), width=2)
             if row_notes[i]:
-                draw.text((x + 1, y + h), row_notes[i][: chars + 2], fill="black", font=font)
+                lines = [line[: chars + 2] for line in row_notes[i].split("\n")[:2]]
+                draw.multiline_text((x + 1, y + h), "\n".join(lines), fill="black", font=font, spacing=1)
 
     for row, (name, imgs, row_notes, row_flags) in enumerate(rows):
         y = row * (h + note_h + gutter)
@@ -96,11 +97,11 @@ def save_grid(
 
 
 def verdict_note(verdict: dict | None, fitted: str | None = None) -> str:
-    """A tile's caption: the judge's shape (``?`` where it abstains) and, if known, the fit's (``fit:``)."""
+    """A tile's caption: the judge's shape (``?`` where it abstains) and, below it, the geometric fit's."""
     if verdict is None:
         return ""
     shape = verdict.get("shape") or "?"
-    return shape if fitted is None else f"{shape} | fit {fitted}"
+    return shape if fitted is None else f"{shape}\nfit: {fitted}"
 
 
 def pick_columns(report: EvalReport, columns: int = 12) -> list[int]:

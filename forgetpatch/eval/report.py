@@ -21,8 +21,7 @@ import numpy as np
 
 from forgetpatch.errors import ForgetPatchError
 from forgetpatch.eval.prompts import KINDS, ScoringPrompt
-from forgetpatch.toy import vocab
-from forgetpatch.toy.degrade import NO_SHAPE
+from forgetpatch.toy import NO_SHAPE, vocab
 from forgetpatch.toy.vocab import Scene
 
 Verdict = dict[str, Any]

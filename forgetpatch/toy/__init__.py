@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from forgetpatch.errors import ForgetPatchError
+from forgetpatch.toy.degrade import NO_SHAPE, UNCLEAR
 from forgetpatch.toy.render import IMAGE_SIZE, render, render_batch
 from forgetpatch.toy.vocab import (
     COLOURS,
@@ -63,6 +64,7 @@ __all__ = [
     "HELDOUT_TEMPLATES",
     "IMAGE_SIZE",
     "NEAR_NEIGHBOURS",
+    "NO_SHAPE",
     "PARTIAL_TEMPLATES",
     "PIPELINE_DIR",
     "SHAPES",
@@ -71,6 +73,7 @@ __all__ = [
     "TEXTURES",
     "ORDER_TEMPLATES",
     "TRAIN_TEMPLATES",
+    "UNCLEAR",
     "Kind",
     "Scene",
     "all_scenes",

@@ -21,13 +21,9 @@ import numpy as np
 
 from forgetpatch.errors import ForgetPatchError
 from forgetpatch.eval.prompts import KINDS, ScoringPrompt
-from forgetpatch.toy import NO_SHAPE, vocab
+from forgetpatch.toy import NO_SHAPE, Verdict, vocab
 from forgetpatch.toy.vocab import Scene
 
-Verdict = dict[str, Any]
-"""One image's judgement, as :meth:`forgetpatch.toy.judge.Judge.classify` returns it: a label per kind
-(``None`` where the judge abstains; shape ``"none"`` when it sees no shape) and ``"p"``, the
-probability of every outcome per kind."""
 Outcome = Literal["kept", "replaced", "empty", "unclear"]
 OUTCOMES: tuple[Outcome, ...] = ("kept", "replaced", "empty", "unclear")
 #: The rates every :class:`Scores` carries with a sample size and an interval.
@@ -231,22 +227,25 @@ class EvalReport:
     """Per image, the geometric second opinion (:mod:`forgetpatch.eval.geometry`): the best-fitting
     shape, ``"none"`` or ``"unclear"``."""
 
-    def disagreements(self) -> list[int]:
-        """Images where the judge and the geometric fit both name a shape (or none) and differ."""
+    def _both_named(self) -> list[int]:
+        """Images on which the judge and the geometric fit both name a shape (or none)."""
         if self.fitted is None:
             return []
         return [
             i
             for i, (j, f) in enumerate(zip(self.judged, self.fitted, strict=True))
-            if j.get("shape") is not None and f != "unclear" and j["shape"] != f
+            if j.get("shape") is not None and f != "unclear"
         ]
+
+    def disagreements(self) -> list[int]:
+        """Images where the judge and the geometric fit both name a shape (or none) and differ."""
+        return [i for i in self._both_named() if self.judged[i]["shape"] != self.fitted[i]]
 
     def disagreement(self) -> dict[str, Any] | None:
         """Judge-vs-fit disagreement: ``{"rate", "n", "interval"}`` over the images both name, or ``None``."""
         if self.fitted is None:
             return None
-        n = sum(j.get("shape") is not None and f != "unclear" for j, f in zip(self.judged, self.fitted, strict=True))
-        k = len(self.disagreements())
+        n, k = len(self._both_named()), len(self.disagreements())
         return {"rate": k / n if n else None, "n": n, "interval": list(wilson(k, n))}
 
     def worst(self, *, safe: bool = False) -> dict[str, float | None]:

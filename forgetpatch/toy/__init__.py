@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from forgetpatch.errors import ForgetPatchError
-from forgetpatch.toy.degrade import NO_SHAPE, UNCLEAR
+from forgetpatch.toy.degrade import NO_SHAPE, UNCLEAR, Verdict
 from forgetpatch.toy.render import IMAGE_SIZE, render, render_batch
 from forgetpatch.toy.vocab import (
     COLOURS,
@@ -74,6 +74,7 @@ __all__ = [
     "ORDER_TEMPLATES",
     "TRAIN_TEMPLATES",
     "UNCLEAR",
+    "Verdict",
     "Kind",
     "Scene",
     "all_scenes",

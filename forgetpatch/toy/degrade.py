@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +41,10 @@ SHAPE_LABELS: tuple[str, ...] = (*vocab.SHAPES, NO_SHAPE, UNCLEAR)
 #: The colour head's outcomes besides the eight colours (no shape, or shapes of several colours).
 COLOUR_LABELS: tuple[str, ...] = (*vocab.COLOURS, UNCLEAR)
 TEXTURE_LABELS: tuple[str, ...] = vocab.TEXTURES
+#: What the judge (:meth:`forgetpatch.toy.judge.Judge.classify`) says of one image: a label per kind
+#: (``None``: it abstains; shape :data:`NO_SHAPE`: nothing drawn) and ``"p"``, the calibrated
+#: probability of every outcome per kind.
+Verdict = dict[str, Any]
 
 #: A shape cut to less than this fraction of its area is "unclear" (half a disc is no disc).
 VISIBLE_MIN = 0.8

@@ -2,11 +2,14 @@
 
 One head per concept kind. The shipped judge (``v2``, ``weights/judge.safetensors`` + ``judge.json``)
 is trained on renders degraded the way generated images are (:mod:`forgetpatch.toy.degrade`: wobbly
-and rounded outlines, shrunk, cut, faded, blurred shapes, morphs between neighbours, two shapes,
-empty backgrounds). Its shape head has two outcomes besides the ten shapes: ``"none"`` (no shape
-drawn) and ``"unclear"`` (no single shape a person could name). Each head is calibrated on held-out
-degraded renders: a temperature (fitted by log-likelihood), then a threshold on the top probability
-below which the judge abstains (chosen so that at most 2% of what it does name is wrong there).
+and rounded outlines, shrunk, cut, faded, blurred shapes, morphs between shapes, two shapes, empty
+backgrounds), then fine-tuned with person-labelled generated images mixed in (:class:`PersonSet`).
+Its shape head has two outcomes besides the ten shapes: ``"none"`` (no shape drawn) and ``"unclear"``
+(no single shape a person could name). Each head gets a temperature (fitted by log-likelihood on
+held-out degraded renders) and a threshold on the top probability below which the judge abstains:
+chosen on those renders so that at most 2% of what it names is wrong there, except the shape
+threshold of the shipped judge, chosen on a person-labelled calibration split
+(:func:`choose_shape_threshold`).
 
 :meth:`Judge.classify` is the API: per image ``{"shape", "colour", "texture", "p"}``, ``None`` where it
 abstains. :meth:`Judge.predict` is the old top-1 reading (always a concept, never abstains), kept for
@@ -18,7 +21,11 @@ Example:
     >>> judge.classify([render(Scene("ring", "blue", "dots"), seed=0)])[0]["shape"]
     'ring'
 
-Train it again with ``python -m forgetpatch.toy.judge`` (about 35 minutes on 2 CPU cores).
+Train it again (about 21 + 4 minutes on one CPU thread)::
+
+    python -m forgetpatch.toy.judge --out runs/v2b/judge.safetensors
+    python -m forgetpatch.toy.judge --init runs/v2b/judge.safetensors --person tests/data/judge_train \
+        --calibration tests/data/judge_calibration --steps 1500 --n-train 12000 --lr 1e-3 --out OUT
 """
 
 from __future__ import annotations
@@ -39,7 +46,14 @@ from tqdm.auto import tqdm
 
 from forgetpatch.errors import ForgetPatchError
 from forgetpatch.toy import vocab
-from forgetpatch.toy.degrade import COLOUR_LABELS, SHAPE_LABELS, TEXTURE_LABELS, UNCLEAR, degraded_set
+from forgetpatch.toy.degrade import (
+    COLOUR_LABELS,
+    SHAPE_LABELS,
+    TEXTURE_LABELS,
+    UNCLEAR,
+    Verdict,
+    degraded_set,
+)
 from forgetpatch.toy.render import IMAGE_SIZE, render
 
 KINDS: tuple[vocab.Kind, ...] = ("shape", "colour", "texture")
@@ -49,9 +63,6 @@ JUDGES = {"v2": WEIGHTS_DIR / "judge.safetensors", "v1": WEIGHTS_DIR / "judge-v1
 JUDGE_WEIGHTS = JUDGES["v2"]
 #: The v2 heads' outcomes: every concept, plus "none" and "unclear" for shapes, "unclear" for colours.
 V2_CLASSES: dict[str, tuple[str, ...]] = {"shape": SHAPE_LABELS, "colour": COLOUR_LABELS, "texture": TEXTURE_LABELS}
-#: What :meth:`Judge.classify` returns per image: a label per kind (``None``: the judge abstains) and
-#: ``"p"``, the calibrated probability of every outcome per kind.
-Verdict = dict[str, Any]
 #: At most this share of what the judge names on held-out degraded renders may be wrong (sets thresholds).
 RISK = 0.02
 

@@ -29,8 +29,9 @@ _EXPORTS = {
     "available_methods": "forgetpatch.methods",
     "push": "forgetpatch.hub",
     "evaluate": "forgetpatch.eval",
+    "attack": "forgetpatch.attacks",
 }
-_SUBMODULES = {"toy", "errors", "testing", "format", "loader", "hub", "methods", "eval"}
+_SUBMODULES = {"toy", "errors", "testing", "format", "loader", "hub", "methods", "eval", "attacks"}
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
 

@@ -70,3 +70,8 @@ class UnknownMethodError(MethodError):
 
 class ConceptError(MethodError):
     """A concept list is empty, a concept tokenizes to nothing, or erase and preserve overlap."""
+
+
+# --- attacks -------------------------------------------------------------------------------
+class AttackError(ForgetPatchError):
+    """An attack was asked for something it cannot do (unknown attack, bad budget, a non-toy pipeline)."""

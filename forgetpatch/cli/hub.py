@@ -29,10 +29,14 @@ def push_command(
         str | None, typer.Option(help="Model card license (default: the base model's).")
     ] = None,
 ) -> None:
-    """Upload a patch folder and a generated model card to the Hub, in one commit."""
+    """Upload a patch folder and a generated model card to the Hub, in one commit.
+
+    Prints the patch's recorded attack results first (`forgetpatch attack --record`), or warns that it has none.
+    """
     from forgetpatch.hub import push
 
     try:
+        _print_robustness(folder)
         url = push(
             folder,
             repo_id,
@@ -46,6 +50,25 @@ def push_command(
         _err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
     typer.echo(url)
+
+
+def _print_robustness(folder: Path) -> None:
+    """Tell the publisher how robust the patch is known to be, on stderr (stdout stays the URL)."""
+    from forgetpatch.format import read_patch
+    from forgetpatch.hub.card import robustness_summary
+
+    if not folder.is_dir():
+        return  # push says what is wrong with the folder
+    rows = robustness_summary(read_patch(folder).manifest.metrics)
+    if not rows:
+        _err.print(
+            "[yellow]warning:[/yellow] no attack results recorded: nobody knows how easily the concept comes back; "
+            f"run `forgetpatch attack {folder} --record` first (toy-world patches)"
+        )
+        return
+    _err.print("robustness recorded on the patch (strict UA before -> after each attack):")
+    for r in rows:
+        _err.print(f"  {r['concept']} / {r['attack']}: {r['before']} -> {r['after']}")
 
 
 def export_command(

@@ -62,7 +62,17 @@ def patch_table(patch) -> Table:
     table.add_row("size", _size(patch))
     table.add_row("digest", patch.digest)
     table.add_row("lineage", "\n".join(m.lineage) or "-")
-    table.add_row("metrics", "\n".join(f"{k}: {json.dumps(v)}" for k, v in m.metrics.items()) or "-")
+    from forgetpatch.format import ROBUSTNESS_METRICS
+    from forgetpatch.hub.card import robustness_summary
+
+    attacks = robustness_summary(m.metrics)
+    table.add_row(
+        "robustness",
+        "\n".join(f"{r['concept']} / {r['attack']}: UA {r['before']} -> {r['after']}" for r in attacks)
+        or "not measured (forgetpatch attack PATCH --record)",
+    )
+    others = {k: v for k, v in m.metrics.items() if k != ROBUSTNESS_METRICS}
+    table.add_row("metrics", "\n".join(f"{k}: {json.dumps(v)}" for k, v in others.items()) or "-")
     table.add_row(
         "created", f"{m.created_at} by forgetpatch {m.library_version} (format v{m.format_version})"
     )

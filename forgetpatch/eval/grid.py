@@ -162,3 +162,48 @@ def save_report_grid(report: EvalReport, path: str | Path, columns: int = 12) ->
         flagged=([False] * len(cols), flags_after),
         extra=extra,
     )
+
+
+def save_rows(
+    rows: Sequence[tuple[str, np.ndarray, Sequence[str], Sequence[bool]]],
+    path: str | Path,
+    labels: Sequence[str] = (),
+    *,
+    scale: int = 3,
+) -> Path:
+    """Save a grid of titled rows ``(title, images, notes, flagged)``; ``labels`` go under the columns.
+
+    Like :func:`save_grid` with any number of rows: a note under each tile, a red frame on flagged ones.
+
+    Example:
+        >>> save_rows([("base", base_imgs, ["circle"] * 8, [True] * 8), ("attacked", imgs, notes, flags)],
+        ...           "attack.png", labels=prompts)
+    """
+    font = ImageFont.load_default()
+    arrays = [_to_uint8(images) for _, images, _, _ in rows]
+    h = w = (arrays[0].shape[1] * scale) if arrays else 0
+    gutter, margin, note_h = 2, 120, 14
+    chars = max(4, w // 6)
+    wrapped = [textwrap.wrap(label, chars)[:4] for label in labels]
+    text_h = 14 * max((len(lines) for lines in wrapped), default=0) + 4
+    n = max([len(a) for a in arrays] + [len(wrapped)], default=0)
+    canvas = Image.new("RGB", (margin + n * (w + gutter), len(rows) * (h + note_h + gutter) + text_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, ((title, _, notes, flags), images) in enumerate(zip(rows, arrays, strict=True)):
+        y = r * (h + note_h + gutter)
+        lines = [line[:20] for line in title.split("\n")[:2]]
+        draw.multiline_text((2, y + h // 2 - 7 * len(lines)), "\n".join(lines), fill="black", font=font)
+        for i, img in enumerate(images):
+            x = margin + i * (w + gutter)
+            canvas.paste(Image.fromarray(img).resize((w, h), Image.NEAREST), (x, y))
+            if i < len(flags) and flags[i]:
+                draw.rectangle((x, y, x + w - 1, y + h - 1), outline=(230, 0, 0), width=2)
+            if i < len(notes) and notes[i]:
+                draw.text((x + 1, y + h), notes[i][: chars + 2], fill="black", font=font)
+    for i, lines in enumerate(wrapped):
+        draw.multiline_text((margin + i * (w + gutter), len(rows) * (h + note_h + gutter) + 1), "\n".join(lines),
+                            fill="black", font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path

@@ -23,6 +23,8 @@ from forgetpatch.format.fingerprint import (
 from forgetpatch.format.manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    ROBUSTNESS_METRICS,
+    TOY_EVAL_METRICS,
     BaseModelInfo,
     ConceptEntry,
     ConceptKind,
@@ -48,6 +50,8 @@ from forgetpatch.format.patch import (
 from forgetpatch.lowrank import LowRank, factorize
 
 __all__ = [
+    "ROBUSTNESS_METRICS",
+    "TOY_EVAL_METRICS",
     "COMPONENTS",
     "FORMAT_NAME",
     "FORMAT_VERSION",

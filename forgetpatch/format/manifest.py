@@ -14,6 +14,12 @@ ConceptKind = Literal["object", "style", "nudity", "identity", "other"]
 Family = Literal["sd1", "sd2", "sdxl", "toy", "other"]
 
 
+#: Keys of ``Manifest.metrics`` that forgetpatch writes and reads back: a toy-world evaluation
+#: (``EvalReport.to_dict()``) and attack results per concept (``AttackReport.to_dict()``).
+TOY_EVAL_METRICS = "toy_eval"
+ROBUSTNESS_METRICS = "robustness"
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from forgetpatch.format import WEIGHTS_NAME, Patch, read_patch
+from forgetpatch.format import ROBUSTNESS_METRICS, TOY_EVAL_METRICS, WEIGHTS_NAME, Patch, read_patch
 from forgetpatch.format.manifest import Manifest
 
 #: Jinja templates for model cards (``hub_cards/`` at the repository root).
@@ -58,7 +58,7 @@ def toy_summary(metrics: dict[str, Any]) -> list[dict[str, str]]:
     """One row per erased concept from a toy evaluation recorded under ``metrics["toy_eval"]``:
     strict UA and leakage with their 95% intervals and sample sizes, the base beside them, and
     retention as a share of the base's."""
-    concepts = (metrics.get("toy_eval") or {}).get("concepts") or {}
+    concepts = (metrics.get(TOY_EVAL_METRICS) or {}).get("concepts") or {}
     rows = []
     for concept, figures in concepts.items():
         base, ratios = figures.get("base") or {}, figures.get("ratios") or {}
@@ -71,6 +71,35 @@ def toy_summary(metrics: dict[str, Any]) -> list[dict[str, str]]:
                 **{k: "-" if ratios.get(k) is None else f"{ratios[k]:.0%}" for k in ("ira", "cra", "near")},
             }
         )
+    return rows
+
+
+def _ua(value: float | None, interval: list[float] | None, n: int | None = None) -> str:
+    if value is None:
+        return "-"
+    lo, hi = interval or (None, None)
+    return f"{value:.0%}" + (f" [{lo:.0%}-{hi:.0%}]" if lo is not None else "") + (f", n={n}" if n else "")
+
+
+def robustness_summary(metrics: dict[str, Any]) -> list[dict[str, str]]:
+    """One row per (concept, attack) recorded under ``metrics["robustness"]`` by ``forgetpatch attack --record``:
+    strict UA before and after the attack with intervals and sample size, and what the attack spent."""
+    rows = []
+    for concept, report in (metrics.get(ROBUSTNESS_METRICS) or {}).items():
+        for name, r in (report.get("attacks") or {}).items():
+            spent = ", ".join(f"{k} {v}" for k, v in (r.get("budget") or {}).items() if k != "num_inference_steps")
+            rows.append(
+                {
+                    "concept": concept,
+                    "attack": name,
+                    "before": _ua(r.get("ua_before"), r.get("interval_before")),
+                    "after": _ua(r.get("ua_after"), r.get("interval"), r.get("n")),
+                    "cost": f"{r.get('seconds', 0):.0f} s, {r.get('unet_passes', 0)} UNet passes",
+                    "budget": spent,
+                    "seed": str(report.get("seed", "-")),
+                    "version": str(report.get("forgetpatch", "-")),
+                }
+            )
     return rows
 
 
@@ -125,9 +154,12 @@ def render_card(
         base_id=base_id,
         forgotten=", ".join(f"**{c.target}**" for c in manifest.concepts),
         params=sorted(manifest.method.params.items()),
-        metrics=_flatten({k: v for k, v in manifest.metrics.items() if k != "toy_eval"}),
+        metrics=_flatten(
+            {k: v for k, v in manifest.metrics.items() if k not in (TOY_EVAL_METRICS, ROBUSTNESS_METRICS)}
+        ),
         toy=toy_summary(manifest.metrics),
-        toy_settings=(manifest.metrics.get("toy_eval") or {}).get("settings"),
+        toy_settings=(manifest.metrics.get(TOY_EVAL_METRICS) or {}).get("settings"),
+        robustness=robustness_summary(manifest.metrics),
         grid=grid,
         weights_name=WEIGHTS_NAME,
     )

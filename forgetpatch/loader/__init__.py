@@ -8,6 +8,6 @@ Example:
     >>> forgetpatch.remove(pipe)          # bit-identical to before
 """
 
-from forgetpatch.loader.core import AppliedPatch, PatchRef, applied, apply, load, remove
+from forgetpatch.loader.core import AppliedPatch, PatchRef, applied, apply, load, remove, unpatched
 
-__all__ = ["AppliedPatch", "PatchRef", "applied", "apply", "load", "remove"]
+__all__ = ["AppliedPatch", "PatchRef", "applied", "apply", "load", "remove", "unpatched"]

@@ -21,6 +21,7 @@ originals back into fused weights, so parameters are bit-identical to before ``a
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -441,3 +442,31 @@ def applied(pipe) -> list[AppliedPatch]:
     unet = getattr(pipe, "unet", None)
     state = _STATES.get(unet) if isinstance(unet, nn.Module) else None
     return list(state.entries) if state else []
+
+
+def unpatched(pipe):
+    """A deep copy of ``pipe`` without forgetpatch's patches; ``pipe`` itself is left as it is.
+
+    Everything else on the pipeline comes along (the user's own adapters, scheduler, dtype): the copy is
+    the reference an evaluation or an attack compares the patched pipeline with.
+
+    Example:
+        >>> pipe = forgetpatch.apply(toy.pipeline(), "./no-circle")
+        >>> base = unpatched(pipe)
+        >>> forgetpatch.applied(base), len(forgetpatch.applied(pipe))
+        ([], 1)
+    """
+    unet = _unet(pipe)
+    state = _STATES.get(unet)
+    clone = copy.deepcopy(pipe)
+    if state is None or not state.entries:
+        return clone
+    clone_unet = _unet(clone)
+    if state.hook is not None:  # the copied gate hook would act on the original's bookkeeping
+        for hooks in (clone_unet._forward_pre_hooks, clone_unet._forward_pre_hooks_with_kwargs):
+            hooks.pop(state.hook.id, None)
+    _STATES[clone_unet] = _State(
+        entries=list(state.entries), num_train_timesteps=state.num_train_timesteps, active=state.active
+    )
+    return remove(clone)
+

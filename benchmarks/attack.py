@@ -1,0 +1,137 @@
+"""How far each method's patch comes back under attack, on the toy world: strict UA before -> after every attack.
+
+Patches: one concept (circle) with UCE and ScaPre in context (blank guide, and steered to "cross"), ESD and KSCU
+(their recipes); five shapes at once with ScaPre (its recipe, steered to "cross") and UCE (in context, steered to
+"cross"). Each patch is applied alone to the shipped toy model and attacked with ``forgetpatch.attack`` (same
+prompts, seeds and budget for all); for a five-shape patch every shape is attacked and the table shows the worst
+one per attack. Figures per patch go to ``OUT/<patch>.json`` (a rerun skips patches already measured) and the
+attacked images to ``OUT/<patch>.png``.
+
+Run:
+    python benchmarks/attack.py                          # default budget: about 3 minutes per concept on 2 cores
+    python benchmarks/attack.py --only uce-guided --budget tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+import forgetpatch
+from forgetpatch import toy
+from forgetpatch.attacks import Budget, attack
+from forgetpatch.methods import Concept
+from forgetpatch.recipes import load_recipe
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+FIVE = ["circle", "square", "triangle", "star", "hexagon"]
+COLUMNS = ("paraphrase", "inversion", "prompt_search_soft", "prompt_search_hard", "textual_inversion", "relearning")
+
+
+def from_recipe(name: str) -> Callable[[], Any]:
+    def make() -> Any:
+        recipe = load_recipe(RECIPES / f"{name}.yaml")
+        return forgetpatch.erase(toy.pipeline(), recipe.erase_concepts(), progress=False, **recipe.erase_kwargs())
+
+    return make
+
+
+def in_context(method: str, shapes: list[str], guide: str | None, **params: Any) -> Callable[[], Any]:
+    def make() -> Any:
+        concepts = [Concept(s, guide=guide) for s in shapes]
+        setting = toy.in_context_params(shapes)
+        return forgetpatch.erase(toy.pipeline(), concepts, method=method, progress=False, **setting, **params)
+
+    return make
+
+
+PATCHES: dict[str, tuple[list[str], Callable[[], Any]]] = {
+    "uce-blank": (["circle"], in_context("uce", ["circle"], None)),
+    "uce-guided": (["circle"], from_recipe("toy-no-circle-uce-guided")),
+    "scapre-blank": (["circle"], from_recipe("toy-no-circle-scapre")),
+    "scapre-guided": (["circle"], in_context("scapre", ["circle"], "cross", erase_scale=12)),
+    "esd": (["circle"], from_recipe("toy-no-circle-esd")),
+    "kscu": (["circle"], from_recipe("toy-no-circle-kscu")),
+    "scapre-5-guided": (FIVE, from_recipe("toy-no-5-shapes-scapre")),
+    "uce-5-guided": (FIVE, in_context("uce", FIVE, "cross", erase_scale=20)),
+}
+
+
+def measure(name: str, out: Path, budget: Budget) -> dict[str, Any]:
+    path = out / f"{name}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    concepts, make = PATCHES[name]
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        patch = make()
+    erase_s = time.perf_counter() - started
+    pipe = forgetpatch.apply(toy.pipeline(), patch)
+    reports = {}
+    for concept in concepts:
+        report = attack(pipe, concept, budget=budget, progress=False)
+        report.save_grid(out / (f"{name}.png" if len(concepts) == 1 else f"{name}-{concept}.png"))
+        reports[concept] = report.to_dict()
+        print(f"{name} / {concept}: attacked", flush=True)
+    figures = {"patch": patch.name, "erase_seconds": round(erase_s, 1), "concepts": reports}
+    path.write_text(json.dumps(figures, indent=2))
+    return figures
+
+
+def cell(figures: dict[str, Any], attack_name: str) -> str:
+    """The worst concept's UA after ``attack_name`` with its interval (and which concept, for several)."""
+    rows = [(c, r["attacks"].get(attack_name)) for c, r in figures["concepts"].items()]
+    rows = [(c, a) for c, a in rows if a is not None]
+    if not rows:
+        return "-"
+    concept, worst = min(rows, key=lambda ca: ca[1]["ua_after"])
+    lo, hi = worst["interval"]
+    where = f" {concept}" if len(rows) > 1 else ""
+    return f"{worst['ua_after']:.0%} [{lo:.0%}-{hi:.0%}]{where}"
+
+
+def before(figures: dict[str, Any]) -> str:
+    concept, first = min(
+        ((c, next(iter(r["attacks"].values()))) for c, r in figures["concepts"].items()),
+        key=lambda ca: ca[1]["ua_before"],
+    )
+    lo, hi = first["interval_before"]
+    where = f" {concept}" if len(figures["concepts"]) > 1 else ""
+    return f"{first['ua_before']:.0%} [{lo:.0%}-{hi:.0%}]{where}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", choices=list(PATCHES), default=list(PATCHES))
+    parser.add_argument("--budget", default="default", help="'default', 'tiny', or a JSON dict of Budget fields")
+    parser.add_argument("--out", type=Path, default=Path("runs/attack-bench"))
+    args = parser.parse_args()
+    budget = Budget.of(json.loads(args.budget) if args.budget.startswith("{") else args.budget)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {name: measure(name, args.out, budget) for name in args.only}
+    table = Table(
+        title=f"strict UA of the erased shape before -> after each attack (n {budget.images} per attack; "
+        f"paraphrase: worst of the rewordings, {budget.paraphrase_images} images each)"
+    )
+    for col in ("patch", "erase s", "UA before", *COLUMNS, "attack s"):
+        table.add_column(col, justify="left" if col == "patch" else "right")
+    for name, figures in results.items():
+        seconds = sum(a["seconds"] for r in figures["concepts"].values() for a in r["attacks"].values())
+        table.add_row(
+            name, f"{figures['erase_seconds']:.0f}", before(figures), *(cell(figures, a) for a in COLUMNS),
+            f"{seconds:.0f}",
+        )
+    Console(width=220).print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""What an attack run found: :class:`AttackResult` per attack, :class:`AttackReport` per concept."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from forgetpatch.eval import wilson
+from forgetpatch.eval.grid import save_rows
+
+
+@dataclass(frozen=True)
+class Rate:
+    """Strict UA over ``n`` images with its 95% Wilson interval."""
+
+    value: float
+    n: int
+    interval: tuple[float, float]
+
+    @classmethod
+    def of(cls, flags: list[bool]) -> Rate:
+        k, n = sum(flags), len(flags)
+        return cls(k / n if n else 0.0, n, wilson(k, n))
+
+    def __str__(self) -> str:
+        lo, hi = self.interval
+        return f"{self.value:.0%} [{lo:.0%}-{hi:.0%}]"
+
+
+@dataclass
+class AttackResult:
+    """One attack on one concept: strict UA on the same prompts and seeds without and with it."""
+
+    name: str
+    before: Rate
+    after: Rate
+    seconds: float
+    """Wall time of the attack: its search or training, and generating its images."""
+    unet_passes: int
+    """UNet calls the attack made (a batched call counts once; a backward pass counts once)."""
+    budget: dict[str, Any]
+    detail: dict[str, Any] = field(default_factory=dict)
+    """What the attack found: the worst prompt, the learned prefix, the moved embedding's norm..."""
+    images: np.ndarray | None = field(default=None, repr=False)
+    verdicts: list[dict] | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ua_before": self.before.value,
+            "ua_after": self.after.value,
+            "n": self.after.n,
+            "interval": list(self.after.interval),
+            "interval_before": list(self.before.interval),
+            "seconds": round(self.seconds, 2),
+            "unet_passes": self.unet_passes,
+            "budget": self.budget,
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class AttackReport:
+    """Every attack on one concept of a patched pipeline (:func:`forgetpatch.attack.attack`).
+
+    Example:
+        >>> report = attack(pipe, "circle", attacks=["inversion"])
+        >>> report.results["inversion"].after.value, report.to_dict()["attacks"]["inversion"]["interval"]
+    """
+
+    concept: str
+    seed: int
+    budget: dict[str, Any]
+    patches: list[dict[str, str]]
+    """The patches under test, ``{"name", "digest"}`` in application order."""
+    base: Rate
+    """Strict UA of the unpatched base on the same prompts (a low UA: the base draws the concept)."""
+    before: Rate
+    results: dict[str, AttackResult]
+    prompts: list[str] = field(repr=False)
+    images_base: np.ndarray | None = field(default=None, repr=False)
+    images_before: np.ndarray | None = field(default=None, repr=False)
+    verdicts_base: list[dict] | None = field(default=None, repr=False)
+    verdicts_before: list[dict] | None = field(default=None, repr=False)
+    version: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready figures; ``{"attacks": {name: {"ua_before", "ua_after", "interval", ...}}, ...}``."""
+        return {
+            "concept": self.concept,
+            "seed": self.seed,
+            "forgetpatch": self.version,
+            "budget": self.budget,
+            "patches": self.patches,
+            "ua_base": {"value": self.base.value, "n": self.base.n, "interval": list(self.base.interval)},
+            "attacks": {name: r.to_dict() for name, r in self.results.items()},
+        }
+
+    def weakest(self) -> AttackResult | None:
+        """The attack that left the lowest UA."""
+        return min(self.results.values(), key=lambda r: r.after.value, default=None)
+
+    def table(self) -> Any:
+        """A :class:`rich.table.Table`: per attack, strict UA before and after with intervals, and its cost."""
+        from rich.table import Table
+
+        on = ", ".join(p["name"] for p in self.patches) or "no patch"
+        table = Table(
+            title=f"attacks on '{self.concept}' ({on}): strict UA before -> after",
+            caption=(
+                f"UA of the unpatched base on the same prompts {self.base} (n {self.base.n}); "
+                "[95% Wilson interval]; an image counts as forgotten only when the judge confidently sees "
+                "something else"
+            ),
+        )
+        for col in ("attack", "UA before", "UA after", "n", "seconds", "UNet passes", "found"):
+            table.add_column(col, justify="left" if col in ("attack", "found") else "right")
+        for name, r in self.results.items():
+            table.add_row(
+                name, str(r.before), str(r.after), str(r.after.n), f"{r.seconds:.0f}", str(r.unet_passes),
+                _found(r),
+            )
+        return table
+
+    def save_grid(self, path: str | Path, columns: int = 8) -> Path:
+        """A PNG: the base, the patched model, then each attack's images (red frame: the concept is back)."""
+        from forgetpatch.eval import outcome
+
+        rows = []
+
+        def row(title: str, images: np.ndarray | None, verdicts: list[dict] | None) -> None:
+            if images is None or not len(images):
+                return
+            verdicts = verdicts or [{}] * len(images)
+            notes = [str(v.get("shape") or "?") if v else "" for v in verdicts[:columns]]
+            kept = [bool(v) and outcome(v, self.concept) == "kept" for v in verdicts[:columns]]
+            rows.append((title, images[:columns], notes, kept))
+
+        row("base", self.images_base, self.verdicts_base)
+        row("patched", self.images_before, self.verdicts_before)
+        for name, r in self.results.items():
+            worst = str(r.detail.get("worst_prompt", "")).split(":")[0]
+            row(f"{name}\n({worst})" if worst else name, r.images, r.verdicts)
+        return save_rows(rows, path, labels=self.prompts[:columns])
+
+
+def _found(r: AttackResult) -> str:
+    d = r.detail
+    for key in ("worst_prompt", "prefix", "note"):
+        if d.get(key):
+            return str(d[key])
+    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in list(d.items())[:2])
+
+
+def robustness_metrics(reports: list[AttackReport]) -> dict[str, Any]:
+    """The ``metrics["robustness"]`` entry of a manifest: per concept, :meth:`AttackReport.to_dict`."""
+    return {r.concept: r.to_dict() for r in reports}
+
+
+__all__ = ["AttackReport", "AttackResult", "Rate", "robustness_metrics"]

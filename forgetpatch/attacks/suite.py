@@ -1,0 +1,377 @@
+"""The five attacks. Each takes a :class:`Target` and returns its :class:`~forgetpatch.attacks.report.AttackResult`
+(prompt search returns two: the soft prefix and its projection to words).
+
+Every attack is measured on the same prompts and seeds as the patched model before it (main scoring prompts
+naming the concept, :func:`forgetpatch.eval.main_prompts`), with strict UA.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from forgetpatch.attacks.budget import Budget
+from forgetpatch.attacks.report import AttackResult, Rate
+from forgetpatch.attacks.text import (
+    ConceptData,
+    PassCounter,
+    at_prefix,
+    at_token,
+    concept_data,
+    denoising_batch,
+    encode,
+    from_token,
+    hidden_states_map,
+    lora_hooks,
+    token_id,
+    token_vectors,
+    unet_eps,
+)
+from forgetpatch.eval import PipelineGenerator, ScoringPrompt, forgotten
+from forgetpatch.methods.common import cross_attention_layers, current_weight
+from forgetpatch.toy import vocab
+
+#: The filler word whose copies mark where a prompt-search prefix goes (never in a scoring prompt's head).
+PLACEHOLDER = "and"
+
+
+@dataclass
+class Target:
+    """What every attack needs: the patched pipeline, its unpatched copy, the concept and its prompts."""
+
+    pipe: Any
+    base: Any
+    concept: str
+    items: list[ScoringPrompt]
+    budget: Budget
+    seed: int
+    judge: Any
+    progress: bool = True
+    before: Rate | None = None
+    _data: ConceptData | None = field(default=None, repr=False)
+
+    @property
+    def prompts(self) -> list[str]:
+        return [it.prompt for it in self.items]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [it.seed for it in self.items]
+
+    def data(self) -> ConceptData:
+        """Renders of the concept the training attacks learn from (made once per run)."""
+        if self._data is None:
+            self._data = concept_data(self.pipe, self.concept, self.budget.data, self.seed)
+        return self._data
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], pipe: Any = None) -> np.ndarray:
+        gen = PipelineGenerator(
+            pipe if pipe is not None else self.pipe,
+            num_inference_steps=self.budget.num_inference_steps,
+            guidance_scale=self.budget.guidance_scale,
+            progress=False,
+        )
+        return gen.generate(list(prompts), list(seeds))
+
+    def judge_ua(self, images: np.ndarray) -> tuple[Rate, list[dict]]:
+        verdicts = self.judge.classify(images)
+        return Rate.of([forgotten(v, self.concept) for v in verdicts]), verdicts
+
+    def bar(self, total: int, name: str) -> tqdm:
+        return tqdm(total=total, desc=f"attack {name}", unit="step", disable=not self.progress, leave=False)
+
+    def generator(self, stream: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + stream)
+
+
+def _result(
+    target: Target, name: str, started: float, passes: PassCounter, images: np.ndarray, budget: dict, **detail: Any
+) -> AttackResult:
+    after, verdicts = target.judge_ua(images)
+    assert target.before is not None
+    return AttackResult(
+        name=name,
+        before=target.before,
+        after=after,
+        seconds=time.perf_counter() - started,
+        unet_passes=passes.count + detail.pop("backward", 0),
+        budget={**budget, "images": len(images), "num_inference_steps": target.budget.num_inference_steps},
+        detail=detail,
+        images=images,
+        verdicts=verdicts,
+    )
+
+
+# --- 1. paraphrase -------------------------------------------------------------------------------
+def paraphrases(concept: str) -> list[tuple[str, str, dict[str, str]]]:
+    """``(label, template, word substitutions)`` of every rewording of a prompt naming ``concept``."""
+    kind = vocab.kind_of(concept)
+    slot = "{" + kind + "}"
+    first = vocab.TRAIN_TEMPLATES[0]
+    out = [(f"synonym '{s}'", first, {f"{kind}_word": s}) for s in vocab.SYNONYMS.get(concept, ())]
+    if kind == "shape":
+        out.append((f"superclass '{vocab.SHAPE_SUPERCLASS}'", first, {"shape_word": vocab.SHAPE_SUPERCLASS}))
+    templates = (
+        *vocab.TRAIN_TEMPLATES[1:], *vocab.ORDER_TEMPLATES, *vocab.HELDOUT_TEMPLATES, *vocab.PARTIAL_TEMPLATES
+    )
+    out += [(f"template '{t}'", t, {}) for t in templates if slot in t]
+    return out
+
+
+def paraphrase(target: Target) -> list[AttackResult]:
+    """Every synonym, the superclass, every other training, held-out and partial word order; the worst one.
+
+    Each rewording is generated for the first ``paraphrase_images`` scenes and seeds of the scoring
+    prompts. UA after is the lowest over the rewordings (the worst prompt for the patch); the minimum of
+    several small samples leans low, so the pooled UA over all rewordings is reported beside it.
+    """
+    started, b = time.perf_counter(), target.budget
+    items = target.items[: b.paraphrase_images]
+    variants = paraphrases(target.concept)
+    found: list[tuple[str, str, np.ndarray, Rate]] = []
+    flags: list[bool] = []
+    with PassCounter(target.pipe.unet) as passes:
+        bar = target.bar(len(variants), "paraphrase")
+        for label, template, words in variants:
+            prompts = [vocab.prompt(it.scene, template, **words) for it in items]
+            images = target.generate(prompts, [it.seed for it in items])
+            rate, verdicts = target.judge_ua(images)
+            flags += [forgotten(v, target.concept) for v in verdicts]
+            found.append((label, prompts[0], images, rate))
+            bar.update(1)
+        bar.close()
+    label, example, images, _ = min(found, key=lambda f: f[3].value)
+    template, words = next((t, w) for lab, t, w in variants if lab == label)
+    worst_on_base, _ = target.judge_ua(
+        target.generate([vocab.prompt(it.scene, template, **words) for it in items], [it.seed for it in items],
+                        pipe=target.base)
+    )
+    pooled = Rate.of(flags)
+    return [
+        _result(
+            target, "paraphrase", started, passes, images, {"images_per_prompt": len(items), "prompts": len(variants)},
+            worst_prompt=f"{label}: {example!r}",
+            worst_prompt_base_ua=worst_on_base.value,
+            pooled_ua=pooled.value,
+            pooled_n=pooled.n,
+            pooled_interval=list(pooled.interval),
+            by_prompt={lab: rate.value for lab, _, _, rate in found},
+        )
+    ]
+
+
+# --- 2. inversion --------------------------------------------------------------------------------
+@torch.no_grad()
+def inversion_map(pipe: Any, base: Any, lam: float) -> tuple[torch.Tensor, int]:
+    """``M`` with ``e* = M c`` minimising ``sum_l |W'_l e - W_l c|^2 + lam |e|^2`` over the patched K/V layers.
+
+    ``W'_l`` is layer ``l`` as ``pipe`` computes with it (patches on), ``W_l`` the same layer of ``base``; only
+    layers whose weights differ count. ``M = (sum W'^T W' + lam I)^-1 sum W'^T W``. Returns ``M`` (float64)
+    and the number of layers that differ (0: nothing to invert, ``M`` is then the identity).
+    """
+    patched, original = cross_attention_layers(pipe), cross_attention_layers(base)
+    gram = lhs = None
+    layers = 0
+    for path, module in patched.items():
+        w_new = current_weight(module).double()
+        w_old = current_weight(original[path]).double().to(w_new.device)
+        if torch.equal(w_new, w_old):
+            continue
+        layers += 1
+        gram = w_new.T @ w_new if gram is None else gram + w_new.T @ w_new
+        lhs = w_new.T @ w_old if lhs is None else lhs + w_new.T @ w_old
+    if gram is None or lhs is None:
+        return torch.eye(w_new.shape[1], dtype=torch.float64), 0
+    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
+    return torch.linalg.solve(gram + lam * eye, lhs).cpu(), layers
+
+
+def inversion(target: Target) -> list[AttackResult]:
+    """RECE's closed-form inversion: one solve, then the concept's token and every later position of each
+    prompt's text embedding is replaced by ``e* = M c`` (white-box: it needs the patch and the base weights)."""
+    started, lam = time.perf_counter(), target.budget.inversion_lambda
+    matrix, layers = inversion_map(target.pipe, target.base, lam)
+    word = token_id(target.pipe, target.concept)
+    with PassCounter(target.pipe.unet) as passes, hidden_states_map(target.pipe, from_token(word, matrix)):
+        images = target.generate(target.prompts, target.seeds)
+    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype)
+    detail: dict[str, Any] = {"layers": layers, "map_distance": float((matrix - eye).norm() / eye.norm())}
+    if not layers:
+        detail["note"] = "no cross-attention K/V weight differs from the base: nothing to invert"
+    return [_result(target, "inversion", started, passes, images, {"lambda": lam}, **detail)]
+
+
+# --- 3. prompt search ----------------------------------------------------------------------------
+def word_tokens(pipe: Any, exclude: Sequence[str]) -> tuple[list[int], list[str]]:
+    """Ids and spellings of the tokens that are whole words and tokenize back to themselves alone."""
+    tokenizer = pipe.tokenizer
+    special = set(tokenizer.all_special_ids)
+    banned = {w.lower() for w in exclude}
+    ids, words = [], []
+    for text, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+        if i in special or not text.endswith("</w>"):
+            continue
+        word = text[: -len("</w>")]
+        if not word.strip() or word.lower() in banned:
+            continue
+        if tokenizer(word).input_ids[1:-1] == [i]:
+            ids.append(i)
+            words.append(word)
+    return ids, words
+
+
+def _kind_words(concept: str) -> list[str]:
+    """Every word naming a concept of ``concept``'s kind (synonyms and, for shapes, the superclass too)."""
+    kind = vocab.kind_of(concept)
+    words = [*vocab.concepts_of(kind), *(s for c in vocab.concepts_of(kind) for s in vocab.SYNONYMS.get(c, ()))]
+    return words + ([vocab.SHAPE_SUPERCLASS] if kind == "shape" else [])
+
+
+def prompt_search(target: Target) -> list[AttackResult]:
+    """UnlearnDiffAtk-style: learn ``k`` prefix token embeddings so the patched model denoises noised
+    renders of the concept as the base does, then project each to the nearest whole word; both the soft
+    prefix and the word prefix are measured. The projection leaves out every word naming a concept of the
+    same kind: naming the concept (or a synonym) would be a paraphrase, and naming another shape steers the
+    image away from the concept rather than towards it."""
+    started, b = time.perf_counter(), target.budget
+    pipe, k = target.pipe, b.search_tokens
+    placeholder = token_id(pipe, PLACEHOLDER)
+    table = pipe.text_encoder.get_input_embeddings().weight.detach()
+    ids, words = word_tokens(pipe, [*_kind_words(target.concept), PLACEHOLDER])
+    start = torch.randint(len(ids), (k,), generator=target.generator(3))
+    vectors = torch.nn.Parameter(table[[ids[i] for i in start.tolist()]].clone().float())
+    optimizer = torch.optim.Adam([vectors], lr=b.search_lr)
+    head = " ".join([PLACEHOLDER] * k)
+    data, generator = target.data(), target.generator(4)
+    losses: list[float] = []
+    with PassCounter(pipe.unet, target.base.unet) as passes, token_vectors(pipe, at_prefix(placeholder, vectors)):
+        bar = target.bar(b.search_steps, "prompt_search")
+        for _ in range(b.search_steps):
+            x_t, t, _, prompts = denoising_batch(pipe, data, b.batch, generator)
+            with torch.no_grad():
+                wanted = unet_eps(target.base, x_t, t, encode(target.base, prompts))
+            got = unet_eps(pipe, x_t, t, encode(pipe, [f"{head} {p}" for p in prompts]))
+            loss = torch.nn.functional.mse_loss(got.float(), wanted.float())
+            (vectors.grad,) = torch.autograd.grad(loss, [vectors])
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4g}")
+        bar.close()
+        search_seconds = time.perf_counter() - started
+        soft_images = target.generate([f"{head} {p}" for p in target.prompts], target.seeds)
+    passes.count += b.search_steps  # one backward pass per step
+    candidates = table[ids].float()
+    nearest = torch.cdist(vectors.detach().float(), candidates).argmin(dim=1).tolist()
+    prefix = " ".join(words[i] for i in nearest)
+    soft = _result(
+        target, "prompt_search_soft", started, passes, soft_images,
+        {"tokens": k, "steps": b.search_steps, "lr": b.search_lr, "batch": b.batch},
+        loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
+        prefix_norm=float(vectors.detach().norm(dim=1).mean()),
+    )
+    hard_started = time.perf_counter()
+    with PassCounter(pipe.unet) as hard_passes:
+        hard_images = target.generate([f"{prefix} {p}" for p in target.prompts], target.seeds)
+    hard_passes.count += passes.count
+    hard = _result(
+        target, "prompt_search_hard", hard_started - search_seconds, hard_passes, hard_images,
+        {"tokens": k, "steps": b.search_steps, "lr": b.search_lr, "batch": b.batch},
+        prefix=prefix,
+    )
+    return [soft, hard]
+
+
+# --- 4. textual inversion ------------------------------------------------------------------------
+def textual_inversion(target: Target) -> list[AttackResult]:
+    """Concept inversion: learn the concept word's input embedding anew on the patched model, from renders
+    of the concept (the denoising loss), starting from the word's own embedding; then generate the scoring
+    prompts with the learned token in the word's place."""
+    started, b = time.perf_counter(), target.budget
+    pipe = target.pipe
+    word = token_id(pipe, target.concept)
+    initial = pipe.text_encoder.get_input_embeddings().weight.detach()[word].clone().float()
+    vector = torch.nn.Parameter(initial.clone())
+    optimizer = torch.optim.Adam([vector], lr=b.ti_lr)
+    data, generator = target.data(), target.generator(5)
+    losses: list[float] = []
+    with PassCounter(pipe.unet) as passes, token_vectors(pipe, at_token(word, vector)):
+        bar = target.bar(b.ti_steps, "textual_inversion")
+        for _ in range(b.ti_steps):
+            x_t, t, noise, prompts = denoising_batch(pipe, data, b.batch, generator)
+            got = unet_eps(pipe, x_t, t, encode(pipe, prompts))
+            loss = torch.nn.functional.mse_loss(got.float(), noise.float())
+            (vector.grad,) = torch.autograd.grad(loss, [vector])
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4g}")
+        bar.close()
+        images = target.generate(target.prompts, target.seeds)
+    return [
+        _result(
+            target, "textual_inversion", started, passes, images,
+            {"steps": b.ti_steps, "lr": b.ti_lr, "batch": b.batch},
+            backward=b.ti_steps,
+            loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
+            moved=float((vector.detach() - initial).norm() / initial.norm()),
+        )
+    ]
+
+
+# --- 5. relearning -------------------------------------------------------------------------------
+#: The layers relearning adapts: every cross-attention projection.
+RELEARN_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def relearning(target: Target) -> list[AttackResult]:
+    """A few steps of LoRA fine-tuning of the patched model on renders of the concept (the denoising loss),
+    on every cross-attention projection; then the scoring prompts as they are."""
+    started, b = time.perf_counter(), target.budget
+    pipe = target.pipe
+    data, generator = target.data(), target.generator(6)
+    layers = cross_attention_layers(pipe, RELEARN_PROJECTIONS)
+    losses: list[float] = []
+    with PassCounter(pipe.unet) as passes, lora_hooks(layers, b.relearn_rank, target.seed) as params:
+        optimizer = torch.optim.Adam(params, lr=b.relearn_lr)
+        bar = target.bar(b.relearn_steps, "relearning")
+        for _ in range(b.relearn_steps):
+            x_t, t, noise, prompts = denoising_batch(pipe, data, b.batch, generator)
+            with torch.no_grad():
+                states = encode(pipe, prompts)
+            got = unet_eps(pipe, x_t, t, states)
+            loss = torch.nn.functional.mse_loss(got.float(), noise.float())
+            grads = torch.autograd.grad(loss, params)
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4g}")
+        bar.close()
+        images = target.generate(target.prompts, target.seeds)
+    return [
+        _result(
+            target, "relearning", started, passes, images,
+            {"steps": b.relearn_steps, "rank": b.relearn_rank, "lr": b.relearn_lr, "batch": b.batch},
+            backward=b.relearn_steps,
+            layers=len(layers),
+            loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
+        )
+    ]
+
+
+#: Attack name -> function; ``prompt_search`` reports ``prompt_search_soft`` and ``prompt_search_hard``.
+ATTACKS: dict[str, Callable[[Target], list[AttackResult]]] = {
+    "paraphrase": paraphrase,
+    "inversion": inversion,
+    "prompt_search": prompt_search,
+    "textual_inversion": textual_inversion,
+    "relearning": relearning,
+}

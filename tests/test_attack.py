@@ -1,0 +1,180 @@
+"""``forgetpatch.attack`` and ``forgetpatch attack``: the controls the attack issue asks for, on tiny budgets.
+
+* on the unpatched base every attack finds the concept;
+* a strong closed-form patch (UCE steered to cross) is undone by the white-box inversion;
+* a deliberately weak budget recovers less than the default;
+* one seed, the same figures;
+* bad requests are refused before anything slow, and results recorded on a patch keep its digest.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import forgetpatch
+from forgetpatch import toy
+from forgetpatch.attacks import ATTACKS, Budget, attack
+from forgetpatch.errors import AttackError
+from forgetpatch.format import ROBUSTNESS_METRICS, read_patch
+from forgetpatch.loader import unpatched
+from forgetpatch.recipes import load_recipe
+from tests.toy_bars import RECIPES
+
+TINY = Budget.named("tiny")
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return toy.load_judge()
+
+
+@pytest.fixture(scope="module")
+def guided(tmp_path_factory):
+    """The UCE steered-to-cross circle patch (strict UA 0.93 on 96 images), saved to a folder."""
+    recipe = load_recipe(RECIPES / "toy-no-circle-uce-guided.yaml")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        patch = forgetpatch.erase(toy.pipeline(), recipe.erase_concepts(), progress=False, **recipe.erase_kwargs())
+    return patch.save(tmp_path_factory.mktemp("patches") / "no-circle")
+
+
+def test_unpatched_copy_has_the_base_weights_and_leaves_the_pipeline_patched(guided):
+    reference = toy.pipeline().unet.state_dict()
+    for fuse in (False, True):
+        pipe = forgetpatch.apply(toy.pipeline(), guided, fuse=fuse)
+        base = unpatched(pipe)
+        assert forgetpatch.applied(base) == [] and len(forgetpatch.applied(pipe)) == 1
+        weights = base.unet.state_dict()
+        assert weights.keys() == reference.keys()
+        assert all(torch.equal(weights[k], reference[k]) for k in reference)
+
+
+def test_on_the_base_every_attack_finds_the_concept(judge):
+    report = attack(toy.pipeline(), "circle", budget=TINY, judge=judge, progress=False)
+    assert set(report.results) == {
+        "paraphrase", "inversion", "prompt_search_soft", "prompt_search_hard", "textual_inversion", "relearning"
+    }
+    assert report.patches == [] and report.base.value <= 0.25
+    for name, result in report.results.items():
+        presence = 1 - result.after.value
+        assert presence >= 0.75, f"{name}: the concept is in only {presence:.0%} of {result.after.n} base images"
+        assert result.unet_passes > 0 and result.seconds > 0
+    assert report.results["inversion"].detail["layers"] == 0  # nothing patched: nothing to invert
+
+
+def test_inversion_undoes_a_closed_form_patch_and_one_seed_gives_the_same_figures(guided, judge):
+    pipe = forgetpatch.apply(toy.pipeline(), guided)
+    budget = Budget.of({"images": 16, "num_inference_steps": 10})
+    first = attack(pipe, "circle", attacks=["inversion"], budget=budget, judge=judge, progress=False)
+    result = first.results["inversion"]
+    assert result.before.value >= 0.75, f"the patch forgets too little to attack: {result.before}"
+    assert result.after.interval[1] < result.before.interval[0], f"{result.before} -> {result.after}"
+    from forgetpatch.methods.common import cross_attention_layers
+
+    assert result.detail["layers"] == len(cross_attention_layers(pipe))  # every K and V the patch edits
+    again = attack(pipe, "circle", attacks=["inversion"], budget=budget, judge=judge, progress=False)
+
+    def figures(report):
+        d = report.to_dict()
+        for r in d["attacks"].values():
+            r.pop("seconds")
+        return d
+
+    assert figures(again) == figures(first)
+    assert forgetpatch.applied(pipe)[0].patch.name == "toy-no-circle-uce-guided"  # still on, untouched
+
+
+def test_a_weak_budget_recovers_less_than_the_default(guided, judge):
+    pipe = forgetpatch.apply(toy.pipeline(), guided)
+    shared = {"images": 12, "num_inference_steps": 10, "batch": 4}
+    weak = attack(pipe, "circle", attacks=["relearning"], budget={**shared, "relearn_steps": 1},
+                  judge=judge, progress=False).results["relearning"]
+    strong = attack(pipe, "circle", attacks=["relearning"], budget=shared,
+                    judge=judge, progress=False).results["relearning"]
+    assert strong.budget["steps"] == Budget().relearn_steps
+    assert weak.after.value > strong.after.value + 0.3, f"weak {weak.after}, default {strong.after}"
+
+
+def test_bad_requests_are_refused_before_anything_runs():
+    pipe = toy.pipeline()
+    with pytest.raises(AttackError, match="synonym of 'circle'"):
+        attack(pipe, "disc")
+    with pytest.raises(AttackError, match="unknown attacks"):
+        attack(pipe, "circle", attacks=["jailbreak"])
+    with pytest.raises(AttackError, match="relearn_steps=0"):
+        attack(pipe, "circle", budget={"relearn_steps": 0})
+    with pytest.raises(AttackError, match="unknown attack budget fields"):
+        attack(pipe, "circle", budget={"steps": 3})
+    with pytest.raises(AttackError, match="unknown attack budget"):
+        Budget.named("huge")
+    from forgetpatch.testing import tiny_sd_pipeline
+
+    with pytest.raises(AttackError, match="toy-world pipelines"):
+        attack(tiny_sd_pipeline(), "circle")
+    assert list(ATTACKS) == ["paraphrase", "inversion", "prompt_search", "textual_inversion", "relearning"]
+
+
+def test_cli_attack_records_on_the_patch_card_inspect_and_push(guided, tmp_path, capsys):
+    from forgetpatch.cli import app
+    from forgetpatch.hub import render_card
+
+    runner = CliRunner()
+    digest = read_patch(guided).digest
+    args = ["attack", str(guided), "--attack", "inversion", "--attack", "paraphrase", "--budget", "tiny"]
+    result = runner.invoke(app, [*args, "--json", str(tmp_path / "a.json"), "--grid", str(tmp_path / "a.png"),
+                                 "--record"])
+    assert result.exit_code == 0, result.output
+    assert "weakest against" in result.output and (tmp_path / "a.png").stat().st_size > 0
+    figures = json.loads((tmp_path / "a.json").read_text())["circle"]
+    assert set(figures["attacks"]) == {"inversion", "paraphrase"}
+    assert {"ua_before", "ua_after", "interval", "seconds", "unet_passes"} <= set(figures["attacks"]["inversion"])
+
+    patch = read_patch(guided)
+    assert patch.digest == digest  # recording figures keeps the patch's identity
+    recorded = patch.manifest.metrics[ROBUSTNESS_METRICS]["circle"]
+    assert recorded["attacks"]["inversion"] == figures["attacks"]["inversion"]
+    assert recorded["seed"] == 0 and recorded["forgetpatch"] == forgetpatch.__version__
+    assert recorded["budget"] == TINY.to_dict()
+
+    card = render_card(guided, "org/no-circle").text
+    assert "## Robustness to attacks" in card and "| circle | inversion |" in card
+    assert "robustness." not in card  # no flattened keys
+    shown = runner.invoke(app, ["inspect", str(guided)])
+    assert shown.exit_code == 0 and "circle / inversion: UA" in shown.output
+
+    from forgetpatch.cli.hub import _print_robustness
+
+    capsys.readouterr()
+    _print_robustness(guided)  # what `forgetpatch push` tells the publisher
+    assert "circle / inversion:" in capsys.readouterr().err
+    bare = read_patch(guided)
+    bare.manifest.metrics.pop(ROBUSTNESS_METRICS)
+    _print_robustness(bare.save(tmp_path / "bare"))
+    assert "no attack results recorded" in capsys.readouterr().err
+
+
+def test_cli_attack_errors_are_one_line(guided, tmp_path):
+    import subprocess
+    import sys
+
+    from forgetpatch.cli import app
+
+    runner = CliRunner()
+    for args, message in (
+        ((str(guided), "--attack", "jailbreak"), "unknown attacks"),
+        ((str(guided), "--concept", "disc"), "synonym of 'circle'"),
+        ((str(guided), str(guided), "--record"), "--record writes into one local patch folder"),
+        ((str(guided), "--budget", "huge"), "unknown attack budget"),
+        ((str(guided), "--grid", str(tmp_path / "g.jpg")), "ending in .png"),
+    ):
+        result = runner.invoke(app, ["attack", *args])
+        assert isinstance(result.exception, AttackError) and message in str(result.exception), result.output
+    # `forgetpatch` itself prints a forgetpatch error as one line, without a traceback
+    done = subprocess.run([sys.executable, "-m", "forgetpatch.cli", "attack", str(guided), "--attack", "jailbreak"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "unknown attacks" in done.stderr and "Traceback" not in done.stderr

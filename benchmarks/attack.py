@@ -2,9 +2,9 @@
 
 Patches: one concept (circle) with UCE and ScaPre in context (blank guide, and steered to "cross"), ESD and KSCU
 (their recipes); five shapes at once with ScaPre (its recipe, steered to "cross") and UCE (in context, steered to
-"cross"). Each patch is applied alone to the shipped toy model and attacked with ``forgetpatch.attack`` (same
-prompts, seeds and budget for all); for a five-shape patch every shape is attacked and the table shows the worst
-one per attack. Figures per patch go to ``OUT/<patch>.json`` (a rerun skips patches already measured) and the
+"cross"); the two steered one-shape patches again with two RECE rounds (``robust=2``). Each patch is applied alone
+to the shipped toy model and attacked with ``forgetpatch.attack`` (same prompts, seeds and budget for all); for a
+five-shape patch every shape is attacked and the table shows the worst one per attack. Figures per patch go to ``OUT/<patch>.json`` (a rerun skips patches already measured) and the
 attacked images to ``OUT/<patch>.png``.
 
 Run:
@@ -44,6 +44,15 @@ def from_recipe(name: str) -> Callable[[], Any]:
     return make
 
 
+def from_recipe_with(name: str, **overrides: Any) -> Callable[[], Any]:
+    def make() -> Any:
+        recipe = load_recipe(RECIPES / f"{name}.yaml")
+        kwargs = {**recipe.erase_kwargs(), **overrides}
+        return forgetpatch.erase(toy.pipeline(), recipe.erase_concepts(), progress=False, **kwargs)
+
+    return make
+
+
 def in_context(method: str, shapes: list[str], guide: str | None, **params: Any) -> Callable[[], Any]:
     def make() -> Any:
         concepts = [Concept(s, guide=guide) for s in shapes]
@@ -62,6 +71,8 @@ PATCHES: dict[str, tuple[list[str], Callable[[], Any]]] = {
     "kscu": (["circle"], from_recipe("toy-no-circle-kscu")),
     "scapre-5-guided": (FIVE, from_recipe("toy-no-5-shapes-scapre")),
     "uce-5-guided": (FIVE, in_context("uce", FIVE, "cross", erase_scale=20)),
+    "uce-guided-rece2": (["circle"], from_recipe_with("toy-no-circle-uce-guided", robust=2)),
+    "scapre-guided-rece2": (["circle"], in_context("scapre", ["circle"], "cross", erase_scale=12, robust=2)),
 }
 
 

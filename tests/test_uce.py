@@ -154,3 +154,32 @@ def test_toy_uce_steered_to_cross_forgets_the_circle(competent_toy):
     assert measured.point["ua"] >= 0.8, figures
     if measured.below(UCE_TOY_BARS):
         pytest.xfail(f"below the toy bars {UCE_TOY_BARS}: {figures}")
+
+
+@pytest.mark.parametrize("method", ["uce", "scapre"])
+def test_rece_rounds_steer_the_inverted_embedding_to_the_guide_and_are_recorded(sd, method):
+    """RECE: a round erases the embedding an attacker inverts from the plain edit, so the robust edit maps
+    that embedding nearer the guide's keys and values than the plain edit does (UCE's exact steer: at least
+    twice as near; ScaPre's steer is partial by design, its mask and Bures step hold rows back)."""
+    from forgetpatch.methods import get_method
+    from forgetpatch.methods.common import current_weight, inversion_map
+
+    c, g = token_embedding(sd, "circle").double(), token_embedding(sd, "").double()
+    layers = {path: current_weight(m).double() for path, m in cross_attention_layers(sd).items()}
+    concept = [Concept("circle")]
+    plain = get_method(method).compute_deltas(sd, concept, lam=0.5)
+    M, edited = inversion_map({p: W + plain[p].double() for p, W in layers.items()}, layers, 0.1)
+    assert edited == len(layers)
+    adversarial = M @ c
+
+    def gap(deltas):  # how far the edit leaves the inverted embedding's outputs from the guide's
+        return sum(float(((W + deltas[p].double()) @ adversarial - W @ g).norm()) for p, W in layers.items())
+
+    robust = get_method(method).compute_deltas(sd, concept, lam=0.5, robust=1)
+    assert gap(robust) < {"uce": 0.5, "scapre": 0.9}[method] * gap(plain)
+    patch = forgetpatch.erase(sd, concept, method=method, robust=2, progress=False)
+    rounds = patch.manifest.metrics["robust"]["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2] and rounds[1]["erased_rows"] == 3 * rounds[0]["erased_rows"] // 2
+    assert patch.manifest.method.params["robust"] == 2
+    with pytest.raises(forgetpatch.errors.MethodError, match="robust"):
+        forgetpatch.erase(sd, concept, method=method, robust=-1)

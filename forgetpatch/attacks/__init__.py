@@ -134,7 +134,10 @@ def attack(
         concept=concept,
         seed=seed,
         budget=spend.to_dict(),
-        patches=[{"name": e.patch.name, "digest": e.digest} for e in applied(pipe)],
+        patches=[
+            {"name": e.patch.name, "digest": e.digest, "scale": e.scale, "key_steps": e.ranges is not None}
+            for e in applied(pipe)
+        ],
         base=base_rate,
         before=target.before,
         results=results,
@@ -165,6 +168,11 @@ def record(folder: str | Path, reports: Sequence[AttackReport]) -> Path:
             raise AttackError(
                 f"the attack on {report.concept!r} was run on {digests or 'no patch'}, not on {patch.name} "
                 f"({patch.digest[:12]}) alone; attack the patch by itself to record its robustness"
+            )
+        if report.patches[0]["scale"] != 1.0:
+            raise AttackError(
+                f"the attack ran with the patch at scale {report.patches[0]['scale']}; record figures measured "
+                "at scale 1 (as the patch ships)"
             )
     entry = dict(patch.manifest.metrics.get(ROBUSTNESS_METRICS) or {})
     entry.update(robustness_metrics(list(reports)))

@@ -73,8 +73,8 @@ class AttackReport:
     concept: str
     seed: int
     budget: dict[str, Any]
-    patches: list[dict[str, str]]
-    """The patches under test, ``{"name", "digest"}`` in application order."""
+    patches: list[dict[str, Any]]
+    """The patches under test, ``{"name", "digest", "scale", "key_steps"}`` in application order."""
     base: Rate
     """Strict UA of the unpatched base on the same prompts (a low UA: the base draws the concept)."""
     before: Rate

@@ -34,7 +34,7 @@ from forgetpatch.attacks.text import (
     unet_eps,
 )
 from forgetpatch.eval import PipelineGenerator, ScoringPrompt, forgotten
-from forgetpatch.methods.common import cross_attention_layers, current_weight
+from forgetpatch.methods.common import cross_attention_layers, current_weight, inversion_map
 from forgetpatch.toy import vocab
 
 #: The filler word whose copies mark where a prompt-search prefix goes (never in a scoring prompt's head).
@@ -167,36 +167,21 @@ def paraphrase(target: Target) -> list[AttackResult]:
 
 
 # --- 2. inversion --------------------------------------------------------------------------------
-@torch.no_grad()
-def inversion_map(pipe: Any, base: Any, lam: float) -> tuple[torch.Tensor, int]:
-    """``M`` with ``e* = M c`` minimising ``sum_l |W'_l e - W_l c|^2 + lam |e|^2`` over the patched K/V layers.
-
-    ``W'_l`` is layer ``l`` as ``pipe`` computes with it (patches on), ``W_l`` the same layer of ``base``; only
-    layers whose weights differ count. ``M = (sum W'^T W' + lam I)^-1 sum W'^T W``. Returns ``M`` (float64)
-    and the number of layers that differ (0: nothing to invert, ``M`` is then the identity).
-    """
+def _inversion_map(pipe: Any, base: Any, lam: float) -> tuple[torch.Tensor, int]:
+    """:func:`~forgetpatch.methods.common.inversion_map` between ``pipe``'s K/V weights (patches on) and ``base``'s."""
     patched, original = cross_attention_layers(pipe), cross_attention_layers(base)
-    gram = lhs = None
-    layers = 0
-    for path, module in patched.items():
-        w_new = current_weight(module).double()
-        w_old = current_weight(original[path]).double().to(w_new.device)
-        if torch.equal(w_new, w_old):
-            continue
-        layers += 1
-        gram = w_new.T @ w_new if gram is None else gram + w_new.T @ w_new
-        lhs = w_new.T @ w_old if lhs is None else lhs + w_new.T @ w_old
-    if gram is None or lhs is None:
-        return torch.eye(w_new.shape[1], dtype=torch.float64), 0
-    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
-    return torch.linalg.solve(gram + lam * eye, lhs).cpu(), layers
+    return inversion_map(
+        {path: current_weight(m) for path, m in patched.items()},
+        {path: current_weight(original[path]) for path in patched},
+        lam,
+    )
 
 
 def inversion(target: Target) -> list[AttackResult]:
     """RECE's closed-form inversion: one solve, then the concept's token and every later position of each
     prompt's text embedding is replaced by ``e* = M c`` (white-box: it needs the patch and the base weights)."""
     started, lam = time.perf_counter(), target.budget.inversion_lambda
-    matrix, layers = inversion_map(target.pipe, target.base, lam)
+    matrix, layers = _inversion_map(target.pipe, target.base, lam)
     word = token_id(target.pipe, target.concept)
     with PassCounter(target.pipe.unet) as passes, hidden_states_map(target.pipe, from_token(word, matrix)):
         images = target.generate(target.prompts, target.seeds)

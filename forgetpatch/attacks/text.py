@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from forgetpatch.errors import AttackError
 from forgetpatch.toy import vocab
 from forgetpatch.toy.render import render_batch
 
@@ -34,8 +35,6 @@ def token_id(pipe, word: str) -> int:
     """The id of ``word`` when the tokenizer spells it as one token (every toy word is one)."""
     ids = pipe.tokenizer(word).input_ids[1:-1]
     if len(ids) != 1:
-        from forgetpatch.errors import AttackError
-
         raise AttackError(f"{word!r} is {len(ids)} tokens for this tokenizer; attacks need a one-token concept")
     return int(ids[0])
 

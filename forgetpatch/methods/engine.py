@@ -334,6 +334,27 @@ class FinetuneEngine:
                 layer.enable_adapters(True)
 
     @torch.no_grad()
+    def with_weights(self, weights: dict[str, torch.Tensor], x: torch.Tensor, t: int, cond: Cond) -> torch.Tensor:
+        """Noise prediction with the trainable weights replaced by ``weights`` (``mode="full"``; e.g. a teacher
+        snapshot taken mid-run, see :meth:`snapshot`)."""
+        if self.config.mode != "full":
+            raise MethodError("with_weights needs mode='full' (trained weight tensors)")
+        self.passes.teacher_forward += 1
+        return self._unet(self.accelerator.unwrap_model(self.model), x, t, self._expand(cond, x), params=weights)
+
+    @torch.no_grad()
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of the trainable tensors as they are now, keyed as :meth:`with_weights` takes them."""
+        return {name: p.detach().clone() for name, p in self.trainable().items()}
+
+    @torch.no_grad()
+    def restore(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy a :meth:`snapshot` back into the trainable tensors."""
+        params = self.trainable()
+        for name, value in weights.items():
+            params[name].copy_(value)
+
+    @torch.no_grad()
     def current(self, x: torch.Tensor, t: int, cond: Cond) -> torch.Tensor:
         """Noise prediction of the model being edited, without gradients (for sampling)."""
         return self._unet(self.accelerator.unwrap_model(self.model), x, t, self._expand(cond, x))
@@ -493,6 +514,20 @@ class FinetuneEngine:
 
     # --- the patch ---------------------------------------------------------------------------
     @torch.no_grad()
+    def changes(self) -> dict[str, torch.Tensor]:
+        """``mode="full"``: the weight changes so far, ``{"unet.<module>": W - W_start}`` (float32, CPU; unchanged
+        modules left out)."""
+        if self.config.mode != "full":
+            raise MethodError("changes() needs mode='full'; a LoRA run's change is its factors()")
+        unet = self.accelerator.unwrap_model(self.model)
+        out = {}
+        for name in self.module_names:
+            delta = (unet.get_submodule(name).weight.detach() - self._frozen[f"{name}.weight"]).float().cpu()
+            if delta.any():
+                out[f"unet.{name}"] = delta
+        return out
+
+    @torch.no_grad()
     def factors(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
         """LoRA factors ``{"unet.<module>": (A, B)}`` (``delta W = B @ A``) and reconstruction errors.
 
@@ -514,9 +549,8 @@ class FinetuneEngine:
             else:
                 from forgetpatch.lowrank import factorize
 
-                frozen = self._frozen[f"{name}.weight"]
-                delta = (module.weight.detach() - frozen).float().cpu()
-                if not delta.any():
+                delta = self.changes().get(f"unet.{name}")
+                if delta is None:
                     continue
                 low = factorize(
                     delta.reshape(delta.shape[0], -1),

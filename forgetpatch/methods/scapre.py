@@ -65,6 +65,8 @@ from forgetpatch.methods.common import (
     low_rank_factors,
     low_rank_in_span,
     patch_name,
+    robust_record,
+    robust_rounds,
 )
 
 #: The published settings per concept kind (identity / other use the object preset).
@@ -119,6 +121,11 @@ class ScaPreParams:
     templates: tuple[str, ...] = ()
     """Prompts with a ``{concept}`` placeholder: each concept is also edited inside each of them (and
     each guide inside the same template), as UCE's release does with "image of {concept}" etc."""
+    robust: int = 0
+    """RECE rounds (arXiv 2407.12383): invert the edit in closed form, erase the inverted embeddings too, solve
+    again (:func:`~forgetpatch.methods.common.robust_rounds`). 0 = plain ScaPre."""
+    robust_lambda: float = 0.1
+    """Ridge weight of each round's inversion (the inversion attack's ``lambda``)."""
 
     @classmethod
     def for_concepts(cls, concepts: Sequence[Concept], params: dict[str, Any]) -> ScaPreParams:
@@ -144,6 +151,8 @@ class ScaPreParams:
             raise MethodError("ScaPre needs lam > 0 and non-negative erase/preserve scales")
         if values.entropy_samples < 2 or values.mi_samples < 1 or values.entropy_bins < 2:
             raise MethodError("ScaPre needs entropy_samples >= 2, entropy_bins >= 2 and mi_samples >= 1")
+        if values.robust < 0 or values.robust_lambda < 0:
+            raise MethodError(f"robust rounds and robust_lambda must be >= 0, got {values.robust}, {values.robust_lambda}")
         return values
 
 
@@ -319,6 +328,8 @@ class Shared:
     G_b: torch.Tensor
     """``(guides, k)``: per distinct guide, the sum of the basis coordinates of the concepts it guides."""
     P_b: torch.Tensor
+    blank: torch.Tensor
+    """The blank prompt's embedding (the MI mask's negatives)."""
 
 
 def prepare_shared(emb: Embeddings, blank: torch.Tensor, params: ScaPreParams) -> Shared:
@@ -348,7 +359,9 @@ def prepare_shared(emb: Embeddings, blank: torch.Tensor, params: ScaPreParams) -
     probes = torch.cat([C, guides, P, basis.T, noise, blank[None]]).float()
     m, k = P.shape[0], basis.shape[1]
     splits = [n, guides.shape[0], m, k, params.entropy_samples, params.mi_samples, params.mi_samples, 1]
-    return Shared(emb=emb, basis=basis, probes=probes, splits=splits, H=H, Pi=Pi, R1=R1, G_b=G_b, P_b=P_b)
+    return Shared(
+        emb=emb, basis=basis, probes=probes, splits=splits, H=H, Pi=Pi, R1=R1, G_b=G_b, P_b=P_b, blank=blank
+    )
 
 
 @dataclass
@@ -487,8 +500,24 @@ class ScaPre:
         cls, pipe, concepts: list[Concept], *, preserve: Sequence[Concept] = (), **params: Any
     ) -> dict[str, torch.Tensor]:
         """The full (untruncated) weight changes ``{path: W' - W}``, for tests and analysis."""
-        settings, shared, layers = cls.prepare(pipe, concepts, list(preserve), params)
-        return {path: edit_layer(current_weight(m), shared, settings).delta for path, m in layers.items()}
+        _, edits, _ = cls._edits(pipe, concepts, list(preserve), params)
+        return {path: edit.delta for path, edit in edits.items()}
+
+    @classmethod
+    def _edits(cls, pipe, concepts, preserve, params):
+        """``(settings, {path: LayerEdit}, RECE rounds)``: every layer's edit, after ``settings.robust`` rounds."""
+        settings, shared, layers = cls.prepare(pipe, concepts, preserve, params)
+        weights = {path: current_weight(module) for path, module in layers.items()}
+        progress = params.get("progress", True)
+
+        def solve(emb: Embeddings):
+            current = shared if emb is shared.emb else prepare_shared(emb, shared.blank, settings)
+            bar = tqdm(weights.items(), desc="scapre: editing layers", disable=not progress, leave=False)
+            edits = {path: edit_layer(W, current, settings) for path, W in bar}
+            return edits, {path: weights[path] + edit.delta for path, edit in edits.items()}
+
+        edits, rounds = robust_rounds(shared.emb, settings.robust, settings.robust_lambda, weights, solve)
+        return settings, edits, rounds
 
     def erase(self, pipe, concepts: list[Concept], *, preserve: list[Concept], **params: Any):
         """Erase ``concepts`` (keeping ``preserve``) and return the change as a Patch.
@@ -498,13 +527,14 @@ class ScaPre:
         """
         from forgetpatch.format import build_patch
 
-        settings, shared, layers = self.prepare(pipe, concepts, preserve, params)
+        settings, edits, rounds = self._edits(pipe, concepts, preserve, params)
         factors, errors, mus = {}, {}, {}
-        bar = tqdm(layers.items(), desc="scapre: editing layers", disable=not params.get("progress", True))
-        for path, module in bar:
-            edit = edit_layer(current_weight(module), shared, settings)
+        for path, edit in edits.items():
             low = edit_factors(edit, settings)
             factors[path], errors[path], mus[path] = (low.A, low.B), low.rel_error, round(edit.mu, 4)
+        metrics: dict[str, Any] = {"entropy_factor": mus}
+        if rounds:
+            metrics["robust"] = robust_record(rounds)
         return build_patch(
             pipe,
             factors,
@@ -514,5 +544,5 @@ class ScaPre:
             preserved=preserve,
             params={**asdict(settings), "default_guide": ""},
             reconstruction_errors=errors,
-            metrics={"entropy_factor": mus},
+            metrics=metrics,
         )

@@ -37,6 +37,8 @@ from forgetpatch.methods.common import (
     embed_concepts,
     guide_prompt,
     patch_name,
+    robust_record,
+    robust_rounds,
 )
 
 #: Guide prompt per concept kind when a concept names none (UCE maps styles to generic "art").
@@ -59,6 +61,11 @@ class UCEParams:
     templates: tuple[str, ...] = ()
     """Prompts with a ``{concept}`` placeholder in which each concept (and its guide) is also edited,
     as the release's "image of {concept}" prompts."""
+    robust: int = 0
+    """RECE rounds (arXiv 2407.12383): invert the edit in closed form, erase the inverted embeddings too, solve
+    again (:func:`~forgetpatch.methods.common.robust_rounds`). 0 = plain UCE."""
+    robust_lambda: float = 0.1
+    """Ridge weight of each round's inversion (the inversion attack's ``lambda``)."""
 
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> UCEParams:
@@ -69,12 +76,16 @@ class UCEParams:
         values = cls(**{k: _param_value(k, v) for k, v in params.items() if k in known})
         if values.lam <= 0:
             raise MethodError(f"UCE needs lam > 0 (the solve is singular otherwise), got {values.lam}")
+        if values.robust < 0 or values.robust_lambda < 0:
+            raise MethodError(f"robust rounds and robust_lambda must be >= 0, got {values.robust}, {values.robust_lambda}")
         return values
 
 
 def _param_value(key: str, value: Any) -> Any:
     if key == "tokens":
         return str(value)
+    if key == "robust":
+        return int(value)
     if key == "templates":
         return tuple(value)
     return float(value)
@@ -154,7 +165,7 @@ class UCE:
         pipe, concepts: list[Concept], *, preserve: list[Concept] = (), **params: Any
     ) -> dict[str, torch.Tensor]:
         """The full weight changes ``{path: W' - W}`` (float32), for tests and analysis."""
-        factors = UCE._factors(pipe, concepts, list(preserve), params)
+        factors, _ = UCE._factors(pipe, concepts, list(preserve), params)
         return {path: B @ A for path, (A, B, _) in factors.items()}
 
     @staticmethod
@@ -170,7 +181,13 @@ class UCE:
             templates=settings.templates,
         )
         weights = {path: current_weight(m) for path, m in cross_attention_layers(pipe).items()}
-        return _compress(uce_factors(weights, emb, settings, progress=params.get("progress", True)))
+
+        def solve(emb: Embeddings):
+            factors = uce_factors(weights, emb, settings, progress=params.get("progress", True))
+            return factors, {path: weights[path] + B @ A for path, (A, B, _) in factors.items()}
+
+        factors, rounds = robust_rounds(emb, settings.robust, settings.robust_lambda, weights, solve)
+        return _compress(factors), rounds
 
     def erase(self, pipe, concepts: list[Concept], *, preserve: list[Concept], **params: Any):
         """Erase ``concepts`` (keeping ``preserve``) and return the change as an exact-LoRA Patch.
@@ -180,7 +197,7 @@ class UCE:
         """
         from forgetpatch.format import build_patch
 
-        factors = self._factors(pipe, concepts, preserve, params)
+        factors, rounds = self._factors(pipe, concepts, preserve, params)
         settings = UCEParams.from_dict(params)
         return build_patch(
             pipe,
@@ -191,4 +208,5 @@ class UCE:
             preserved=preserve,
             params={**asdict(settings), "default_guides": {"default": "", **DEFAULT_GUIDES}},
             reconstruction_errors={path: err for path, (_, _, err) in factors.items()},
+            metrics={"robust": robust_record(rounds)} if rounds else None,
         )

@@ -1,0 +1,421 @@
+"""Dynamic Mask + Concept-Aware Loss (seed 002): masked fine-tuning that forgets concepts one after another.
+
+Trainable: the cross-attention linears ``attn2.to_q / to_k / to_v / to_out.0`` (full weights), each under an
+element-wise binary gradient mask. For each concept ``c`` with superclass ``s``, in sequence:
+
+1. **data**: latents the pipeline as given (the teacher) generates for the concept and for its superclass in each
+   of ``templates`` (``"a photo of {concept}"``; the toy world's own prompt forms there), image ``i`` in template
+   ``i mod len(templates)``; every term below conditions an image on its own template;
+2. **warm-up**: ``warmup`` steps of the plain denoising loss on the concept's latents, accumulating ``|grad|`` per
+   element without updating; the mask keeps the top ``keep`` share of each matrix;
+3. **concept-aware loss**, one ``t`` for both terms, ``eps*`` the student::
+
+       L_forget = | eps*(x_t^c, t, c) - sg[eps*(x_t^c, t, s)] |^2
+       L        = L_forget + super_weight | eps*(x_t^s, t, s) - noise |^2 + distill_weight L_distill
+
+4. **distillation**: a teacher frozen at the start of the concept (the weights after the concepts before it,
+   with any patches the pipeline carried) holds the student's predictions on the superclass latents under the
+   prompts of every concept forgotten before (in this call and in the patches on the pipeline) and of the
+   superclass: ``L_distill = mean_p | eps*(x_t^s, t, p) - eps_teacher(x_t^s, t, p) |^2``. The authors' release
+   computes this term and then overwrites it, so there it never acts; here it is added to the loss
+   (``distill_weight=0`` gives the release's behaviour, the ablation);
+5. **dynamic mask**: every ``update_every`` steps during the first ``update_until`` of training, the
+   ``n = turnover * 0.5 (1 + cos(pi * epoch / epochs)) * active`` active elements with the smallest ``|grad|``
+   accumulated since the last update are dropped and the ``n`` inactive ones with the largest are added;
+6. Adam with a one-cycle cosine learning rate; at each epoch's end the trainable weights are kept if the epoch's
+   mean ``L_forget`` is the lowest so far, and the best epoch's weights are the result.
+
+The change (masked, full weight) is stored as a truncated SVD at ``energy``; rank and measured reconstruction error
+go into the manifest. Masked-out elements do not move: their gradient is zeroed and, after every optimizer step,
+they are put back (Adam's momentum would otherwise move elements dropped from the mask).
+
+Example:
+    >>> patch = forgetpatch.erase(pipe, Concept("circle", superclass="shape"), method="dynamic_mask", steps=100)
+    >>> patch.manifest.metrics["dynamic_mask"]["circle"]["best_epoch"]
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from forgetpatch.errors import MethodError
+from forgetpatch.methods.base import Concept, register
+from forgetpatch.methods.common import check_concepts, patch_name
+from forgetpatch.methods.engine import Cond, FinetuneEngine, make_config
+
+
+@dataclass(frozen=True)
+class DynamicMaskParams:
+    """Dynamic Mask's settings: the paper's (SD 1.4) by default; :data:`TOY` for the toy world."""
+
+    steps: int = 500
+    """Training steps per concept."""
+    epochs: int = 10
+    """Epochs per concept: the turnover schedule's clock and the best-epoch selection."""
+    warmup: int = 50
+    keep: float = 0.5
+    """Share of each matrix's elements the mask starts with."""
+    turnover: float = 0.2
+    update_every: int = 100
+    update_until: float = 0.8
+    lr: float = 3e-6
+    batch: int = 2
+    super_weight: float = 0.25
+    distill_weight: float = 1.0
+    images: int = 16
+    """Latents generated per prompt (concept and superclass) for training."""
+    templates: tuple[str, ...] = ("a photo of {concept}",)
+    """Prompt forms with a ``{concept}`` slot the concept, its superclass and earlier concepts are put in."""
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    energy: float = 0.999
+    """Share of the change's spectral energy the stored factorisation keeps."""
+    seed: int = 0
+
+    @classmethod
+    def for_pipe(cls, pipe: Any, params: dict[str, Any]) -> DynamicMaskParams:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known - {"name", "progress"})
+        if unknown:
+            raise MethodError(f"unknown Dynamic Mask parameter(s) {unknown}; known: {sorted(known)}")
+        start = TOY if getattr(pipe, "forgetpatch_family", None) == "toy" else cls()
+        values = replace(start, **{k: v for k, v in params.items() if k in known})
+        values = replace(values, templates=tuple(values.templates))
+        counts = ("steps", "epochs", "warmup", "update_every", "batch", "images", "num_inference_steps")
+        if any(getattr(values, k) < 1 for k in counts) or values.steps < values.epochs:
+            raise MethodError(f"{', '.join(counts)} must be >= 1 and steps >= epochs")
+        if not 0 < values.keep <= 1 or not 0 <= values.turnover < 1 or values.lr <= 0:
+            raise MethodError("Dynamic Mask needs 0 < keep <= 1, 0 <= turnover < 1 and lr > 0")
+        if values.distill_weight < 0 or values.super_weight < 0:
+            raise MethodError("distill_weight and super_weight must be >= 0")
+        bad = [t for t in values.templates if t.count("{concept}") != 1] if values.templates else ["(none)"]
+        if bad:
+            raise MethodError(f"every template needs exactly one {{concept}} slot: {bad}")
+        return values
+
+
+#: The toy world's profile: its own wording, its guidance, and a learning rate and length its small UNet needs.
+def _toy_profile() -> DynamicMaskParams:
+    from forgetpatch.toy import ERASE_TEMPLATES
+
+    return DynamicMaskParams(
+        steps=200, epochs=4, update_every=50, lr=1e-3, batch=4, images=32, templates=ERASE_TEMPLATES,
+        guidance_scale=4.0,
+    )
+
+
+TOY = _toy_profile()
+
+
+def superclass_of(concept: Concept, pipe: Any) -> str:
+    """The concept's superclass: its own, else the toy world's ("shape" for a toy shape)."""
+    if concept.superclass:
+        return concept.superclass
+    if getattr(pipe, "forgetpatch_family", None) == "toy":
+        from forgetpatch.toy import vocab
+
+        if concept.target in vocab.SHAPES:
+            return vocab.SHAPE_SUPERCLASS
+    raise MethodError(
+        f"Dynamic Mask aligns {concept.target!r} with its superclass: name it, e.g. "
+        f"Concept({concept.target!r}, superclass='fish')"
+    )
+
+
+def fill(template: str, word: str) -> str:
+    """``template`` with ``word`` in its ``{concept}`` slot (spaces tidied)."""
+    return " ".join(template.replace("{concept}", word).split())
+
+
+@torch.no_grad()
+def generate_latents(pipe: Any, prompts: list[str], settings: DynamicMaskParams, seed: int) -> torch.Tensor:
+    """One latent per prompt, generated by the pipeline as it is."""
+    generators = [torch.Generator().manual_seed(seed * 7919 + i) for i in range(len(prompts))]
+    saved = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        out = pipe(
+            list(prompts),
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale,
+            generator=generators,
+            output_type="latent",
+        )
+    finally:
+        pipe._progress_bar_config = saved
+    return out.images.float().cpu()
+
+
+@dataclass(frozen=True)
+class ConceptData:
+    """Generated latents of one concept and of its superclass; image ``i`` is in template ``i mod T``."""
+
+    concept: torch.Tensor
+    superclass: torch.Tensor
+
+    @staticmethod
+    def make(pipe: Any, concept: str, superclass: str, settings: DynamicMaskParams, seed: int) -> ConceptData:
+        forms = [settings.templates[i % len(settings.templates)] for i in range(settings.images)]
+        return ConceptData(
+            generate_latents(pipe, [fill(t, concept) for t in forms], settings, seed),
+            generate_latents(pipe, [fill(t, superclass) for t in forms], settings, seed + 100),
+        )
+
+
+class GradientMask:
+    """Element-wise masks on the trainable weights: gradients are masked (and their ``|grad|`` accumulated), and
+    masked-out elements are put back after every optimizer step."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter]) -> None:
+        self.params = params
+        self.masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()}
+        self.score = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+        self._before: dict[str, torch.Tensor] = {}
+        self._hooks = [p.register_hook(self._grad_hook(n)) for n, p in params.items()]
+
+    def _grad_hook(self, name: str):
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            self.score[name] += grad.detach().abs().float()
+            return grad * self.masks[name]
+
+        return hook
+
+    def reset_scores(self) -> None:
+        for score in self.score.values():
+            score.zero_()
+
+    def init_top(self, keep: float) -> None:
+        """Keep the top ``keep`` share of each matrix by accumulated ``|grad|``."""
+        for name, score in self.score.items():
+            k = max(1, int(round(keep * score.numel())))
+            top = torch.topk(score.flatten(), k).indices
+            mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
+            mask[top] = True
+            self.masks[name] = mask.view_as(score)
+
+    def turn_over(self, rate: float) -> int:
+        """Swap ``rate * active`` elements per matrix (weakest active out, strongest inactive in); returns how many."""
+        swapped = 0
+        for name, score in self.score.items():
+            mask = self.masks[name].flatten()
+            active, inactive = mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1)
+            n = min(int(rate * active.numel()), inactive.numel())
+            if n < 1:
+                continue
+            flat = score.flatten()
+            drop = active[torch.topk(flat[active], n, largest=False).indices]
+            add = inactive[torch.topk(flat[inactive], n).indices]
+            mask = mask.clone()
+            mask[drop], mask[add] = False, True
+            self.masks[name] = mask.view_as(score)
+            swapped += n
+        return swapped
+
+    def before_step(self) -> None:
+        self._before = {n: p.detach().clone() for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        for name, p in self.params.items():
+            p.copy_(torch.where(self.masks[name], p, self._before[name]))
+
+    def density(self) -> float:
+        return sum(int(m.sum()) for m in self.masks.values()) / sum(m.numel() for m in self.masks.values())
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+def earlier_concepts(pipe: Any) -> list[str]:
+    """Concepts forgotten by the patches already on ``pipe`` (the distillation keeps them forgotten)."""
+    from forgetpatch.loader import applied
+
+    return [c.target for entry in applied(pipe) for c in entry.patch.manifest.concepts]
+
+
+def _noised(engine: FinetuneEngine, latents: torch.Tensor, t: torch.Tensor, generator: torch.Generator):
+    noise = torch.randn(latents.shape, generator=generator)
+    x_t = engine.scheduler.add_noise(latents, noise, t)
+    return x_t.to(engine.device, engine.unet.dtype), noise.to(engine.device, engine.unet.dtype)
+
+
+def train_concept(
+    engine: FinetuneEngine,
+    concept: str,
+    superclass: str,
+    earlier: list[str],
+    data: ConceptData,
+    settings: DynamicMaskParams,
+    index: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """One concept of the sequence: warm-up, mask, masked training with the concept-aware loss and distillation,
+    best epoch kept. Returns what the manifest records for it."""
+    params = dict(engine.trainable())
+    mask = GradientMask(params)
+    teacher = engine.snapshot()
+    templates = settings.templates
+    kept = [*earlier, superclass]
+    generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)
+    steps_total = int(engine.scheduler.config.num_train_timesteps)
+
+    def cond(word: str, picks: torch.Tensor) -> Cond:
+        """``word`` in the template of each picked image."""
+        return Cond.cat(*[engine.encode(fill(templates[int(i) % len(templates)], word)) for i in picks])
+
+    def draw(latents: torch.Tensor, t: torch.Tensor | None = None):
+        picks = torch.randint(len(latents), (settings.batch,), generator=generator)
+        if t is None:
+            t = torch.randint(steps_total, (1,), generator=generator).repeat(settings.batch)
+        x_t, noise = _noised(engine, latents[picks], t, generator)
+        return x_t, noise, t, picks
+
+    try:
+        # 1-2. warm-up: accumulate |grad| of the plain denoising loss, no update; then the top-`keep` mask
+        for _ in range(settings.warmup):
+            x_t, noise, t, picks = draw(data.concept)
+            loss = F.mse_loss(engine.student(x_t, int(t[0]), cond(concept, picks)).float(), noise.float())
+            engine.accelerator.backward(loss)
+            engine.passes.backward += 1
+            engine.optimizer.zero_grad(set_to_none=True)
+        mask.init_top(settings.keep)
+        mask.reset_scores()
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            engine.optimizer, max_lr=settings.lr, total_steps=settings.steps, anneal_strategy="cos"
+        )
+        per_epoch = settings.steps // settings.epochs
+        best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+        epoch_losses: list[float] = []
+        swaps: list[int] = []
+        forget_sum, forget_n, distill_first, distill_last = 0.0, 0, None, None
+        bar = tqdm(range(settings.steps), desc=f"dynamic mask: {concept}", disable=not progress, leave=False)
+        for step in bar:
+            epoch = min(step // per_epoch, settings.epochs - 1)
+            x_c, _, t, picks_c = draw(data.concept)
+            x_s, noise_s, _, picks_s = draw(data.superclass, t)  # the same t for both terms
+            tt = int(t[0])
+            aligned = engine.current(x_c, tt, cond(superclass, picks_c))  # sg[eps*(x_t^c, t, s)]: no gradient
+            engine.passes.student_forward += 1
+            forget = F.mse_loss(engine.student(x_c, tt, cond(concept, picks_c)).float(), aligned.float())
+            denoise = F.mse_loss(engine.student(x_s, tt, cond(superclass, picks_s)).float(), noise_s.float())
+            loss = forget + settings.super_weight * denoise
+            if settings.distill_weight > 0:  # every kept word on every superclass latent, in its template
+                x_k = torch.cat([x_s] * len(kept))
+                c_k = Cond.cat(*[cond(word, picks_s) for word in kept])
+                wanted = engine.with_weights(teacher, x_k, tt, c_k)
+                distill = F.mse_loss(engine.student(x_k, tt, c_k).float(), wanted.float())
+                loss = loss + settings.distill_weight * distill
+                distill_last = float(distill.detach())
+                distill_first = distill_last if distill_first is None else distill_first
+            engine.optimizer.zero_grad(set_to_none=True)
+            engine.accelerator.backward(loss)
+            engine.passes.backward += 1
+            mask.before_step()
+            engine.optimizer.step()
+            mask.after_step()
+            schedule.step()
+            forget_sum, forget_n = forget_sum + float(forget.detach()), forget_n + 1
+            bar.set_postfix(forget=f"{float(forget.detach()):.4g}")
+            if (step + 1) % settings.update_every == 0 and step + 1 < settings.update_until * settings.steps:
+                rate = settings.turnover * 0.5 * (1 + math.cos(math.pi * epoch / settings.epochs))
+                swaps.append(mask.turn_over(rate))
+                mask.reset_scores()
+            if (step + 1) % per_epoch == 0 or step + 1 == settings.steps:
+                mean = forget_sum / max(1, forget_n)
+                epoch_losses.append(round(mean, 6))
+                if best is None or mean < best[0]:
+                    best = (mean, len(epoch_losses) - 1, engine.snapshot())
+                forget_sum, forget_n = 0.0, 0
+        assert best is not None
+        engine.restore(best[2])
+        return {
+            "superclass": superclass,
+            "distilled_on": kept,
+            "forget_loss_by_epoch": epoch_losses,
+            "best_epoch": best[1],
+            "mask_density": round(mask.density(), 4),
+            "turned_over": swaps,
+            "distill_loss_first": distill_first,
+            "distill_loss_last": distill_last,
+        }
+    finally:
+        mask.close()
+
+
+@register
+class DynamicMask:
+    """Dynamic Mask + Concept-Aware Loss: masked full-weight fine-tuning of cross-attention, one concept after
+    another, with a distillation term that keeps earlier concepts forgotten."""
+
+    name: ClassVar[str] = "dynamic_mask"
+    version: ClassVar[str] = "1"
+
+    @classmethod
+    def compute_deltas(
+        cls, pipe: Any, concepts: list[Concept], *, preserve: list[Concept] = (), **params: Any
+    ) -> dict[str, torch.Tensor]:
+        """The full (masked, not factorised) weight changes ``{path: W' - W}``, for tests and analysis."""
+        settings = DynamicMaskParams.for_pipe(pipe, params)
+        deltas, _, _ = cls._train(pipe, concepts, list(preserve), settings, params.get("progress", True), raw=True)
+        return deltas
+
+    @staticmethod
+    def _train(pipe, concepts, preserve, settings, progress, raw=False):
+        """Train the sequence; ``(factors, errors, records)``, or ``(deltas, {}, records)`` with ``raw``."""
+        check_concepts(concepts, preserve)
+        supers = [superclass_of(c, pipe) for c in concepts]
+        earlier = earlier_concepts(pipe)
+        data = [
+            ConceptData.make(pipe, c.target, s, settings, settings.seed + 1000 * i)
+            for i, (c, s) in enumerate(zip(concepts, supers, strict=True))
+        ]
+        config = make_config(scope="xattn", mode="full", lr=settings.lr, iterations=settings.steps,
+                             energy=settings.energy, seed=settings.seed, progress=progress)
+        records: dict[str, Any] = {}
+        with FinetuneEngine(pipe, config) as engine:
+            engine.model.train()
+            for i, (concept, superclass) in enumerate(zip(concepts, supers, strict=True)):
+                records[concept.target] = train_concept(
+                    engine, concept.target, superclass, earlier, data[i], settings, i, progress
+                )
+                earlier = [*earlier, concept.target]
+            engine.model.eval()
+            if raw:
+                factors, errors = engine.changes(), {}
+            else:
+                factors, errors = engine.factors()
+            records["unet_passes"] = engine.passes.as_dict()
+        return factors, errors, records
+
+    def erase(self, pipe: Any, concepts: list[Concept], *, preserve: list[Concept], **params: Any):
+        """Erase ``concepts`` in order and return the change as a Patch (the pipeline is left unchanged).
+
+        Params: any :class:`DynamicMaskParams` field (``steps`` per concept, ``lr``, ``distill_weight``...), plus
+        ``name`` and ``progress``. On a pipeline carrying fused patches the teacher is that patched model and
+        the distillation also keeps their concepts forgotten; the patch's lineage names them.
+        """
+        from forgetpatch.format import MethodInfo, build_patch
+
+        settings = DynamicMaskParams.for_pipe(pipe, params)
+        started = time.perf_counter()
+        factors, errors, records = self._train(pipe, concepts, preserve, settings, params.get("progress", True))
+        records["wall_time_s"] = round(time.perf_counter() - started, 2)
+        return build_patch(
+            pipe,
+            factors,
+            name=params.get("name") or patch_name(self.name, concepts),
+            method=MethodInfo(name=self.name, version=self.version),
+            concepts=concepts,
+            preserved=preserve,
+            params=asdict(settings),
+            reconstruction_errors=errors,
+            metrics={"dynamic_mask": records},
+        )

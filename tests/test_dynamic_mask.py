@@ -1,0 +1,94 @@
+"""Dynamic Mask + Concept-Aware Loss on a random-weight tiny SD pipeline: the mask holds, the best epoch is kept,
+the distillation term acts (the authors' release computes it and then overwrites it), chains carry lineage."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import forgetpatch
+from forgetpatch.errors import MethodError
+from forgetpatch.methods import Concept
+from forgetpatch.methods.dynamic_mask import DynamicMask, DynamicMaskParams, GradientMask
+from forgetpatch.methods.engine import encode_prompt
+from forgetpatch.testing import tiny_sd_pipeline
+
+SHORT = {"steps": 12, "epochs": 3, "warmup": 3, "update_every": 4, "images": 4, "num_inference_steps": 4,
+         "batch": 2, "lr": 3e-3, "progress": False}
+CIRCLE = Concept("circle", superclass="shape")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_sd_pipeline(seed=0)
+
+
+def test_only_masked_elements_change_and_the_mask_keeps_its_share(pipe):
+    deltas = DynamicMask.compute_deltas(pipe, [CIRCLE], **{**SHORT, "turnover": 0.0, "keep": 0.25})
+    assert deltas and all(".attn2." in path for path in deltas)
+    for path, delta in deltas.items():
+        changed = float((delta != 0).float().mean())
+        assert 0 < changed <= 0.25 + 1e-6, f"{path}: {changed:.0%} of elements changed, mask keeps 25%"
+
+
+def test_gradient_mask_turnover_swaps_weakest_active_for_strongest_inactive():
+    weight = torch.nn.Parameter(torch.zeros(2, 4))
+    mask = GradientMask({"w": weight})
+    mask.score["w"] = torch.tensor([[8.0, 7.0, 6.0, 5.0], [4.0, 3.0, 2.0, 1.0]])
+    mask.init_top(0.5)
+    assert mask.masks["w"].flatten().tolist() == [True] * 4 + [False] * 4
+    mask.score["w"] = torch.tensor([[8.0, 0.1, 6.0, 5.0], [4.0, 3.0, 9.0, 1.0]])
+    assert mask.turn_over(0.25) == 1
+    assert mask.masks["w"].flatten().tolist() == [True, False, True, True, False, False, True, False]
+    mask.close()
+
+
+def test_the_best_epoch_is_kept_and_recorded(pipe):
+    patch = forgetpatch.erase(pipe, [CIRCLE], method="dynamic_mask", **SHORT)
+    record = patch.manifest.metrics["dynamic_mask"]["circle"]
+    losses = record["forget_loss_by_epoch"]
+    assert len(losses) == 3 and record["best_epoch"] == losses.index(min(losses))
+    assert record["distilled_on"] == ["shape"]
+    assert patch.manifest.lora.reconstruction_error is not None and patch.manifest.lora.rank >= 1
+    assert patch.manifest.method.params["steps"] == 12 and patch.name == "dynamic_mask-no-circle"
+
+
+def _prediction(pipe, prompt: str) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 4, 16, 16, generator=generator)
+    cond = encode_prompt(pipe, prompt, 16)
+    with torch.no_grad():
+        return torch.cat([pipe.unet(x, t, encoder_hidden_states=cond.hidden.expand(4, -1, -1)).sample
+                          for t in (200, 500, 800)])
+
+
+def test_distillation_acts_and_keeps_the_earlier_concept_where_it_was(pipe):
+    """A chain: patch 1 forgets the circle; patch 2 (the star) is trained on top of it with and without the
+    distillation term. With it, the model's predictions for the circle prompt move less from where patch 1 left
+    them; with distill_weight 0 (what the release effectively trains) they move more."""
+    first = forgetpatch.erase(pipe, [CIRCLE], method="dynamic_mask", **SHORT)
+    chained = forgetpatch.apply(tiny_sd_pipeline(seed=0), first, fuse=True)
+    after_first = _prediction(chained, "a photo of circle")
+    moved = {}
+    for weight in (0.0, 10.0):
+        second = forgetpatch.erase(chained, [Concept("star", superclass="shape")], method="dynamic_mask",
+                                   **{**SHORT, "distill_weight": weight, "lr": 1e-2})
+        assert second.manifest.lineage == [first.digest]
+        record = second.manifest.metrics["dynamic_mask"]["star"]
+        assert record["distilled_on"] == ["circle", "shape"]  # the patch already on the pipeline, the superclass
+        both = forgetpatch.apply(chained, second)
+        moved[weight] = float((_prediction(both, "a photo of circle") - after_first).norm())
+        forgetpatch.remove(chained, second.name)
+    assert moved[10.0] < 0.7 * moved[0.0], moved
+
+
+def test_bad_settings_are_refused_before_training(pipe):
+    with pytest.raises(MethodError, match="superclass"):
+        forgetpatch.erase(pipe, ["circle"], method="dynamic_mask", **SHORT)
+    with pytest.raises(MethodError, match="unknown Dynamic Mask parameter"):
+        forgetpatch.erase(pipe, [CIRCLE], method="dynamic_mask", iterations=5)
+    with pytest.raises(MethodError, match="keep"):
+        forgetpatch.erase(pipe, [CIRCLE], method="dynamic_mask", **{**SHORT, "keep": 0.0})
+    with pytest.raises(MethodError, match="concept"):
+        forgetpatch.erase(pipe, [CIRCLE], method="dynamic_mask", **{**SHORT, "templates": ["a photo of circle"]})
+    assert DynamicMaskParams.for_pipe(forgetpatch.toy.pipeline(), {}).templates == forgetpatch.toy.ERASE_TEMPLATES

@@ -4,7 +4,8 @@ Patches: one concept (circle) with UCE and ScaPre in context (blank guide, and s
 (their recipes); five shapes at once with ScaPre (its recipe, steered to "cross") and UCE (in context, steered to
 "cross"); the two steered one-shape patches again with two RECE rounds (``robust=2``). Each patch is applied alone
 to the shipped toy model and attacked with ``forgetpatch.attack`` (same prompts, seeds and budget for all); for a
-five-shape patch every shape is attacked and the table shows the worst one per attack. Figures per patch go to ``OUT/<patch>.json`` (a rerun skips patches already measured) and the
+five-shape patch every shape (or those named by ``--five``) is attacked and the table shows the worst one per
+attack. Figures per patch go to ``OUT/<patch>.json`` (a rerun skips patches already measured) and the
 attacked images to ``OUT/<patch>.png``.
 
 Run:
@@ -76,11 +77,13 @@ PATCHES: dict[str, tuple[list[str], Callable[[], Any]]] = {
 }
 
 
-def measure(name: str, out: Path, budget: Budget) -> dict[str, Any]:
+def measure(name: str, out: Path, budget: Budget, attacked: list[str] | None) -> dict[str, Any]:
     path = out / f"{name}.json"
     if path.exists():
         return json.loads(path.read_text())
     concepts, make = PATCHES[name]
+    if len(concepts) > 1 and attacked:
+        concepts = [c for c in concepts if c in attacked]
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -125,10 +128,11 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=list(PATCHES), default=list(PATCHES))
     parser.add_argument("--budget", default="default", help="'default', 'tiny', or a JSON dict of Budget fields")
     parser.add_argument("--out", type=Path, default=Path("runs/attack-bench"))
+    parser.add_argument("--five", nargs="+", default=FIVE, help="which shapes of a five-shape patch to attack")
     args = parser.parse_args()
     budget = Budget.of(json.loads(args.budget) if args.budget.startswith("{") else args.budget)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {name: measure(name, args.out, budget) for name in args.only}
+    results = {name: measure(name, args.out, budget, args.five) for name in args.only}
     table = Table(
         title=f"strict UA of the erased shape before -> after each attack (n {budget.images} per attack; "
         f"paraphrase: worst of the rewordings, {budget.paraphrase_images} images each)"

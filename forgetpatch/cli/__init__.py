@@ -14,7 +14,7 @@ app = typer.Typer(
 )
 
 # One module per verb group; each defines ``register(app: typer.Typer) -> None``.
-_VERB_MODULES = ("demo", "inspect", "erase", "apply", "hub", "toy", "keysteps", "evaluate", "attack", "bench")
+_VERB_MODULES = ("demo", "inspect", "erase", "apply", "hub", "toy", "keysteps", "evaluate", "attack", "chain", "bench")
 
 
 def _load_verbs() -> None:

@@ -38,12 +38,10 @@ def attack_command(
 ) -> None:
     """Attack erased concepts: paraphrases, closed-form inversion, prompt search, textual inversion, relearning.
 
-    Prints strict UA before and after each attack with its 95% interval and cost. With --record the results
-    go into the patch's manifest (metrics.robustness; its digest does not change), where the model card,
-    `forgetpatch inspect` and `forgetpatch push` show them.
+    Prints strict UA before and after each attack with its 95% interval and cost. With --record the results go into the patch's manifest (metrics.robustness; its digest does not change), where the model card, `forgetpatch inspect` and `forgetpatch push` show them.
 
     Example: forgetpatch attack no-circle/ --concept circle --attack inversion --record
-    """
+    """  # noqa: E501
     from forgetpatch import apply, attacks
     from forgetpatch.errors import AttackError
     from forgetpatch.loader import load

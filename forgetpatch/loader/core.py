@@ -144,6 +144,37 @@ def _as_list(refs: PatchRef | Iterable[PatchRef]) -> list[PatchRef]:
     return list(refs)
 
 
+def _with_parents(patches: list[Patch], state: _State) -> list[Patch]:
+    """Each local patch preceded by its lineage parents that are not applied yet, found by digest among the patch
+    folders beside it (a chain written by ``forgetpatch chain``: ``chain/step-1 ... step-k``)."""
+    present = {e.digest for e in state.entries}
+    out: list[Patch] = []
+    for patch in patches:
+        wanted = [d for d in patch.manifest.lineage if d not in present and d not in {p.digest for p in out}]
+        if wanted:
+            source = Path(patch.source) if patch.source is not None else None
+            if source is not None and source.is_file() and (source.parent / "forgetpatch.json").is_file():
+                source = source.parent  # the weights file of a patch folder: look beside the folder
+            folder = source.parent if source is not None else None
+            found: dict[str, Patch] = {}
+            if folder is not None and folder.is_dir():
+                for sibling in sorted(folder.iterdir()):
+                    if sibling != source and (sibling / "forgetpatch.json").is_file():
+                        candidate = read_patch(sibling)
+                        found[candidate.digest] = candidate
+            missing = [d for d in wanted if d not in found]
+            if missing:
+                raise LineageError(
+                    f"patch {patch.name!r} was computed on top of {len(wanted)} patches; {len(missing)} of them "
+                    f"({', '.join(d[:12] for d in missing)}) are neither applied nor in a folder beside it"
+                    + (f" ({folder})" if folder is not None else "")
+                    + ": apply them first, in order"
+                )
+            out += [found[d] for d in wanted]
+        out.append(patch)
+    return out
+
+
 # --- checks (before anything is changed) ---------------------------------------------------
 def _check(pipe, patches: Sequence[Patch], state: _State, strict: bool, fuse: bool, key_steps: bool) -> None:
     present = [e.digest for e in state.entries]
@@ -347,6 +378,7 @@ def apply(
     fuse: bool = False,
     key_steps: bool = False,
     strict: bool = True,
+    with_lineage: bool = False,
 ):
     """Apply one or several patches to ``pipe`` (in order, additively) and return ``pipe``.
 
@@ -356,6 +388,8 @@ def apply(
         fuse: merge into the weights (zero inference overhead); still exactly removable.
         key_steps: gate each patch to its recorded key-step ranges (patches without ranges stay on).
         strict: refuse patches whose lineage parents are not applied.
+        with_lineage: first apply a patch's lineage parents that are not on yet, in order, found among the patch
+            folders beside it (``apply(pipe, "chain/step-5", with_lineage=True)`` puts steps 1-4 on first).
 
     Raises :class:`~forgetpatch.errors.ApplyError` subclasses (fingerprint mismatch, missing module,
     already applied, lineage) or :class:`~forgetpatch.errors.PatchFormatError`; then the pipeline is
@@ -368,6 +402,8 @@ def apply(
     """
     patches = [load(ref) for ref in _as_list(refs)]
     state = _state(pipe)
+    if with_lineage:
+        patches = _with_parents(patches, state)
     _check(pipe, patches, state, strict, fuse, key_steps)
     scheduler = getattr(pipe, "scheduler", None)
     state.num_train_timesteps = int(

@@ -1,0 +1,63 @@
+"""Sequential unlearning as a chain of patches: forget one concept, then the next on top of it, and so on.
+
+Step ``k`` is computed on the pipeline carrying steps ``1..k-1`` (fused, so a fine-tuning method's teacher is the
+patched model and Dynamic Mask's distillation keeps their concepts forgotten); its lineage names them, so
+``forgetpatch.apply(pipe, step_k)`` refuses without its parents and ``apply(..., with_lineage=True)`` puts them on
+first. The pipeline is given back as it came.
+
+Example:
+    >>> patches = erase_chain(pipe, ["circle", "star", "triangle"], method="dynamic_mask")
+    >>> [p.manifest.lineage == [q.digest for q in patches[:i]] for i, p in enumerate(patches)]
+    [True, True, True]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from forgetpatch.methods.base import ConceptLike, as_concepts
+
+
+def erase_chain(
+    pipe: Any,
+    concepts: Sequence[ConceptLike],
+    *,
+    method: str = "scapre",
+    preserve: Sequence[ConceptLike] | None = None,
+    name: str | None = None,
+    on_step: Callable[[int, Any, Any], None] | None = None,
+    **params: Any,
+) -> list[Any]:
+    """Erase ``concepts`` one after another, one patch per concept; returns the patches in order.
+
+    Args:
+        name: step ``k``'s patch is named ``f"{name}-step-{k}"`` (default: the method's own names).
+        on_step: called as ``on_step(k, patch, pipe)`` after step ``k`` with the pipeline carrying steps
+            ``1..k`` (e.g. to evaluate relapse of every concept so far).
+        **params: the method's parameters, the same for every step.
+    """
+    from forgetpatch.loader import apply, remove
+    from forgetpatch.methods import erase
+
+    steps = as_concepts(list(concepts) if not isinstance(concepts, str) else [concepts])
+    patches: list[Any] = []
+    try:
+        for k, concept in enumerate(steps, start=1):
+            step_name = f"{name}-step-{k}" if name else None
+            patch = erase(pipe, [concept], method=method, preserve=preserve, **params,
+                          **({"name": step_name} if step_name else {}))
+            apply(pipe, patch, fuse=True)
+            patches.append(patch)
+            if on_step is not None:
+                on_step(k, patch, pipe)
+    finally:
+        if patches:
+            remove(pipe, [p.digest for p in patches if any(e.digest == p.digest for e in _applied(pipe))])
+    return patches
+
+
+def _applied(pipe: Any) -> list[Any]:
+    from forgetpatch.loader import applied
+
+    return applied(pipe)

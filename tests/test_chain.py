@@ -1,0 +1,58 @@
+"""Sequential unlearning as a chain of patches: lineage, strict refusal, applying with the lineage, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import forgetpatch
+from forgetpatch.errors import LineageError
+from forgetpatch.methods.chain import erase_chain
+from forgetpatch.testing import tiny_sd_pipeline
+
+
+def test_each_step_is_computed_on_the_ones_before_and_the_pipeline_comes_back(tmp_path):
+    pipe = tiny_sd_pipeline(seed=0)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    seen = []
+    patches = erase_chain(pipe, ["circle", "star", "square"], method="uce", name="c",
+                          on_step=lambda k, patch, chained: seen.append((k, len(forgetpatch.applied(chained)))))
+    assert seen == [(1, 1), (2, 2), (3, 3)]
+    assert [p.name for p in patches] == ["c-step-1", "c-step-2", "c-step-3"]
+    for k, patch in enumerate(patches):
+        assert patch.manifest.lineage == [p.digest for p in patches[:k]]
+    assert forgetpatch.applied(pipe) == []
+    after = pipe.unet.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+    for k, patch in enumerate(patches, start=1):
+        patch.save(tmp_path / f"step-{k}")
+    with pytest.raises(LineageError, match="not applied"):
+        forgetpatch.apply(pipe, tmp_path / "step-3")
+    forgetpatch.apply(pipe, tmp_path / "step-3", with_lineage=True)
+    assert [e.patch.name for e in forgetpatch.applied(pipe)] == ["c-step-1", "c-step-2", "c-step-3"]
+    forgetpatch.remove(pipe)
+    (tmp_path / "elsewhere").mkdir()
+    patches[2].save(tmp_path / "elsewhere" / "step-3")
+    with pytest.raises(LineageError, match="neither applied nor in a folder beside it"):
+        forgetpatch.apply(pipe, tmp_path / "elsewhere" / "step-3", with_lineage=True)
+    assert forgetpatch.applied(pipe) == []
+
+
+def test_cli_chain_writes_steps_and_a_report_after_each(tmp_path):
+    from forgetpatch.cli import app
+
+    recipe = tmp_path / "chain.yaml"
+    recipe.write_text("name: toy-chain\nmethod: uce\nconcepts: [circle, star]\nparams: {erase_scale: 20}\n")
+    out = tmp_path / "chain"
+    result = CliRunner().invoke(app, ["chain", str(recipe), "-o", str(out), "--images", "1"])
+    assert result.exit_code == 0, result.output
+    assert (out / "step-1" / "forgetpatch.json").is_file() and (out / "step-2" / "forgetpatch.json").is_file()
+    second = json.loads((out / "reports" / "step-2.json").read_text())
+    assert set(second["concepts"]) == {"circle", "star"}  # the earlier concept is measured again
+    assert "with_lineage=True" in result.output
+    again = CliRunner().invoke(app, ["chain", str(recipe), "-o", str(out)])
+    assert again.exit_code != 0 and "already holds 2 chain steps" in str(again.exception)

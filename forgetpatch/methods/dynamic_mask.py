@@ -49,6 +49,7 @@ from forgetpatch.errors import MethodError
 from forgetpatch.methods.base import Concept, register
 from forgetpatch.methods.common import check_concepts, patch_name
 from forgetpatch.methods.engine import Cond, FinetuneEngine, make_config
+from forgetpatch.toy import ERASE_TEMPLATES, vocab
 
 
 @dataclass(frozen=True)
@@ -101,28 +102,18 @@ class DynamicMaskParams:
         return values
 
 
-#: The toy world's profile: its own wording, its guidance, and a learning rate and length its small UNet needs.
-def _toy_profile() -> DynamicMaskParams:
-    from forgetpatch.toy import ERASE_TEMPLATES
-
-    return DynamicMaskParams(
-        steps=200, epochs=4, update_every=50, lr=1e-3, batch=4, images=32, templates=ERASE_TEMPLATES,
-        guidance_scale=4.0,
-    )
-
-
-TOY = _toy_profile()
+#: The toy world's profile: its prompt forms, its guidance, and the length and learning rate its small UNet needs.
+TOY = DynamicMaskParams(
+    steps=200, epochs=4, update_every=50, lr=1e-3, batch=4, images=32, templates=ERASE_TEMPLATES, guidance_scale=4.0
+)
 
 
 def superclass_of(concept: Concept, pipe: Any) -> str:
     """The concept's superclass: its own, else the toy world's ("shape" for a toy shape)."""
     if concept.superclass:
         return concept.superclass
-    if getattr(pipe, "forgetpatch_family", None) == "toy":
-        from forgetpatch.toy import vocab
-
-        if concept.target in vocab.SHAPES:
-            return vocab.SHAPE_SUPERCLASS
+    if getattr(pipe, "forgetpatch_family", None) == "toy" and concept.target in vocab.SHAPES:
+        return vocab.SHAPE_SUPERCLASS
     raise MethodError(
         f"Dynamic Mask aligns {concept.target!r} with its superclass: name it, e.g. "
         f"Concept({concept.target!r}, superclass='fish')"

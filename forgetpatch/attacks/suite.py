@@ -91,7 +91,7 @@ class Target:
 
 
 def _result(
-    target: Target, name: str, started: float, passes: PassCounter, images: np.ndarray, budget: dict, **detail: Any
+    target: Target, name: str, seconds: float, passes: int, images: np.ndarray, budget: dict, **detail: Any
 ) -> AttackResult:
     after, verdicts = target.judge_ua(images)
     assert target.before is not None
@@ -99,13 +99,41 @@ def _result(
         name=name,
         before=target.before,
         after=after,
-        seconds=time.perf_counter() - started,
-        unet_passes=passes.count + detail.pop("backward", 0),
+        seconds=seconds,
+        unet_passes=passes,
         budget={**budget, "images": len(images), "num_inference_steps": target.budget.num_inference_steps},
         detail=detail,
         images=images,
         verdicts=verdicts,
     )
+
+
+def _fit(
+    target: Target,
+    name: str,
+    params: list[torch.nn.Parameter],
+    steps: int,
+    lr: float,
+    stream: int,
+    loss_of: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list[str]], torch.Tensor],
+) -> dict[str, float | None]:
+    """Adam on ``params`` for ``steps`` steps of ``loss_of(x_t, t, noise, prompts)`` over noised renders of the
+    concept (only ``params`` get gradients; the pipeline's own weights are left alone). Returns the first and
+    last loss."""
+    optimizer = torch.optim.Adam(params, lr=lr)
+    data, generator = target.data(), target.generator(stream)
+    losses: list[float] = []
+    bar = target.bar(steps, name)
+    for _ in range(steps):
+        loss = loss_of(*denoising_batch(target.pipe, data, target.budget.batch, generator))
+        for p, g in zip(params, torch.autograd.grad(loss, params), strict=True):
+            p.grad = g
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.4g}")
+    bar.close()
+    return {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
 
 
 # --- 1. paraphrase -------------------------------------------------------------------------------
@@ -155,7 +183,8 @@ def paraphrase(target: Target) -> list[AttackResult]:
     pooled = Rate.of(flags)
     return [
         _result(
-            target, "paraphrase", started, passes, images, {"images_per_prompt": len(items), "prompts": len(variants)},
+            target, "paraphrase", time.perf_counter() - started, passes.count, images,
+            {"images_per_prompt": len(items), "prompts": len(variants)},
             worst_prompt=f"{label}: {example!r}",
             worst_prompt_base_ua=worst_on_base.value,
             pooled_ua=pooled.value,
@@ -189,7 +218,8 @@ def inversion(target: Target) -> list[AttackResult]:
     detail: dict[str, Any] = {"layers": layers, "map_distance": float((matrix - eye).norm() / eye.norm())}
     if not layers:
         detail["note"] = "no cross-attention K/V weight differs from the base: nothing to invert"
-    return [_result(target, "inversion", started, passes, images, {"lambda": lam}, **detail)]
+    seconds = time.perf_counter() - started
+    return [_result(target, "inversion", seconds, passes.count, images, {"lambda": lam}, **detail)]
 
 
 # --- 3. prompt search ----------------------------------------------------------------------------
@@ -231,46 +261,29 @@ def prompt_search(target: Target) -> list[AttackResult]:
     ids, words = word_tokens(pipe, [*_kind_words(target.concept), PLACEHOLDER])
     start = torch.randint(len(ids), (k,), generator=target.generator(3))
     vectors = torch.nn.Parameter(table[[ids[i] for i in start.tolist()]].clone().float())
-    optimizer = torch.optim.Adam([vectors], lr=b.search_lr)
     head = " ".join([PLACEHOLDER] * k)
-    data, generator = target.data(), target.generator(4)
-    losses: list[float] = []
+
+    def loss_of(x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        with torch.no_grad():
+            wanted = unet_eps(target.base, x_t, t, encode(target.base, prompts))
+        got = unet_eps(pipe, x_t, t, encode(pipe, [f"{head} {p}" for p in prompts]))
+        return torch.nn.functional.mse_loss(got.float(), wanted.float())
+
     with PassCounter(pipe.unet, target.base.unet) as passes, token_vectors(pipe, at_prefix(placeholder, vectors)):
-        bar = target.bar(b.search_steps, "prompt_search")
-        for _ in range(b.search_steps):
-            x_t, t, _, prompts = denoising_batch(pipe, data, b.batch, generator)
-            with torch.no_grad():
-                wanted = unet_eps(target.base, x_t, t, encode(target.base, prompts))
-            got = unet_eps(pipe, x_t, t, encode(pipe, [f"{head} {p}" for p in prompts]))
-            loss = torch.nn.functional.mse_loss(got.float(), wanted.float())
-            (vectors.grad,) = torch.autograd.grad(loss, [vectors])
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4g}")
-        bar.close()
-        search_seconds = time.perf_counter() - started
+        losses = _fit(target, "prompt_search", [vectors], b.search_steps, b.search_lr, 4, loss_of)
+        search = (time.perf_counter() - started, passes.count + b.search_steps)  # + one backward pass a step
         soft_images = target.generate([f"{head} {p}" for p in target.prompts], target.seeds)
-    passes.count += b.search_steps  # one backward pass per step
-    candidates = table[ids].float()
-    nearest = torch.cdist(vectors.detach().float(), candidates).argmin(dim=1).tolist()
+    soft_cost = (time.perf_counter() - started, passes.count + b.search_steps)
+    nearest = torch.cdist(vectors.detach().float(), table[ids].float()).argmin(dim=1).tolist()
     prefix = " ".join(words[i] for i in nearest)
-    soft = _result(
-        target, "prompt_search_soft", started, passes, soft_images,
-        {"tokens": k, "steps": b.search_steps, "lr": b.search_lr, "batch": b.batch},
-        loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
-        prefix_norm=float(vectors.detach().norm(dim=1).mean()),
-    )
-    hard_started = time.perf_counter()
-    with PassCounter(pipe.unet) as hard_passes:
+    spent = {"tokens": k, "steps": b.search_steps, "lr": b.search_lr, "batch": b.batch}
+    soft = _result(target, "prompt_search_soft", *soft_cost, soft_images, spent, **losses,
+                   prefix_norm=float(vectors.detach().norm(dim=1).mean()))
+    started = time.perf_counter()
+    with PassCounter(pipe.unet) as passes:
         hard_images = target.generate([f"{prefix} {p}" for p in target.prompts], target.seeds)
-    hard_passes.count += passes.count
-    hard = _result(
-        target, "prompt_search_hard", hard_started - search_seconds, hard_passes, hard_images,
-        {"tokens": k, "steps": b.search_steps, "lr": b.search_lr, "batch": b.batch},
-        prefix=prefix,
-    )
-    return [soft, hard]
+    hard_cost = (search[0] + time.perf_counter() - started, search[1] + passes.count)  # the search, then words
+    return [soft, _result(target, "prompt_search_hard", *hard_cost, hard_images, spent, prefix=prefix)]
 
 
 # --- 4. textual inversion ------------------------------------------------------------------------
@@ -283,31 +296,17 @@ def textual_inversion(target: Target) -> list[AttackResult]:
     word = token_id(pipe, target.concept)
     initial = pipe.text_encoder.get_input_embeddings().weight.detach()[word].clone().float()
     vector = torch.nn.Parameter(initial.clone())
-    optimizer = torch.optim.Adam([vector], lr=b.ti_lr)
-    data, generator = target.data(), target.generator(5)
-    losses: list[float] = []
+
+    def loss_of(x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(unet_eps(pipe, x_t, t, encode(pipe, prompts)).float(), noise.float())
+
     with PassCounter(pipe.unet) as passes, token_vectors(pipe, at_token(word, vector)):
-        bar = target.bar(b.ti_steps, "textual_inversion")
-        for _ in range(b.ti_steps):
-            x_t, t, noise, prompts = denoising_batch(pipe, data, b.batch, generator)
-            got = unet_eps(pipe, x_t, t, encode(pipe, prompts))
-            loss = torch.nn.functional.mse_loss(got.float(), noise.float())
-            (vector.grad,) = torch.autograd.grad(loss, [vector])
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4g}")
-        bar.close()
+        losses = _fit(target, "textual_inversion", [vector], b.ti_steps, b.ti_lr, 5, loss_of)
         images = target.generate(target.prompts, target.seeds)
-    return [
-        _result(
-            target, "textual_inversion", started, passes, images,
-            {"steps": b.ti_steps, "lr": b.ti_lr, "batch": b.batch},
-            backward=b.ti_steps,
-            loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
-            moved=float((vector.detach() - initial).norm() / initial.norm()),
-        )
-    ]
+    cost = (time.perf_counter() - started, passes.count + b.ti_steps)
+    spent = {"steps": b.ti_steps, "lr": b.ti_lr, "batch": b.batch}
+    moved = float((vector.detach() - initial).norm() / initial.norm())
+    return [_result(target, "textual_inversion", *cost, images, spent, **losses, moved=moved)]
 
 
 # --- 5. relearning -------------------------------------------------------------------------------
@@ -320,36 +319,19 @@ def relearning(target: Target) -> list[AttackResult]:
     on every cross-attention projection; then the scoring prompts as they are."""
     started, b = time.perf_counter(), target.budget
     pipe = target.pipe
-    data, generator = target.data(), target.generator(6)
     layers = cross_attention_layers(pipe, RELEARN_PROJECTIONS)
-    losses: list[float] = []
+
+    def loss_of(x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        with torch.no_grad():
+            states = encode(pipe, prompts)
+        return torch.nn.functional.mse_loss(unet_eps(pipe, x_t, t, states).float(), noise.float())
+
     with PassCounter(pipe.unet) as passes, lora_hooks(layers, b.relearn_rank, target.seed) as params:
-        optimizer = torch.optim.Adam(params, lr=b.relearn_lr)
-        bar = target.bar(b.relearn_steps, "relearning")
-        for _ in range(b.relearn_steps):
-            x_t, t, noise, prompts = denoising_batch(pipe, data, b.batch, generator)
-            with torch.no_grad():
-                states = encode(pipe, prompts)
-            got = unet_eps(pipe, x_t, t, states)
-            loss = torch.nn.functional.mse_loss(got.float(), noise.float())
-            grads = torch.autograd.grad(loss, params)
-            for p, g in zip(params, grads, strict=True):
-                p.grad = g
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4g}")
-        bar.close()
+        losses = _fit(target, "relearning", params, b.relearn_steps, b.relearn_lr, 6, loss_of)
         images = target.generate(target.prompts, target.seeds)
-    return [
-        _result(
-            target, "relearning", started, passes, images,
-            {"steps": b.relearn_steps, "rank": b.relearn_rank, "lr": b.relearn_lr, "batch": b.batch},
-            backward=b.relearn_steps,
-            layers=len(layers),
-            loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
-        )
-    ]
+    cost = (time.perf_counter() - started, passes.count + b.relearn_steps)
+    spent = {"steps": b.relearn_steps, "rank": b.relearn_rank, "lr": b.relearn_lr, "batch": b.batch}
+    return [_result(target, "relearning", *cost, images, spent, **losses, layers=len(layers))]
 
 
 #: Attack name -> function; ``prompt_search`` reports ``prompt_search_soft`` and ``prompt_search_hard``.

@@ -1,11 +1,11 @@
 """How far each method's patch comes back under attack, on the toy world: strict UA before -> after every attack.
 
-Patches: one concept (circle) with UCE and ScaPre in context (blank guide, and steered to "cross"), ESD and KSCU
-(their recipes); five shapes at once with ScaPre (its recipe, steered to "cross") and UCE (in context, steered to
+Patches: one concept (circle) with UCE and ScaPre in context (blank guide, and steered to "cross"), ESD, KSCU and
+Dynamic Mask (their recipes); five shapes at once with ScaPre (its recipe, steered to "cross") and UCE (in context, steered to
 "cross"); the two steered one-shape patches again with two RECE rounds (``robust=2``). Each patch is applied alone
 to the shipped toy model and attacked with ``forgetpatch.attack`` (same prompts, seeds and budget for all); for a
 five-shape patch every shape (or those named by ``--five``) is attacked and the table shows the worst one per
-attack. Figures per patch go to ``OUT/<patch>.json`` (a rerun skips patches already measured) and the
+attack. Figures per patch go to ``OUT/<patch>.json`` (a rerun attacks only the concepts not measured yet) and the
 attacked images to ``OUT/<patch>.png``.
 
 Run:
@@ -70,6 +70,7 @@ PATCHES: dict[str, tuple[list[str], Callable[[], Any]]] = {
     "scapre-guided": (["circle"], in_context("scapre", ["circle"], "cross", erase_scale=12)),
     "esd": (["circle"], from_recipe("toy-no-circle-esd")),
     "kscu": (["circle"], from_recipe("toy-no-circle-kscu")),
+    "dynamic-mask": (["circle"], from_recipe("toy-no-circle-dynamic-mask")),
     "scapre-5-guided": (FIVE, from_recipe("toy-no-5-shapes-scapre")),
     "uce-5-guided": (FIVE, in_context("uce", FIVE, "cross", erase_scale=20)),
     "uce-guided-rece2": (["circle"], from_recipe_with("toy-no-circle-uce-guided", robust=2)),
@@ -78,26 +79,27 @@ PATCHES: dict[str, tuple[list[str], Callable[[], Any]]] = {
 
 
 def measure(name: str, out: Path, budget: Budget, attacked: list[str] | None) -> dict[str, Any]:
+    """Attack patch ``name`` on each of its concepts not yet in ``OUT/<name>.json`` (a rerun adds only those)."""
     path = out / f"{name}.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    figures = json.loads(path.read_text()) if path.exists() else {"concepts": {}}
     concepts, make = PATCHES[name]
     if len(concepts) > 1 and attacked:
         concepts = [c for c in concepts if c in attacked]
+    todo = [c for c in concepts if c not in figures["concepts"]]
+    if not todo:
+        return figures
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         patch = make()
-    erase_s = time.perf_counter() - started
+    figures.update(patch=patch.name, erase_seconds=round(time.perf_counter() - started, 1))
     pipe = forgetpatch.apply(toy.pipeline(), patch)
-    reports = {}
-    for concept in concepts:
+    for concept in todo:
         report = attack(pipe, concept, budget=budget, progress=False)
-        report.save_grid(out / (f"{name}.png" if len(concepts) == 1 else f"{name}-{concept}.png"))
-        reports[concept] = report.to_dict()
+        report.save_grid(out / (f"{name}.png" if len(PATCHES[name][0]) == 1 else f"{name}-{concept}.png"))
+        figures["concepts"][concept] = report.to_dict()
+        path.write_text(json.dumps(figures, indent=2))
         print(f"{name} / {concept}: attacked", flush=True)
-    figures = {"patch": patch.name, "erase_seconds": round(erase_s, 1), "concepts": reports}
-    path.write_text(json.dumps(figures, indent=2))
     return figures
 
 

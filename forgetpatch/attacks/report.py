@@ -8,8 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from forgetpatch.eval import wilson
-from forgetpatch.eval.grid import save_rows
+from forgetpatch.eval import save_rows, wilson
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ confidently names another concept or sees no shape; every rate carries its sampl
 from forgetpatch.eval.blindfold import blindfold
 from forgetpatch.eval.ceiling import guide_ceiling
 from forgetpatch.eval.generate import DEFAULT_GUIDANCE_SCALE, Generator, PipelineGenerator, as_generator
-from forgetpatch.eval.grid import save_grid, save_report_grid
+from forgetpatch.eval.grid import save_grid, save_report_grid, save_rows
 from forgetpatch.eval.metrics import Judge, Replay, evaluate, rejudge, scoring_prompts
 from forgetpatch.eval.prompts import ScoringPrompt, main_prompts, paraphrase_prompts
 from forgetpatch.eval.report import (
@@ -52,6 +52,7 @@ __all__ = [
     "rejudge",
     "save_grid",
     "save_report_grid",
+    "save_rows",
     "score_concept",
     "scoring_prompts",
     "wilson",

@@ -58,7 +58,8 @@ def attack_command(
         )
     loaded = [load(ref) for ref in patches]
     concepts = list(dict.fromkeys(concept or [c.target for p in loaded for c in p.manifest.concepts]))
-    names = [attacks.check_request(name, attack) for name in concepts][0] if concepts else []
+    for name in concepts:  # every concept and attack name, before the model loads
+        names = attacks.check_request(name, attack)
     pipe = apply(load_base(base), loaded, scale=scale, key_steps=key_steps)
     reports = []
     for name in concepts:

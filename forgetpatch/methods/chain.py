@@ -37,7 +37,7 @@ def erase_chain(
             ``1..k`` (e.g. to evaluate relapse of every concept so far).
         **params: the method's parameters, the same for every step.
     """
-    from forgetpatch.loader import apply, remove
+    from forgetpatch.loader import applied, apply, remove
     from forgetpatch.methods import erase
 
     steps = as_concepts(list(concepts) if not isinstance(concepts, str) else [concepts])
@@ -51,13 +51,9 @@ def erase_chain(
             patches.append(patch)
             if on_step is not None:
                 on_step(k, patch, pipe)
-    finally:
-        if patches:
-            remove(pipe, [p.digest for p in patches if any(e.digest == p.digest for e in _applied(pipe))])
+    finally:  # take off the steps this call put on (all of them, unless on_step removed some)
+        on = {entry.digest for entry in applied(pipe)}
+        mine = [p.digest for p in patches if p.digest in on]
+        if mine:
+            remove(pipe, mine)
     return patches
-
-
-def _applied(pipe: Any) -> list[Any]:
-    from forgetpatch.loader import applied
-
-    return applied(pipe)

@@ -413,17 +413,18 @@ def robust_rounds(
     lam: float,
     original: dict[str, torch.Tensor],
     solve,
+    edited,
 ) -> tuple[Any, list[RobustRound]]:
     """RECE's loop around a closed-form edit (arXiv 2407.12383): ``rounds`` times, invert the current edit
     (:func:`inversion_map`), add the inverted concept rows to the erased set with their guides, solve again from
-    the original weights. ``solve(emb) -> (result, {path: edited weight})``; returns the last result and a record
-    per round. Each round adds one inverted row per edited concept row, so the change's rank grows by at most
-    that many per round (and never past the layer's width)."""
-    result, edited = solve(emb)
+    the original weights. ``solve(emb) -> result``; ``edited(result) -> {path: edited weight}``, formed only when a
+    round needs it. Returns the last result and a record per round. Each round adds one inverted row per edited
+    concept row, so the change's rank grows by at most that many per round (and never past the layer's width)."""
+    result = solve(emb)
     concept_rows, guide_rows = emb.erase, emb.guide
     found: list[RobustRound] = []
     for index in range(rounds):
-        M, _ = inversion_map(edited, original, lam)
+        M, _ = inversion_map(edited(result), original, lam)
         emb, adversarial = with_adversarial(emb, concept_rows, guide_rows, M)
         eye = torch.eye(M.shape[0], dtype=M.dtype)
         found.append(
@@ -435,7 +436,7 @@ def robust_rounds(
                 erased_rows=int(emb.erase.shape[0]),
             )
         )
-        result, edited = solve(emb)
+        result = solve(emb)
     return result, found
 
 

@@ -536,6 +536,7 @@ class FinetuneEngine:
         unet = self.accelerator.unwrap_model(self.model)
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         errors: dict[str, float] = {}
+        changes = self.changes() if self.config.mode == "full" else {}
         for name in self.module_names:
             module = unet.get_submodule(name)
             if self.config.mode == "lora":
@@ -549,7 +550,7 @@ class FinetuneEngine:
             else:
                 from forgetpatch.lowrank import factorize
 
-                delta = self.changes().get(f"unet.{name}")
+                delta = changes.get(f"unet.{name}")
                 if delta is None:
                     continue
                 low = factorize(

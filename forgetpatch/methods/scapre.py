@@ -513,10 +513,12 @@ class ScaPre:
         def solve(emb: Embeddings):
             current = shared if emb is shared.emb else prepare_shared(emb, shared.blank, settings)
             bar = tqdm(weights.items(), desc="scapre: editing layers", disable=not progress, leave=False)
-            edits = {path: edit_layer(W, current, settings) for path, W in bar}
-            return edits, {path: weights[path] + edit.delta for path, edit in edits.items()}
+            return {path: edit_layer(W, current, settings) for path, W in bar}
 
-        edits, rounds = robust_rounds(shared.emb, settings.robust, settings.robust_lambda, weights, solve)
+        def edited(edits):  # full d x D weights: formed only for a RECE round
+            return {path: weights[path] + edit.delta for path, edit in edits.items()}
+
+        edits, rounds = robust_rounds(shared.emb, settings.robust, settings.robust_lambda, weights, solve, edited)
         return settings, edits, rounds
 
     def erase(self, pipe, concepts: list[Concept], *, preserve: list[Concept], **params: Any):

@@ -183,10 +183,12 @@ class UCE:
         weights = {path: current_weight(m) for path, m in cross_attention_layers(pipe).items()}
 
         def solve(emb: Embeddings):
-            factors = uce_factors(weights, emb, settings, progress=params.get("progress", True))
-            return factors, {path: weights[path] + B @ A for path, (A, B, _) in factors.items()}
+            return uce_factors(weights, emb, settings, progress=params.get("progress", True))
 
-        factors, rounds = robust_rounds(emb, settings.robust, settings.robust_lambda, weights, solve)
+        def edited(factors):
+            return {path: weights[path] + B @ A for path, (A, B, _) in factors.items()}
+
+        factors, rounds = robust_rounds(emb, settings.robust, settings.robust_lambda, weights, solve, edited)
         return _compress(factors), rounds
 
     def erase(self, pipe, concepts: list[Concept], *, preserve: list[Concept], **params: Any):

@@ -57,8 +57,9 @@ def from_recipe_with(name: str, **overrides: Any) -> Callable[[], Any]:
 def in_context(method: str, shapes: list[str], guide: str | None, **params: Any) -> Callable[[], Any]:
     def make() -> Any:
         concepts = [Concept(s, guide=guide) for s in shapes]
-        setting = toy.in_context_params(shapes)
-        return forgetpatch.erase(toy.pipeline(), concepts, method=method, progress=False, **setting, **params)
+        setting = toy.in_context_params(shapes)  # exactly these settings, nothing from the toy defaults
+        return forgetpatch.erase(toy.pipeline(), concepts, method=method, paper=True, progress=False, **setting,
+                                 **params)
 
     return make
 
@@ -66,8 +67,9 @@ def in_context(method: str, shapes: list[str], guide: str | None, **params: Any)
 PATCHES: dict[str, tuple[list[str], Callable[[], Any]]] = {
     "uce-blank": (["circle"], in_context("uce", ["circle"], None)),
     "uce-guided": (["circle"], from_recipe("toy-no-circle-uce-guided")),
-    "scapre-blank": (["circle"], from_recipe("toy-no-circle-scapre")),
+    "scapre-blank": (["circle"], in_context("scapre", ["circle"], None)),
     "scapre-guided": (["circle"], in_context("scapre", ["circle"], "cross", erase_scale=12)),
+    "scapre-defaults": (["circle"], from_recipe("toy-no-circle-scapre")),
     "esd": (["circle"], from_recipe("toy-no-circle-esd")),
     "kscu": (["circle"], from_recipe("toy-no-circle-kscu")),
     "dynamic-mask": (["circle"], from_recipe("toy-no-circle-dynamic-mask")),

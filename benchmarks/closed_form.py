@@ -212,7 +212,8 @@ def part_toy(
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            patch = forgetpatch.erase(base_pipe, targets, method=method, seed=seed, progress=False, **params)
+            patch = forgetpatch.erase(base_pipe, targets, method=method, seed=seed, paper=True, progress=False,
+                                      **params)
         elapsed = time.perf_counter() - start
         pipe = forgetpatch.apply(toy.pipeline(), patch)
         report = evaluate(pipe, shapes, reference=base, **eval_kw)

@@ -42,10 +42,11 @@ def recipe_params(name: str) -> dict[str, Any]:
 
 def chains(shapes: list[str]) -> dict[str, tuple[list[Concept], dict[str, Any]]]:
     cross = [Concept(s, guide="cross") for s in shapes]
-    steered = {**toy.in_context_params(shapes), "erase_scale": 20}
+    steered = {**toy.in_context_params(shapes), "erase_scale": 20, "paper": True}  # exactly these settings
+    shape = [Concept(s, superclass="shape") for s in shapes]
     return {
-        "dm": ([Concept(s) for s in shapes], {"method": "dynamic_mask"}),
-        "dm-no-distill": ([Concept(s) for s in shapes], {"method": "dynamic_mask", "distill_weight": 0.0}),
+        "dm": (shape, {"method": "dynamic_mask"}),
+        "dm-no-distill": (shape, {"method": "dynamic_mask", "distill_weight": 0.0}),
         "dm-cross": ([Concept(s, superclass="cross") for s in shapes], {"method": "dynamic_mask"}),
         "dm-cross-no-distill": (
             [Concept(s, superclass="cross") for s in shapes], {"method": "dynamic_mask", "distill_weight": 0.0}

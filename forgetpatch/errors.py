@@ -24,6 +24,13 @@ class IntegrityError(PatchFormatError):
     """A file's sha256 does not match the one recorded in ``forgetpatch.json``."""
 
 
+class UnverifiedPatchError(IntegrityError):
+    """A patch carries nothing to verify it by (format v0: no checksum; no or a partial base fingerprint).
+
+    Refused unless the caller opts in with ``allow_unverified=True``.
+    """
+
+
 # --- applying patches ----------------------------------------------------------------------
 class ApplyError(ForgetPatchError):
     """A patch cannot be applied to this pipeline; the pipeline is left as it was."""

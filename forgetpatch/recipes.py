@@ -3,16 +3,19 @@
 A recipe names the method, the concepts (a word, or a mapping with ``target`` / ``kind`` / ``guide`` /
 ``superclass``), what to preserve, and the method's parameters::
 
-    # recipes/toy-no-circle-scapre.yaml
-    name: toy-no-circle-scapre
+    # recipes/toy-no-circle-uce.yaml
+    name: toy-no-circle-uce
     base: toy
-    method: scapre
+    method: uce
+    paper: true          # as published: no settings from the base
     concepts:
       - target: circle
         kind: object
-    preserve: [ellipse, ring]
     params:
-      seed: 0
+      lam: 0.5
+
+Settings a recipe leaves out come from the base model (the toy world's are measured to forget) unless
+``paper: true``.
 
 Example:
     >>> recipe = load_recipe("recipes/toy-no-circle-scapre.yaml")
@@ -54,8 +57,12 @@ class Recipe(BaseModel):
     name: str | None = None
     """Patch name; ``None`` lets the method choose one (``scapre-no-circle``)."""
     base: str | None = None
-    """The model it was written for: ``"toy"``, a diffusers folder or a Hub id (informational)."""
+    """The model it was written for: ``"toy"``, a diffusers folder or a Hub id. The CLI uses it when ``--base``
+    is not given, and refuses a toy recipe on another base (or the reverse)."""
     method: str = "scapre"
+    paper: bool = False
+    """Run the method exactly as published instead of filling unset settings from the base
+    (:mod:`forgetpatch.methods.defaults`)."""
     concepts: list[ConceptSpec] = Field(min_length=1)
     preserve: list[ConceptSpec] = Field(default_factory=list)
     params: dict[str, Any] = Field(default_factory=dict)
@@ -76,8 +83,10 @@ class Recipe(BaseModel):
         return [c.to_concept() for c in self.preserve]
 
     def erase_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`forgetpatch.erase` (method, preserve, name, params)."""
-        kwargs: dict[str, Any] = {"method": self.method, "preserve": self.preserved(), **self.params}
+        """Keyword arguments for :func:`forgetpatch.erase` (method, preserve, paper, name, params)."""
+        kwargs: dict[str, Any] = {
+            "method": self.method, "preserve": self.preserved(), "paper": self.paper, **self.params
+        }
         if self.name:
             kwargs["name"] = self.name
         return kwargs

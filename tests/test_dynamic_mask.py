@@ -91,4 +91,4 @@ def test_bad_settings_are_refused_before_training(pipe):
         forgetpatch.erase(pipe, [CIRCLE], method="dynamic_mask", **{**SHORT, "keep": 0.0})
     with pytest.raises(MethodError, match="concept"):
         forgetpatch.erase(pipe, [CIRCLE], method="dynamic_mask", **{**SHORT, "templates": ["a photo of circle"]})
-    assert DynamicMaskParams.for_pipe(forgetpatch.toy.pipeline(), {}).templates == forgetpatch.toy.ERASE_TEMPLATES
+    assert DynamicMaskParams.from_dict({}).templates == ("a photo of {concept}",)  # the paper's prompt

@@ -136,7 +136,7 @@ def test_applied_patch_gives_the_images_of_the_edited_model(method, params, fuse
     concepts = [Concept("circle"), Concept("star")]
     cls = {"uce": UCE, "scapre": ScaPre}[method]
     deltas = cls.compute_deltas(base, concepts, **params)
-    patch = forgetpatch.erase(base, concepts, method=method, progress=False, **params)
+    patch = forgetpatch.erase(base, concepts, method=method, paper=True, progress=False, **params)
     in_place = _images(_edited_in_place(deltas))
     patched = _images(forgetpatch.apply(tiny_sd_pipeline(seed=0), patch, fuse=fuse))
     original = _images(base)
@@ -157,12 +157,38 @@ def test_shipped_recipes_load():
         assert recipe.erase_concepts() and forgetpatch.methods.get_method(recipe.method)
 
 
-def test_toy_in_context_recipes_use_the_toy_erase_templates():
+def test_toy_defaults_edit_in_context_towards_a_kept_shape():
+    from forgetpatch import toy
+    from forgetpatch.methods.defaults import with_defaults
+
+    pipe = toy.pipeline()
+    for method in ("uce", "scapre"):
+        erased, kept, params = with_defaults(pipe, method, [Concept("circle"), Concept("cross")], [], {"lam": 0.3})
+        assert [c.guide for c in erased] == ["square", "square"]  # cross is erased too: the next reliable shape
+        assert {c.target for c in kept} == set(toy.SHAPES) - {"circle", "cross"}
+        assert params["tokens"] == "trailing" and tuple(params["templates"]) == toy.ERASE_TEMPLATES
+        assert params["lam"] == 0.3 and params["erase_scale"] == 20  # the caller's settings win
+        assert with_defaults(pipe, method, [Concept("circle")], [], {}, paper=True)[2] == {}
+    erased, _, _ = with_defaults(pipe, "dynamic_mask", [Concept("circle", superclass="shape")], [], {})
+    assert erased[0].superclass == "shape"
+
+
+def test_real_bases_edit_closed_form_concepts_in_the_prompts_of_their_kind(sd):
+    from forgetpatch.methods.defaults import KIND_TEMPLATES, with_defaults
+
+    _, _, params = with_defaults(sd, "uce", [Concept("Van Gogh", kind="style")], [], {})
+    assert params == {"tokens": "trailing", "templates": KIND_TEMPLATES["style"]}
+    assert with_defaults(sd, "esd", [Concept("cat")], [], {})[2] == {}  # fine-tuning: the method's own defaults
+
+
+def test_bad_concepts_are_refused_before_anything_runs():
     from forgetpatch import toy
 
-    for name in ("toy-no-circle-scapre", "toy-no-5-shapes-scapre"):
-        params = load_recipe(RECIPES / f"{name}.yaml").params
-        assert params["tokens"] == "trailing" and tuple(params["templates"]) == toy.ERASE_TEMPLATES, name
+    pipe = toy.pipeline()
+    with pytest.raises(ConceptError, match="synonym of 'circle'"):
+        forgetpatch.erase(pipe, ["disc"], method="uce")
+    with pytest.raises(ConceptError, match=r"pass a list: \['circle', 'star'\]"):
+        forgetpatch.erase(pipe, "circle, star", method="uce")
 
 
 def test_recipe_accepts_words_and_mappings(tmp_path):
@@ -177,6 +203,7 @@ def test_recipe_accepts_words_and_mappings(tmp_path):
     assert recipe.erase_kwargs() == {
         "method": "uce",
         "preserve": [Concept("ellipse")],
+        "paper": False,
         "lam": 0.25,
         "name": "my-patch",
     }
@@ -222,14 +249,17 @@ def test_cli_erase_writes_a_patch_folder(sd_folder, tmp_path):
 
 def test_cli_erase_from_recipe(sd_folder, tmp_path):
     out = tmp_path / "uce"
-    recipe = RECIPES / "toy-no-5-shapes-uce.yaml"
-    result = CliRunner().invoke(
-        app, ["erase", "--base", str(sd_folder), "--recipe", str(recipe), "-o", str(out)]
-    )
+    toy_recipe = RECIPES / "toy-no-5-shapes-uce.yaml"
+    refused = CliRunner().invoke(app, ["erase", "--base", str(sd_folder), "--recipe", str(toy_recipe), "-o", str(out)])
+    assert refused.exit_code == 1 and "written for base 'toy'" in refused.output and not out.exists()
+
+    recipe = tmp_path / "any-base.yaml"  # a recipe without `base:` runs on any base
+    recipe.write_text("\n".join(line for line in toy_recipe.read_text().splitlines() if not line.startswith("base:")))
+    result = CliRunner().invoke(app, ["erase", "--base", str(sd_folder), "--recipe", str(recipe), "-o", str(out)])
     assert result.exit_code == 0, result.output
     patch = read_patch(out)
     assert patch.name == "toy-no-5-shapes-uce" and patch.manifest.method.name == "uce"
-    assert len(patch.manifest.concepts) == 5 and patch.manifest.lora.rank == 5
+    assert len(patch.manifest.concepts) == 5 and patch.manifest.lora.rank == 5  # paper: true, one row per word
 
 
 @pytest.mark.parametrize(

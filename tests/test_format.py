@@ -18,6 +18,7 @@ from forgetpatch.errors import (
     MethodError,
     PatchFormatError,
     UnsupportedFormatVersionError,
+    UnverifiedPatchError,
 )
 from forgetpatch.format import (
     HEADER_LORA_KEY,
@@ -217,7 +218,11 @@ def test_migrates_format_v0(tmp_path, pipe, patch):
     save_file(uniform.state_dict, str(folder / WEIGHTS_NAME), metadata={HEADER_MANIFEST_KEY: json.dumps(v0)})
     (folder / MANIFEST_NAME).write_text(json.dumps(v0))
     for source in (folder, folder / WEIGHTS_NAME):
-        old = read_patch(source)
+        with pytest.raises(
+            UnverifiedPatchError, match="allow_unverified=True"
+        ):  # no checksum, no fingerprint
+            read_patch(source)
+        old = read_patch(source, allow_unverified=True)
         m = old.manifest
         assert m.format_version == 1 and m.name == "old-cat"
         assert m.method.name == "esd-x" and m.method.params == {"lr": 1e-5}
@@ -225,8 +230,8 @@ def test_migrates_format_v0(tmp_path, pipe, patch):
         assert m.key_steps[0].start == 0.0 and m.key_steps[0].end == 0.3
         assert m.base_model.id == "runwayml/stable-diffusion-v1-5" and m.base_model.fingerprint == {}
         assert m.lineage == ["ab" * 32] and m.lora.rank == 2
-    # a migrated patch saves as v1
-    assert read_patch(old.save(tmp_path / "new")).manifest.format_version == 1
+    # a migrated patch saves as v1 (still without a base fingerprint)
+    assert read_patch(old.save(tmp_path / "new"), allow_unverified=True).manifest.format_version == 1
 
 
 @pytest.mark.parametrize("single_file", [False, True])

@@ -372,10 +372,11 @@ def test_model_card(pipe, tmp_path):
 
     text = card.text
     assert "| vangogh | object |" in text and "Preserved on purpose: monet" in text
-    assert "| `lam` | `0.5` |" in text
+    assert "| `lam` | 0.5 |" in text
     assert "| vangogh | 0.1 | 0.5 | DDIMScheduler | 3 |" in text
-    assert f"1. `{'ab' * 32}`" in text
-    assert "| forget.acc | 0.0312 |" in text and "| retain_acc | 0.97 |" in text
+    assert f"1. `{'ab' * 32}`" in text  # a parent not found beside the patch: by digest
+    assert "**forget**" in text and "| `acc` | 0.0312 |" in text and "| retain acc | 0.97 |" in text
+    assert "forget.acc" not in text  # nothing flattened into dotted keys
     assert "![Before and after the patch](before_after.png)" in text
     assert 'forgetpatch.apply(pipe, "org/no-vangogh", key_steps=True)' in text
     assert 'forgetpatch.apply(pipe, ["org/no-vangogh", "org/another-patch"])' in text
@@ -395,9 +396,20 @@ def test_model_card_shows_toy_figures_with_intervals(pipe):
                                                               "guidance_scale": 4.0, "seed": 0}}
     card = render_card(make_patch(pipe, metrics={"toy_eval": toy_eval, "erase_seconds": 3.5}), "org/x")
     text = card.text
-    assert "## Forgetting and retention (toy world)" in text
+    # the one summary table comes before the folded details, base beside patched, interval and n on each rate
+    headline = text.index("## How well it forgets")
+    assert headline < text.index("<details>")
+    assert "| **circle** forgotten (strict UA) | 94% [87%-97%], n=96 | 0% [0%-4%], n=96 |" in text
+    assert "| circle in other words (paraphrase leakage, lower is better) | 12% [4%-36%], n=16 | - |" in text
     assert "| circle | 94% [87%-97%], n=96 | 0% [0%-4%], n=96 | 12% [4%-36%], n=16 | 98% | 100% | - |" in text
-    assert "toy_eval." not in text and "| erase_seconds | 3.5 |" in text  # no flattened evaluation keys
+    assert "toy_eval" not in text and "| erase seconds | 3.5 |" in text  # no flattened evaluation keys
+    # the headline figures are Hub evaluation results, and the YAML header parses back with huggingface_hub
+    from huggingface_hub import ModelCard
+
+    parsed = ModelCard(str(card)).data
+    results = {(r.metric_type, r.metric_value) for r in parsed.eval_results}
+    assert ("ua", 0.9375) in results and ("leakage", 0.125) in results
+    assert parsed.model_name == card.data.model_name
 
 
 def test_model_card_minimal(pipe):

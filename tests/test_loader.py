@@ -310,7 +310,7 @@ def test_refs(tmp_path, pipe, monkeypatch):
         forgetpatch.load(tmp_path / "nope")
     calls = []
 
-    def fake_download(repo_id, revision=None, token=None):
+    def fake_download(repo_id, revision=None, token=None, allow_unverified=False):
         calls.append((repo_id, revision))
         return folder
 

@@ -37,7 +37,7 @@ def test_inspect(saved):
         "manual",
         "0.00-0.30",
         "rank 2",
-        "forget_acc",
+        "forget acc (--json for all)",
         patch.digest[:12],
     ):
         assert text in result.output
@@ -59,4 +59,6 @@ def test_apply_writes_patched_image(saved, tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "no-circle" in result.output
-    assert Image.open(out).size == (32, 32) and out.with_suffix(".base.png").exists()
+    image = Image.open(out)
+    assert image.size == (256, 256) and out.with_suffix(".base.png").exists()  # 32 pixels, enlarged to be seen
+    assert image.text["prompt"] == "a red circle" and image.text["patches"] == "no-circle"

@@ -87,7 +87,7 @@ def test_sdxl_edits_every_cross_attention_layer_at_2048_style_width(sdxl):
 
 def test_change_has_rank_of_erased_embeddings_and_is_stored_exactly(sd):
     concepts = ["circle", "star", "square"]
-    patch = forgetpatch.erase(sd, concepts, method="uce", preserve=["ellipse", "ring"])
+    patch = forgetpatch.erase(sd, concepts, method="uce", preserve=["ellipse", "ring"], paper=True)
     deltas = UCE.compute_deltas(
         sd, [Concept(c) for c in concepts], preserve=[Concept("ellipse"), Concept("ring")]
     )

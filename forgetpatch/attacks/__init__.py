@@ -55,15 +55,8 @@ def check_request(concept: str, attacks: Sequence[str] | None = None) -> list[st
     """Refuse an unknown concept or attack before anything slow starts; returns the attack names to run."""
     from forgetpatch.toy import vocab
 
-    try:
-        vocab.kind_of(concept)
-    except (KeyError, TypeError):
-        canonical = [c for c, words in vocab.SYNONYMS.items() if concept in words]
-        hint = f"; {concept!r} is a synonym of {canonical[0]!r}" if canonical else ""
-        raise AttackError(
-            f"{concept!r} is not a toy-world concept{hint}: name a shape ({', '.join(vocab.SHAPES)}), "
-            "a colour or a texture"
-        ) from None
+    if (why := vocab.why_not_a_concept(concept)) is not None:
+        raise AttackError(why)
     names = list(ATTACKS) if attacks is None else [attacks] if isinstance(attacks, str) else list(attacks)
     unknown = [a for a in names if a not in ATTACKS]
     if unknown or not names:

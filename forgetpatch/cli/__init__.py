@@ -1,8 +1,16 @@
-"""The ``forgetpatch`` command line. Each verb group lives in its own module with ``register(app)``."""
+"""The ``forgetpatch`` command line. Each verb group lives in its own module with ``register(app)``.
+
+A forgetpatch error is one red line on stderr and exit code 1, from every verb (:func:`one_line_errors`);
+``forgetpatch --debug VERB ...`` (or ``FORGETPATCH_DEBUG=1``) shows the traceback instead.
+"""
 
 from __future__ import annotations
 
+import functools
 import importlib
+import os
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 
@@ -17,6 +25,45 @@ app = typer.Typer(
 _VERB_MODULES = ("demo", "inspect", "erase", "apply", "hub", "toy", "keysteps", "evaluate", "attack", "chain", "bench")
 
 
+_DEBUG = {"on": os.environ.get("FORGETPATCH_DEBUG", "") not in ("", "0")}
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")] = False,
+) -> None:
+    """Make diffusion models forget concepts, as small stackable patches."""
+    _DEBUG["on"] = _DEBUG["on"] or debug
+
+
+def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a verb so that a forgetpatch error prints as one line and exits with 1 (unless ``--debug``)."""
+    from forgetpatch.errors import ForgetPatchError
+
+    @functools.wraps(command)
+    def verb(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except ForgetPatchError as exc:
+            if _DEBUG["on"]:
+                raise
+            from rich.console import Console
+
+            Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {exc}")
+            raise typer.Exit(1) from None
+
+    return verb
+
+
+def _wrap_verbs(group: typer.Typer) -> None:
+    for info in group.registered_commands:
+        if info.callback is not None:
+            info.callback = one_line_errors(info.callback)
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None:
+            _wrap_verbs(sub.typer_instance)
+
+
 def _load_verbs() -> None:
     for name in _VERB_MODULES:
         try:
@@ -26,6 +73,7 @@ def _load_verbs() -> None:
                 continue  # verb group not written yet
             raise
         module.register(app)
+    _wrap_verbs(app)
 
 
 _load_verbs()
@@ -40,5 +88,7 @@ def main() -> None:
     try:
         app()
     except ForgetPatchError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}")
+        if _DEBUG["on"]:
+            raise
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {exc}")
         raise SystemExit(1) from None

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from forgetpatch.cli._base import load_base
-from forgetpatch.errors import ForgetPatchError
+from forgetpatch.cli._base import check_image_path, load_base
+from forgetpatch.errors import ApplyError
+
+#: Smallest side of a written image: the toy world's 32-pixel images are enlarged (nearest) to be seen.
+MIN_SIDE = 256
 
 
 def apply(
@@ -16,19 +20,23 @@ def apply(
         list[str], typer.Argument(help="Patch folders, .safetensors files or Hub ids, in order.")
     ],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to draw.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="PNG to write.")] = Path("out.png"),
+    output: Annotated[Path, typer.Option("--output", "-o", help="Image to write (.png).")] = Path("out.png"),
     base: Annotated[str, typer.Option(help="'toy' or a local diffusers pipeline folder.")] = "toy",
     key_steps: Annotated[
         bool, typer.Option("--key-steps", help="Gate patches to their key-step ranges.")
     ] = False,
     fuse: Annotated[bool, typer.Option("--fuse", help="Merge patches into the weights.")] = False,
-    scale: Annotated[float, typer.Option(help="Strength of every patch.")] = 1.0,
+    scale: Annotated[float, typer.Option(help="Strength of every patch (> 0).")] = 1.0,
     strict: Annotated[bool, typer.Option(help="Refuse patches whose lineage parents are missing.")] = True,
     steps: Annotated[int, typer.Option(help="Sampling steps.")] = 25,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 4.0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     compare: Annotated[
-        bool, typer.Option(help="Also write the unpatched image next to it (*.base.png).")
+        bool, typer.Option("--compare", help="Also write the unpatched image next to it (*.base.png).")
+    ] = False,
+    allow_unverified: Annotated[
+        bool,
+        typer.Option("--allow-unverified", help="Apply patches whose files or base model cannot be verified (old format)."),
     ] = False,
 ) -> None:
     """Apply PATCHES to a base pipeline and draw PROMPT, e.g.
@@ -39,26 +47,42 @@ def apply(
 
     import forgetpatch
 
-    pipe = load_base(base)
-    pipe.set_progress_bar_config(disable=True)
+    # Everything is checked before the model loads.
+    check_image_path(output)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ApplyError(f"--scale must be a finite number > 0 (1 = as made), got {scale}")
+    loaded = [forgetpatch.load(ref, allow_unverified=allow_unverified) for ref in patches]
+    if key_steps and not any(p.manifest.key_steps for p in loaded):
+        names = ", ".join(p.name for p in loaded)
+        raise ApplyError(f"--key-steps: {names} record no key-step ranges (only KSCU patches do); drop --key-steps")
 
-    def draw():
+    pipe = load_base(base)
+
+    def draw(path: Path) -> None:
         generator = torch.Generator().manual_seed(seed)
-        return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=generator).images[0]
+        image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=generator).images[0]
+        factor = max(1, math.ceil(MIN_SIDE / min(image.size)))
+        if factor > 1:
+            from PIL import Image
+
+            image = image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        info.add_text("prompt", prompt)
+        info.add_text("patches", ", ".join(p.name for p in forgetpatch.applied(pipe)))
+        image.save(path, pnginfo=info) if path.suffix.lower() == ".png" else image.save(path)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     if compare:
-        path = output.with_suffix(".base.png")
-        draw().save(path)
-        typer.echo(f"base image: {path}")
-    try:
-        forgetpatch.apply(pipe, patches, scale=scale, fuse=fuse, key_steps=key_steps, strict=strict)
-    except ForgetPatchError as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        raise typer.Exit(1) from None
+        draw(output.with_suffix(".base.png"))
+        typer.echo(f"base image: {output.with_suffix('.base.png')}")
+    forgetpatch.apply(
+        pipe, loaded, scale=scale, fuse=fuse, key_steps=key_steps, strict=strict, allow_unverified=allow_unverified
+    )
     names = ", ".join(p.name for p in forgetpatch.applied(pipe))
-    draw().save(output)
-    typer.echo(f"patched image ({names}): {output}")
+    draw(output)
+    typer.echo(f"patched image ({names}): {output}  [{prompt!r}]")
 
 
 def register(app: typer.Typer) -> None:

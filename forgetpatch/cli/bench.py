@@ -11,12 +11,20 @@ import typer
 
 
 def bench(
-    name: Annotated[str, typer.Argument(help="Benchmark: apply, closed_form, finetune, ...")],
+    name: Annotated[str | None, typer.Argument(help="Benchmark: apply, closed_form, finetune, ...")] = None,
     args: Annotated[list[str] | None, typer.Argument(help="Arguments passed to the benchmark.")] = None,
     root: Annotated[Path, typer.Option(help="Repository checkout holding benchmarks/.")] = Path("."),
 ) -> None:
-    """Run ``benchmarks/NAME.py`` from a checkout; each prints ratios measured in one run."""
+    """Run ``benchmarks/NAME.py`` from a checkout; each prints ratios measured in one run.
+
+    ``forgetpatch bench NAME --help`` shows that benchmark's options.
+    """
     folder = root / "benchmarks"
+    if name is None or name in ("--help", "-h"):
+        found = sorted(p.stem for p in folder.glob("*.py")) if folder.is_dir() else []
+        typer.echo("usage: forgetpatch bench NAME [ARGS...]   (NAME --help: the benchmark's options)")
+        typer.echo(f"benchmarks in {folder}: {', '.join(found) or 'none (run from a forgetpatch checkout or pass --root)'}")
+        return
     script = folder / f"{name.removesuffix('.py')}.py"
     if not script.is_file():
         found = sorted(p.stem for p in folder.glob("*.py")) if folder.is_dir() else []
@@ -31,4 +39,6 @@ def bench(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("bench", context_settings={"allow_extra_args": True})(bench)
+    # the benchmark's own options (and --help) go through to it
+    app.command("bench", add_help_option=False,
+                context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(bench)

@@ -21,39 +21,36 @@ def demo(
         list[str] | None, typer.Option("--concept", "-c", help="Toy concept to erase (repeatable).")
     ] = None,
     method: Annotated[str, typer.Option("--method", "-m", help="Unlearning method.")] = "scapre",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the patch, grid and report.")] = Path(
-        "forgetpatch-demo"
-    ),
+    out: Annotated[
+        Path, typer.Option("--output", "--out", "-o", help="Folder for the patch, grid and report.")
+    ] = Path("forgetpatch-demo"),
     images: Annotated[int, typer.Option(help="Images per concept in the evaluation.")] = 8,
     steps: Annotated[int, typer.Option(help="Sampling steps.")] = 25,
     paper: Annotated[
         bool,
         typer.Option(
             "--paper",
-            help="Closed-form methods: edit only each word's own token, as methods.md states it, instead of "
-            "the toy world's in-context setting (forgetpatch.toy.in_context_params).",
+            help="Run the method exactly as published (closed form: only each word's own token) instead of "
+            "the toy world's settings that forget (forgetpatch.toy.defaults).",
         ),
     ] = False,
 ) -> None:
     """Erase a shape from the toy model, apply the patch, and measure what it forgot and kept."""
     import forgetpatch
+    from forgetpatch.cli._base import check_toy_concepts, load_base
     from forgetpatch.eval import evaluate, save_report_grid
 
     concepts = concept or ["circle"]
-    pipe = forgetpatch.toy.pipeline()
+    check_toy_concepts("toy", concepts)
+    forgetpatch.methods.get_method(method)  # an unknown method is named before anything runs
+    pipe = load_base("toy")
     console.print(f"[bold]1/4[/] base fidelity on the toy world ({images} images per concept)")
     base = evaluate(pipe, concepts, images_per_concept=images, num_inference_steps=steps)
 
-    in_context = (
-        method in ("uce", "scapre") and not paper and all(c in forgetpatch.toy.SHAPES for c in concepts)
-    )
-    params = forgetpatch.toy.in_context_params(concepts) if in_context else {}
-    setting = (
-        " (in context: shapes edited inside the world's prompts, other shapes kept)" if in_context else ""
-    )
+    setting = " as published (--paper)" if paper else " (the toy world's settings: forgetpatch.toy.defaults)"
     console.print(f"[bold]2/4[/] erasing {', '.join(concepts)} with {method}{setting}")
     start = time.perf_counter()
-    patch = forgetpatch.erase(pipe, concepts, method=method, **params)
+    patch = forgetpatch.erase(pipe, concepts, method=method, paper=paper)
     erase_s = time.perf_counter() - start
 
     console.print("[bold]3/4[/] applying the patch and measuring forgetting and retention")

@@ -63,7 +63,7 @@ def eval_command(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of prompts and generation.")] = 0,
     scale: Annotated[float, typer.Option(help="Patch scale.")] = 1.0,
-    key_steps: Annotated[bool, typer.Option(help="Gate patches to their key steps.")] = False,
+    key_steps: Annotated[bool, typer.Option("--key-steps", help="Gate patches to their key steps.")] = False,
     grid: Annotated[Path | None, typer.Option(help="Write a before/after PNG grid here.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON here.")] = None,
     cache: Annotated[

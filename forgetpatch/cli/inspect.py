@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from forgetpatch.errors import ForgetPatchError
+from forgetpatch.format import ROBUSTNESS_METRICS, TOY_EVAL_METRICS
+from forgetpatch.hub.card import parent_names, robustness_summary, short_value, summary_rows
 
 
 def _size(patch) -> str:
@@ -22,7 +22,8 @@ def _size(patch) -> str:
 
 
 def patch_table(patch) -> Table:
-    """A rich table of the fields people look at first: concepts, method, key steps, base, rank, size..."""
+    """A compact table of what people look at first: concepts, method, key steps, base, rank, size, lineage by
+    name, the measured figures summarised (``--json`` prints everything)."""
     m = patch.manifest
     table = Table(title=f"patch {m.name}", show_header=False, title_justify="left")
     table.add_column(style="bold cyan", no_wrap=True)
@@ -35,8 +36,8 @@ def patch_table(patch) -> Table:
         )
 
     table.add_row("concepts erased", concepts(m.concepts))
-    table.add_row("preserved", concepts(m.preserved))
-    params = ", ".join(f"{k}={v}" for k, v in m.method.params.items())
+    table.add_row("preserved", ", ".join(c.target for c in m.preserved) or "-")
+    params = ", ".join(f"{k}={short_value(v).strip('`')}" for k, v in m.method.params.items())
     table.add_row("method", f"{m.method.name} v{m.method.version}" + (f" ({params})" if params else ""))
     steps = [
         f"{k.start:.2f}-{k.end:.2f}"
@@ -60,19 +61,15 @@ def patch_table(patch) -> Table:
         f"{', '.join(components)}" + (f", reconstruction error {error:.2e}" if error is not None else ""),
     )
     table.add_row("size", _size(patch))
-    table.add_row("digest", patch.digest)
-    table.add_row("lineage", "\n".join(m.lineage) or "-")
-    from forgetpatch.format import ROBUSTNESS_METRICS
-    from forgetpatch.hub.card import robustness_summary
-
-    attacks = robustness_summary(m.metrics)
-    table.add_row(
-        "robustness",
-        "\n".join(f"{r['concept']} / {r['attack']}: UA {r['before']} -> {r['after']}" for r in attacks)
-        or "not measured (forgetpatch attack PATCH --record)",
-    )
-    others = {k: v for k, v in m.metrics.items() if k != ROBUSTNESS_METRICS}
-    table.add_row("metrics", "\n".join(f"{k}: {json.dumps(v)}" for k, v in others.items()) or "-")
+    table.add_row("digest", patch.digest[:16])
+    table.add_row("lineage", "\n".join(parent_names(patch)).replace("**", "") or "-")
+    rows = summary_rows(m.metrics)
+    table.add_row("measured", "\n".join(f"{r['what'].replace('**', '')}: {r['patched']} (base {r['base']})"
+                                        for r in rows) or "not measured (forgetpatch eval PATCH)")
+    if not robustness_summary(m.metrics):
+        table.add_row("robustness", "not measured (forgetpatch attack PATCH --record)")
+    others = [k for k in m.metrics if k not in (TOY_EVAL_METRICS, ROBUSTNESS_METRICS)]
+    table.add_row("other metrics", ", ".join(k.replace("_", " ") for k in others) + " (--json for all)" if others else "-")
     table.add_row(
         "created", f"{m.created_at} by forgetpatch {m.library_version} (format v{m.format_version})"
     )
@@ -82,15 +79,14 @@ def patch_table(patch) -> Table:
 def inspect(
     ref: Annotated[str, typer.Argument(help="Patch folder, .safetensors file or Hub id org/name[@rev].")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw manifest as JSON.")] = False,
+    allow_unverified: Annotated[
+        bool, typer.Option("--allow-unverified", help="Show a patch that cannot be verified (old format).")
+    ] = False,
 ) -> None:
     """Show what a patch erases, how, where on the trajectory, for which base model, and its lineage."""
     from forgetpatch.loader import load
 
-    try:
-        patch = load(ref)
-    except ForgetPatchError as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        raise typer.Exit(1) from None
+    patch = load(ref, allow_unverified=allow_unverified)
     if as_json:
         typer.echo(patch.manifest.model_dump_json(indent=2))
     else:

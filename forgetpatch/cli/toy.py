@@ -16,9 +16,9 @@ toy_app = typer.Typer(
 def train(
     steps: Annotated[int, typer.Option(help="Total UNet steps (the cosine schedule's horizon).")] = 30000,
     out: Annotated[Path, typer.Option(help="Run directory for the checkpoint.")] = Path("runs/toy"),
-    resume: Annotated[bool, typer.Option(help="Continue the checkpoint in --out.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the checkpoint in --out.")] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    export: Annotated[bool, typer.Option(help="Afterwards, ship the EMA weights into the package.")] = False,
+    export: Annotated[bool, typer.Option("--export", help="Afterwards, ship the EMA weights into the package.")] = False,
 ) -> None:
     """Train (or resume training) the toy pipeline; --export ships it as the package's weights."""
     from forgetpatch.toy import PIPELINE_DIR
@@ -37,7 +37,7 @@ def export_(
     to: Annotated[
         Path | None, typer.Option(help="Directory to write (default: the package's weights).")
     ] = None,
-    raw: Annotated[bool, typer.Option(help="Raw weights instead of the EMA ones.")] = False,
+    raw: Annotated[bool, typer.Option("--raw", help="Raw weights instead of the EMA ones.")] = False,
 ) -> None:
     """Export a run's weights as a pipeline (by default, ship them as the package's toy pipeline)."""
     from forgetpatch.toy import PIPELINE_DIR

@@ -37,13 +37,18 @@ from forgetpatch.format.manifest import (
 )
 from forgetpatch.format.migrate import MIGRATIONS, upgrade
 from forgetpatch.format.patch import (
+    CARD_NAME,
+    GRID_NAME,
     HEADER_CHECKSUM_KEY,
     HEADER_LORA_KEY,
     HEADER_MANIFEST_KEY,
     MANIFEST_NAME,
     WEIGHTS_NAME,
     Patch,
+    listed_files,
+    read_manifest,
     read_patch,
+    require_verifiable,
     sha256_file,
     verify_folder,
 )
@@ -52,9 +57,11 @@ from forgetpatch.lowrank import LowRank, factorize
 __all__ = [
     "ROBUSTNESS_METRICS",
     "TOY_EVAL_METRICS",
+    "CARD_NAME",
     "COMPONENTS",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "GRID_NAME",
     "HEADER_CHECKSUM_KEY",
     "HEADER_LORA_KEY",
     "HEADER_MANIFEST_KEY",
@@ -78,7 +85,10 @@ __all__ = [
     "detect_family",
     "factorize",
     "fingerprint",
+    "listed_files",
+    "read_manifest",
     "read_patch",
+    "require_verifiable",
     "resolve_module",
     "sha256_file",
     "split_path",

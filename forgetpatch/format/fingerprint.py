@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable
 
 import torch
@@ -43,11 +44,19 @@ DIGEST_SCHEME = "f16s256"
 ORIGINAL_WEIGHT_ATTR = "_forgetpatch_original_weight"
 
 
+#: A module path inside a component: dot-separated names of letters, digits and ``_``, none starting with ``_``.
+_MODULE_PATH = re.compile(r"[A-Za-z0-9][A-Za-z0-9_]*(\.[A-Za-z0-9][A-Za-z0-9_]*)*")
+
+
 def split_path(module_path: str) -> tuple[str, str]:
-    """``"unet.down_blocks.0.x"`` -> ``("unet", "down_blocks.0.x")``; raises ``ValueError`` on a bad prefix."""
+    """``"unet.down_blocks.0.x"`` -> ``("unet", "down_blocks.0.x")``; raises ``ValueError`` on a bad path."""
     component, _, rest = module_path.partition(".")
     if component not in COMPONENTS or not rest:
         raise ValueError(f"module path {module_path!r} must start with one of {', '.join(COMPONENTS)}")
+    if not _MODULE_PATH.fullmatch(rest):
+        raise ValueError(
+            f"module path {module_path!r} is not a module name (dot-separated names of letters, digits and _)"
+        )
     return component, rest
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -80,14 +80,19 @@ class MethodInfo(_Model):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+#: A LoRA rank (at least 1) and a LoRA alpha (finite: NaN or infinity would make non-finite images).
+Rank = Annotated[int, Field(ge=1)]
+Alpha = Annotated[float, Field(allow_inf_nan=False)]
+
+
 class LoraInfo(_Model):
-    rank: int = Field(ge=1)
+    rank: Rank
     """The largest rank of any module."""
-    alpha: float
+    alpha: Alpha
     target_modules: list[str]
     """Full module paths with their component prefix (``unet.`` / ``text_encoder.`` / ``text_encoder_2.``)."""
-    rank_pattern: dict[str, int] = Field(default_factory=dict)
-    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+    rank_pattern: dict[str, Rank] = Field(default_factory=dict)
+    alpha_pattern: dict[str, Alpha] = Field(default_factory=dict)
     reconstruction_error: float | None = None
     """Worst relative Frobenius error ``|dW - BA| / |dW|`` over modules (0 for exact low-rank changes)."""
     reconstruction_errors: dict[str, float] = Field(default_factory=dict)

@@ -7,9 +7,12 @@ Format history:
       {"format_version": 0, "name": "no-vangogh", "method": "esd-x", "method_params": {...},
        "concepts": ["vangogh"], "preserve": ["monet"], "base_model": "runwayml/stable-diffusion-v1-5",
        "rank": 4, "alpha": 4, "target_modules": ["unet...attn2.to_k", ...],
-       "key_steps": [0.0, 0.3] | null, "parent": "<digest>" | null, "created_at": "..."}
+       "key_steps": [0.0, 0.3] | null, "parent": "<digest>" | null, "created_at": "...",
+       "files": {"pytorch_lora_weights.safetensors": "<sha256>", ...}}   # files: in some folders
 
-  Same weights file and key layout as v1, no fingerprint of the base, no header checksum.
+  Same weights file and key layout as v1, no fingerprint of the base, no header checksum; migrated
+  manifests keep their ``files`` table (so a v0 folder's files are still checked) and have no fingerprint,
+  so reading or applying them needs ``allow_unverified=True``.
 * **v1**: :class:`forgetpatch.format.Manifest`.
 
 Example:
@@ -48,9 +51,10 @@ def _v0_to_v1(old: dict[str, Any]) -> dict[str, Any]:
         },
         "lineage": [old["parent"]] if old.get("parent") else [],
         "library_version": old.get("library_version", "0.0"),
+        # not the time of migration: the same v0 manifest must migrate to the same v1 one every time
+        "created_at": old.get("created_at") or "unknown",
+        "files": old.get("files") or {},
     }
-    if old.get("created_at"):
-        new["created_at"] = old["created_at"]
     return new
 
 

@@ -16,6 +16,10 @@ or just the ``.safetensors`` file. The safetensors header ``__metadata__`` holds
 * ``forgetpatch_sha256``: a checksum over the rest of the metadata and every tensor, so that a
   corrupted single-file patch is detected (safetensors itself has no checksum).
 
+A patch that carries nothing to verify it by (format v0: no checksum; a manifest without a base
+fingerprint for every module) is refused with :class:`UnverifiedPatchError` unless the caller passes
+``allow_unverified=True``.
+
 Example:
     >>> patch = read_patch("no-vangogh")            # or "no-vangogh/pytorch_lora_weights.safetensors"
     >>> patch.manifest.concepts[0].target
@@ -25,33 +29,71 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
+import math
 import os
+import re
 import shutil
+import struct
 import uuid
+import warnings
 from collections import Counter
+from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import ValidationError
-from safetensors import safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from forgetpatch.errors import IntegrityError, ManifestError, PatchFormatError
+from forgetpatch.errors import IntegrityError, ManifestError, PatchFormatError, UnverifiedPatchError
 from forgetpatch.format.fingerprint import COMPONENTS, split_path
+from forgetpatch.format.folder import (
+    carry_over,
+    entries,
+    inside,
+    is_hidden,
+    name_problem,
+    read_bounded,
+    swap,
+)
 from forgetpatch.format.manifest import FORMAT_VERSION, Manifest
 from forgetpatch.format.migrate import manifest_version, upgrade
 
+logger = logging.getLogger(__name__)
+
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 MANIFEST_NAME = "forgetpatch.json"
+#: The model card: a file of the patch when present (``push`` generates it).
+CARD_NAME = "README.md"
 #: ``__metadata__`` keys of the weights file.
 HEADER_MANIFEST_KEY = "forgetpatch"
 HEADER_LORA_KEY = "lora_adapter_metadata"
 HEADER_CHECKSUM_KEY = "forgetpatch_sha256"
 _SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+#: A before/after image, listed with the patch without being asked (``grid.png``, ``before_after.jpg``,
+#: ``comparison-3x3.webp``; not ``afternoon.jpg``).
+GRID_NAME = re.compile(
+    r"(grid|before|after|comparison|samples?)([_.-][\w.-]*)?\.(png|jpe?g|webp)", re.IGNORECASE
+)
+
+# Bounds checked before anything is parsed, so a hostile file cannot take unbounded memory or time.
+#: Largest ``forgetpatch.json`` (and manifest in a weights header) read; real ones are a few hundred KB.
+MAX_MANIFEST_BYTES = 8 << 20
+#: Largest safetensors header read (it holds the manifest, the LoRA metadata and one entry per tensor).
+MAX_HEADER_BYTES = 16 << 20
+#: Most tensors in a patch: 16,384 modules, far more than every layer of SDXL and its two text encoders.
+MAX_TENSORS = 32_768
+#: Deepest nesting of a manifest's JSON (forgetpatch writes about 6).
+MAX_JSON_DEPTH = 64
+#: Largest change a patch may make to one weight entry: float16's largest value. A bigger change gives
+#: non-finite images in half precision and is no unlearning edit in any precision.
+MAX_DELTA = float(torch.finfo(torch.float16).max)
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -88,7 +130,10 @@ class Patch:
 
     ``state_dict`` keys are diffusers/peft keys ``<component>.<module path>.lora_A.weight`` /
     ``.lora_B.weight`` with component ``unet``, ``text_encoder`` or ``text_encoder_2``.
-    Construction checks that keys, shapes and the manifest's target modules and ranks agree.
+    Construction checks that keys, shapes and the manifest's target modules and ranks agree, and
+    that every factor is finite and no module's change can exceed :data:`MAX_DELTA` per weight
+    (:class:`PatchFormatError` otherwise). Factors may have any real floating dtype (float64/32/16,
+    bfloat16, float8), cast when applied; integer, bool and complex factors are refused.
 
     Example:
         >>> patch = build_patch(pipe, {"unet.conv_in": (A, B)}, name="demo", method="manual", concepts=["cat"])
@@ -128,6 +173,11 @@ class Patch:
         """``alpha / r`` of one module: its delta is ``scale * B @ A``."""
         return self.alpha_of(module_path) / self.rank_of(module_path)
 
+    def unfingerprinted(self) -> list[str]:
+        """Target modules whose base weights the manifest records no fingerprint of (nothing to check them by)."""
+        recorded = self.manifest.base_model.fingerprint
+        return [p for p in self.manifest.lora.target_modules if p not in recorded]
+
     def _check(self) -> None:
         modules: dict[str, set[str]] = {}
         for key in self.state_dict:
@@ -155,14 +205,44 @@ class Patch:
                 raise PatchFormatError(f"module {path!r} has only one of lora_A / lora_B")
             A, B = self.state_dict[path + _SUFFIXES[0]], self.state_dict[path + _SUFFIXES[1]]
             r = self.rank_of(path)
-            if A.ndim not in (2, 4) or B.ndim != A.ndim or A.shape[0] != r or B.shape[1] != r:
+            if (
+                A.ndim not in (2, 4)
+                or B.ndim != A.ndim
+                or A.shape[0] != r
+                or B.shape[1] != r
+                or B.shape[2:] not in ((), (1, 1))
+                or A.numel() == 0
+                or B.numel() == 0
+            ):
                 raise PatchFormatError(
-                    f"module {path!r}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not match rank {r}"
+                    f"module {path!r}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not match rank {r} "
+                    "(lora_A is (r, in) or (r, c, kh, kw); lora_B is (out, r) or (out, r, 1, 1))"
                 )
             if not (A.is_floating_point() and B.is_floating_point()):
                 raise PatchFormatError(f"module {path!r}: LoRA factors must be floating point")
+            self._check_size(path, A, B)
         if self.manifest.lora.rank != max(self.rank_of(p) for p in modules):
             raise PatchFormatError("the manifest's lora.rank is not the largest module rank")
+
+    def _check_size(self, path: str, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Refuse non-finite factors, and changes that can exceed :data:`MAX_DELTA` in any entry.
+
+        ``|delta[i, j]| <= |alpha / r| * |B[i, :]| * |A[:, j]|`` (Cauchy-Schwarz), so the bound is cheap
+        and, for factors from an SVD, close to the largest row norm of the change itself.
+        """
+        a, b = A.reshape(A.shape[0], -1).double(), B.reshape(B.shape[0], -1).double()
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise PatchFormatError(
+                f"module {path!r}: its LoRA factors hold NaN or infinite values, which make non-finite images; "
+                "the patch is corrupt: re-download or re-make it"
+            )
+        scale = self.scale_of(path)
+        bound = abs(scale) * float(b.norm(dim=1).max()) * float(a.norm(dim=0).max())
+        if not math.isfinite(bound) or bound > MAX_DELTA:
+            raise PatchFormatError(
+                f"module {path!r}: its change can reach {bound:.3g} per weight (alpha / r = {scale:.3g}), "
+                f"beyond {MAX_DELTA:.0f} (float16's range), which makes non-finite images; refusing the patch"
+            )
 
     # --- identity -------------------------------------------------------------------------
     @cached_property
@@ -236,75 +316,161 @@ class Patch:
         metadata[HEADER_CHECKSUM_KEY] = _checksum(metadata, self.state_dict)
         return metadata
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def _write_weights(self, file: Path) -> None:
+        try:
+            save_file(self.state_dict, str(file), metadata=self.header_metadata())
+        except SafetensorError as exc:  # safetensors reports I/O errors (a full disk, ...) as its own type
+            found = re.search(r"os error (\d+)", str(exc))
+            code = int(found.group(1)) if found else errno.EIO
+            raise OSError(code, f"could not write {file}: {os.strerror(code)}", str(file)) from exc
+
+    def save(self, path: str | os.PathLike, *, include: Iterable[str] = ()) -> Path:
         """Write the patch atomically to a folder, or to a single file if ``path`` ends in ``.safetensors``.
 
-        Files are written under temporary names and renamed into place, so a failed write leaves
-        neither a partial file nor a partial folder. Other files already in the folder (a model
-        card, ...) are kept and listed in ``forgetpatch.json``'s ``files``.
+        A folder lists in ``forgetpatch.json``'s ``files`` (and ``push`` publishes) only the patch's own
+        files: the weights, the manifest, a model card ``README.md``, a before/after image (``grid.png``,
+        ``before_after.jpg``, ...) and the files named in ``include`` (relative paths of files already in
+        the folder, e.g. a method's figures). Anything else in the folder (``.env``, notes, ...) is left
+        where it is, unlisted, and named in a warning; hidden files and links are never listed.
+
+        Saving over an existing folder writes the new patch, with the other entries of the old folder,
+        into a sibling folder and swaps the two in one step: after any failure, a kill included, the
+        folder holds the old patch or the new one, whole, and the user's files.
+
+        Raises:
+            PatchFormatError: ``include`` names something that is not a plain file inside the folder.
+            OSError: the files cannot be written (nothing changed then).
 
         Example:
-            >>> patch.save("patches/no-vangogh")
+            >>> patch.save("patches/no-vangogh", include=["loss_curve.csv"])
             PosixPath('patches/no-vangogh')
         """
         path = Path(path)
-        tag = uuid.uuid4().hex[:8]
         if path.suffix == ".safetensors":
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{tag}.tmp")
-            try:
-                save_file(self.state_dict, str(tmp), metadata=self.header_metadata())
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
-            return path
-
-        fresh = not path.exists()
-        if not fresh and not path.is_dir():
+            return self._save_file(path)
+        path = Path(os.path.abspath(path))
+        if path.is_symlink():
+            path = path.resolve()  # replace the folder the link points to; the link stays
+        if path.exists() and not path.is_dir():
             raise FileExistsError(f"{path} exists and is not a folder")
+        if os.path.ismount(path):
+            raise OSError(
+                errno.EBUSY,
+                f"{path} is a mount point: Patch.save replaces a patch folder as a whole (to be atomic) and "
+                "cannot replace a mount point; save into a folder inside it",
+            )
+        listed, left_out = _own_files(path, include)
         path.parent.mkdir(parents=True, exist_ok=True)
-        work = path.with_name(f".{path.name}.{tag}.tmp") if fresh else path
-        staged: list[tuple[Path, Path]] = []
+        work = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        replacing = path.exists()
+        cwd = os.getcwd()
         try:
-            work.mkdir(exist_ok=not fresh)
-            weights_tmp = work / (f".{WEIGHTS_NAME}.{tag}.tmp" if not fresh else WEIGHTS_NAME)
-            staged.append((weights_tmp, work / WEIGHTS_NAME))
-            save_file(self.state_dict, str(weights_tmp), metadata=self.header_metadata())
-            files = {WEIGHTS_NAME: sha256_file(weights_tmp)}
-            for other in sorted(work.iterdir()) if not fresh else []:
-                if (
-                    other.is_file()
-                    and other.name not in (MANIFEST_NAME, WEIGHTS_NAME)
-                    and ".tmp" not in other.name
-                ):
-                    files[other.name] = sha256_file(other)
+            work.mkdir()
+            if replacing:
+                carry_over(path, work, skip={WEIGHTS_NAME, MANIFEST_NAME})
+            self._write_weights(work / WEIGHTS_NAME)
+            files = {name: sha256_file(work / name) for name in [WEIGHTS_NAME, *listed]}
             manifest = self.manifest.model_copy(update={"files": dict(sorted(files.items()))})
-            manifest_tmp = work / (f".{MANIFEST_NAME}.{tag}.tmp" if not fresh else MANIFEST_NAME)
-            staged.append((manifest_tmp, work / MANIFEST_NAME))
-            manifest_tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
-            if fresh:
-                os.replace(work, path)
+            (work / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
+            if replacing:
+                shutil.copystat(path, work)
+                _swap(work, path)  # work now holds the old folder
             else:
-                for src, dst in staged:
-                    os.replace(src, dst)
+                os.rename(work, path)
         except BaseException:
-            if fresh:
-                shutil.rmtree(work, ignore_errors=True)
-            else:
-                for src, _ in staged:
-                    src.unlink(missing_ok=True)
+            shutil.rmtree(work, ignore_errors=True)
             raise
+        shutil.rmtree(work, ignore_errors=True)
+        if Path(cwd).is_relative_to(path):
+            os.chdir(cwd)  # the working directory was in the folder just replaced: move into the new one
+        if left_out:
+            warnings.warn(
+                f"{path}: left out of the patch (not listed in {MANIFEST_NAME}, never pushed): "
+                f"{', '.join(left_out)}. A patch lists only its weights, manifest, {CARD_NAME}, a before/after "
+                "image and the files passed as include=[...]",
+                UserWarning,
+                stacklevel=2,
+            )
+        return path
+
+    def _save_file(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            self._write_weights(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
 
+#: Exchanges two folders in one step (a module name, so that tests can fail or kill it).
+_swap = swap
+
+
+def _own_files(folder: Path, include: Iterable[str]) -> tuple[list[str], list[str]]:
+    """The files of ``folder`` a patch saved there lists besides its weights, and the entries it leaves out.
+
+    Raises :class:`PatchFormatError` when ``include`` names anything but a plain file inside the folder.
+    """
+    included = sorted(set(include))
+    for name in included:
+        problem = name_problem(name) or ("a hidden file" if is_hidden(name) else None)
+        target = folder / name
+        if problem is None and (target.is_symlink() or not target.is_file() or not inside(target, folder)):
+            problem = "not a plain file (links are never listed) in the folder"
+        if problem:
+            raise PatchFormatError(
+                f"include names {name!r}: {problem}. include lists files already inside {folder} "
+                "to ship with the patch"
+            )
+    own, left_out = set(included), []
+    for entry in entries(folder):
+        name = entry.name
+        if name in (WEIGHTS_NAME, MANIFEST_NAME) or name in own:
+            continue
+        plain = entry.is_file() and not entry.is_symlink() and not is_hidden(name)
+        if plain and (name == CARD_NAME or GRID_NAME.fullmatch(name)):
+            own.add(name)
+        elif not any(n.startswith(name + "/") for n in included):
+            left_out.append(name + ("/" if entry.is_dir() and not entry.is_symlink() else ""))
+    return sorted(own), left_out
+
+
 # --- reading ------------------------------------------------------------------------------
-def _parse_manifest(raw_json: str, where: str) -> tuple[Manifest, int]:
+def _depth(value: Any) -> int:
+    """How deeply ``value`` nests lists and dicts (counted up to just past :data:`MAX_JSON_DEPTH`)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack and deepest <= MAX_JSON_DEPTH:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _parse_manifest(raw_json: str | bytes, where: str) -> tuple[Manifest, int]:
+    if len(raw_json) > MAX_MANIFEST_BYTES:
+        raise ManifestError(
+            f"the manifest in {where} is over {MAX_MANIFEST_BYTES:,} bytes; it is not a patch manifest"
+        )
     try:
-        raw = json.loads(raw_json)
-    except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as exc:
+        text = raw_json.decode("utf-8") if isinstance(raw_json, bytes) else raw_json
+        raw = json.loads(text)
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"the manifest in {where} is not UTF-8 text ({exc})") from None
+    except RecursionError:
+        raise ManifestError(
+            f"the manifest in {where} nests deeper than JSON can be read; it is not a patch manifest"
+        ) from None
+    except (json.JSONDecodeError, TypeError) as exc:
         raise ManifestError(f"the manifest in {where} is not valid JSON ({exc})") from None
     if not isinstance(raw, dict):
         raise ManifestError(f"the manifest in {where} is not a JSON object")
+    if _depth(raw) > MAX_JSON_DEPTH:
+        raise ManifestError(
+            f"the manifest in {where} nests deeper than {MAX_JSON_DEPTH} levels; it is not a patch manifest"
+        )
     version = manifest_version(raw)
     raw = upgrade(raw)
     try:
@@ -313,14 +479,70 @@ def _parse_manifest(raw_json: str, where: str) -> tuple[Manifest, int]:
         raise ManifestError(f"the manifest in {where} is invalid:\n{exc}") from None
 
 
+def _load_manifest(file: Path) -> tuple[Manifest, int]:
+    """Read, migrate and validate ``forgetpatch.json``; its version as written."""
+    if not os.path.lexists(file):
+        raise ManifestError(f"{file.parent} has no {MANIFEST_NAME}")
+    return _parse_manifest(read_bounded(file, MAX_MANIFEST_BYTES, ManifestError), str(file))
+
+
+def read_manifest(file: str | os.PathLike) -> Manifest:
+    """The manifest in a ``forgetpatch.json`` file: size-bounded, migrated to the current format and validated.
+
+    Raises :class:`ManifestError` (:class:`UnsupportedFormatVersionError` for a newer format).
+
+    Example:
+        >>> read_manifest("no-vangogh/forgetpatch.json").files
+        {'pytorch_lora_weights.safetensors': '3f1c...'}
+    """
+    return _load_manifest(Path(file))[0]
+
+
+def listed_files(manifest: Manifest, where: str) -> list[str]:
+    """The file names ``manifest`` records hashes for; :class:`IntegrityError` when one is not a file of the folder."""
+    for name in manifest.files:
+        problem = name_problem(name)
+        if problem:
+            raise IntegrityError(f"{where} lists a file {problem}: {name!r}")
+    return list(manifest.files)
+
+
+def _read_header(file: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, its size checked (from the 8-byte length prefix) before it is read.
+
+    Raises ``ValueError`` saying what is wrong.
+    """
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        size = os.fstat(f.fileno()).st_size
+        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
+        if length is None or length > size - 8:
+            raise ValueError("its header is cut short: truncated, or another format")
+        if length > MAX_HEADER_BYTES:
+            raise ValueError(f"its header is {length:,} bytes; a patch's is at most {MAX_HEADER_BYTES:,}")
+        blob = f.read(length)
+    try:
+        header = json.loads(blob.decode("utf-8"))
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        header = None
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    count = len(header) - ("__metadata__" in header)
+    if count > MAX_TENSORS:
+        raise ValueError(f"it holds {count:,} tensors; a patch has at most {MAX_TENSORS:,}")
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError("its metadata is not a table of strings")
+    return header
+
+
 def _read_weights(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
-        with safe_open(str(file), framework="pt") as f:
-            metadata = f.metadata() or {}
+        metadata = _read_header(file).get("__metadata__") or {}
         tensors = load_file(str(file))
     except Exception as exc:  # safetensors raises several types for corrupt input
         raise PatchFormatError(
-            f"{file} is not a valid safetensors file (corrupt, truncated or another format): {exc}. "
+            f"{file} is not a valid safetensors patch file (corrupt, truncated or another format): {exc}. "
             "Patches are never read with pickle; re-download or re-save the patch."
         ) from None
     return tensors, metadata
@@ -338,79 +560,140 @@ def _read_file(file: Path) -> tuple[Manifest, dict[str, torch.Tensor], int]:
     return manifest, tensors, version
 
 
-def verify_folder(folder: str | os.PathLike) -> None:
-    """Check every file listed in ``forgetpatch.json``'s ``files`` against its sha256.
-
-    Raises :class:`IntegrityError` naming the first file that is missing or differs.
-
-    Example:
-        >>> verify_folder(huggingface_hub.snapshot_download("org/no-vangogh"))
-    """
-    folder = Path(folder)
-    manifest_file = folder / MANIFEST_NAME
-    if not manifest_file.is_file():
-        raise ManifestError(f"{folder} has no {MANIFEST_NAME}")
-    manifest, _ = _parse_manifest(manifest_file.read_text(errors="replace"), str(manifest_file))
-    if not manifest.files:
-        raise IntegrityError(f"{manifest_file} lists no file hashes to verify")
-    for name, expected in manifest.files.items():
+def _verify_files(folder: Path, manifest: Manifest, allow_unverified: bool) -> None:
+    where = folder / MANIFEST_NAME
+    names = listed_files(manifest, str(where))
+    if not names:
+        message = f"{where} lists no file hashes to verify (a format v0 patch?)"
+        if not allow_unverified:
+            raise UnverifiedPatchError(f"{message}; pass allow_unverified=True to use it anyway")
+        logger.warning("%s; used anyway (allow_unverified=True)", message)
+        return
+    # a Hub cache snapshot holds links into the repo's blobs/ folder beside snapshots/
+    root = (
+        folder.parent.parent
+        if (folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir())
+        else folder
+    )
+    for name in names:
         target = folder / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise IntegrityError(f"{manifest_file} lists a file outside the patch folder: {name!r}")
         if not target.is_file():
             raise IntegrityError(f"{name} is listed in {MANIFEST_NAME} but missing from {folder}")
-        if sha256_file(target) != expected:
+        if not inside(target, root):
+            raise IntegrityError(
+                f"{name} in {folder} is a link to {target.resolve()}, outside the patch folder; "
+                "a patch holds its own files, never links out of its folder"
+            )
+        if sha256_file(target) != manifest.files[name]:
             raise IntegrityError(
                 f"{name} in {folder} does not match its sha256 in {MANIFEST_NAME}; re-download it"
             )
 
 
-def read_patch(path: str | os.PathLike) -> Patch:
+def verify_folder(folder: str | os.PathLike, *, allow_unverified: bool = False) -> None:
+    """Check every file listed in ``forgetpatch.json``'s ``files`` against its sha256.
+
+    Raises :class:`IntegrityError` naming the first file that is missing, differs, or is a link out of
+    the folder (a Hub cache snapshot's links into its repo's blobs are fine), and
+    :class:`UnverifiedPatchError` when no file is listed, unless ``allow_unverified``.
+
+    Example:
+        >>> verify_folder(huggingface_hub.snapshot_download("org/no-vangogh"))
+    """
+    folder = Path(folder)
+    manifest, _ = _load_manifest(folder / MANIFEST_NAME)
+    _verify_files(folder, manifest, allow_unverified)
+
+
+def require_verifiable(patch: Patch, *, allow_unverified: bool = False, unchecked: str | None = None) -> None:
+    """Refuse a patch that cannot be verified, unless ``allow_unverified`` (then log a warning).
+
+    A patch is verifiable when its manifest records a base-model fingerprint for every module it
+    targets (so a patch for another base is refused when applied). ``unchecked`` adds a reason found
+    when reading (e.g. a format v0 file without checksum).
+
+    Raises:
+        UnverifiedPatchError: what cannot be verified, and how to opt in.
+    """
+    reasons = [unchecked] if unchecked else []
+    missing = patch.unfingerprinted()
+    if missing:
+        reasons.append(
+            f"its manifest records no base-model fingerprint for {len(missing)} of its "
+            f"{len(patch.target_modules)} modules (first: {missing[0]}), so a base it was not made for goes unnoticed"
+        )
+    if not reasons:
+        return
+    message = f"patch {patch.name!r} cannot be verified: " + "; ".join(reasons)
+    if not allow_unverified:
+        raise UnverifiedPatchError(
+            f"{message}. Re-make it with this forgetpatch, or pass allow_unverified=True to use it anyway."
+        )
+    logger.warning("%s; used anyway (allow_unverified=True)", message)
+
+
+def read_patch(path: str | os.PathLike, *, allow_unverified: bool = False) -> Patch:
     """Read a patch from a folder or a single ``.safetensors`` file.
 
     Older format versions are migrated; newer ones raise :class:`UnsupportedFormatVersionError`.
     Corrupt, truncated or non-safetensors files raise :class:`PatchFormatError` (never unpickled);
-    a folder's files are checked against the hashes in ``forgetpatch.json``.
+    a folder's files are checked against the hashes in ``forgetpatch.json``. A patch that cannot be
+    verified (format v0 without checksum, or no base fingerprint for some module) raises
+    :class:`UnverifiedPatchError` unless ``allow_unverified=True``.
 
     Example:
         >>> patch = read_patch("patches/no-vangogh")
+        >>> old = read_patch("patches/made-in-2023", allow_unverified=True)   # format v0: logs a warning
     """
     path = Path(path)
+    hashed = False
     if path.is_dir():
         weights = path / WEIGHTS_NAME
         if not weights.is_file():
             raise PatchFormatError(f"{path} has no {WEIGHTS_NAME}; is it a forgetpatch patch folder?")
         manifest_file = path / MANIFEST_NAME
-        if not manifest_file.is_file():
-            manifest, tensors, _ = _read_file(weights)
-            return Patch(manifest, tensors, source=path)
-        text = manifest_file.read_text(errors="replace")
-        manifest, version = _parse_manifest(text, str(manifest_file))
-        if version >= 1:
-            verify_folder(path)
-        header_manifest, tensors, _ = _read_file(weights)
-        ours = manifest.model_dump(mode="json", exclude={"files"})
-        if ours != header_manifest.model_dump(mode="json", exclude={"files"}):
-            raise ManifestError(
-                f"{manifest_file} disagrees with the manifest in {WEIGHTS_NAME}'s header; "
-                "edit patches with Patch.save, not by hand"
-            )
-        return Patch(manifest, tensors, source=path)
-    if path.is_file():
-        manifest, tensors, _ = _read_file(path)
-        return Patch(manifest, tensors, source=path)
-    raise PatchFormatError(f"no patch at {path}: not a folder or a .safetensors file")
+        if not os.path.lexists(manifest_file):
+            manifest, tensors, version = _read_file(weights)
+        else:
+            manifest, _ = _load_manifest(manifest_file)
+            _verify_files(path, manifest, allow_unverified)
+            header_manifest, tensors, version = _read_file(weights)
+            ours = manifest.model_dump(mode="json", exclude={"files"})
+            if ours != header_manifest.model_dump(mode="json", exclude={"files"}):
+                raise ManifestError(
+                    f"{manifest_file} disagrees with the manifest in {WEIGHTS_NAME}'s header; "
+                    "edit patches with Patch.save, not by hand"
+                )
+            hashed = WEIGHTS_NAME in manifest.files
+    elif path.is_file():
+        manifest, tensors, version = _read_file(path)
+    else:
+        raise PatchFormatError(f"no patch at {path}: not a folder or a .safetensors file")
+    patch = Patch(manifest, tensors, source=path)
+    unchecked = "its weights carry no checksum (format v0)" if version == 0 and not hashed else None
+    require_verifiable(patch, allow_unverified=allow_unverified, unchecked=unchecked)
+    return patch
 
 
 __all__ = [
+    "CARD_NAME",
     "FORMAT_VERSION",
+    "GRID_NAME",
     "HEADER_CHECKSUM_KEY",
     "HEADER_LORA_KEY",
     "HEADER_MANIFEST_KEY",
     "MANIFEST_NAME",
+    "MAX_DELTA",
+    "MAX_HEADER_BYTES",
+    "MAX_JSON_DEPTH",
+    "MAX_MANIFEST_BYTES",
+    "MAX_TENSORS",
     "WEIGHTS_NAME",
     "Patch",
+    "listed_files",
+    "read_manifest",
     "read_patch",
+    "require_verifiable",
     "sha256_file",
     "verify_folder",
 ]

@@ -6,8 +6,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from forgetpatch.errors import ForgetPatchError
 from forgetpatch.format import ROBUSTNESS_METRICS, TOY_EVAL_METRICS, WEIGHTS_NAME, Patch, read_patch
 from forgetpatch.format.manifest import Manifest
 
@@ -33,14 +34,99 @@ def find_grid(folder: Path, manifest: Manifest) -> str | None:
     return (named or images or [None])[0]
 
 
-def _flatten(values: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    rows: list[tuple[str, Any]] = []
-    for key, value in values.items():
-        if isinstance(value, dict):
-            rows += _flatten(value, f"{prefix}{key}.")
+def short_value(value: Any) -> str:
+    """A parameter or figure as a table cell: numbers short, long lists folded to a count and a few items."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        items = [str(v) for v in value]
+        if len(items) > 3 or sum(map(len, items)) > 80:
+            return f"{len(items)} items: " + ", ".join(f"`{v}`" for v in items[:2]) + ", ..."
+        return ", ".join(f"`{v}`" for v in items) or "(none)"
+    if isinstance(value, dict):
+        return f"{len(value)} entries"
+    return f"`{value}`"
+
+
+def _other_metrics(metrics: dict[str, Any]) -> tuple[list[tuple[str, str]], list[tuple[str, list[tuple[str, str]]]]]:
+    """The metrics that are not an evaluation or attack record: scalar figures, and per-layer tables (a mapping of
+    module path to number), each under a readable title; nothing is flattened into dotted keys."""
+    figures, per_layer = [], []
+    for key, value in metrics.items():
+        if key in (TOY_EVAL_METRICS, ROBUSTNESS_METRICS):
+            continue
+        title = key.replace("_", " ")
+        if isinstance(value, dict) and value and all(isinstance(v, (int, float)) for v in value.values()):
+            per_layer.append((title, [(k, short_value(v)) for k, v in value.items()]))
         else:
-            rows.append((f"{prefix}{key}", f"{value:.4g}" if isinstance(value, float) else value))
+            figures.append((title, short_value(value)))
+    return figures, per_layer
+
+
+def summary_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
+    """The card's one summary table: per erased concept, forgetting (strict UA) and paraphrase leakage beside the
+    base model's, retention (in-domain, cross-domain, near neighbours), and the weakest recorded attack."""
+    concepts = (metrics.get(TOY_EVAL_METRICS) or {}).get("concepts") or {}
+    rows = []
+    for concept, figures in concepts.items():
+        base = figures.get("base") or {}
+        rows.append({"what": f"**{concept}** forgotten (strict UA)", "patched": _rate(figures, "ua"),
+                     "base": _rate(base, "ua")})
+        rows.append({"what": f"{concept} in other words (paraphrase leakage, lower is better)",
+                     "patched": _rate(figures, "leakage"), "base": _rate(base, "leakage")})
+        for key, what in (("ira", "other shapes kept (in-domain retention)"),
+                          ("cra", "colours and textures kept (cross-domain retention)"),
+                          ("near", "near neighbours kept")):
+            if figures.get(key) is not None:
+                rows.append({"what": what, "patched": _rate(figures, key), "base": _rate(base, key)})
+    attacked: dict[str, dict[str, str]] = {}
+    for r in robustness_summary(metrics):
+        weakest = attacked.get(r["concept"])
+        if weakest is None or _value(r["after"]) < _value(weakest["after"]):
+            attacked[r["concept"]] = r
+    for concept, r in attacked.items():
+        rows.append({"what": f"{concept} under the strongest recorded attack ({r['attack']})", "patched": r["after"],
+                     "base": "-"})
     return rows
+
+
+def _value(cell: str) -> float:
+    try:
+        return float(cell.split("%")[0]) / 100
+    except ValueError:
+        return 1.0
+
+
+def model_index(metrics: dict[str, Any], name: str) -> list[EvalResult]:
+    """The headline figures as Hub evaluation results (the card's ``model-index``): strict UA, leakage and
+    in-domain retention per erased concept, on the toy world."""
+    concepts = (metrics.get(TOY_EVAL_METRICS) or {}).get("concepts") or {}
+    results = []
+    for concept, figures in concepts.items():
+        for key, metric in (("ua", "strict unlearning accuracy"), ("leakage", "paraphrase leakage"),
+                            ("ira", "in-domain retention")):
+            if figures.get(key) is not None:
+                results.append(EvalResult(
+                    task_type="text-to-image", task_name="concept unlearning",
+                    dataset_type="forgetpatch-toy", dataset_name=f"forgetpatch toy world: {concept}",
+                    metric_type=key, metric_name=f"{metric} ({concept})", metric_value=round(figures[key], 4),
+                ))
+    return results
+
+
+def parent_names(patch: Patch) -> list[str]:
+    """Each lineage parent by name (found among the patch folders beside this one) and short digest."""
+    names: dict[str, str] = {}
+    source = Path(patch.source) if patch.source is not None else None
+    if source is not None and source.is_dir() and patch.manifest.lineage:
+        for sibling in sorted(source.parent.iterdir())[:64]:
+            if sibling != source and (sibling / "forgetpatch.json").is_file():
+                try:
+                    parent = read_patch(sibling)
+                except ForgetPatchError:
+                    continue
+                names[parent.digest] = parent.name
+    return [f"**{names[d]}** (`{d[:12]}`)" if d in names else f"`{d}`" for d in patch.manifest.lineage]
 
 
 def _rate(figures: dict[str, Any], key: str) -> str:
@@ -115,8 +201,11 @@ def render_card(
 
     The YAML header has ``base_model`` (when the manifest names a Hub model),
     ``base_model_relation: adapter``, ``library_name: diffusers``, the license (the base family's
-    unless given) and tags; the body says what is forgotten, how, where on the trajectory, on top of
-    which patches, the metrics, the before/after grid when ``folder`` has one, and how to load it.
+    unless given), tags, and the headline figures as ``model-index`` evaluation results. The body reads
+    like a LoRA card: what it forgets and how to load it, the before/after grid when ``folder`` has one,
+    one summary table (forgetting, leakage, retention, the strongest recorded attack, each with its interval
+    and sample size, the base beside it), then folded details: concepts, per-concept figures, attacks,
+    parameters and per-layer figures, key steps and lineage by name.
 
     Args:
         patch_or_folder: a :class:`~forgetpatch.format.Patch` or a patch folder.
@@ -136,7 +225,11 @@ def render_card(
         folder = patch.source
     manifest = patch.manifest
     base_id = manifest.base_model.id if _HUB_ID.match(manifest.base_model.id or "") else None
+    figures, per_layer = _other_metrics(manifest.metrics)
+    results = model_index(manifest.metrics, manifest.name)
     data = ModelCardData(
+        model_name=manifest.name if results else None,
+        eval_results=results or None,
         base_model=base_id,
         library_name="diffusers",
         license=license or FAMILY_LICENSES.get(manifest.base_model.family, "other"),
@@ -153,10 +246,13 @@ def render_card(
         repo_id=repo_id,
         base_id=base_id,
         forgotten=", ".join(f"**{c.target}**" for c in manifest.concepts),
-        params=sorted(manifest.method.params.items()),
-        metrics=_flatten(
-            {k: v for k, v in manifest.metrics.items() if k not in (TOY_EVAL_METRICS, ROBUSTNESS_METRICS)}
-        ),
+        steered=", ".join(f"{c.target} -> {c.guide}" for c in manifest.concepts if c.guide),
+        params=[(k, short_value(v)) for k, v in sorted(manifest.method.params.items())],
+        figures=figures,
+        per_layer=per_layer,
+        summary=summary_rows(manifest.metrics),
+        summary_note=_summary_note(manifest.metrics),
+        lineage=parent_names(patch),
         toy=toy_summary(manifest.metrics),
         toy_settings=(manifest.metrics.get(TOY_EVAL_METRICS) or {}).get("settings"),
         robustness=robustness_summary(manifest.metrics),
@@ -164,3 +260,13 @@ def render_card(
         weights_name=WEIGHTS_NAME,
     )
     return ModelCard(_BLANK_LINES.sub("\n\n", str(card)))  # templates leave runs of blank lines
+
+
+def _summary_note(metrics: dict[str, Any]) -> str:
+    settings = (metrics.get(TOY_EVAL_METRICS) or {}).get("settings") or {}
+    note = ("Measured on the toy world by the toy judge. Strict UA: an image counts as forgotten only when the judge "
+            "confidently sees something else. Brackets: 95% Wilson interval; n: images.")
+    if settings:
+        note += (f" {settings.get('num_inference_steps')} sampling steps, guidance {settings.get('guidance_scale')}, "
+                 f"seed {settings.get('seed')}.")
+    return note

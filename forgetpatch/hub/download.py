@@ -2,39 +2,62 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path, PurePosixPath
+import re
+from pathlib import Path
 
 from huggingface_hub import hf_hub_download
 
-from forgetpatch.errors import IntegrityError, ManifestError
-from forgetpatch.format import MANIFEST_NAME, WEIGHTS_NAME, verify_folder
+from forgetpatch.errors import HubError
+from forgetpatch.format import MANIFEST_NAME, WEIGHTS_NAME, listed_files, read_manifest, verify_folder
 from forgetpatch.hub._errors import hub_errors
+
+#: What git refuses in a ref name (``git check-ref-format``): control characters, space, ``~^:?*[\``,
+#: ``..``, ``//`` and ``@{``.
+_BAD_IN_REVISION = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|//|@\{")
+MAX_REVISION_LENGTH = 255
+
+
+def check_revision(revision: str) -> str:
+    """``revision`` if it is a valid branch, tag or commit name (git's ref-name rules); else :class:`HubError`.
+
+    Checked before any request, so that no hostile name (``../../x``) reaches the Hub client, which
+    writes a file named after the revision in its cache.
+
+    Example:
+        >>> check_revision("refs/pr/1")
+        'refs/pr/1'
+    """
+    parts = revision.split("/") if isinstance(revision, str) else []
+    if (
+        not isinstance(revision, str)
+        or not revision
+        or len(revision) > MAX_REVISION_LENGTH
+        or revision == "@"
+        or _BAD_IN_REVISION.search(revision)
+        or revision.startswith(("/", "-"))
+        or revision.endswith(("/", "."))
+        or any(part.startswith(".") or part.endswith(".lock") for part in parts)
+    ):
+        raise HubError(
+            f"{revision!r} is not a valid revision: give a branch, tag or commit hash (git ref-name rules: "
+            "no '..', '//', '@{', spaces, control characters or ~^:?*[\\; not empty; no leading '/', '-' or '.'; "
+            "no trailing '/', '.' or '.lock'; at most 255 characters)"
+        )
+    return revision
 
 
 def split_ref(ref: str, revision: str | None = None) -> tuple[str, str | None]:
     """Split ``"org/name@rev"`` into ``("org/name", "rev")``; an explicit ``revision`` wins.
+
+    The revision is checked with :func:`check_revision` (:class:`HubError` when invalid).
 
     Example:
         >>> split_ref("org/no-vangogh@v1")
         ('org/no-vangogh', 'v1')
     """
     repo_id, sep, rev = ref.partition("@")
-    return repo_id, revision if revision is not None else (rev if sep else None)
-
-
-def _listed_files(manifest_path: Path, where: str) -> list[str]:
-    """The file names ``forgetpatch.json`` records hashes for (its ``files`` keys)."""
-    try:
-        files = json.loads(manifest_path.read_text(encoding="utf-8")).get("files")
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-        raise ManifestError(f"{where}: {MANIFEST_NAME} is not a JSON object: {exc}") from exc
-    if not isinstance(files, dict):
-        raise ManifestError(f"{where}: {MANIFEST_NAME} has no 'files' table of sha256 hashes")
-    outside = [n for n in files if PurePosixPath(n).is_absolute() or ".." in PurePosixPath(n).parts]
-    if outside:
-        raise IntegrityError(f"{where}: {MANIFEST_NAME} lists files outside the patch: {outside}")
-    return [str(name) for name in files]
+    chosen = revision if revision is not None else (rev if sep else None)
+    return repo_id, None if chosen is None else check_revision(chosen)
 
 
 def _fetch(repo_id: str, filename: str, revision: str | None, token: str | bool | None) -> Path:
@@ -52,7 +75,13 @@ def _fetch(repo_id: str, filename: str, revision: str | None, token: str | bool 
     return Path(path)
 
 
-def download(repo_id: str, revision: str | None = None, token: str | bool | None = None) -> Path:
+def download(
+    repo_id: str,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    *,
+    allow_unverified: bool = False,
+) -> Path:
     """Download the patch in Hub repo ``repo_id`` and return its verified folder in the Hub cache.
 
     Files go through ``huggingface_hub``'s cache, so ``HF_HOME`` / ``HF_HUB_CACHE``, ``HF_ENDPOINT``,
@@ -65,13 +94,16 @@ def download(repo_id: str, revision: str | None = None, token: str | bool | None
         repo_id: ``"org/name"``; ``"org/name@rev"`` is accepted when ``revision`` is ``None``.
         revision: a branch, tag or commit hash (default: ``main``).
         token: a Hub token, ``False`` for none, ``None`` for the saved / ``HF_TOKEN`` one.
+        allow_unverified: accept a patch whose ``forgetpatch.json`` lists no file hashes (format v0).
 
     Returns:
         The snapshot folder (``.../models--org--name/snapshots/<commit>``) holding the patch files.
 
     Raises:
-        HubError: the repo, revision or a file does not exist, is not reachable, or (offline) not cached.
-        IntegrityError: a file does not match its recorded sha256.
+        HubError: the revision is not a valid name, or the repo, revision or a file does not exist, is not
+            reachable, or (offline) not cached.
+        IntegrityError: a file does not match its recorded sha256, or is listed outside the patch.
+        UnverifiedPatchError: no file hash is recorded, and ``allow_unverified`` is not set.
         ManifestError: ``forgetpatch.json`` is not a valid manifest.
 
     Example:
@@ -81,9 +113,8 @@ def download(repo_id: str, revision: str | None = None, token: str | bool | None
     repo_id, revision = split_ref(repo_id, revision)
     manifest_path = _fetch(repo_id, MANIFEST_NAME, revision, token)
     snapshot, commit = manifest_path.parent, manifest_path.parent.name
-    for name in sorted(
-        {WEIGHTS_NAME, *_listed_files(manifest_path, f"{repo_id}@{commit}")} - {MANIFEST_NAME}
-    ):
+    names = listed_files(read_manifest(manifest_path), f"{repo_id}@{commit}: {MANIFEST_NAME}")
+    for name in sorted({WEIGHTS_NAME, *names} - {MANIFEST_NAME}):
         _fetch(repo_id, name, commit, token)
-    verify_folder(snapshot)  # the manifest itself is validated (and migrated) by format
+    verify_folder(snapshot, allow_unverified=allow_unverified)
     return snapshot

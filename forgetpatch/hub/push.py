@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi
 
 from forgetpatch.errors import HubError
-from forgetpatch.format import MANIFEST_NAME, WEIGHTS_NAME, Patch, read_patch
+from forgetpatch.format import CARD_NAME, MANIFEST_NAME, WEIGHTS_NAME, Patch, read_patch
 from forgetpatch.hub._errors import hub_errors
 from forgetpatch.hub.card import render_card
-
-CARD_NAME = "README.md"
+from forgetpatch.hub.download import check_revision
 
 
 def _upload_set(folder: Path, files: dict[str, str]) -> list[str]:
@@ -25,17 +25,24 @@ def _upload_set(folder: Path, files: dict[str, str]) -> list[str]:
     return names
 
 
-def _without_card(patch: Patch, folder: Path, tmp: Path) -> Path:
-    """Re-save a patch whose folder lists a README.md into ``tmp``, keeping its other files but not the card.
+def _repacked(patch: Patch, folder: Path, keep: list[str], out: Path) -> Path:
+    """Re-save a patch into ``out`` with only the listed files ``keep`` (not the card, no hidden file).
 
     The Hub's README.md is the model card, which people edit on the website; it is therefore not
     one of the hashed patch files.
     """
-    for name in patch.manifest.files:
-        if name not in (CARD_NAME, MANIFEST_NAME, WEIGHTS_NAME):
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(folder / name, tmp / name)
-    return patch.save(tmp)
+    out.mkdir()
+    for name in keep:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(folder / name, out / name)
+    return patch.save(out, include=keep)
+
+
+def _publishable(patch: Patch) -> tuple[list[str], list[str]]:
+    """The files a patch folder lists besides weights, manifest and card: those pushed, and the hidden ones (never)."""
+    listed = [n for n in patch.manifest.files if n not in (CARD_NAME, MANIFEST_NAME, WEIGHTS_NAME)]
+    hidden = [n for n in listed if any(part.startswith(".") for part in n.split("/"))]
+    return [n for n in listed if n not in hidden], hidden
 
 
 def push(
@@ -52,15 +59,18 @@ def push(
 
     The repo is created if needed (``private`` applies then), and so is the branch ``revision``
     (default ``main``). A folder is verified against its ``forgetpatch.json`` first, so a damaged
-    patch is never published. The model card (``README.md``) is generated from the manifest by
-    :func:`render_card`; a ``README.md`` in the folder is replaced by it (the card is not one of
-    the hashed patch files, so editing it on the Hub keeps downloads verifiable).
+    patch is never published, and only the files it lists are uploaded (see ``Patch.save``); a hidden
+    file listed by an older forgetpatch (``.env``) is left out, with a warning. The model card
+    (``README.md``) is generated from the manifest by :func:`render_card`; a ``README.md`` in the
+    folder is replaced by it (the card is not one of the hashed patch files, so editing it on the Hub
+    keeps downloads verifiable).
 
     Args:
         patch_or_folder: a :class:`~forgetpatch.format.Patch` or a folder written by ``Patch.save``.
         repo_id: ``"org/name"``.
         private: create the repo private (an existing repo keeps its visibility).
-        revision: branch to commit to; created from ``main`` when missing.
+        revision: branch to commit to; created from ``main`` when missing. An invalid name (``../x``,
+            ``a b``) raises :class:`HubError` before any request.
         token: a Hub token with write access; ``None`` uses the saved / ``HF_TOKEN`` one.
         commit_message: defaults to ``"Upload forgetpatch patch <name>"``.
         license: the card's license; defaults to the base model family's.
@@ -69,9 +79,12 @@ def push(
         >>> url = push("no-vangogh/", "org/no-vangogh")
         >>> pipe = forgetpatch.apply(pipe, "org/no-vangogh")
     """
+    if revision is not None:
+        check_revision(revision)
     with tempfile.TemporaryDirectory(prefix="forgetpatch-push-") as tmp:
+        out = Path(tmp) / "patch"
         if isinstance(patch_or_folder, Patch):
-            folder = patch_or_folder.save(tmp)
+            folder = patch_or_folder.save(out)
         else:
             folder = Path(patch_or_folder)
             if not (folder / MANIFEST_NAME).is_file():
@@ -79,8 +92,15 @@ def push(
                     f"{folder} is not a patch folder (no {MANIFEST_NAME}); write one with Patch.save"
                 )
             patch = read_patch(folder)  # verifies every file: a damaged patch is never published
-            if CARD_NAME in patch.manifest.files:
-                folder = _without_card(patch, folder, Path(tmp))
+            keep, hidden = _publishable(patch)
+            if hidden:
+                warnings.warn(
+                    f"{folder}: not pushed, hidden files are never published: {', '.join(hidden)}",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            if hidden or CARD_NAME in patch.manifest.files:
+                folder = _repacked(patch, folder, keep, out)
         patch = read_patch(folder)
         return _commit(patch, folder, repo_id, private, revision, token, commit_message, license)
 
@@ -101,7 +121,7 @@ def _commit(
     api = HfApi(token=token)
     operations = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=str(folder / n)) for n in names]
     operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=str(card).encode()))
-    with hub_errors(repo_id, revision):
+    with hub_errors(repo_id, revision, upload=True):
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
         if revision not in (None, "main"):
             api.create_branch(repo_id, branch=revision, exist_ok=True)

@@ -3,31 +3,67 @@
 How a patch is applied:
 
 * **unfused** (default): the factors are loaded as a named peft adapter with diffusers'
-  ``load_lora_weights(..., adapter_name=...)``; all unfused patches are made active together with
-  ``set_adapters`` (peft adds their deltas, in application order).
+  ``load_lora_weights(..., adapter_name=...)`` and switched on beside whatever adapters the user has active
+  (peft adds their deltas, in application order).
 * **fused** (``fuse=True``): ``scale * (alpha / r) * B @ A`` is added into each targeted weight, the
   same arithmetic as peft's merge, after a copy of the original tensor is kept on the layer. The
   patch is not kept as a peft adapter: peft skips *every* adapter of a layer with a merged one,
   which would silently switch off unfused patches stacked on the same layers.
 * **key-step gating** (``key_steps=True``): a forward pre-hook on the UNet reads each call's
-  timestep ``t``, computes the trajectory fraction ``1 - t / T`` and activates exactly the adapters
-  whose ranges contain it (``set_adapters`` is only called when that set changes, so steady
-  stretches cost nothing). Works for any scheduler, step count and classifier-free guidance, since
-  it only looks at ``t``. Text-encoder parts of a patch are not gated (the text encoder runs once).
+  timestep ``t``, computes the trajectory fraction ``1 - t / T`` and switches on exactly the patches
+  whose ranges contain it (only when that set changes, so steady stretches cost nothing). ``T`` is the
+  ``num_train_timesteps`` of the scheduler of the pipelines given to ``apply`` / ``remove`` / ``applied``,
+  read at call time, so a scheduler swapped after ``apply`` is followed; if two live pipelines sharing
+  the UNet disagree on it, the gate cannot tell which one runs and raises :class:`ApplyError`. Works for
+  any scheduler, step count and classifier-free guidance, since it only looks at ``t``. Text-encoder
+  parts of a patch are not gated (the text encoder runs once).
 
-Removal deletes the adapters (unwrapping peft layers once none is left) and copies the kept
+Removal deletes the adapters (unwrapping peft layers that carry no adapter any more) and copies the kept
 originals back into fused weights, so parameters are bit-identical to before ``apply``.
+
+Coexistence with the user's own LoRAs (loaded with diffusers' ``load_lora_weights``):
+
+* A patch adds to what the user has active: each peft layer's active set becomes the user's set, as it
+  was, plus forgetpatch's adapters. The user's adapter weights (peft scalings) are never written;
+  the gate switches forgetpatch's adapters only. ``remove`` (and a failed ``apply``) puts the active
+  sets back as they were and unwraps only the layers forgetpatch wrapped.
+* A user's LoRA fused with ``fuse_lora()`` stays fused: peft unmerges every fused layer of a model it
+  injects an adapter into, so the merges are hidden from it meanwhile and the weights never move.
+  A patch whose targets include a layer with a fused LoRA is refused (:class:`ApplyError`): its base
+  weights cannot be checked there, and peft would skip an unfused patch on it. A LoRA the user fuses
+  *after* a fused patch is merged again on top when the patch comes off, as ``fuse_lora`` would have.
+* A patch that is not live is never reported, nor run, as applied. Before every forward of a
+  component carrying forgetpatch's adapters, in ``applied``, ``apply`` and ``remove``, the adapters are
+  checked: when a user call left them out of the active set (a later ``load_lora_weights`` activates
+  only the new adapter; ``set_adapters`` only the named ones) they are switched back on beside the
+  user's choice, with a warning. What cannot be undone without overriding the user raises
+  :class:`ApplyError`: LoRA switched off by ``disable_lora()``, a forgetpatch adapter merged by
+  ``fuse_lora()`` (or a layer carrying one merged, so peft skips it), an adapter deleted by
+  ``unload_lora_weights()`` / ``delete_adapters()`` (``remove`` then clears it), or a patched component
+  replaced on the pipeline. For a safety patch, running silently without it is the worst outcome.
+* ``lora_scale`` / ``cross_attention_kwargs={"scale": ...}`` at call time scale every adapter, the
+  patches' included, as diffusers documents; weights given to forgetpatch's adapters by name in the
+  user's own ``set_adapters`` hold until the next ``apply`` / ``remove``.
+
+Threads: ``apply``, ``remove``, ``applied``, ``unpatched`` and the hooks' bookkeeping are serialized per
+UNet (a lock kept with its state); adapters are loaded with ``low_cpu_mem_usage=False`` (peft's
+low-memory path patches ``nn.Module`` process-wide, so models built meanwhile in other threads got
+weights on ``meta``), and the library log levels quieted during loading are changed under one global
+lock. Running a pipeline while another thread applies or removes patches on it is not supported.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import re
+import threading
 import warnings
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +88,7 @@ from forgetpatch.format import (
     Patch,
     fingerprint,
     read_patch,
+    require_verifiable,
     resolve_module,
 )
 
@@ -59,6 +96,8 @@ logger = logging.getLogger(__name__)
 
 PatchRef = str | os.PathLike | Patch
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+#: dtypes whose float16-rounded samples reproduce a float32 model's fingerprint.
+_FINGERPRINT_DTYPES = (torch.float32, torch.float16, torch.float64)
 
 
 @dataclass
@@ -78,17 +117,35 @@ class AppliedPatch:
         return self.patch.digest
 
 
-@dataclass
+@dataclass(eq=False)
 class _State:
+    unet: weakref.ref
+    """The UNet this bookkeeping belongs to (a deep copy of it carries copies of the hooks: they stand aside)."""
     entries: list[AppliedPatch] = field(default_factory=list)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    pipes: weakref.WeakSet = field(default_factory=weakref.WeakSet)
+    """Pipelines given to apply / remove / applied with this UNet: their schedulers give ``T`` at call time."""
     num_train_timesteps: int = 1000
-    hook: torch.utils.hooks.RemovableHandle | None = None
-    active: tuple[str, ...] | None = None
+    """The last ``T`` read, used when none of those pipelines is alive any more."""
+    active: tuple[str, ...] = ()
+    """Unfused patches switched on in the UNet now (the gate changes it per step)."""
+    layers: list[tuple[str, nn.Module, tuple[str, ...]]] = field(default_factory=list)
+    """(module path, peft layer, forgetpatch adapters on it) of every layer carrying an unfused patch."""
+    held: dict[str, set[str]] = field(default_factory=dict)
+    """Component name -> the forgetpatch adapters in it (from ``layers``)."""
+    components: dict[str, weakref.ref] = field(default_factory=dict)
+    """The component modules the patches were put on, to notice one replaced on the pipeline."""
+    hooks: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
 
 
 # Bookkeeping lives with the UNet (adapters live there too), so pipelines built from the same
 # components (e.g. an img2img pipeline made from a txt2img one's components) share it.
 _STATES: weakref.WeakKeyDictionary[nn.Module, _State] = weakref.WeakKeyDictionary()
+_STATES_LOCK = threading.Lock()
+# Loading and deleting adapters quiet log levels and warning filters, which are process-wide.
+_QUIET_LOCK = threading.Lock()
+# A user's peft layer -> the adapters active on it that are not forgetpatch's, per component.
+_UserSets = dict[str, dict[nn.Module, list[str]]]
 
 
 def _unet(pipe) -> nn.Module:
@@ -102,14 +159,35 @@ def _unet(pipe) -> nn.Module:
 
 def _state(pipe) -> _State:
     unet = _unet(pipe)
-    if unet not in _STATES:
-        _STATES[unet] = _State()
-    return _STATES[unet]
+    with _STATES_LOCK:
+        state = _STATES.get(unet)
+        if state is None:
+            state = _STATES[unet] = _State(unet=weakref.ref(unet))
+    with state.lock:
+        state.pipes.add(pipe)
+    return state
+
+
+def _existing_state(pipe) -> _State | None:
+    unet = getattr(pipe, "unet", None)
+    if not isinstance(unet, nn.Module):
+        return None
+    with _STATES_LOCK:
+        state = _STATES.get(unet)
+    if state is not None:
+        with state.lock:
+            state.pipes.add(pipe)
+    return state
 
 
 # --- loading -------------------------------------------------------------------------------
-def load(ref: PatchRef) -> Patch:
+def load(ref: PatchRef, *, allow_unverified: bool = False) -> Patch:
     """Load a patch from a local folder, a ``.safetensors`` file, or a Hub id ``org/name[@revision]``.
+
+    A string that names no local file is fetched from the Hub only when it is shaped like a Hub id and not
+    like a path (``./x``, ``/x``, ``a/b/c``, ``x.safetensors``, or ``patches/x`` where ``patches`` is a local
+    folder); the errors say what was tried. ``allow_unverified`` reads patches that carry nothing to verify them
+    by (see :func:`forgetpatch.format.read_patch`); they are refused otherwise.
 
     Example:
         >>> patch = forgetpatch.load("./no-vangogh")
@@ -119,23 +197,58 @@ def load(ref: PatchRef) -> Patch:
         return ref
     if not isinstance(ref, (str, os.PathLike)):
         raise TypeError(f"a patch reference is a path, a Hub id or a Patch, not {type(ref).__name__}")
-    path = Path(ref)
+    path = Path(ref).expanduser()
     if path.exists():
-        return read_patch(path)
-    text = str(ref)
-    if _HUB_ID.match(text):
-        repo_id, _, revision = text.partition("@")
-        try:
-            from forgetpatch.hub import download
-        except (ImportError, AttributeError):
-            raise HubError(
-                f"{text!r} is not a local path, and Hub downloads are not available in this installation "
-                "(forgetpatch.hub.download is missing)"
-            ) from None
-        return read_patch(download(repo_id, revision=revision or None))
-    raise PatchFormatError(
-        f"no patch at {text!r}: not an existing folder or file, nor a Hub id like 'org/name'"
-    )
+        return read_patch(path, allow_unverified=allow_unverified)
+    text = os.fspath(ref)
+    local = _path_like(ref)
+    if local:
+        raise PatchFormatError(f"no patch at {text!r} (in {Path.cwd()}): nothing exists there ({local})")
+    if not _HUB_ID.match(text):
+        raise PatchFormatError(
+            f"no patch at {text!r}: not an existing folder or file, nor a Hub id like 'org/name'"
+        )
+    repo_id, _, revision = text.partition("@")
+    try:
+        from forgetpatch.hub import download
+    except (ImportError, AttributeError):
+        raise HubError(
+            f"{text!r} is not a local path, and Hub downloads are not available in this installation "
+            "(forgetpatch.hub.download is missing)"
+        ) from None
+    try:
+        folder = download(repo_id, revision=revision or None, allow_unverified=allow_unverified)
+    except HubError as exc:
+        at = f" (revision {revision!r})" if revision else ""
+        raise HubError(
+            f"no local folder or file {text!r} (in {Path.cwd()}), and the Hub repo {repo_id!r}{at} "
+            f"could not be fetched: {exc}"
+        ) from exc
+    return read_patch(folder, allow_unverified=allow_unverified)
+
+
+def _path_like(ref: str | os.PathLike) -> str:
+    """Why a reference that names nothing local is a path and not a Hub id ("" when it may be a Hub id)."""
+    if not isinstance(ref, str):
+        return "a Path object is never looked up on the Hub"
+    repo = ref.partition("@")[0]
+    if (
+        ref.startswith(("./", "../", "~", ".\\", "..\\"))
+        or os.path.isabs(ref)
+        or (os.sep != "/" and os.sep in ref)
+    ):
+        return "it is written as a local path"
+    if ref.endswith((".safetensors", ".json")):
+        return "it names a file"
+    if repo.count("/") > 1:
+        return "it is a path: a Hub id has one '/' ('org/name')"
+    first = repo.split("/")[0]
+    if "/" in repo and Path(first).is_dir():
+        return (
+            f"not tried on the Hub because {first!r} is a local folder; to fetch the Hub repo of that "
+            f"name, use forgetpatch.load(forgetpatch.hub.download({repo!r}))"
+        )
+    return ""
 
 
 def _as_list(refs: PatchRef | Iterable[PatchRef]) -> list[PatchRef]:
@@ -144,7 +257,7 @@ def _as_list(refs: PatchRef | Iterable[PatchRef]) -> list[PatchRef]:
     return list(refs)
 
 
-def _with_parents(patches: list[Patch], state: _State) -> list[Patch]:
+def _with_parents(patches: list[Patch], state: _State, allow_unverified: bool) -> list[Patch]:
     """Each local patch preceded by its lineage parents that are not applied yet, found by digest among the patch
     folders beside it (a chain written by ``forgetpatch chain``: ``chain/step-1 ... step-k``)."""
     present = {e.digest for e in state.entries}
@@ -160,7 +273,7 @@ def _with_parents(patches: list[Patch], state: _State) -> list[Patch]:
             if folder is not None and folder.is_dir():
                 for sibling in sorted(folder.iterdir()):
                     if sibling != source and (sibling / "forgetpatch.json").is_file():
-                        candidate = read_patch(sibling)
+                        candidate = read_patch(sibling, allow_unverified=allow_unverified)
                         found[candidate.digest] = candidate
             missing = [d for d in wanted if d not in found]
             if missing:
@@ -175,9 +288,82 @@ def _with_parents(patches: list[Patch], state: _State) -> list[Patch]:
     return out
 
 
+# --- peft layers ---------------------------------------------------------------------------
+def _tuner_layers(pipe) -> list[tuple[str, nn.Module]]:
+    """(module path, layer) of every peft layer in the pipeline's components."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return []
+    out = []
+    for component in COMPONENTS:
+        module = getattr(pipe, component, None)
+        if isinstance(module, nn.Module):
+            out += [
+                (f"{component}.{n}", m) for n, m in module.named_modules() if isinstance(m, BaseTunerLayer)
+            ]
+    return out
+
+
+def _wrapper(pipe, path: str) -> nn.Module | None:
+    """The peft layer wrapping the module at ``path`` (already resolved by ``resolve_module``), if any."""
+    component, _, rest = path.partition(".")
+    module = getattr(pipe, component).get_submodule(rest)
+    return module if hasattr(module, "merged_adapters") else None
+
+
+def _ours(state: _State) -> set[str]:
+    return {e.name for e in state.entries if not e.fused}
+
+
+def _user_sets(pipe, ours: set[str]) -> _UserSets:
+    out: _UserSets = {}
+    for path, layer in _tuner_layers(pipe):
+        out.setdefault(path.partition(".")[0], {})[layer] = [
+            n for n in layer.active_adapters if n not in ours
+        ]
+    return out
+
+
+@contextmanager
+def _merges_kept(pipe) -> Iterator[None]:
+    """peft unmerges every fused LoRA of a model it injects a new adapter into; hide the merges meanwhile, so a
+    user's fused LoRA stays fused, bit for bit."""
+    merged = [(layer, layer.merged_adapters) for _, layer in _tuner_layers(pipe) if layer.merged_adapters]
+    for layer, _ in merged:
+        layer.merged_adapters = []
+    try:
+        yield
+    finally:
+        for layer, names in merged:
+            layer.merged_adapters = names
+
+
 # --- checks (before anything is changed) ---------------------------------------------------
-def _check(pipe, patches: Sequence[Patch], state: _State, strict: bool, fuse: bool, key_steps: bool) -> None:
+def _checked_scale(scale) -> float:
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ApplyError(
+            f"scale must be a finite number > 0, not {scale!r}: 0 would switch the patch off and a "
+            "negative scale would undo its forgetting"
+        )
+    return value
+
+
+def _check(
+    pipe, patches: Sequence[Patch], state: _State, strict: bool, fuse: bool, key_steps: bool, allow_unverified: bool
+) -> None:
     present = [e.digest for e in state.entries]
+    layers = _tuner_layers(pipe)
+    disabled = [path for path, layer in layers if layer.disable_adapters]
+    if disabled and not fuse:
+        raise ApplyError(
+            f"LoRA is switched off on this pipeline (pipe.disable_lora(); e.g. {disabled[0]}), so an unfused "
+            "patch would be off too: call pipe.enable_lora() first, or apply with fuse=True"
+        )
     for patch in patches:
         if patch.digest in present:
             raise AlreadyAppliedError(
@@ -195,18 +381,34 @@ def _check(pipe, patches: Sequence[Patch], state: _State, strict: bool, fuse: bo
                     f"patch {patch.name!r} changes {path} with shape {patch.delta_shape(path)}, but the "
                     f"pipeline's module has shape {tuple(module.weight.shape)}: it was made for another architecture"
                 )
+            wrapper = _wrapper(pipe, path)
+            if wrapper is not None and wrapper.merged_adapters:
+                raise ApplyError(
+                    f"patch {patch.name!r} changes {path}, where LoRA {', '.join(wrapper.merged_adapters)} is "
+                    "fused into the weight (pipe.fuse_lora()): the base weights cannot be checked there, and "
+                    "peft skips unfused adapters on a fused layer. Call pipe.unfuse_lora() first; to have your "
+                    "LoRA fused as well, apply the patch with fuse=True and then fuse your LoRA again."
+                )
+        require_verifiable(patch, allow_unverified=allow_unverified)  # no or a partial fingerprint: refused
         expected = patch.manifest.base_model.fingerprint
-        if not expected:
-            logger.warning("patch %r records no base fingerprint (old format); not checked", patch.name)
-        else:
+        if expected:
             actual = fingerprint(pipe, expected)
             wrong = [p for p, fp in expected.items() if actual[p] != fp]
             if wrong:
+                dtypes = {resolve_module(pipe, p).weight.dtype for p in wrong} - set(_FINGERPRINT_DTYPES)
+                if dtypes:
+                    dtype = str(sorted(dtypes, key=str)[0]).removeprefix("torch.")
+                    raise FingerprintMismatchError(
+                        f"patch {patch.name!r} cannot be checked against this pipeline's {dtype} weights: base "
+                        f"fingerprints sample weights rounded to float16, which a {dtype} copy of the model "
+                        "does not reproduce. Load the pipeline in float16 or float32 (torch_dtype=torch.float16) "
+                        "to apply it."
+                    )
                 base = patch.manifest.base_model.id or "another model"
                 raise FingerprintMismatchError(
                     f"patch {patch.name!r} was made for {base}: the base weights of {len(wrong)} of its "
-                    f"{len(expected)} modules differ from this pipeline's (first: {wrong[0]}). "
-                    "Apply it to the model it was made for."
+                    f"{len(expected)} modules differ from this pipeline's (first: {wrong[0]}; a fine-tune, "
+                    "another checkpoint, or a LoRA fused into it). Apply it to the model it was made for."
                 )
         if strict:
             missing = [d for d in patch.manifest.lineage if d not in present]
@@ -216,6 +418,56 @@ def _check(pipe, patches: Sequence[Patch], state: _State, strict: bool, fuse: bo
                     f"{', '.join(d[:12] for d in missing)}. Apply those first (in order), or pass strict=False."
                 )
         present.append(patch.digest)
+
+
+def _verify(state: _State, pipes: Iterable) -> None:
+    """Raise :class:`ApplyError` where an applied patch is not live and cannot be made so without overriding the
+    user; switch back on (with a warning) forgetpatch adapters that a user call left out of the active set."""
+    for pipe in pipes:
+        replaced = [c for c, ref in state.components.items() if getattr(pipe, c, None) is not ref()]
+        if replaced:
+            raise ApplyError(
+                f"pipe.{replaced[0]} was replaced after patches were applied to it: the patches "
+                f"({', '.join(e.name for e in state.entries)}) are not on the new one. Call forgetpatch.remove(pipe) "
+                "and apply them again."
+            )
+    for component, names in state.held.items():
+        module = state.components[component]() if component in state.components else None
+        config = getattr(module, "peft_config", None) or {}
+        gone = sorted(n for n in names if n not in config)
+        if gone:
+            raise ApplyError(
+                f"forgetpatch's adapter(s) {', '.join(gone)} are no longer on the pipeline's {component} (deleted "
+                "by unload_lora_weights() or delete_adapters()), so the patch is off. Call forgetpatch.remove(pipe) "
+                "to clear it, then apply it again."
+            )
+    on, switched_on = set(state.active), []
+    for path, layer, names in state.layers:
+        if layer.merged_adapters:
+            raise ApplyError(
+                f"pipe.fuse_lora() merged LoRA weights into {path}, which carries forgetpatch's adapter(s) "
+                f"{', '.join(names)}: peft then skips its unmerged adapters, and a merged patch cannot be taken "
+                "off exactly. Call pipe.unfuse_lora(); to fuse your LoRA with patches on, apply them with fuse=True."
+            )
+        if layer.disable_adapters:
+            raise ApplyError(
+                f"LoRA is switched off (pipe.disable_lora()) on {path}, which carries forgetpatch's adapter(s) "
+                f"{', '.join(names)}: the patch would be off too. Call pipe.enable_lora(), or forgetpatch.remove(pipe) "
+                "to run without patches."
+            )
+        active, gated = layer.active_adapters, path.startswith("unet.")
+        missing = [n for n in names if n not in active and (n in on or not gated)]
+        if missing:
+            layer.set_adapter([*layer.active_adapters, *missing])
+            switched_on += [n for n in missing if n not in switched_on]
+    if switched_on:
+        warnings.warn(
+            f"forgetpatch's adapter(s) {', '.join(switched_on)} had been left out of the active adapters (a later "
+            "load_lora_weights() or set_adapters() activates only the adapters it names); they were switched "
+            "back on beside yours. Name them in set_adapters(), or forgetpatch.remove() them, to avoid this.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 # --- mutation ------------------------------------------------------------------------------
@@ -271,6 +523,20 @@ def _restore_fused(pipe, entries: Iterable[AppliedPatch]) -> None:
                 delattr(layer, ORIGINAL_WEIGHT_ATTR)
 
 
+def _fuse_again(pipe, before: list[AppliedPatch], after: list[AppliedPatch]) -> None:
+    """Restore every fused weight exactly, then fuse ``after`` again, in order. A user's LoRA merged into one of
+    those layers meanwhile (``fuse_lora()`` after ``apply``) is merged again on top, as ``fuse_lora`` would have."""
+    wrappers = {_wrapper(pipe, path) for e in before for path in e.patch.target_modules}
+    merged = [(w, w.merged_adapters) for w in wrappers if w is not None and w.merged_adapters]
+    for wrapper, _ in merged:
+        wrapper.merged_adapters = []
+    _restore_fused(pipe, before)
+    for e in after:
+        _fuse(pipe, e.patch, e.scale)
+    for wrapper, names in merged:
+        wrapper.merge(adapter_names=names)
+
+
 def _load_adapter(pipe, patch: Patch, name: str) -> None:
     if not hasattr(pipe, "load_lora_weights"):
         raise ApplyError(f"{type(pipe).__name__} cannot load LoRA adapters (no load_lora_weights)")
@@ -284,89 +550,157 @@ def _load_adapter(pipe, patch: Patch, name: str) -> None:
     from transformers.utils import logging as transformers_logging
 
     # Quiet expected chatter: transformers' load report lists the *other* adapters' keys as "missing",
-    # diffusers warns about components the patch does not touch.
+    # diffusers warns about components the patch does not touch. Log levels and warning filters are
+    # process-wide, hence the global lock. low_cpu_mem_usage=False: peft's low-memory path patches
+    # nn.Module.register_parameter process-wide (models built meanwhile in other threads got meta weights).
     loggers = (transformers_logging, diffusers_logging)
-    verbosity = [lib.get_verbosity() for lib in loggers]
-    try:
-        for lib in loggers:
-            lib.set_verbosity_error()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            pipe.load_lora_weights(state_dict, adapter_name=name, low_cpu_mem_usage=True)
-    finally:
-        for lib, level in zip(loggers, verbosity, strict=True):
-            lib.set_verbosity(level)
+    with _QUIET_LOCK, _merges_kept(pipe):
+        verbosity = [lib.get_verbosity() for lib in loggers]
+        try:
+            for lib in loggers:
+                lib.set_verbosity_error()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                pipe.load_lora_weights(state_dict, adapter_name=name, low_cpu_mem_usage=False)
+        finally:
+            for lib, level in zip(loggers, verbosity, strict=True):
+                lib.set_verbosity(level)
+
+
+def _delete_adapters(pipe, names: list[str]) -> None:
+    """Delete adapters, then unwrap the peft layers left with none (all of them when no adapter is left)."""
+    # peft makes another adapter active when an active one is deleted; _sync sets the active sets right after
+    with _QUIET_LOCK, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+        pipe.delete_adapters(names)
+    if not _adapter_names(pipe):
+        pipe.unload_lora_weights()  # unwrap peft layers: the original modules come back
+        return
+    for path, layer in _tuner_layers(pipe):
+        if not any(len(getattr(layer, attr)) for attr in layer.adapter_layer_names):
+            component, _, rest = path.partition(".")
+            parent, _, child = rest.rpartition(".")
+            setattr(getattr(pipe, component).get_submodule(parent), child, layer.get_base_layer())
+    for component in COMPONENTS:
+        module = getattr(pipe, component, None)
+        if getattr(module, "peft_config", None) == {}:
+            del module.peft_config
+            module._hf_peft_config_loaded = None
 
 
 def _is_active(entry: AppliedPatch, fraction: float) -> bool:
     return entry.ranges is None or any(r.start <= fraction <= r.end for r in entry.ranges)
 
 
-def _activate(unet: nn.Module, state: _State, names: tuple[str, ...]) -> None:
-    scales = {e.name: e.scale for e in state.entries}
-    unet_names = [n for n in names if n in (getattr(unet, "peft_config", None) or {})]
-    if unet_names:
-        unet.enable_lora()
-        unet.set_adapters(unet_names, weights=[scales[n] for n in unet_names])
-    elif getattr(unet, "peft_config", None):
-        unet.disable_lora()
+def _switch(state: _State, names: tuple[str, ...]) -> None:
+    """Switch the UNet's forgetpatch adapters to ``names``, leaving the user's active adapters as they are."""
+    ours = _ours(state)
+    for path, layer, _ in state.layers:
+        if path.startswith("unet."):
+            layer.set_adapter([n for n in layer.active_adapters if n not in ours] + list(names))
     state.active = names
 
 
-def _sync(pipe, state: _State) -> None:
-    """Make the adapters' activity match ``state`` (all unfused on; gated ones per step)."""
-    unfused = [e for e in state.entries if not e.fused]
-    if unfused:
-        pipe.set_adapters([e.name for e in unfused], adapter_weights=[e.scale for e in unfused])
-        unet = _unet(pipe)
-        if getattr(unet, "peft_config", None):
-            unet.enable_lora()  # the gate may have switched the UNet's adapters off at the last step
-        state.active = tuple(e.name for e in unfused)
-    else:
-        state.active = None
-    gated = any(e.ranges is not None for e in unfused)
-    if gated and state.hook is None:
-        state.hook = _unet(pipe).register_forward_pre_hook(_gate_hook(state), with_kwargs=True)
-    elif not gated and state.hook is not None:
-        state.hook.remove()
-        state.hook = None
+def _train_steps(state: _State) -> int:
+    seen = set()
+    for pipe in list(state.pipes):
+        config = getattr(getattr(pipe, "scheduler", None), "config", None)
+        steps = getattr(config, "num_train_timesteps", None)
+        if steps:
+            seen.add(int(steps))
+    if len(seen) > 1:
+        raise ApplyError(
+            f"pipelines sharing this UNet have schedulers with different num_train_timesteps ({sorted(seen)}): "
+            "key-step gating cannot tell which one is running. Give them the same scheduler config, or "
+            "forgetpatch.remove() the patches before building a pipeline with another one."
+        )
+    if seen:
+        state.num_train_timesteps = seen.pop()
+    return state.num_train_timesteps
 
 
-def _gate_hook(state: _State):
+def _unet_hook(state: _State):
     def hook(unet, args, kwargs):
-        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1] if len(args) > 1 else None
-        if timestep is None:
+        if unet is not state.unet():
             return None
-        t = float(torch.as_tensor(timestep).reshape(-1)[0])
-        fraction = 1.0 - t / state.num_train_timesteps
-        names = tuple(e.name for e in state.entries if not e.fused and _is_active(e, fraction))
-        if names != state.active:
-            _activate(unet, state, names)
+        with state.lock:
+            _verify(state, list(state.pipes))
+            unfused = [e for e in state.entries if not e.fused]
+            if not any(e.ranges is not None for e in unfused):
+                return None
+            timestep = kwargs["timestep"] if "timestep" in kwargs else args[1] if len(args) > 1 else None
+            if timestep is None:
+                return None
+            fraction = 1.0 - float(torch.as_tensor(timestep).reshape(-1)[0]) / _train_steps(state)
+            names = tuple(e.name for e in unfused if _is_active(e, fraction))
+            if names != state.active:
+                _switch(state, names)
         return None
 
     return hook
 
 
-def _no_adapters_left(pipe) -> bool:
-    return not _adapter_names(pipe)
+def _component_hook(state: _State, component: str):
+    def hook(module, args):
+        ref = state.components.get(component)
+        if ref is None or module is not ref():
+            return None
+        with state.lock:
+            _verify(state, list(state.pipes))
+        return None
+
+    return hook
 
 
-def _take_off(pipe, state: _State, leaving: list[AppliedPatch]) -> None:
+def _sync(pipe, state: _State, user: _UserSets) -> None:
+    """Every peft layer's active set := the user's (``user``, taken before forgetpatch changed anything) + all
+    unfused patches at their scales; then the bookkeeping of their layers and the hooks that guard them."""
+    unfused = [e for e in state.entries if not e.fused]
+    on = [e.name for e in unfused]
+    for path, layer in _tuner_layers(pipe):
+        known = user.get(path.partition(".")[0], {})
+        layer.set_adapter(known.get(layer, next(iter(known.values()), [])) + on)
+        for e in unfused:
+            if e.name in getattr(layer, "scaling", {}):
+                layer.set_scale(e.name, e.scale)
+    state.active = tuple(on)
+    _rescan(pipe, state)
+    for handle in state.hooks:
+        handle.remove()
+    state.hooks = []
+    if on:
+        state.hooks.append(_unet(pipe).register_forward_pre_hook(_unet_hook(state), with_kwargs=True))
+    for component in sorted({path.partition(".")[0] for path, _, _ in state.layers} - {"unet"}):
+        state.hooks.append(
+            getattr(pipe, component).register_forward_pre_hook(_component_hook(state, component))
+        )
+
+
+def _rescan(pipe, state: _State) -> None:
+    ours = [e.name for e in state.entries if not e.fused]
+    state.layers, state.held = [], {}
+    for path, layer in _tuner_layers(pipe):
+        names = tuple(n for n in ours if n in getattr(layer, "lora_A", {}))
+        if names:
+            state.layers.append((path, layer, names))
+            state.held.setdefault(path.partition(".")[0], set()).update(names)
+    touched = {path.partition(".")[0] for e in state.entries for path in e.patch.target_modules}
+    state.components = {
+        c: weakref.ref(getattr(pipe, c)) for c in sorted(touched) if getattr(pipe, c, None) is not None
+    }
+
+
+def _take_off(pipe, state: _State, leaving: list[AppliedPatch], user: _UserSets | None = None) -> None:
+    user = _user_sets(pipe, _ours(state)) if user is None else user
     leaving_names = {e.name for e in leaving}
     remaining = [e for e in state.entries if e.name not in leaving_names]
     if any(e.fused for e in leaving):
-        # restore every fused weight exactly, then re-fuse what stays, in order
-        _restore_fused(pipe, [e for e in state.entries if e.fused])
-        for e in remaining:
-            if e.fused:
-                _fuse(pipe, e.patch, e.scale)
+        _fuse_again(pipe, [e for e in state.entries if e.fused], [e for e in remaining if e.fused])
     adapters = [e.name for e in leaving if not e.fused and e.name in _adapter_names(pipe)]
     if adapters:
-        pipe.delete_adapters(adapters)
-        if _no_adapters_left(pipe):
-            pipe.unload_lora_weights()  # unwrap peft layers: the original modules come back
+        _delete_adapters(pipe, adapters)
     state.entries = remaining
-    _sync(pipe, state)
+    _sync(pipe, state, user)
 
 
 # --- public API ----------------------------------------------------------------------------
@@ -379,64 +713,67 @@ def apply(
     key_steps: bool = False,
     strict: bool = True,
     with_lineage: bool = False,
+    allow_unverified: bool = False,
 ):
     """Apply one or several patches to ``pipe`` (in order, additively) and return ``pipe``.
 
     Args:
         refs: a ref or a list of refs: local folder, ``.safetensors`` file, Hub id, or :class:`Patch`.
-        scale: multiplier of every patch's change (1.0 = as made).
+        scale: multiplier of every patch's change (1.0 = as made); a finite number > 0.
         fuse: merge into the weights (zero inference overhead); still exactly removable.
         key_steps: gate each patch to its recorded key-step ranges (patches without ranges stay on).
         strict: refuse patches whose lineage parents are not applied.
         with_lineage: first apply a patch's lineage parents that are not on yet, in order, found among the patch
             folders beside it (``apply(pipe, "chain/step-5", with_lineage=True)`` puts steps 1-4 on first).
+        allow_unverified: also read patches that carry nothing to verify them by (a format v0 file, a manifest
+            without a base fingerprint for every module); a :class:`Patch` object is used as it was read.
 
-    Raises :class:`~forgetpatch.errors.ApplyError` subclasses (fingerprint mismatch, missing module,
-    already applied, lineage) or :class:`~forgetpatch.errors.PatchFormatError`; then the pipeline is
-    exactly as it was.
+    The user's own LoRAs stay as they are: patches add to their active adapters (see the module docstring).
+
+    Raises :class:`~forgetpatch.errors.ApplyError` subclasses (bad scale, fingerprint mismatch, missing module,
+    already applied, lineage, a fused LoRA on a targeted layer) or :class:`~forgetpatch.errors.PatchFormatError`;
+    then the pipeline is exactly as it was, the user's adapters included.
 
     Example:
         >>> pipe = forgetpatch.apply(pipe, ["org/no-vangogh", "./no-church"], key_steps=True)
         >>> [p.name for p in forgetpatch.applied(pipe)]
         ['no-vangogh', 'no-church']
     """
-    patches = [load(ref) for ref in _as_list(refs)]
+    scale = _checked_scale(scale)
+    patches = [load(ref, allow_unverified=allow_unverified) for ref in _as_list(refs)]
     state = _state(pipe)
-    if with_lineage:
-        patches = _with_parents(patches, state)
-    _check(pipe, patches, state, strict, fuse, key_steps)
-    scheduler = getattr(pipe, "scheduler", None)
-    state.num_train_timesteps = int(
-        getattr(getattr(scheduler, "config", {}), "num_train_timesteps", 1000) or 1000
-    )
-    added: list[AppliedPatch] = []
-    before = _adapter_names(pipe)
-    try:
-        for patch in patches:
-            entry = AppliedPatch(
-                name=_unique_name(pipe, state, patch.name),
-                patch=patch,
-                scale=float(scale),
-                fused=fuse,
-                ranges=list(patch.manifest.key_steps) if key_steps and patch.manifest.key_steps else None,
-            )
-            if fuse:
-                _fuse(pipe, patch, float(scale))
-            else:
-                _load_adapter(pipe, patch, entry.name)
-            state.entries.append(entry)
-            added.append(entry)
-        _sync(pipe, state)
-    except BaseException as exc:
-        _take_off(pipe, state, added)
-        stray = sorted(_adapter_names(pipe) - before)  # an adapter whose loading failed half-way
-        if stray:
-            pipe.delete_adapters(stray)
-            if _no_adapters_left(pipe):
-                pipe.unload_lora_weights()
-        if isinstance(exc, ForgetPatchError) or not isinstance(exc, Exception):
-            raise
-        raise ApplyError(f"applying patches failed and was undone: {exc}") from exc
+    with state.lock:
+        _verify(state, [pipe])
+        if with_lineage:
+            patches = _with_parents(patches, state, allow_unverified)
+        _check(pipe, patches, state, strict, fuse, key_steps, allow_unverified)
+        user = _user_sets(pipe, _ours(state))
+        added: list[AppliedPatch] = []
+        before = _adapter_names(pipe)
+        try:
+            for patch in patches:
+                entry = AppliedPatch(
+                    name=_unique_name(pipe, state, patch.name),
+                    patch=patch,
+                    scale=scale,
+                    fused=fuse,
+                    ranges=list(patch.manifest.key_steps) if key_steps and patch.manifest.key_steps else None,
+                )
+                if fuse:
+                    _fuse(pipe, patch, scale)
+                else:
+                    _load_adapter(pipe, patch, entry.name)
+                state.entries.append(entry)
+                added.append(entry)
+            _sync(pipe, state, user)
+        except BaseException as exc:
+            stray = sorted(_adapter_names(pipe) - before - {e.name for e in added})  # loading failed half-way
+            if stray:
+                _delete_adapters(pipe, stray)
+            _take_off(pipe, state, added, user)
+            if isinstance(exc, ForgetPatchError) or not isinstance(exc, Exception):
+                raise
+            raise ApplyError(f"applying patches failed and was undone: {exc}") from exc
     return pipe
 
 
@@ -444,40 +781,56 @@ def remove(pipe, names: str | Patch | Iterable[str | Patch] | None = None):
     """Take patches off ``pipe`` (all when ``names`` is None) and return ``pipe``.
 
     ``names`` are adapter names, patch names, digests or :class:`Patch` objects. Afterwards every
-    parameter is bit-identical to what it was before those patches were applied.
+    parameter is bit-identical to what it was before those patches were applied, and the user's own
+    adapters are active as they were.
 
     Example:
         >>> forgetpatch.remove(pipe, "no-vangogh")
         >>> forgetpatch.remove(pipe)                 # everything
     """
     state = _state(pipe)
-    if names is None:
-        leaving = list(state.entries)
-    else:
-        wanted = [names] if isinstance(names, (str, Patch)) else list(names)
-        leaving = []
-        for item in wanted:
-            key = item.digest if isinstance(item, Patch) else item
-            match = [e for e in state.entries if key in (e.name, e.patch.name, e.digest)]
-            if not match:
-                on = ", ".join(e.name for e in state.entries) or "none"
-                raise NotAppliedError(f"no applied patch named {key!r} (applied: {on})")
-            leaving.extend(m for m in match if m not in leaving)
-    if leaving:
-        _take_off(pipe, state, leaving)
+    with state.lock:
+        if names is None:
+            leaving = list(state.entries)
+        else:
+            wanted = [names] if isinstance(names, (str, Patch)) else list(names)
+            leaving = []
+            for item in wanted:
+                key = item.digest if isinstance(item, Patch) else item
+                match = [e for e in state.entries if key in (e.name, e.patch.name, e.digest)]
+                if not match:
+                    on = ", ".join(e.name for e in state.entries) or "none"
+                    raise NotAppliedError(f"no applied patch named {key!r} (applied: {on})")
+                leaving.extend(m for m in match if m not in leaving)
+        leaving_names = {e.name for e in leaving}
+        for path, layer, held in state.layers:
+            merged = [n for n in held if n in leaving_names and n in layer.merged_adapters]
+            if merged:
+                raise ApplyError(
+                    f"pipe.fuse_lora() merged forgetpatch's adapter(s) {', '.join(merged)} into {path}; a merged "
+                    "patch cannot be taken off exactly. Call pipe.unfuse_lora() first."
+                )
+        if leaving:
+            _take_off(pipe, state, leaving)
     return pipe
 
 
 def applied(pipe) -> list[AppliedPatch]:
     """The patches on ``pipe``, in application order.
 
+    Raises :class:`~forgetpatch.errors.ApplyError` when one of them is no longer live and cannot be switched
+    back on (see the module docstring); never lists a patch that is off.
+
     Example:
         >>> [(p.name, p.fused) for p in forgetpatch.applied(pipe)]
         [('no-vangogh', False)]
     """
-    unet = getattr(pipe, "unet", None)
-    state = _STATES.get(unet) if isinstance(unet, nn.Module) else None
-    return list(state.entries) if state else []
+    state = _existing_state(pipe)
+    if state is None:
+        return []
+    with state.lock:
+        _verify(state, [pipe])
+        return list(state.entries)
 
 
 def unpatched(pipe):
@@ -492,17 +845,28 @@ def unpatched(pipe):
         >>> forgetpatch.applied(base), len(forgetpatch.applied(pipe))
         ([], 1)
     """
-    unet = _unet(pipe)
-    state = _STATES.get(unet)
-    clone = copy.deepcopy(pipe)
-    if state is None or not state.entries:
-        return clone
-    clone_unet = _unet(clone)
-    if state.hook is not None:  # the copied gate hook would act on the original's bookkeeping
-        for hooks in (clone_unet._forward_pre_hooks, clone_unet._forward_pre_hooks_with_kwargs):
-            hooks.pop(state.hook.id, None)
-    _STATES[clone_unet] = _State(
-        entries=list(state.entries), num_train_timesteps=state.num_train_timesteps, active=state.active
-    )
+    state = _existing_state(pipe)
+    if state is None:
+        return copy.deepcopy(pipe)
+    with state.lock:
+        clone = copy.deepcopy(pipe)
+        if not state.entries:
+            return clone
+        ids = {handle.id for handle in state.hooks}  # copied hooks would act on the original's bookkeeping
+        for component in COMPONENTS:
+            module = getattr(clone, component, None)
+            if isinstance(module, nn.Module):
+                for hooks in (module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs):
+                    for i in ids:
+                        hooks.pop(i, None)
+        clone_unet = _unet(clone)
+        clone_state = _State(
+            unet=weakref.ref(clone_unet),
+            entries=list(state.entries),
+            num_train_timesteps=state.num_train_timesteps,
+            active=state.active,
+        )
+        _rescan(clone, clone_state)
+        with _STATES_LOCK:
+            _STATES[clone_unet] = clone_state
     return remove(clone)
-

@@ -38,20 +38,29 @@ def erase(
     *,
     method: str = "scapre",
     preserve: ConceptLike | Sequence[ConceptLike] | None = None,
+    paper: bool = False,
     **params: Any,
 ):
     """Make ``pipe`` forget ``concepts`` with ``method`` and return the change as a Patch.
 
-    The pipeline itself is not modified; apply the returned patch with :func:`forgetpatch.apply`.
+    The pipeline itself is not modified; apply the returned patch with :func:`forgetpatch.apply`. Settings
+    left unset come from the base model when it supplies them (the toy world does), else closed-form methods
+    edit each concept in the prompts of its kind; ``paper=True`` runs the method exactly as published
+    instead (:mod:`forgetpatch.methods.defaults`).
 
     Example:
         >>> patch = forgetpatch.erase(pipe, ["circle", "star"], method="scapre")
         >>> patch.save("no-circle-star/")
     """
     from forgetpatch.errors import ConceptError
+    from forgetpatch.methods.defaults import with_defaults
 
     erased = as_concepts(concepts)
     kept = as_concepts(preserve)
+    unknown = getattr(pipe, "forgetpatch_unknown_concept", None)  # a base that knows its vocabulary (the toy world)
+    for concept in [*erased, *kept] if callable(unknown) else []:
+        if (why := unknown(concept.target)) is not None:
+            raise ConceptError(why)
     if not erased:
         raise ConceptError("nothing to erase: pass at least one concept, e.g. erase(pipe, ['circle'])")
     overlap = {c.target.lower() for c in erased} & {c.target.lower() for c in kept}
@@ -59,6 +68,7 @@ def erase(
         raise ConceptError(
             f"concepts both erased and preserved: {sorted(overlap)}; remove them from one list"
         )
+    erased, kept, params = with_defaults(pipe, method, erased, kept, params, paper=paper)
     return get_method(method).erase(pipe, erased, preserve=kept, **params)
 
 

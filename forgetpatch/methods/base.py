@@ -48,6 +48,9 @@ def as_concepts(
     """Normalise strings / :class:`Concept` objects (or one of them) to a list of concepts."""
     if items is None:
         return []
+    if isinstance(items, str) and "," in items:
+        words = [w.strip() for w in items.split(",") if w.strip()]
+        raise ConceptError(f"{items!r} is one string; to name several concepts pass a list: {words}")
     if isinstance(items, (str, Concept)):
         items = [items]
     return [c if isinstance(c, Concept) else Concept(target=c, kind=kind) for c in items]

@@ -49,12 +49,12 @@ from forgetpatch.errors import MethodError
 from forgetpatch.methods.base import Concept, register
 from forgetpatch.methods.common import check_concepts, patch_name
 from forgetpatch.methods.engine import Cond, FinetuneEngine, make_config
-from forgetpatch.toy import ERASE_TEMPLATES, vocab
 
 
 @dataclass(frozen=True)
 class DynamicMaskParams:
-    """Dynamic Mask's settings: the paper's (SD 1.4) by default; :data:`TOY` for the toy world."""
+    """Dynamic Mask's settings: the paper's (SD 1.4). A base may supply its own (the toy world's:
+    :data:`forgetpatch.toy.defaults.METHOD_SETTINGS`)."""
 
     steps: int = 500
     """Training steps per concept."""
@@ -81,13 +81,12 @@ class DynamicMaskParams:
     seed: int = 0
 
     @classmethod
-    def for_pipe(cls, pipe: Any, params: dict[str, Any]) -> DynamicMaskParams:
+    def from_dict(cls, params: dict[str, Any]) -> DynamicMaskParams:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(params) - known - {"name", "progress"})
         if unknown:
             raise MethodError(f"unknown Dynamic Mask parameter(s) {unknown}; known: {sorted(known)}")
-        start = TOY if getattr(pipe, "forgetpatch_family", None) == "toy" else cls()
-        values = replace(start, **{k: v for k, v in params.items() if k in known})
+        values = replace(cls(), **{k: v for k, v in params.items() if k in known})
         values = replace(values, templates=tuple(values.templates))
         counts = ("steps", "epochs", "warmup", "update_every", "batch", "images", "num_inference_steps")
         if any(getattr(values, k) < 1 for k in counts) or values.steps < values.epochs:
@@ -102,18 +101,10 @@ class DynamicMaskParams:
         return values
 
 
-#: The toy world's profile: its prompt forms, its guidance, and the length and learning rate its small UNet needs.
-TOY = DynamicMaskParams(
-    steps=200, epochs=4, update_every=50, lr=1e-3, batch=4, images=32, templates=ERASE_TEMPLATES, guidance_scale=4.0
-)
-
-
-def superclass_of(concept: Concept, pipe: Any) -> str:
-    """The concept's superclass: its own, else the toy world's ("shape" for a toy shape)."""
+def superclass_of(concept: Concept) -> str:
+    """The concept's superclass (a base may supply one: the toy world's shapes get ``cross``)."""
     if concept.superclass:
         return concept.superclass
-    if getattr(pipe, "forgetpatch_family", None) == "toy" and concept.target in vocab.SHAPES:
-        return vocab.SHAPE_SUPERCLASS
     raise MethodError(
         f"Dynamic Mask aligns {concept.target!r} with its superclass: name it, e.g. "
         f"Concept({concept.target!r}, superclass='fish')"
@@ -354,7 +345,7 @@ class DynamicMask:
         cls, pipe: Any, concepts: list[Concept], *, preserve: list[Concept] = (), **params: Any
     ) -> dict[str, torch.Tensor]:
         """The full (masked, not factorised) weight changes ``{path: W' - W}``, for tests and analysis."""
-        settings = DynamicMaskParams.for_pipe(pipe, params)
+        settings = DynamicMaskParams.from_dict(params)
         deltas, _, _ = cls._train(pipe, concepts, list(preserve), settings, params.get("progress", True), raw=True)
         return deltas
 
@@ -362,7 +353,7 @@ class DynamicMask:
     def _train(pipe, concepts, preserve, settings, progress, raw=False):
         """Train the sequence; ``(factors, errors, records)``, or ``(deltas, {}, records)`` with ``raw``."""
         check_concepts(concepts, preserve)
-        supers = [superclass_of(c, pipe) for c in concepts]
+        supers = [superclass_of(c) for c in concepts]
         earlier = earlier_concepts(pipe)
         data = [
             ConceptData.make(pipe, c.target, s, settings, settings.seed + 1000 * i)
@@ -395,7 +386,7 @@ class DynamicMask:
         """
         from forgetpatch.format import MethodInfo, build_patch
 
-        settings = DynamicMaskParams.for_pipe(pipe, params)
+        settings = DynamicMaskParams.from_dict(params)
         started = time.perf_counter()
         factors, errors, records = self._train(pipe, concepts, preserve, settings, params.get("progress", True))
         records["wall_time_s"] = round(time.perf_counter() - started, 2)

@@ -464,6 +464,8 @@ class ScaPre:
     """Scalable and Precise concept unlearning: closed-form, many concepts per call."""
 
     name: ClassVar[str] = "scapre"
+    closed_form: ClassVar[bool] = True
+    """Computed in closed form from text embeddings (so edited in context by default)."""
     version: ClassVar[str] = "1"
 
     @staticmethod

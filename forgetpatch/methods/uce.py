@@ -158,6 +158,8 @@ class UCE:
     """Unified Concept Editing: exact closed form on every cross-attention key/value projection."""
 
     name: ClassVar[str] = "uce"
+    closed_form: ClassVar[bool] = True
+    """Computed in closed form from text embeddings (so edited in context by default)."""
     version: ClassVar[str] = "1"
 
     @staticmethod

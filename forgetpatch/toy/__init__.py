@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from forgetpatch.errors import ForgetPatchError
+from forgetpatch.toy.defaults import erase_defaults
 from forgetpatch.toy.degrade import NO_SHAPE, UNCLEAR, Verdict
 from forgetpatch.toy.render import IMAGE_SIZE, render, render_batch
 from forgetpatch.toy.vocab import (
@@ -47,6 +48,7 @@ from forgetpatch.toy.vocab import (
     kind_of,
     prompt,
     train_scenes,
+    why_not_a_concept,
 )
 
 if TYPE_CHECKING:
@@ -80,6 +82,7 @@ __all__ = [
     "all_scenes",
     "all_words",
     "concepts_of",
+    "erase_defaults",
     "heldout_scenes",
     "in_context_params",
     "is_heldout",
@@ -105,7 +108,10 @@ def pipeline(
         >>> pipe = pipeline()
         >>> pipe("a blue star on a grid background", num_inference_steps=25).images[0]  # doctest: +SKIP
     """
-    from diffusers import StableDiffusionPipeline
+    from forgetpatch.quiet import quiet_loading
+
+    with quiet_loading():
+        from diffusers import StableDiffusionPipeline
 
     directory = Path(path) if path is not None else PIPELINE_DIR
     if not (directory / "model_index.json").exists():
@@ -114,9 +120,12 @@ def pipeline(
             "`python -m forgetpatch.toy.train --out runs/toy` then export with "
             f"`python -m forgetpatch.toy.train --export runs/toy {PIPELINE_DIR}`"
         )
-    pipe = StableDiffusionPipeline.from_pretrained(directory, dtype=dtype, local_files_only=True)
+    with quiet_loading():
+        pipe = StableDiffusionPipeline.from_pretrained(directory, dtype=dtype, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     pipe.forgetpatch_family = "toy"  # patches made on it record base family "toy"
+    pipe.forgetpatch_defaults = erase_defaults  # what forgetpatch.erase uses for settings left unset
+    pipe.forgetpatch_unknown_concept = why_not_a_concept  # forgetpatch.erase refuses words outside the world
     return pipe.to(device)
 
 

@@ -113,6 +113,18 @@ def kind_of(word: str) -> Kind:
     raise KeyError(f"{word!r} is not a toy-world concept; known: {SHAPES + tuple(COLOURS) + TEXTURES}")
 
 
+def why_not_a_concept(word: str) -> str | None:
+    """``None`` when ``word`` is a toy-world concept, else a one-line message saying what to name instead."""
+    if word in SHAPES or word in COLOURS or word in TEXTURES:
+        return None
+    canonical = [c for c, words in SYNONYMS.items() if word in words]
+    hint = f" ({word!r} is a synonym of {canonical[0]!r}: name {canonical[0]!r})" if canonical else ""
+    return (
+        f"{word!r} is not a toy-world concept{hint}; name a shape ({', '.join(SHAPES)}), a colour "
+        f"({', '.join(COLOURS)}) or a texture ({', '.join(TEXTURES)})"
+    )
+
+
 def concepts_of(kind: Kind) -> tuple[str, ...]:
     return {"shape": SHAPES, "colour": tuple(COLOURS), "texture": TEXTURES}[kind]
 

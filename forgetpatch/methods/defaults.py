@@ -1,0 +1,86 @@
+"""Where a method's unset settings come from, so that a plain ``erase(pipe, ["circle"])`` forgets.
+
+First wins:
+
+1. what the caller passes (params, a concept's own ``guide`` / ``superclass``, a ``preserve`` list);
+2. the base's own defaults: a pipeline may carry ``forgetpatch_defaults``, a function
+   ``(method, targets) -> dict`` of :class:`BaseDefaults` fields with settings measured to forget on that
+   model (the toy world's pipeline carries :func:`forgetpatch.toy.defaults.erase_defaults`);
+3. for closed-form methods on any other base, editing in context: each concept is also edited inside the
+   prompts of its kind (:data:`KIND_TEMPLATES`, after the "image of {concept}" / "painting by {concept}"
+   prompts of UCE's code release) at its own token and every later one (``tokens="trailing"``);
+4. the method's published defaults.
+
+``paper=True`` skips 2 and 3: the method exactly as its paper states it (closed form: the bare word's last
+token, no templates).
+
+Example:
+    >>> erased, kept, params = with_defaults(pipe, "uce", as_concepts(["circle"]), [], {})
+    >>> erased[0].guide, params["tokens"]                 # on the toy world
+    ('cross', 'trailing')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from forgetpatch.methods.base import Concept, as_concepts, get_method
+
+#: Prompts a closed-form edit is also made in, per concept kind, unless a base supplies its own.
+KIND_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "object": ("image of {concept}", "photo of {concept}", "portrait of {concept}", "picture of {concept}",
+               "painting of {concept}"),
+    "style": ("painting by {concept}", "art by {concept}", "artwork by {concept}", "picture by {concept}",
+              "style of {concept}"),
+    "identity": ("photo of {concept}", "portrait of {concept}", "image of {concept}", "picture of {concept}",
+                 "{concept} smiling"),
+    "nudity": ("photo of {concept}", "image of {concept}", "{concept} person", "{concept} body", "{concept} art"),
+    "other": (),
+}
+
+
+@dataclass(frozen=True)
+class BaseDefaults:
+    """A base model's own settings for one method and set of concepts (every field optional)."""
+
+    guide: str | None = None
+    """What each erased concept without a guide turns into (closed form: the guide; ESD: the anchor)."""
+    superclass: str | None = None
+    """Each erased concept's superclass when it names none (Dynamic Mask)."""
+    preserve: Sequence[str] = ()
+    """Concepts to keep, used when the caller preserves nothing."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """Method parameters the caller did not set."""
+
+
+def is_closed_form(method: str) -> bool:
+    """Whether ``method`` computes its patch in closed form (and so edits text embeddings in context)."""
+    return bool(getattr(type(get_method(method)), "closed_form", False))
+
+
+def with_defaults(
+    pipe: Any, method: str, concepts: list[Concept], preserve: list[Concept], params: dict[str, Any], *,
+    paper: bool = False,
+) -> tuple[list[Concept], list[Concept], dict[str, Any]]:
+    """``(concepts, preserve, params)`` with every unset setting filled in, in the order above."""
+    if paper:
+        return concepts, preserve, params
+    supplied = getattr(pipe, "forgetpatch_defaults", None)
+    if callable(supplied):
+        base = BaseDefaults(**supplied(method, [c.target for c in concepts]))
+    elif is_closed_form(method):
+        kinds = {c.kind for c in concepts}
+        templates = tuple(t for kind in sorted(kinds) for t in KIND_TEMPLATES.get(kind, ()))
+        base = BaseDefaults(params={"tokens": "trailing", "templates": templates})
+    else:
+        base = BaseDefaults()
+    filled = [
+        replace(c, guide=c.guide if c.guide is not None else base.guide,
+                superclass=c.superclass or base.superclass)
+        for c in concepts
+    ]
+    erased = {c.target.lower() for c in concepts}
+    kept = preserve or as_concepts([p for p in base.preserve if p.lower() not in erased])
+    return filled, kept, {**base.params, **params}

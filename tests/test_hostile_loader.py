@@ -1,0 +1,512 @@
+"""The loader under misuse: user LoRAs (unfused, fused, gated), bad scales, scheduler swaps, dtypes, paths, threads.
+
+Every case ends in a named error (a ForgetPatchError subclass) with the pipeline as it was, or in the exact
+result. Effects are checked where LoRA arithmetic is exact: the effective weight of a targeted Linear (its
+output on the identity) must be base + user delta + patch delta; UNet outputs match a plain copy of the UNet
+with those weights written in, to float tolerance.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+import warnings
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+from torch import nn
+
+import forgetpatch
+from forgetpatch.errors import (
+    AlreadyAppliedError,
+    ApplyError,
+    FingerprintMismatchError,
+    ForgetPatchError,
+    HubError,
+    NotAppliedError,
+    PatchFormatError,
+)
+from forgetpatch.format import KeyStepRange, build_patch, resolve_module
+from forgetpatch.testing import tiny_sd_pipeline
+
+SHARED = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"  # user LoRA and patch
+USER_ONLY = "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_v"
+PATCH_ONLY = "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+TEXT = "text_encoder.encoder.layers.0.self_attn.v_proj"  # user LoRA and patch, never gated
+USER_WEIGHT = 0.7
+EARLY = [KeyStepRange(start=0.0, end=0.5)]
+
+
+# --- helpers -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def toy_base():
+    from forgetpatch import toy
+
+    try:
+        return toy.pipeline()
+    except ForgetPatchError as exc:
+        pytest.skip(f"toy pipeline not available: {exc}")
+
+
+@pytest.fixture
+def toy_pipe(toy_base):
+    return copy.deepcopy(toy_base)
+
+
+def factors(pipe, paths, seed, rank=2, size=0.05):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for path in paths:
+        w = resolve_module(pipe, path).weight
+        out[path] = (
+            size * torch.randn(rank, w[0].numel(), generator=g),
+            size * torch.randn(w.shape[0], rank, generator=g),
+        )
+    return out
+
+
+def make_patch(pipe, paths=(SHARED, PATCH_ONLY, TEXT), *, seed=0, name="p0", key_steps=None):
+    return build_patch(pipe, factors(pipe, paths, seed), name=name, method="manual", concepts=["cat"],
+                       key_steps=key_steps)  # fmt: skip
+
+
+def load_user_lora(pipe, paths=(SHARED, USER_ONLY, TEXT), *, name="mine", seed=10, weight=USER_WEIGHT):
+    """A diffusers-format LoRA loaded the ordinary way; returns its weight deltas (at ``weight``)."""
+    fs = factors(pipe, paths, seed, rank=4)
+    state_dict = {}
+    for path, (A, B) in fs.items():
+        state_dict[f"{path}.lora_A.weight"], state_dict[f"{path}.lora_B.weight"] = A, B
+    pipe.load_lora_weights(state_dict, adapter_name=name)
+    pipe.set_adapters([name], adapter_weights=[weight])
+    return {path: weight * (B @ A) for path, (A, B) in fs.items()}
+
+
+def layer(pipe, path) -> nn.Module:
+    component, rest = path.split(".", 1)
+    return getattr(pipe, component).get_submodule(rest)
+
+
+@torch.no_grad()
+def effective(pipe, path) -> torch.Tensor:
+    """The weight a Linear acts with now (peft adapters, merges and all): its output on the identity."""
+    base = resolve_module(pipe, path)
+    out = layer(pipe, path)(torch.eye(base.in_features, dtype=base.weight.dtype))
+    return (out - base.bias if base.bias is not None else out).T
+
+
+def expect(base_pipe, pipe, terms: dict[str, list[torch.Tensor]]) -> None:
+    for path, deltas in terms.items():
+        want = resolve_module(base_pipe, path).weight + sum(deltas, torch.zeros(()))
+        torch.testing.assert_close(effective(pipe, path), want, atol=1e-5, rtol=0, msg=path)
+
+
+def peft_state(pipe) -> dict:
+    """Everything peft keeps per layer that the user may have set: active set, scales, merges, on/off."""
+    out = {}
+    for component in ("unet", "text_encoder"):
+        for name, module in getattr(pipe, component).named_modules():
+            if hasattr(module, "active_adapters") and hasattr(module, "scaling"):
+                out[f"{component}.{name}"] = (list(module.active_adapters), dict(module.scaling),
+                                              list(module.merged_adapters), module.disable_adapters)  # fmt: skip
+    return out
+
+
+def snapshot(pipe) -> dict[str, torch.Tensor]:
+    out = {}
+    for component in ("unet", "text_encoder", "vae"):
+        out.update({f"{component}.{k}": v.clone() for k, v in getattr(pipe, component).state_dict().items()})
+    return out
+
+
+def assert_same(pipe, before: dict[str, torch.Tensor]) -> None:
+    after = snapshot(pipe)
+    assert after.keys() == before.keys(), sorted(set(after) ^ set(before))[:4]
+    changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
+    assert not changed, changed[:3]
+
+
+def unet_inputs(pipe, t: int):
+    g = torch.Generator().manual_seed(1)
+    size = pipe.unet.config.sample_size
+    sample = torch.randn(1, pipe.unet.config.in_channels, size, size, generator=g)
+    context = torch.randn(1, 6, pipe.unet.config.cross_attention_dim, generator=g)
+    return sample, torch.tensor([t]), context
+
+
+@torch.no_grad()
+def assert_unet_matches(base_pipe, pipe, t: int, terms: dict[str, list[torch.Tensor]]) -> None:
+    """``pipe.unet`` at timestep ``t`` == a plain copy of the base UNet with the deltas written into its weights."""
+    reference = copy.deepcopy(base_pipe.unet)
+    for path, deltas in terms.items():
+        if path.startswith("unet."):
+            reference.get_submodule(path.removeprefix("unet.")).weight += sum(deltas, torch.zeros(()))
+    sample, timestep, context = unet_inputs(pipe, t)
+    got = pipe.unet(sample, timestep, encoder_hidden_states=context).sample
+    want = reference(sample, timestep, encoder_hidden_states=context).sample
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+
+
+# --- user LoRAs ----------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["unfused", "fused", "gated"])
+def test_patch_adds_to_an_unfused_user_lora(toy_base, toy_pipe, mode):
+    pipe = toy_pipe
+    user = load_user_lora(pipe)
+    user_before, params_before = peft_state(pipe), snapshot(pipe)
+    patch = make_patch(toy_base, key_steps=EARLY if mode == "gated" else None)
+    p = {path: patch.delta(path) for path in patch.target_modules}
+    forgetpatch.apply(pipe, patch, fuse=mode == "fused", key_steps=mode == "gated")
+    full = {SHARED: [user[SHARED], p[SHARED]], USER_ONLY: [user[USER_ONLY]], PATCH_ONLY: [p[PATCH_ONLY]],
+            TEXT: [user[TEXT], p[TEXT]]}  # fmt: skip
+    # t = 900 is at trajectory fraction 0.1 (inside EARLY); t = 100 at 0.9 (outside)
+    assert_unet_matches(toy_base, pipe, 900, full)
+    expect(toy_base, pipe, full)
+    if mode == "gated":
+        off = {
+            SHARED: [user[SHARED]],
+            USER_ONLY: [user[USER_ONLY]],
+            PATCH_ONLY: [],
+            TEXT: [user[TEXT], p[TEXT]],
+        }
+        assert_unet_matches(toy_base, pipe, 100, off)
+        expect(toy_base, pipe, off)  # the gate switched off the patch only, never the user's LoRA
+        assert_unet_matches(toy_base, pipe, 900, full)
+    forgetpatch.remove(pipe)
+    assert peft_state(pipe) == user_before
+    assert_same(pipe, params_before)
+    expect(toy_base, pipe, {SHARED: [user[SHARED]], USER_ONLY: [user[USER_ONLY]], PATCH_ONLY: []})
+
+
+@pytest.mark.parametrize("mode", ["unfused", "fused", "gated"])
+def test_patch_beside_a_fused_user_lora(toy_base, toy_pipe, mode):
+    pipe = toy_pipe
+    user = load_user_lora(pipe, (USER_ONLY, TEXT))
+    pipe.fuse_lora(components=["unet", "text_encoder"])
+    user_before, params_before = peft_state(pipe), snapshot(pipe)
+    patch = make_patch(toy_base, (SHARED, PATCH_ONLY), key_steps=EARLY if mode == "gated" else None)
+    p = {path: patch.delta(path) for path in patch.target_modules}
+    forgetpatch.apply(pipe, patch, fuse=mode == "fused", key_steps=mode == "gated")
+    full = {
+        SHARED: [p[SHARED]],
+        USER_ONLY: [user[USER_ONLY]],
+        PATCH_ONLY: [p[PATCH_ONLY]],
+        TEXT: [user[TEXT]],
+    }
+    assert_unet_matches(toy_base, pipe, 900, full)
+    expect(toy_base, pipe, full)
+    assert layer(pipe, USER_ONLY).merged_adapters == ["mine"]  # still fused, not unmerged by peft
+    if mode == "gated":
+        off = {SHARED: [], USER_ONLY: [user[USER_ONLY]], PATCH_ONLY: [], TEXT: [user[TEXT]]}
+        assert_unet_matches(toy_base, pipe, 100, off)
+    forgetpatch.remove(pipe)
+    assert peft_state(pipe) == user_before
+    assert_same(pipe, params_before)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_patch_on_a_layer_with_a_fused_user_lora_is_refused(toy_base, toy_pipe, fuse):
+    pipe = toy_pipe
+    load_user_lora(pipe)
+    pipe.fuse_lora(components=["unet", "text_encoder"])
+    user_before, params_before = peft_state(pipe), snapshot(pipe)
+    with pytest.raises(ApplyError, match="unfuse_lora") as info:
+        forgetpatch.apply(pipe, make_patch(toy_base), fuse=fuse)
+    assert not isinstance(info.value, FingerprintMismatchError)
+    assert peft_state(pipe) == user_before and forgetpatch.applied(pipe) == []
+    assert_same(pipe, params_before)
+
+
+def test_failed_apply_leaves_the_user_lora_as_it_was(toy_base, toy_pipe, monkeypatch):
+    pipe = toy_pipe
+    load_user_lora(pipe)
+    user_before, params_before = peft_state(pipe), snapshot(pipe)
+    good = make_patch(toy_base)
+    wrong_base = make_patch(tiny_sd_pipeline(), ["unet.conv_in"], name="other")
+    with pytest.raises(ForgetPatchError):
+        forgetpatch.apply(pipe, [good, wrong_base])
+    assert peft_state(pipe) == user_before
+    assert_same(pipe, params_before)
+    # LoRA switched off by the user: an unfused patch would be off too
+    pipe.disable_lora()
+    with pytest.raises(ApplyError, match="enable_lora"):
+        forgetpatch.apply(pipe, good)
+    pipe.enable_lora()
+    assert peft_state(pipe) == user_before
+    # a failure half-way through loading is rolled back to the user's adapters too
+    import forgetpatch.loader.core as core
+
+    real, calls = core._load_adapter, []
+
+    def flaky(pipe, patch, name):
+        calls.append(name)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        real(pipe, patch, name)
+
+    monkeypatch.setattr(core, "_load_adapter", flaky)
+    with pytest.raises(ApplyError, match="out of memory"):
+        forgetpatch.apply(pipe, [good, make_patch(toy_base, (SHARED, USER_ONLY), seed=1, name="p1")])
+    assert peft_state(pipe) == user_before and forgetpatch.applied(pipe) == []
+    assert_same(pipe, params_before)
+
+
+def test_user_fusing_after_a_fused_patch_keeps_their_fusion_on_remove(toy_base, toy_pipe):
+    pipe = toy_pipe
+    forgetpatch.apply(pipe, make_patch(toy_base, (SHARED, PATCH_ONLY)), fuse=True)
+    load_user_lora(pipe, (SHARED, USER_ONLY))
+    pipe.fuse_lora(components=["unet"])
+    forgetpatch.remove(pipe)
+    fresh = copy.deepcopy(toy_base)  # the same LoRA fused into a pipeline that never had the patch
+    load_user_lora(fresh, (SHARED, USER_ONLY))
+    fresh.fuse_lora(components=["unet"])
+    assert peft_state(pipe) == peft_state(fresh)
+    assert_same(pipe, snapshot(fresh))
+
+
+def test_replaced_component_is_not_reported_as_patched(toy_base, toy_pipe):
+    pipe = toy_pipe
+    forgetpatch.apply(pipe, make_patch(toy_base))
+    pipe.text_encoder = copy.deepcopy(toy_base.text_encoder)
+    with pytest.raises(ApplyError, match="text_encoder was replaced"):
+        forgetpatch.applied(pipe)
+    with pytest.raises(ApplyError, match="text_encoder was replaced"):
+        assert_unet_matches(toy_base, pipe, 500, {})
+    forgetpatch.remove(pipe)
+    assert forgetpatch.applied(pipe) == []
+
+
+def test_user_lora_calls_after_apply_never_leave_the_patch_silently_off(toy_base, toy_pipe):
+    pipe = toy_pipe
+    patch = make_patch(toy_base)
+    p = {path: patch.delta(path) for path in patch.target_modules}
+    forgetpatch.apply(pipe, patch)
+    # the user's load_lora_weights makes their adapter the only active one: the patch is switched back on
+    user = load_user_lora(pipe)
+    with pytest.warns(UserWarning, match="switched back on"):
+        assert [e.name for e in forgetpatch.applied(pipe)] == ["p0"]
+    full = {SHARED: [user[SHARED], p[SHARED]], USER_ONLY: [user[USER_ONLY]], PATCH_ONLY: [p[PATCH_ONLY]],
+            TEXT: [user[TEXT], p[TEXT]]}  # fmt: skip
+    expect(toy_base, pipe, full)
+    # ... also when the next thing the user does is run the UNet (or the text encoder)
+    pipe.set_adapters(["mine"], adapter_weights=[USER_WEIGHT])
+    with pytest.warns(UserWarning, match="switched back on"):
+        assert_unet_matches(toy_base, pipe, 500, full)
+    pipe.set_adapters(["mine"], adapter_weights=[USER_WEIGHT])
+    with pytest.warns(UserWarning, match="switched back on"):
+        pipe.text_encoder(torch.tensor([[1, 2, 3]]))
+    expect(toy_base, pipe, {TEXT: [user[TEXT], p[TEXT]]})
+    # disable_lora() switches every adapter off, the patch included: refused, not silently run
+    pipe.disable_lora()
+    with pytest.raises(ApplyError, match="disable_lora"):
+        forgetpatch.applied(pipe)
+    with pytest.raises(ApplyError, match="disable_lora"):
+        assert_unet_matches(toy_base, pipe, 500, full)
+    pipe.enable_lora()
+    # fuse_lora() bakes the patch into the weights, where it cannot be gated nor removed exactly
+    pipe.fuse_lora(components=["unet", "text_encoder"])
+    with pytest.raises(ApplyError, match="unfuse_lora"):
+        forgetpatch.remove(pipe)
+    pipe.unfuse_lora(components=["unet", "text_encoder"])
+    # unload_lora_weights() deletes every adapter, the patch's too
+    pipe.unload_lora_weights()
+    with pytest.raises(ApplyError, match="no longer on the pipeline"):
+        forgetpatch.applied(pipe)
+    forgetpatch.remove(pipe)
+    assert forgetpatch.applied(pipe) == []
+
+
+# --- scale, scheduler, dtype, refs ---------------------------------------------------------
+@pytest.mark.parametrize("scale", [math.nan, math.inf, -math.inf, 0.0, -1.0])
+def test_bad_scale_is_refused_before_anything_changes(scale):
+    pipe = tiny_sd_pipeline()
+    before = snapshot(pipe)
+    patch = make_patch(pipe, ["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"])
+    for fuse in (False, True):
+        with pytest.raises(ApplyError, match="scale"):
+            forgetpatch.apply(pipe, patch, scale=scale, fuse=fuse)
+        assert_same(pipe, before)
+        assert forgetpatch.applied(pipe) == []
+
+
+def test_scheduler_swapped_after_apply_is_read_at_call_time(toy_base, toy_pipe):
+    pipe = toy_pipe
+    patch = make_patch(toy_base, (SHARED, PATCH_ONLY), key_steps=EARLY)
+    p = {path: patch.delta(path) for path in patch.target_modules}
+    forgetpatch.apply(pipe, patch, key_steps=True)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, num_train_timesteps=2000)
+    # with T = 2000: t = 1500 is at fraction 0.25 (on), t = 500 at 0.75 (off); with a stale T = 1000 it is reversed
+    assert_unet_matches(toy_base, pipe, 1500, {SHARED: [p[SHARED]], PATCH_ONLY: [p[PATCH_ONLY]]})
+    assert_unet_matches(toy_base, pipe, 500, {SHARED: [], PATCH_ONLY: []})
+    # two pipelines on one UNet whose schedulers disagree: the gate cannot know which one runs
+    other = StableDiffusionImg2ImgPipeline(**{**pipe.components, "scheduler": DDIMScheduler.from_config(
+        pipe.scheduler.config, num_train_timesteps=1000)})  # fmt: skip
+    forgetpatch.applied(other)
+    with pytest.raises(ApplyError, match="num_train_timesteps"):
+        assert_unet_matches(toy_base, pipe, 500, {})
+    other.scheduler = pipe.scheduler
+    assert_unet_matches(toy_base, pipe, 500, {SHARED: [], PATCH_ONLY: []})
+
+
+def test_bf16_pipeline_is_told_the_dtype_is_the_problem():
+    made_on = tiny_sd_pipeline()
+    patch = make_patch(made_on, ["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"])
+    pipe = tiny_sd_pipeline().to(torch.bfloat16)
+    before = snapshot(pipe)
+    with pytest.raises(FingerprintMismatchError, match="bfloat16"):
+        forgetpatch.apply(pipe, patch)
+    assert_same(pipe, before)
+    # a genuinely different model in float32 still gets the other-model message
+    with pytest.raises(FingerprintMismatchError, match="made for") as info:
+        forgetpatch.apply(tiny_sd_pipeline(seed=1), patch)
+    assert "bfloat16" not in str(info.value)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_fp16_pipeline_applies_and_removes_exactly(fuse):
+    made_on = tiny_sd_pipeline()
+    path = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    patch = make_patch(made_on, [path])
+    pipe = tiny_sd_pipeline().to(torch.float16)
+    before = snapshot(pipe)
+    forgetpatch.apply(pipe, patch, fuse=fuse)
+    want = made_on.unet.get_submodule(path.removeprefix("unet.")).weight + patch.delta(path)
+    torch.testing.assert_close(effective(pipe, path).float(), want, atol=2e-3, rtol=1e-2)
+    forgetpatch.remove(pipe)
+    assert_same(pipe, before)
+
+
+def test_missing_local_path_is_not_tried_on_the_hub(tmp_path, monkeypatch):
+    import forgetpatch.hub
+
+    calls = []
+
+    def fake_download(repo_id, revision=None, token=None, allow_unverified=False):
+        calls.append(repo_id)
+        raise HubError(f"404: repository {repo_id} not found")
+
+    monkeypatch.setattr(forgetpatch.hub, "download", fake_download)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "patches").mkdir()
+    for ref in [
+        "patches/no-cat",
+        "./no-cat",
+        "../no-cat",
+        str(tmp_path / "no-cat"),
+        "a/b/no-cat",
+        "no-cat.safetensors",
+    ]:
+        with pytest.raises(PatchFormatError, match="no-cat"):
+            forgetpatch.load(ref)
+    from pathlib import Path
+
+    with pytest.raises(PatchFormatError, match="org"):
+        forgetpatch.load(Path("org/no-cat"))  # a Path is never a Hub id
+    assert calls == []
+    with pytest.raises(PatchFormatError, match="'patches' is a local folder"):
+        forgetpatch.load("patches/no-cat")
+    with pytest.raises(HubError) as info:
+        forgetpatch.load("org/no-cat@v1")
+    message = str(info.value)
+    assert "no local folder or file 'org/no-cat@v1'" in message
+    assert "Hub repo 'org/no-cat' (revision 'v1')" in message and "404" in message
+    assert calls == ["org/no-cat"]
+
+
+def test_allow_unverified_is_passed_to_read_patch(tmp_path, monkeypatch):
+    import forgetpatch.loader.core as core
+
+    pipe = tiny_sd_pipeline()
+    folder = make_patch(pipe, ["unet.conv_in"]).save(tmp_path / "p")
+    real, seen = core.read_patch, []
+
+    def read(path, **kwargs):
+        seen.append(kwargs)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(core, "read_patch", read)
+    forgetpatch.load(folder, allow_unverified=True)
+    forgetpatch.apply(pipe, folder, allow_unverified=True)
+    forgetpatch.load(folder)
+    assert seen == [{"allow_unverified": True}] * 2 + [{"allow_unverified": False}]
+
+
+# --- stacking misuse -----------------------------------------------------------------------
+def test_applying_twice_is_refused(toy_base, toy_pipe):
+    pipe = toy_pipe
+    patch = make_patch(toy_base)
+    before = snapshot(pipe)
+    forgetpatch.apply(pipe, patch)
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)  # same UNet: same bookkeeping
+    for fuse in (False, True):
+        with pytest.raises(AlreadyAppliedError):
+            forgetpatch.apply(img2img, patch, fuse=fuse, scale=0.5)
+    forgetpatch.remove(pipe)
+    with pytest.raises(NotAppliedError):
+        forgetpatch.remove(img2img, patch)
+    assert_same(pipe, before)
+
+
+def test_mid_stack_removal_with_a_user_lora(toy_base, toy_pipe):
+    pipe = toy_pipe
+    user = load_user_lora(pipe)
+    user_before, params_before = peft_state(pipe), snapshot(pipe)
+    patches = [make_patch(toy_base, (SHARED, PATCH_ONLY), seed=s, name=f"p{s}") for s in range(3)]
+    forgetpatch.apply(pipe, patches[0], fuse=True)
+    forgetpatch.apply(pipe, patches[1])
+    forgetpatch.apply(pipe, patches[2], fuse=True, scale=0.5)
+    forgetpatch.remove(pipe, "p1")
+    forgetpatch.remove(pipe, "p0")
+    left = {
+        SHARED: [user[SHARED], 0.5 * patches[2].delta(SHARED)],
+        PATCH_ONLY: [0.5 * patches[2].delta(PATCH_ONLY)],
+    }
+    expect(toy_base, pipe, left)
+    assert [e.name for e in forgetpatch.applied(pipe)] == ["p2"]
+    forgetpatch.remove(pipe)
+    assert peft_state(pipe) == user_before
+    assert_same(pipe, params_before)
+
+
+# --- threads -------------------------------------------------------------------------------
+def test_two_threads_apply_and_remove_while_a_third_builds_models():
+    pipe = tiny_sd_pipeline()
+    before = snapshot(pipe)
+    paths = ["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k", "unet.conv_in"]
+    patches = [make_patch(pipe, paths, seed=s, name=f"p{s}") for s in range(2)]
+    errors: list[BaseException] = []
+    on_meta: list[str] = []
+    done = threading.Event()
+
+    def apply_remove(patch, fuse):
+        try:
+            for _ in range(5):
+                forgetpatch.apply(pipe, patch, fuse=fuse)
+                forgetpatch.remove(pipe, patch)
+        except BaseException as exc:
+            errors.append(exc)
+
+    def build():
+        while not done.is_set():
+            linear = nn.Linear(16, 16)
+            if linear.weight.is_meta:
+                on_meta.append("meta")
+
+    workers = [
+        threading.Thread(target=apply_remove, args=(p, fuse))
+        for p, fuse in zip(patches, (False, False), strict=True)
+    ]
+    builder = threading.Thread(target=build)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        builder.start()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        done.set()
+        builder.join()
+    assert not errors, errors[:2]
+    assert not on_meta, f"{len(on_meta)} nn.Linear built during apply had weights on meta"
+    assert forgetpatch.applied(pipe) == []
+    assert_same(pipe, before)

@@ -279,7 +279,7 @@ def test_many_concepts_in_one_call(sd):
     words = [w for w in TEST_WORDS if w not in ("a", "of", "the", "an")]  # 38 words
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        patch = forgetpatch.erase(sd, words, method="scapre", progress=False)
+        patch = forgetpatch.erase(sd, words, method="scapre", progress=False)  # in context: 38 x 6 prompts, trailing
     assert len(patch.manifest.concepts) == len(words) == 38
     assert patch.manifest.lora.rank <= 32
 
@@ -289,19 +289,22 @@ def test_many_concepts_in_one_call(sd):
 TOY_BARS = {"ua": 0.90, "ira": 0.90, "cra": 0.95, "near": 0.80}
 
 
-def _check_bars(recipe: str) -> None:
+def _check_bars(recipe: str, floor: float = 0.0) -> None:
+    """Below the bars the test xfails with the figures; under ``floor`` (strict UA, point estimate) it fails."""
     from toy_bars import measure_recipe
 
     measured = measure_recipe(recipe)
     label = f"ScaPre, recipes/{recipe}.yaml: {measured.figures()}"
     print(label)
+    assert measured.point["ua"] >= floor, label
     if measured.below(TOY_BARS):
         pytest.xfail(f"below the toy bars {TOY_BARS}: {label}")
 
 
 @pytest.mark.slow
 def test_toy_erase_one_shape_meets_the_bars(competent_toy):
-    _check_bars("toy-no-circle-scapre")
+    """The toy world's defaults (the demo's patch): the circle must be mostly replaced (strict UA >= 0.8)."""
+    _check_bars("toy-no-circle-scapre", floor=0.8)
 
 
 @pytest.mark.slow

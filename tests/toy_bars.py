@@ -20,6 +20,7 @@ from forgetpatch.recipes import load_recipe
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 #: Images per erased concept for UA: all forgotten gives a lower bound of 0.96, 3 misses still 0.90.
 UA_IMAGES = 96
+FIRST_UA_IMAGES = 32
 RETAIN_IMAGES = 16
 #: Every shape a bar-tested recipe erases: the shared base report covers them all.
 BAR_SHAPES = ("circle", "square", "triangle", "star", "hexagon")
@@ -34,6 +35,8 @@ class Measured:
     """The same worst case on point estimates, for the record."""
     erase_s: float
     report: object
+    ua_images: int = UA_IMAGES
+    """UA images per erased concept the figures come from (:data:`FIRST_UA_IMAGES` when stage 1 settled it)."""
 
     def below(self, bars: dict[str, float]) -> dict[str, float]:
         return {k: round(v, 3) for k, bar in bars.items() if (v := self.worst[k]) is None or v < bar}
@@ -41,7 +44,7 @@ class Measured:
     def figures(self) -> str:
         safe = {k: None if v is None else round(v, 3) for k, v in self.worst.items()}
         point = {k: None if v is None else round(v, 3) for k, v in self.point.items()}
-        return f"safe (95% bound) {safe}; point {point}; erase {self.erase_s:.0f} s"
+        return f"safe (95% bound) {safe}; point {point}; UA on {self.ua_images} images; erase {self.erase_s:.0f} s"
 
 
 def toy_pipeline():
@@ -68,8 +71,8 @@ def base_report():
     )
 
 
-def measure_recipe(name: str) -> Measured:
-    """Run ``recipes/<name>.yaml`` on the shipped toy model and score the patch it makes."""
+def measure_recipe(name: str, ua_bar: float = 0.90) -> Measured:
+    """Run ``recipes/<name>.yaml`` on the shipped toy model and score the patch it makes (two stages, above)."""
     from forgetpatch.eval import evaluate
 
     recipe = load_recipe(RECIPES / f"{name}.yaml")
@@ -80,12 +83,18 @@ def measure_recipe(name: str) -> Measured:
     patch = forgetpatch.erase(toy_pipeline(), recipe.erase_concepts(), progress=False, **recipe.erase_kwargs())
     erase_s = time.perf_counter() - start
     pipe = forgetpatch.apply(toy_pipeline(), patch)
-    report = evaluate(
-        pipe,
-        erased,
-        reference=base,
-        images_per_concept=RETAIN_IMAGES,
-        images_per_erased=UA_IMAGES,
-        progress=False,
+    for ua_images in (FIRST_UA_IMAGES, UA_IMAGES):
+        report = evaluate(
+            pipe,
+            erased,
+            reference=base,
+            images_per_concept=RETAIN_IMAGES,
+            images_per_erased=ua_images,
+            progress=False,
+        )
+        highest = min(c.scores.interval["ua"][1] for c in report.concepts.values())
+        if highest < ua_bar:
+            break
+    return Measured(
+        worst=report.worst(safe=True), point=report.worst(), erase_s=erase_s, report=report, ua_images=ua_images
     )
-    return Measured(worst=report.worst(safe=True), point=report.worst(), erase_s=erase_s, report=report)

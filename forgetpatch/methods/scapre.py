@@ -342,7 +342,11 @@ def prepare_shared(emb: Embeddings, blank: torch.Tensor, params: ScaPreParams) -
     S = C_b.T @ C_b
     H = params.erase_scale * S + params.preserve_scale * P_b.T @ P_b + S
     ridge = params.pi_eps * float(C.square().sum()) / n
-    Pi = C_b.T @ torch.linalg.solve(C @ C.T + ridge * torch.eye(n, dtype=C.dtype), C_b)
+    if n <= width:
+        Pi = C_b.T @ torch.linalg.solve(C @ C.T + ridge * torch.eye(n, dtype=C.dtype), C_b)
+    else:  # many edited rows (concepts in templates, trailing tokens): C^T (C C^T + r I)^-1 C = (C^T C + r I)^-1 C^T C
+        CtC = C.T @ C
+        Pi = basis.T @ torch.linalg.solve(CtC + ridge * torch.eye(width, dtype=C.dtype), CtC) @ basis
     R1 = None
     if params.spectral_gate:
         _, sigma, vhc = torch.linalg.svd(C, full_matrices=False)

@@ -258,6 +258,21 @@ def test_save_is_atomic(tmp_path, patch, monkeypatch, single_file):
     assert {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_saved_files_follow_the_users_umask(tmp_path, patch, mask):
+    """Like every file the user writes (safetensors itself writes owner-only files)."""
+    import os
+
+    old = os.umask(mask)
+    try:
+        folder = patch.save(tmp_path / "no-x")
+        single = patch.save(tmp_path / "no-x.safetensors")
+    finally:
+        os.umask(old)
+    for file in (folder / "pytorch_lora_weights.safetensors", folder / "forgetpatch.json", single):
+        assert file.stat().st_mode & 0o777 == 0o666 & ~mask, file
+
+
 def test_fingerprint_of_large_weights():
     from forgetpatch.format import weight_fingerprint
 

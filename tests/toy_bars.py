@@ -22,6 +22,7 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 UA_IMAGES = 96
 FIRST_UA_IMAGES = 32
 RETAIN_IMAGES = 16
+FIRST_RETAIN_IMAGES = 4
 #: Every shape a bar-tested recipe erases: the shared base report covers them all.
 BAR_SHAPES = ("circle", "square", "triangle", "star", "hexagon")
 
@@ -37,6 +38,7 @@ class Measured:
     report: object
     ua_images: int = UA_IMAGES
     """UA images per erased concept the figures come from (:data:`FIRST_UA_IMAGES` when stage 1 settled it)."""
+    retain_images: int = RETAIN_IMAGES
 
     def below(self, bars: dict[str, float]) -> dict[str, float]:
         return {k: round(v, 3) for k, bar in bars.items() if (v := self.worst[k]) is None or v < bar}
@@ -44,7 +46,8 @@ class Measured:
     def figures(self) -> str:
         safe = {k: None if v is None else round(v, 3) for k, v in self.worst.items()}
         point = {k: None if v is None else round(v, 3) for k, v in self.point.items()}
-        return f"safe (95% bound) {safe}; point {point}; UA on {self.ua_images} images; erase {self.erase_s:.0f} s"
+        return (f"safe (95% bound) {safe}; point {point}; UA on {self.ua_images} images, retention on "
+                f"{self.retain_images} per concept; erase {self.erase_s:.0f} s")
 
 
 def toy_pipeline():
@@ -83,12 +86,12 @@ def measure_recipe(name: str, ua_bar: float = 0.90) -> Measured:
     patch = forgetpatch.erase(toy_pipeline(), recipe.erase_concepts(), progress=False, **recipe.erase_kwargs())
     erase_s = time.perf_counter() - start
     pipe = forgetpatch.apply(toy_pipeline(), patch)
-    for ua_images in (FIRST_UA_IMAGES, UA_IMAGES):
+    for ua_images, retain_images in ((FIRST_UA_IMAGES, FIRST_RETAIN_IMAGES), (UA_IMAGES, RETAIN_IMAGES)):
         report = evaluate(
             pipe,
             erased,
             reference=base,
-            images_per_concept=RETAIN_IMAGES,
+            images_per_concept=retain_images,
             images_per_erased=ua_images,
             progress=False,
         )
@@ -96,5 +99,6 @@ def measure_recipe(name: str, ua_bar: float = 0.90) -> Measured:
         if highest < ua_bar:
             break
     return Measured(
-        worst=report.worst(safe=True), point=report.worst(), erase_s=erase_s, report=report, ua_images=ua_images
+        worst=report.worst(safe=True), point=report.worst(), erase_s=erase_s, report=report, ua_images=ua_images,
+        retain_images=retain_images,
     )

@@ -319,6 +319,7 @@ class Patch:
     def _write_weights(self, file: Path) -> None:
         try:
             save_file(self.state_dict, str(file), metadata=self.header_metadata())
+            os.chmod(file, 0o666 & ~_umask())  # safetensors writes owner-only; the user's files follow their umask
         except SafetensorError as exc:  # safetensors reports I/O errors (a full disk, ...) as its own type
             found = re.search(r"os error (\d+)", str(exc))
             code = int(found.group(1)) if found else errno.EIO
@@ -402,6 +403,19 @@ class Patch:
         finally:
             tmp.unlink(missing_ok=True)
         return path
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the system says it (Linux), else briefly set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 #: Exchanges two folders in one step (a module name, so that tests can fail or kill it).

@@ -181,6 +181,11 @@ def test_real_bases_edit_closed_form_concepts_in_the_prompts_of_their_kind(sd):
     assert with_defaults(sd, "esd", [Concept("cat")], [], {})[2] == {}  # fine-tuning: the method's own defaults
 
 
+def test_a_concept_the_tokenizer_splits_into_many_pieces_is_warned_about(sd):
+    with pytest.warns(UserWarning, match="'xqzvbnmwrt' splits into 10 tokenizer pieces"):
+        forgetpatch.erase(sd, ["xqzvbnmwrt"], method="uce", paper=True, progress=False)
+
+
 def test_bad_concepts_are_refused_before_anything_runs():
     from forgetpatch import toy
 

@@ -116,7 +116,8 @@ def test_cli_eval_of_a_patch_on_the_toy(shipped, tmp_path):
 
 @pytest.mark.parametrize("flags, tokens", [([], "trailing"), (["--paper"], "last")])
 def test_demo_writes_a_measured_patch_and_a_grid(shipped, tmp_path, flags, tokens):
-    """The README's main job, at a few steps: in-context ScaPre by default, methods.md's setting on --paper."""
+    """The README's main job, at a few steps: the toy world's settings by default (the same patch as
+    `forgetpatch erase --base toy -c circle`), methods.md's setting on --paper; the patch ships its grid."""
     args = ["demo", "--images", "1", "--steps", "2", "--out", str(tmp_path), *flags]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -124,6 +125,13 @@ def test_demo_writes_a_measured_patch_and_a_grid(shipped, tmp_path, flags, token
     assert manifest["method"]["params"]["tokens"] == tokens
     assert manifest["metrics"]["toy_eval"]["concepts"]["circle"]["ua"] is not None
     assert (tmp_path / "grid.png").stat().st_size > 0
+    assert "grid.png" in manifest["files"]  # the card shows it
+    if not flags:
+        import forgetpatch
+        from forgetpatch.format import read_patch
+
+        made = forgetpatch.erase(toy.pipeline(), ["circle"], progress=False)
+        assert read_patch(tmp_path / "no-circle").digest == made.digest
 
 
 def test_cli_rejects_a_grid_without_patches_and_a_bad_base(tmp_path):

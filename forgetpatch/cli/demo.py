@@ -6,6 +6,7 @@ retention against the base model, record the figures in the patch, and write a b
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Annotated
@@ -60,8 +61,11 @@ def demo(
 
     console.print("[bold]4/4[/] writing the patch, report and grid")
     patch.manifest.metrics.update({"toy_eval": report.to_dict(), "erase_seconds": round(erase_s, 2)})
-    folder = patch.save(out / f"no-{'-'.join(concepts)}")
+    folder = out / f"no-{'-'.join(concepts)}"
+    folder.mkdir(parents=True, exist_ok=True)
     grid = save_report_grid(report, out / "grid.png")
+    shutil.copyfile(grid, folder / "grid.png")  # the patch ships its grid: the model card shows it
+    patch.save(folder)
     console.print(report.table())
     console.print(f"patch: {folder}\ngrid:  {grid}\nerase time: {erase_s:.1f} s")
 

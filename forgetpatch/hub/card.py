@@ -45,6 +45,8 @@ def short_value(value: Any) -> str:
         return ", ".join(f"`{v}`" for v in items) or "(none)"
     if isinstance(value, dict):
         return f"{len(value)} entries"
+    if value == "":
+        return "(blank)"
     return f"`{value}`"
 
 

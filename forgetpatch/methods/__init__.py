@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +33,28 @@ def _load_methods() -> None:
 _load_methods()
 
 
+def _check_words(pipe: Any, erased: list[Concept], kept: list[Concept]) -> None:
+    """Refuse words outside a base's vocabulary when it knows one (the toy world); elsewhere warn about a concept the
+    tokenizer splits into many pieces (a misspelling, or a name the model never saw)."""
+    from forgetpatch.errors import ConceptError
+
+    unknown = getattr(pipe, "forgetpatch_unknown_concept", None)
+    if callable(unknown):
+        for concept in [*erased, *kept]:
+            if (why := unknown(concept.target)) is not None:
+                raise ConceptError(why)
+        return
+    tokenizer = getattr(pipe, "tokenizer", None)
+    for concept in erased if tokenizer is not None else []:
+        pieces = tokenizer.tokenize(concept.target)
+        if len(pieces) > 3 * len(concept.target.split()):
+            warnings.warn(
+                f"{concept.target!r} splits into {len(pieces)} tokenizer pieces ({' '.join(pieces[:8])}...): the model "
+                "may not know it by that name; check the spelling, or name it as prompts do",
+                stacklevel=3,
+            )
+
+
 def erase(
     pipe: Any,
     concepts: ConceptLike | Sequence[ConceptLike],
@@ -57,10 +80,7 @@ def erase(
 
     erased = as_concepts(concepts)
     kept = as_concepts(preserve)
-    unknown = getattr(pipe, "forgetpatch_unknown_concept", None)  # a base that knows its vocabulary (the toy world)
-    for concept in [*erased, *kept] if callable(unknown) else []:
-        if (why := unknown(concept.target)) is not None:
-            raise ConceptError(why)
+    _check_words(pipe, erased, kept)
     if not erased:
         raise ConceptError("nothing to erase: pass at least one concept, e.g. erase(pipe, ['circle'])")
     overlap = {c.target.lower() for c in erased} & {c.target.lower() for c in kept}

@@ -62,7 +62,7 @@ def world(tmp_path, monkeypatch):
     for name in ("HF_HUB_CACHE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("FORGETPATCH_CACHE", str(tmp_path / "cache"))
-    with HubServer(token=TOKEN, lifetime=600) as server:
+    with HubServer(token=TOKEN, lifetime=3600 if RUN_ALL else 600) as server:  # it stops itself after that
         for name, value in {"HF_HOME": str(tmp_path / "hf_home"), "HF_ENDPOINT": server.endpoint,
                             "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}.items():
             monkeypatch.setenv(name, value)

@@ -181,6 +181,25 @@ def test_real_bases_edit_closed_form_concepts_in_the_prompts_of_their_kind(sd):
     assert with_defaults(sd, "esd", [Concept("cat")], [], {})[2] == {}  # fine-tuning: the method's own defaults
 
 
+def test_register_checks_the_protocol_and_refuses_a_taken_name():
+    from forgetpatch.methods import register
+
+    class NoErase:
+        name, version = "no-erase", "1"
+
+    with pytest.raises(TypeError, match="lacks erase"):
+        register(NoErase)
+
+    class Impostor:
+        name, version = "uce", "9"
+
+        def erase(self, pipe, concepts, *, preserve, **params): ...
+
+    with pytest.raises(ValueError, match="'uce' is registered already"):
+        register(Impostor)
+    assert get_method("uce").version == "1"
+
+
 def test_a_concept_the_tokenizer_splits_into_many_pieces_is_warned_about(sd):
     with pytest.warns(UserWarning, match="'xqzvbnmwrt' splits into 10 tokenizer pieces"):
         forgetpatch.erase(sd, ["xqzvbnmwrt"], method="uce", paper=True, progress=False)

@@ -6,7 +6,7 @@ Adding a method is one new module in :mod:`forgetpatch.methods` that defines a c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
@@ -77,8 +77,19 @@ _REGISTRY: dict[str, type] = {}
 
 
 def register(cls: type) -> type:
-    """Class decorator: make a method available to :func:`forgetpatch.erase` under ``cls.name``."""
-    _REGISTRY[cls.name] = cls
+    """Class decorator: make a method available to :func:`forgetpatch.erase` under ``cls.name``.
+
+    Refuses a class that does not follow :class:`Method` (a ``name``, a ``version`` and an ``erase``) and a second
+    class under a name already taken.
+    """
+    missing = [a for a in ("name", "version") if not isinstance(getattr(cls, a, None), str)]
+    missing += [] if callable(getattr(cls, "erase", None)) else ["erase"]
+    if missing:
+        raise TypeError(f"{cls.__name__} is not a forgetpatch method: it lacks {', '.join(missing)} (see Method)")
+    taken = _REGISTRY.get(cls.name.lower())
+    if taken is not None and taken.__qualname__ != cls.__qualname__:
+        raise ValueError(f"a method named {cls.name!r} is registered already ({taken.__module__}.{taken.__qualname__})")
+    _REGISTRY[cls.name.lower()] = cls
     return cls
 
 
@@ -94,5 +105,3 @@ def get_method(name: str) -> Method:
 def available_methods() -> list[str]:
     return sorted(_REGISTRY)
 
-
-MethodFactory = Callable[[], Method]

@@ -202,7 +202,6 @@ class FinetuneEngine:
                 "the pipeline's UNet already carries peft adapters; fuse or remove applied patches "
                 "(forgetpatch.remove(pipe)) before training a new one"
             )
-        self.is_sdxl = hasattr(pipe, "text_encoder_2")
         self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         self.scheduler.set_timesteps(config.num_inference_steps)
         self.timesteps: list[int] = ddim_timesteps(pipe, config.num_inference_steps)

@@ -131,7 +131,3 @@ def assemble(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-
-
-def param_count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

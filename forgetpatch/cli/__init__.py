@@ -36,6 +36,12 @@ def _options(
     _DEBUG["on"] = _DEBUG["on"] or debug
 
 
+def _print_error(exc: BaseException) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {exc}")
+
+
 def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a verb so that a forgetpatch error prints as one line and exits with 1 (unless ``--debug``)."""
     from forgetpatch.errors import ForgetPatchError
@@ -47,9 +53,7 @@ def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except ForgetPatchError as exc:
             if _DEBUG["on"]:
                 raise
-            from rich.console import Console
-
-            Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {exc}")
+            _print_error(exc)
             raise typer.Exit(1) from None
 
     return verb
@@ -81,8 +85,6 @@ _load_verbs()
 
 def main() -> None:
     """Entry point of the ``forgetpatch`` command: forgetpatch errors print as one line, exit code 1."""
-    from rich.console import Console
-
     from forgetpatch.errors import ForgetPatchError
 
     try:
@@ -90,5 +92,5 @@ def main() -> None:
     except ForgetPatchError as exc:
         if _DEBUG["on"]:
             raise
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {exc}")
+        _print_error(exc)
         raise SystemExit(1) from None

@@ -46,11 +46,11 @@ def apply(
     import torch
 
     import forgetpatch
+    from forgetpatch.loader import check_scale
 
     # Everything is checked before the model loads.
     check_image_path(output)
-    if not math.isfinite(scale) or scale <= 0:
-        raise ApplyError(f"--scale must be a finite number > 0 (1 = as made), got {scale}")
+    check_scale(scale)
     loaded = [forgetpatch.load(ref, allow_unverified=allow_unverified) for ref in patches]
     if key_steps and not any(p.manifest.key_steps for p in loaded):
         names = ", ".join(p.name for p in loaded)
@@ -71,7 +71,10 @@ def apply(
         info = PngInfo()
         info.add_text("prompt", prompt)
         info.add_text("patches", ", ".join(p.name for p in forgetpatch.applied(pipe)))
-        image.save(path, pnginfo=info) if path.suffix.lower() == ".png" else image.save(path)
+        if path.suffix.lower() == ".png":
+            image.save(path, pnginfo=info)
+        else:
+            image.save(path)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     if compare:

@@ -20,7 +20,6 @@ from forgetpatch.errors import MethodError
 from forgetpatch.methods.base import ConceptKind
 
 _out = Console()
-_err = Console(stderr=True)
 
 
 def parse_params(items: list[str]) -> dict[str, Any]:

@@ -81,25 +81,16 @@ def summary_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
                           ("near", "near neighbours kept")):
             if figures.get(key) is not None:
                 rows.append({"what": what, "patched": _rate(figures, key), "base": _rate(base, key)})
-    attacked: dict[str, dict[str, str]] = {}
-    for r in robustness_summary(metrics):
-        weakest = attacked.get(r["concept"])
-        if weakest is None or _value(r["after"]) < _value(weakest["after"]):
-            attacked[r["concept"]] = r
-    for concept, r in attacked.items():
-        rows.append({"what": f"{concept} under the strongest recorded attack ({r['attack']})", "patched": r["after"],
-                     "base": "-"})
+    for concept, report in (metrics.get(ROBUSTNESS_METRICS) or {}).items():
+        measured = {n: r for n, r in (report.get("attacks") or {}).items() if r.get("ua_after") is not None}
+        if measured:
+            name, r = min(measured.items(), key=lambda item: item[1]["ua_after"])
+            rows.append({"what": f"{concept} under the strongest recorded attack ({name})",
+                         "patched": _ua(r["ua_after"], r.get("interval"), r.get("n")), "base": "-"})
     return rows
 
 
-def _value(cell: str) -> float:
-    try:
-        return float(cell.split("%")[0]) / 100
-    except ValueError:
-        return 1.0
-
-
-def model_index(metrics: dict[str, Any], name: str) -> list[EvalResult]:
+def model_index(metrics: dict[str, Any]) -> list[EvalResult]:
     """The headline figures as Hub evaluation results (the card's ``model-index``): strict UA, leakage and
     in-domain retention per erased concept, on the toy world."""
     concepts = (metrics.get(TOY_EVAL_METRICS) or {}).get("concepts") or {}
@@ -228,7 +219,7 @@ def render_card(
     manifest = patch.manifest
     base_id = manifest.base_model.id if _HUB_ID.match(manifest.base_model.id or "") else None
     figures, per_layer = _other_metrics(manifest.metrics)
-    results = model_index(manifest.metrics, manifest.name)
+    results = model_index(manifest.metrics)
     data = ModelCardData(
         model_name=manifest.name if results else None,
         eval_results=results or None,

@@ -8,6 +8,15 @@ Example:
     >>> forgetpatch.remove(pipe)          # bit-identical to before
 """
 
-from forgetpatch.loader.core import AppliedPatch, PatchRef, applied, apply, load, remove, unpatched
+from forgetpatch.loader.core import (
+    AppliedPatch,
+    PatchRef,
+    applied,
+    apply,
+    check_scale,
+    load,
+    remove,
+    unpatched,
+)
 
-__all__ = ["AppliedPatch", "PatchRef", "applied", "apply", "load", "remove", "unpatched"]
+__all__ = ["AppliedPatch", "PatchRef", "applied", "apply", "check_scale", "load", "remove", "unpatched"]

@@ -340,7 +340,8 @@ def _merges_kept(pipe) -> Iterator[None]:
 
 
 # --- checks (before anything is changed) ---------------------------------------------------
-def _checked_scale(scale) -> float:
+def check_scale(scale) -> float:
+    """``scale`` as a float, or :class:`ApplyError` unless it is a finite number > 0 (checked before anything)."""
     try:
         value = float(scale)
     except (TypeError, ValueError):
@@ -739,7 +740,7 @@ def apply(
         >>> [p.name for p in forgetpatch.applied(pipe)]
         ['no-vangogh', 'no-church']
     """
-    scale = _checked_scale(scale)
+    scale = check_scale(scale)
     patches = [load(ref, allow_unverified=allow_unverified) for ref in _as_list(refs)]
     state = _state(pipe)
     with state.lock:

@@ -2,15 +2,21 @@
 
 Patches: one concept (circle) with UCE and ScaPre in context (blank guide, and steered to "cross"), ESD, KSCU and
 Dynamic Mask (their recipes); five shapes at once with ScaPre (its recipe, steered to "cross") and UCE (in context, steered to
-"cross"); the two steered one-shape patches again with two RECE rounds (``robust=2``). Each patch is applied alone
+"cross"); the two steered one-shape patches again with two RECE rounds (``robust=2``); ESD again with adversarial
+fine-tuning (``esd-adversarial``, its recipe: an inner prompt search every 10 iterations,
+:mod:`forgetpatch.methods.adversarial`). Each patch is applied alone
 to the shipped toy model and attacked with ``forgetpatch.attack`` (same prompts, seeds and budget for all); for a
 five-shape patch every shape (or those named by ``--five``) is attacked and the table shows the worst one per
 attack. Figures per patch go to ``OUT/<patch>.json`` (a rerun attacks only the concepts not measured yet) and the
-attacked images to ``OUT/<patch>.png``.
+attacked images to ``OUT/<patch>.png``; the patch itself is saved to ``OUT/<patch>/`` and reused by a rerun.
+``--retention`` also evaluates each patch against the base (``forgetpatch.evaluate``, ``images_per_concept=8``,
+the same for every patch): IRA, CRA and near-neighbour retention with n and 95% intervals, and their ratios to the
+base's. ``--attacks`` measures only the named attacks (the rest of a row stays empty).
 
 Run:
     python benchmarks/attack.py                          # default budget: about 3 minutes per concept on 2 cores
     python benchmarks/attack.py --only uce-guided --budget tiny
+    python benchmarks/attack.py --only esd esd-adversarial --retention   # the robust row beside the plain one
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import time
 import warnings
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +36,7 @@ from rich.table import Table
 import forgetpatch
 from forgetpatch import toy
 from forgetpatch.attacks import Budget, attack
+from forgetpatch.format import read_patch
 from forgetpatch.methods import Concept
 from forgetpatch.recipes import load_recipe
 
@@ -75,29 +83,81 @@ PATCHES: dict[str, tuple[list[str], Callable[[], Any]]] = {
     "dynamic-mask": (["circle"], from_recipe("toy-no-circle-dynamic-mask")),
     "scapre-5-guided": (FIVE, from_recipe("toy-no-5-shapes-scapre")),
     "uce-5-guided": (FIVE, in_context("uce", FIVE, "cross", erase_scale=20)),
-    "uce-guided-rece2": (["circle"], from_recipe_with("toy-no-circle-uce-guided", robust=2)),
+    "uce-guided-rece2": (["circle"], from_recipe("toy-no-circle-robust-uce")),  # uce-guided with robust=2
     "scapre-guided-rece2": (["circle"], in_context("scapre", ["circle"], "cross", erase_scale=12, robust=2)),
+    "esd-adversarial": (["circle"], from_recipe("toy-no-circle-robust-esd")),
 }
+#: Images per retained concept of the retention evaluation (as the RECE figures in the README).
+RETAIN_IMAGES = 8
 
 
-def measure(name: str, out: Path, budget: Budget, attacked: list[str] | None) -> dict[str, Any]:
-    """Attack patch ``name`` on each of its concepts not yet in ``OUT/<name>.json`` (a rerun adds only those)."""
-    path = out / f"{name}.json"
-    figures = json.loads(path.read_text()) if path.exists() else {"concepts": {}}
-    concepts, make = PATCHES[name]
-    if len(concepts) > 1 and attacked:
-        concepts = [c for c in concepts if c in attacked]
-    todo = [c for c in concepts if c not in figures["concepts"]]
-    if not todo:
-        return figures
+def the_patch(name: str, out: Path, figures: dict[str, Any]) -> Any:
+    """Patch ``name``: read from ``OUT/<name>/`` when a run saved it, else made (and timed) and saved."""
+    folder = out / name
+    if (folder / "manifest.json").exists() and "erase_seconds" in figures:
+        return read_patch(folder)
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        patch = make()
+        patch = make_patch(name)
     figures.update(patch=patch.name, erase_seconds=round(time.perf_counter() - started, 1))
+    patch.save(folder)
+    return patch
+
+
+def make_patch(name: str) -> Any:
+    return PATCHES[name][1]()
+
+
+@cache
+def base_evaluation() -> Any:
+    from forgetpatch.eval import evaluate
+
+    return evaluate(toy.pipeline(), ["circle"], images_per_concept=RETAIN_IMAGES, progress=False)
+
+
+def retention(patch: Any, concepts: list[str]) -> dict[str, Any]:
+    """IRA, CRA, near-neighbour retention of ``patch`` (worst erased concept), with n, intervals and base ratios."""
+    from forgetpatch.eval import evaluate
+
+    reference = base_evaluation() if concepts == ["circle"] else None
+    report = evaluate(forgetpatch.apply(toy.pipeline(), patch), concepts, reference=reference,
+                      images_per_concept=RETAIN_IMAGES, progress=False)
+    out: dict[str, Any] = {"images_per_concept": RETAIN_IMAGES}
+    for rate in ("ira", "cra", "near"):
+        worst = min(report.concepts.values(), key=lambda c: getattr(c.scores, rate) or 0.0)
+        base = worst.base
+        out[rate] = {
+            "value": getattr(worst.scores, rate), "n": worst.scores.n.get(rate), "interval": worst.scores.interval.get(rate),
+            "base": None if base is None else getattr(base, rate),
+            "base_interval": None if base is None else base.interval.get(rate),
+            "ratio": worst.ratios.get(rate), "concept": worst.concept,
+        }
+    return out
+
+
+def measure(
+    name: str, out: Path, budget: Budget, attacked: list[str] | None, attacks: list[str] | None = None,
+    with_retention: bool = False,
+) -> dict[str, Any]:
+    """Attack patch ``name`` on each of its concepts not yet in ``OUT/<name>.json`` (a rerun adds only those)."""
+    path = out / f"{name}.json"
+    figures = json.loads(path.read_text()) if path.exists() else {"concepts": {}}
+    concepts, _ = PATCHES[name]
+    if len(concepts) > 1 and attacked:
+        concepts = [c for c in concepts if c in attacked]
+    todo = [c for c in concepts if c not in figures["concepts"]]
+    if with_retention and "retention" not in figures:
+        patch = the_patch(name, out, figures)
+        figures["retention"] = retention(patch, list(PATCHES[name][0]))
+        path.write_text(json.dumps(figures, indent=2))
+        print(f"{name}: retention measured", flush=True)
+    if not todo:
+        return figures
+    patch = the_patch(name, out, figures)
     pipe = forgetpatch.apply(toy.pipeline(), patch)
     for concept in todo:
-        report = attack(pipe, concept, budget=budget, progress=False)
+        report = attack(pipe, concept, attacks=attacks, budget=budget, progress=False)
         report.save_grid(out / (f"{name}.png" if len(PATCHES[name][0]) == 1 else f"{name}-{concept}.png"))
         figures["concepts"][concept] = report.to_dict()
         path.write_text(json.dumps(figures, indent=2))
@@ -127,27 +187,39 @@ def before(figures: dict[str, Any]) -> str:
     return f"{first['ua_before']:.0%} [{lo:.0%}-{hi:.0%}]{where}"
 
 
+def kept(figures: dict[str, Any], rate: str) -> str:
+    """Retention ``rate`` with its interval, and its ratio to the base's."""
+    r = (figures.get("retention") or {}).get(rate)
+    if not r or r["value"] is None:
+        return "-"
+    lo, hi = r["interval"]
+    ratio = "" if r["ratio"] is None else f" ({r['ratio']:.2f} of base)"
+    return f"{r['value']:.0%} [{lo:.0%}-{hi:.0%}] n{r['n']}{ratio}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", choices=list(PATCHES), default=list(PATCHES))
     parser.add_argument("--budget", default="default", help="'default', 'tiny', or a JSON dict of Budget fields")
     parser.add_argument("--out", type=Path, default=Path("runs/attack-bench"))
     parser.add_argument("--five", nargs="+", default=FIVE, help="which shapes of a five-shape patch to attack")
+    parser.add_argument("--attacks", nargs="+", default=None, help="attack only these (default: all)")
+    parser.add_argument("--retention", action="store_true", help="also measure IRA, CRA and near retention")
     args = parser.parse_args()
     budget = Budget.of(json.loads(args.budget) if args.budget.startswith("{") else args.budget)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {name: measure(name, args.out, budget, args.five) for name in args.only}
+    results = {name: measure(name, args.out, budget, args.five, args.attacks, args.retention) for name in args.only}
     table = Table(
         title=f"strict UA of the erased shape before -> after each attack (n {budget.images} per attack; "
         f"paraphrase: worst of the rewordings, {budget.paraphrase_images} images each)"
     )
-    for col in ("patch", "erase s", "UA before", *COLUMNS, "attack s"):
+    for col in ("patch", "erase s", "UA before", *COLUMNS, "attack s", "IRA", "CRA", "near"):
         table.add_column(col, justify="left" if col == "patch" else "right")
     for name, figures in results.items():
         seconds = sum(a["seconds"] for r in figures["concepts"].values() for a in r["attacks"].values())
         table.add_row(
             name, f"{figures['erase_seconds']:.0f}", before(figures), *(cell(figures, a) for a in COLUMNS),
-            f"{seconds:.0f}",
+            f"{seconds:.0f}", *(kept(figures, r) for r in ("ira", "cra", "near")),
         )
     Console(width=220).print(table)
 

@@ -26,8 +26,7 @@ from rich.table import Table
 
 from forgetpatch import toy
 from forgetpatch.eval import evaluate
-from forgetpatch.methods import Concept
-from forgetpatch.methods.chain import erase_chain
+from forgetpatch.methods import Concept, erase_chain
 from forgetpatch.recipes import load_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"

@@ -31,7 +31,7 @@ _EXPORTS = {
     "evaluate": "forgetpatch.eval",
     "attack": "forgetpatch.attacks",
 }
-_SUBMODULES = {"toy", "errors", "testing", "format", "loader", "hub", "methods", "eval", "attacks"}
+_SUBMODULES = {"toy", "errors", "testing", "distributed", "format", "loader", "hub", "methods", "eval", "attacks"}
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
 

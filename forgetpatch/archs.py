@@ -1,8 +1,9 @@
-"""Published Stable Diffusion architecture configs, for random-weight models.
+"""Published Stable Diffusion, SD3 and FLUX architecture configs, for random-weight models.
 
 No real weights can be downloaded here, so real architectures are built from the configs their
-model repos publish (``unet/config.json``, ``text_encoder/config.json``, ``vae/config.json``):
-code paths, shapes and timings are real even though the pictures are not.
+model repos publish (``unet/config.json``, ``transformer/config.json``, ``text_encoder/config.json``,
+``vae/config.json``, ``scheduler/scheduler_config.json``): code paths, shapes and timings are real even
+though the pictures are not.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 Family = Literal["sd15", "sd21", "sdxl"]
+#: Families whose denoiser is a transformer (MMDiT) sampled with flow matching.
+TransformerFamily = Literal["sd3", "flux"]
 
 _SD_VAE: dict[str, Any] = {
     "in_channels": 3,
@@ -123,4 +126,48 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "clip_sample": False,
     "set_alpha_to_one": False,
     "steps_offset": 1,
+}
+
+TRANSFORMER_CONFIGS: dict[str, dict[str, Any]] = {
+    # stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json (SD3Transformer2DModel, ~2.0B)
+    "sd3": {
+        "sample_size": 128,
+        "patch_size": 2,
+        "in_channels": 16,
+        "num_layers": 24,
+        "attention_head_dim": 64,
+        "num_attention_heads": 24,
+        "joint_attention_dim": 4096,
+        "caption_projection_dim": 1536,
+        "pooled_projection_dim": 2048,
+        "out_channels": 16,
+        "pos_embed_max_size": 192,
+    },
+    # black-forest-labs/FLUX.1-dev transformer/config.json (FluxTransformer2DModel, ~11.9B)
+    "flux": {
+        "patch_size": 1,
+        "in_channels": 64,
+        "num_layers": 19,
+        "num_single_layers": 38,
+        "attention_head_dim": 128,
+        "num_attention_heads": 24,
+        "joint_attention_dim": 4096,
+        "pooled_projection_dim": 768,
+        "guidance_embeds": True,
+        "axes_dims_rope": [16, 56, 56],
+    },
+}
+
+#: ``scheduler/scheduler_config.json`` of the same repos (``FlowMatchEulerDiscreteScheduler``).
+FLOW_SCHEDULER_CONFIGS: dict[str, dict[str, Any]] = {
+    "sd3": {"num_train_timesteps": 1000, "shift": 3.0},
+    "flux": {
+        "num_train_timesteps": 1000,
+        "shift": 3.0,
+        "use_dynamic_shifting": True,
+        "base_shift": 0.5,
+        "max_shift": 1.15,
+        "base_image_seq_len": 256,
+        "max_image_seq_len": 4096,
+    },
 }

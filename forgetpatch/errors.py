@@ -44,6 +44,10 @@ class MissingModuleError(ApplyError):
     """A module the patch targets does not exist in the pipeline (e.g. an SDXL patch on SD 1.5)."""
 
 
+class FamilyMismatchError(MissingModuleError):
+    """The patch was made for another model family (e.g. an SD 1.5 patch on SD3 or FLUX, or the reverse)."""
+
+
 class AlreadyAppliedError(ApplyError):
     """The same patch is already applied to this pipeline."""
 
@@ -64,6 +68,16 @@ class HubError(ForgetPatchError):
 # --- evaluation ----------------------------------------------------------------------------
 class EvalError(ForgetPatchError):
     """An evaluation was given mismatched inputs (e.g. a reference made with other settings)."""
+
+
+class EvalInputError(EvalError):
+    """An evaluation input is missing or malformed: a prompt CSV, a CLIP folder, Inception weights, a folder of
+    real images, or a concept the suite cannot score."""
+
+
+class MissingExtraError(ForgetPatchError):
+    """An optional dependency is not installed; the message names the extra that brings it
+    (``pip install 'forgetpatch[eval]'``)."""
 
 
 # --- methods -------------------------------------------------------------------------------

@@ -32,21 +32,22 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from forgetpatch.errors import MethodError
-from forgetpatch.methods.base import Concept, ConceptKind
+from forgetpatch.format import Concept
 
 
-class ConceptSpec(BaseModel):
-    """One concept of a recipe (mirrors :class:`forgetpatch.methods.Concept`)."""
+def as_number(value: Any) -> Any:
+    """``value``, or the number it spells: YAML 1.1 reads ``1e-3`` (no dot) as the string ``"1e-3"``.
 
-    model_config = ConfigDict(extra="forbid")
-
-    target: str = Field(min_length=1)
-    kind: ConceptKind = "object"
-    guide: str | None = None
-    superclass: str | None = None
-
-    def to_concept(self) -> Concept:
-        return Concept(target=self.target, kind=self.kind, guide=self.guide, superclass=self.superclass)
+    Example:
+        >>> as_number("1e-3"), as_number("x"), as_number(2)
+        (0.001, 'x', 2)
+    """
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 class Recipe(BaseModel):
@@ -63,8 +64,8 @@ class Recipe(BaseModel):
     paper: bool = False
     """Run the method exactly as published instead of filling unset settings from the base
     (:mod:`forgetpatch.methods.defaults`)."""
-    concepts: list[ConceptSpec] = Field(min_length=1)
-    preserve: list[ConceptSpec] = Field(default_factory=list)
+    concepts: list[Concept] = Field(min_length=1)
+    preserve: list[Concept] = Field(default_factory=list)
     params: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("concepts", "preserve", mode="before")
@@ -74,13 +75,18 @@ class Recipe(BaseModel):
             value = [value]
         return [{"target": v} if isinstance(v, str) else v for v in (value or [])]
 
+    @field_validator("params")
+    @classmethod
+    def _numbers(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return {k: as_number(v) for k, v in value.items()}
+
     def erase_concepts(self) -> list[Concept]:
-        """The concepts to erase, as :class:`~forgetpatch.methods.Concept` objects."""
-        return [c.to_concept() for c in self.concepts]
+        """The concepts to erase."""
+        return list(self.concepts)
 
     def preserved(self) -> list[Concept]:
         """The concepts to preserve."""
-        return [c.to_concept() for c in self.preserve]
+        return list(self.preserve)
 
     def erase_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`forgetpatch.erase` (method, preserve, paper, name, params)."""

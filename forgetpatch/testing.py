@@ -1,9 +1,13 @@
-"""Random-weight Stable Diffusion pipelines for tests and benchmarks (no download needed).
+"""Random-weight diffusion pipelines for tests and benchmarks (no download needed).
 
 * :func:`tiny_sd_pipeline` / :func:`tiny_sdxl_pipeline`: seconds to build, SD 1.x-like and
   SDXL-like (two text encoders, ``text_time`` conditioning), module names as in the real models.
+* :func:`tiny_sd3_pipeline` / :func:`tiny_flux_pipeline`: a ``StableDiffusion3Pipeline`` (MMDiT, two CLIP
+  encoders + T5) and a ``FluxPipeline`` (double- and single-stream blocks, CLIP + T5), flow-matching
+  scheduler with the published settings; tokenizers built offline (:func:`t5_tokenizer` stands in for T5's).
 * :func:`published_unet` / :func:`published_pipeline`: full-size SD 1.5, SD 2.1 and SDXL
-  architectures from their published configs (:mod:`forgetpatch.archs`), with random weights.
+  architectures from their published configs (:mod:`forgetpatch.archs`), with random weights;
+  :func:`published_transformer`: the SD3-medium and FLUX.1-dev transformers (on ``meta`` for shapes).
 
 Example:
     >>> pipe = tiny_sd_pipeline(seed=0)
@@ -16,18 +20,33 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 from forgetpatch.archs import (
+    FLOW_SCHEDULER_CONFIGS,
     SCHEDULER_CONFIG,
     TEXT_ENCODER_CONFIGS,
+    TRANSFORMER_CONFIGS,
     UNET_CONFIGS,
     VAE_CONFIGS,
     Family,
+    TransformerFamily,
 )
 from forgetpatch.tokenizer import word_level_clip_tokenizer
 
@@ -100,7 +119,7 @@ def _text_encoder(hidden: int, vocab_size: int, projection: bool, seed: int):
     return cls(config).eval()
 
 
-def _tiny_vae(seed: int) -> AutoencoderKL:
+def _tiny_vae(seed: int, **extra) -> AutoencoderKL:
     torch.manual_seed(seed)
     return AutoencoderKL(
         block_out_channels=(16, 32),
@@ -111,7 +130,50 @@ def _tiny_vae(seed: int) -> AutoencoderKL:
         latent_channels=4,
         norm_num_groups=8,
         sample_size=32,
+        **extra,
     ).eval()
+
+
+def t5_tokenizer(words: list[str] = TEST_WORDS, model_max_length: int = 512) -> T5TokenizerFast:
+    """An offline stand-in for T5's tokenizer: a SentencePiece-style unigram model in which each of ``words``
+    is one piece (``"▁red"``) and any other text is spelled character by character; ``</s>`` ends every text."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    specials = ["<pad>", "</s>", "<unk>"]  # T5's ids 0, 1, 2
+    pieces = [(s, 0.0) for s in specials] + [("\u2581" + w, -1.0) for w in dict.fromkeys(words)]
+    pieces += [("\u2581", -2.0)] + [(chr(c), -5.0) for c in range(ord("!"), ord("~") + 1)]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return T5TokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_ids=0,
+        model_max_length=model_max_length,
+    )
+
+
+def _t5_encoder(d_model: int, vocab_size: int, seed: int) -> T5EncoderModel:
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",  # T5 v1.1, as SD3 and FLUX use
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5EncoderModel(config).eval()
 
 
 def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
@@ -172,6 +234,81 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         unet=unet,
         scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
     )
+
+
+def tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
+    """An SD3-shaped pipeline (MMDiT, CLIP-L/G-like + T5 encoders, flow matching, 32px) with random weights."""
+    tokenizer = _tokenizer()
+    t5_tok = t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,  # T5 width; the two CLIP outputs (2 x 32) are padded to it
+        caption_projection_dim=32,  # = heads * head_dim, as in SD3
+        pooled_projection_dim=64,  # the two pooled CLIP outputs, concatenated
+        pos_embed_max_size=16,
+    ).eval()
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULER_CONFIGS["sd3"]),
+        vae=_tiny_vae(seed + 1, shift_factor=0.0609, scaling_factor=1.5305),
+        text_encoder=_text_encoder(32, len(tokenizer), projection=True, seed=seed + 2),
+        tokenizer=tokenizer,
+        text_encoder_2=_text_encoder(32, len(tokenizer), projection=True, seed=seed + 3),
+        tokenizer_2=_tokenizer(),
+        text_encoder_3=_t5_encoder(64, len(t5_tok), seed=seed + 4),
+        tokenizer_3=t5_tok,
+    )
+
+
+def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
+    """A FLUX.1-dev-shaped pipeline (double + single-stream blocks, guidance embedding, CLIP + T5) with random weights."""
+    tokenizer = _tokenizer()
+    t5_tok = t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels packed 2 x 2
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # T5 width
+        pooled_projection_dim=32,  # CLIP pooled width
+        guidance_embeds=True,
+        axes_dims_rope=[4, 6, 6],  # sums to attention_head_dim
+    ).eval()
+    return FluxPipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULER_CONFIGS["flux"]),
+        vae=_tiny_vae(seed + 1, shift_factor=0.1159, scaling_factor=0.3611),
+        text_encoder=_text_encoder(32, len(tokenizer), projection=False, seed=seed + 2),
+        tokenizer=tokenizer,
+        text_encoder_2=_t5_encoder(32, len(t5_tok), seed=seed + 3),
+        tokenizer_2=t5_tok,
+    )
+
+
+def published_transformer(
+    family: TransformerFamily = "sd3", seed: int = 0, device: str | torch.device | None = None
+) -> SD3Transformer2DModel | FluxTransformer2DModel:
+    """The full-size transformer of ``family`` (``"sd3"``: SD3-medium, ``"flux"``: FLUX.1-dev), random weights.
+
+    ``device="meta"`` builds it without allocating (shapes and module names only; instant). On CPU in fp32
+    SD3-medium takes ~8 GB and FLUX.1-dev ~48 GB.
+    """
+    cls = SD3Transformer2DModel if family == "sd3" else FluxTransformer2DModel
+    torch.manual_seed(seed)
+    if device is None:
+        return cls(**TRANSFORMER_CONFIGS[family]).eval()
+    with torch.device(device):
+        return cls(**TRANSFORMER_CONFIGS[family]).eval()
 
 
 def published_unet(family: Family = "sd15", seed: int = 0) -> UNet2DConditionModel:

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import forgetpatch
 from forgetpatch.errors import LineageError
-from forgetpatch.methods.chain import erase_chain
+from forgetpatch.methods import erase_chain
 from forgetpatch.testing import tiny_sd_pipeline
 
 

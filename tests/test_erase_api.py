@@ -302,6 +302,25 @@ def test_cli_erase_errors(sd_folder, tmp_path, args, message):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("method", ["uce", "esd"])
+def test_every_method_names_its_patch_the_same_way(method):
+    """One default name for closed-form and fine-tuning methods alike: ``<method>-no-<concepts>``."""
+    extra = {"iterations": 1, "num_inference_steps": 2} if method == "esd" else {}
+    patch = forgetpatch.erase(tiny_sd_pipeline(), ["circle", "Van Gogh"], method=method, progress=False, **extra)
+    assert patch.name == f"{method}-no-circle-van_gogh"
+
+
+def test_numbers_in_exponent_form_are_numbers_on_the_command_line_and_in_recipes(tmp_path):
+    """YAML 1.1 reads ``1e-3`` as a string; ``--param lr=1e-3`` and ``lr: 1e-3`` in a recipe are the number."""
+    from forgetpatch.cli.erase import parse_params
+    from forgetpatch.recipes import load_recipe
+
+    assert parse_params(["lr=1e-3", "iterations=20", "tokens=last"]) == {"lr": 1e-3, "iterations": 20, "tokens": "last"}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: esd\nconcepts: [circle]\nparams:\n  lr: 5e-4\n")
+    assert load_recipe(recipe).params == {"lr": 5e-4}
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_erasing_on_a_patched_pipeline_edits_the_patched_weights(method):
     """A second patch is computed on top of the first (as applied), and records it as lineage."""

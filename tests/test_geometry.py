@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from forgetpatch.eval.geometry import FIT_MIN_IOU, Fit, fit_shape, fit_shapes, segment
-from forgetpatch.toy.render import _MAX_ROTATION, IMAGE_SIZE, _shape_mask, _texture, render
+from forgetpatch.toy.render import _MAX_ROTATION, IMAGE_SIZE, _texture, render, shape_mask
 from forgetpatch.toy.vocab import COLOURS, SHAPES, TEXTURES, Scene
 
 _SS = 4  # supersampling, as the renderer
@@ -47,7 +47,7 @@ def _paint(img: np.ndarray, shape: str, colour: str, cx: float, cy: float, radiu
     coords = (np.arange(IMAGE_SIZE * _SS) + 0.5) / _SS
     u, v = np.meshgrid(coords, coords)
     cover = (
-        _shape_mask(shape, u - cx, v - cy, radius).reshape(IMAGE_SIZE, _SS, IMAGE_SIZE, _SS).mean(axis=(1, 3))
+        shape_mask(shape, u - cx, v - cy, radius).reshape(IMAGE_SIZE, _SS, IMAGE_SIZE, _SS).mean(axis=(1, 3))
     )
     rgb = np.asarray(COLOURS[colour]) / 255.0
     return img * (1 - cover[..., None]) + rgb * cover[..., None]
@@ -92,7 +92,7 @@ def test_segment_matches_the_drawn_shape(clean):
         v, u = np.indices(image.shape[:2]) + 0.5
         dx, dy = u - cx, v - cy
         x, y = np.cos(theta) * dx + np.sin(theta) * dy, -np.sin(theta) * dx + np.cos(theta) * dy
-        drawn = _shape_mask(scene.shape, x, y, radius)
+        drawn = shape_mask(scene.shape, x, y, radius)
         mask = segment(image)
         assert mask.dtype == bool and mask.shape == image.shape[:2]
         assert (mask & drawn).sum() / (mask | drawn).sum() >= 0.85, (scene, seed)

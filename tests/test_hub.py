@@ -399,7 +399,7 @@ def test_model_card_shows_toy_figures_with_intervals(pipe):
     # the one summary table comes before the folded details, base beside patched, interval and n on each rate
     headline = text.index("## How well it forgets")
     assert headline < text.index("<details>")
-    assert "| **circle** forgotten (strict UA) | 94% [87%-97%], n=96 | 0% [0%-4%], n=96 |" in text
+    assert "| **circle forgotten (strict UA)** | 94% [87%-97%], n=96 | 0% [0%-4%], n=96 |" in text
     assert "| circle in other words (paraphrase leakage, lower is better) | 12% [4%-36%], n=16 | - |" in text
     assert "| circle | 94% [87%-97%], n=96 | 0% [0%-4%], n=96 | 12% [4%-36%], n=16 | 98% | 100% | - |" in text
     assert "toy_eval" not in text and "| erase seconds | 3.5 |" in text  # no flattened evaluation keys

@@ -86,6 +86,17 @@ def test_presets():
         resolve_preset([Concept("circle")], task="weather")
 
 
+def test_unknown_parameters_are_named_with_both_lists():
+    """One params dataclass (KSCUParams) beside the engine's FinetuneConfig; a key that is neither is named."""
+    from forgetpatch.methods.engine import split_params
+    from forgetpatch.methods.kscu import KSCUParams
+
+    settings, engine = split_params(KSCUParams, {"g": 2.0, "rank": 4, "iterations": 7}, "KSCU")
+    assert (settings.g, settings.iterations, engine) == (2.0, 7, {"rank": 4})
+    with pytest.raises(MethodError, match=r"unknown KSCU parameter\(s\) \['gg'\].*KSCU's own.*'lam2'.*engine's.*'rank'"):
+        split_params(KSCUParams, {"gg": 1}, "KSCU")
+
+
 def test_augmentation_only_in_the_last_5_percent(monkeypatch):
     objective = KSCUObjective([Concept("circle")], KeyStepTable(num_steps=10, start=3), iterations=100)
     assert [i for i in range(100) if objective.augmented(i)] == list(range(95, 100))

@@ -21,7 +21,6 @@ from forgetpatch.attacks.report import AttackResult, Rate
 from forgetpatch.attacks.text import (
     ConceptData,
     PassCounter,
-    at_prefix,
     at_token,
     concept_data,
     denoising_batch,
@@ -30,15 +29,12 @@ from forgetpatch.attacks.text import (
     hidden_states_map,
     lora_hooks,
     token_id,
-    token_vectors,
     unet_eps,
 )
 from forgetpatch.eval import PipelineGenerator, ScoringPrompt, forgotten
+from forgetpatch.methods import PLACEHOLDER, at_prefix, prefix_search, token_vectors
 from forgetpatch.methods.common import cross_attention_layers, current_weight, inversion_map
 from forgetpatch.toy import vocab
-
-#: The filler word whose copies mark where a prompt-search prefix goes (never in a scoring prompt's head).
-PLACEHOLDER = "and"
 
 
 @dataclass
@@ -250,7 +246,8 @@ def _kind_words(concept: str) -> list[str]:
 
 def prompt_search(target: Target) -> list[AttackResult]:
     """UnlearnDiffAtk-style: learn ``k`` prefix token embeddings so the patched model denoises noised
-    renders of the concept as the base does, then project each to the nearest whole word; both the soft
+    renders of the concept as the base does (:func:`forgetpatch.methods.adversarial.prefix_search`, the search
+    adversarial fine-tuning runs inside training too), then project each to the nearest whole word; both the soft
     prefix and the word prefix are measured. The projection leaves out every word naming a concept of the
     same kind: naming the concept (or a synonym) would be a paraphrase, and naming another shape steers the
     image away from the concept rather than towards it."""
@@ -262,17 +259,28 @@ def prompt_search(target: Target) -> list[AttackResult]:
     start = torch.randint(len(ids), (k,), generator=target.generator(3))
     vectors = torch.nn.Parameter(table[[ids[i] for i in start.tolist()]].clone().float())
     head = " ".join([PLACEHOLDER] * k)
+    data, generator = target.data(), target.generator(4)
 
-    def loss_of(x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def loss_of(encode_prefixed: Callable[[Sequence[str]], torch.Tensor]) -> torch.Tensor:
+        x_t, t, _, prompts = denoising_batch(pipe, data, b.batch, generator)
         with torch.no_grad():
             wanted = unet_eps(target.base, x_t, t, encode(target.base, prompts))
-        got = unet_eps(pipe, x_t, t, encode(pipe, [f"{head} {p}" for p in prompts]))
+        got = unet_eps(pipe, x_t, t, encode_prefixed(prompts))
         return torch.nn.functional.mse_loss(got.float(), wanted.float())
 
-    with PassCounter(pipe.unet, target.base.unet) as passes, token_vectors(pipe, at_prefix(placeholder, vectors)):
-        losses = _fit(target, "prompt_search", [vectors], b.search_steps, b.search_lr, 4, loss_of)
+    bar = target.bar(b.search_steps, "prompt_search")
+
+    def on_step(loss: float) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4g}")
+
+    with PassCounter(pipe.unet, target.base.unet) as passes:
+        found = prefix_search(pipe, vectors, b.search_steps, b.search_lr, loss_of, on_step)  # shared with fine-tuning
+        bar.close()
+        losses = {"loss_first": found[0] if found else None, "loss_last": found[-1] if found else None}
         search = (time.perf_counter() - started, passes.count + b.search_steps)  # + one backward pass a step
-        soft_images = target.generate([f"{head} {p}" for p in target.prompts], target.seeds)
+        with token_vectors(pipe, at_prefix(placeholder, vectors)):
+            soft_images = target.generate([f"{head} {p}" for p in target.prompts], target.seeds)
     soft_cost = (time.perf_counter() - started, passes.count + b.search_steps)
     nearest = torch.cdist(vectors.detach().float(), table[ids].float()).argmin(dim=1).tolist()
     prefix = " ".join(words[i] for i in nearest)

@@ -1,8 +1,9 @@
 """What the attacks change on a pipeline while they run, always undone on exit.
 
-* :func:`token_vectors`: replaces rows of the text encoder's *input* token embeddings (a learned token
-  in place of the concept's word, or learned prefix tokens), so the pipeline's own ``encode_prompt``
-  and sampling see them.
+* :func:`token_vectors` (from :mod:`forgetpatch.methods.adversarial`, where fine-tuning's inner attack uses it
+  too): replaces rows of the text encoder's *input* token embeddings (a learned token in place of the concept's
+  word, or learned prefix tokens, :func:`at_prefix`), so the pipeline's own ``encode_prompt`` and sampling see
+  them.
 * :func:`hidden_states_map`: maps rows of the text encoder's *output* (what the UNet's cross-attention
   reads), from a concept's token to the end of the prompt.
 * :func:`lora_hooks`: a low-rank update added to linear layers' outputs by forward hooks, so that it
@@ -24,8 +25,7 @@ import torch
 from torch import nn
 
 from forgetpatch.errors import AttackError
-from forgetpatch.toy import vocab
-from forgetpatch.toy.render import render_batch
+from forgetpatch.toy import render_batch, vocab
 
 #: ``(input_ids, rows) -> rows`` for a batch of prompts.
 RowMap = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -37,21 +37,6 @@ def token_id(pipe, word: str) -> int:
     if len(ids) != 1:
         raise AttackError(f"{word!r} is {len(ids)} tokens for this tokenizer; attacks need a one-token concept")
     return int(ids[0])
-
-
-@contextmanager
-def token_vectors(pipe, replace: RowMap) -> Iterator[None]:
-    """Within the block, the text encoder's token embeddings pass through ``replace(ids, embeddings)``."""
-    layer = pipe.text_encoder.get_input_embeddings()
-
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return replace(args[0], output)
-
-    handle = layer.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 @contextmanager
@@ -81,21 +66,6 @@ def at_token(word_id: int, vector: torch.Tensor) -> RowMap:
             return rows
         out = rows.clone()
         out[where] = vector.to(rows.dtype)
-        return out
-
-    return replace
-
-
-def at_prefix(placeholder_id: int, vectors: torch.Tensor) -> RowMap:
-    """Put ``vectors`` (``k x D``) at positions ``1..k`` of prompts that start with ``k`` placeholder tokens."""
-    k = vectors.shape[0]
-
-    def replace(ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        marked = (ids[:, 1 : k + 1] == placeholder_id).all(dim=1).to(rows.device)
-        if not marked.any():
-            return rows
-        out = rows.clone()
-        out[marked, 1 : k + 1] = vectors.to(rows.dtype)
         return out
 
     return replace

@@ -33,8 +33,9 @@ def load_base(base: str, dtype: str = "float32") -> Any:
             return toy.pipeline(dtype=torch_dtype)
         from diffusers import DiffusionPipeline
 
-        path = Path(base)
-        if not path.exists() and (path.is_absolute() or base.startswith(".") or base.count("/") != 1):
+        from forgetpatch.hub import is_hub_id, why_local
+
+        if not Path(base).exists() and (why_local(base) or not is_hub_id(base)):
             raise BaseModelError(
                 f"base model folder {base!r} not found. A local base is a diffusers folder as "
                 "`pipe.save_pretrained(FOLDER)` writes it (model_index.json, unet/, text_encoder/, ...); "

@@ -28,7 +28,7 @@ def chain_command(
     Writes OUTPUT/step-1 ... step-N (each patch's lineage names the steps before it) and, on the toy world, a report after every step of every concept erased so far (does an earlier one come back?). Apply the last step with its parents: forgetpatch.apply(pipe, "OUTPUT/step-N", with_lineage=True).
     """  # noqa: E501
     from forgetpatch.errors import ForgetPatchError
-    from forgetpatch.methods.chain import erase_chain
+    from forgetpatch.methods import erase_chain
     from forgetpatch.recipes import load_recipe
 
     spec = load_recipe(recipe)

@@ -17,7 +17,8 @@ from rich.console import Console
 
 from forgetpatch.cli._base import check_new_patch_folder, check_toy_concepts, load_base
 from forgetpatch.errors import MethodError
-from forgetpatch.methods.base import ConceptKind
+from forgetpatch.format import Concept, ConceptKind
+from forgetpatch.recipes import as_number
 
 _out = Console()
 
@@ -29,7 +30,7 @@ def parse_params(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise MethodError(f"--param takes key=value (e.g. --param erase_scale=2), got {item!r}")
-        params[key.strip()] = yaml.safe_load(value)
+        params[key.strip()] = as_number(yaml.safe_load(value))
     return params
 
 
@@ -72,7 +73,7 @@ def erase_command(
     method's published defaults; --paper runs the method exactly as its paper states it.
     """
     from forgetpatch.methods import erase, get_method
-    from forgetpatch.recipes import ConceptSpec, load_recipe
+    from forgetpatch.recipes import load_recipe
 
     # Everything is checked before the model loads.
     if kind not in get_args(ConceptKind):
@@ -80,15 +81,12 @@ def erase_command(
     spec = load_recipe(recipe) if recipe else None
     chosen_base = _choose_base(base, spec, recipe)
     if concept:
-        concepts = [ConceptSpec(target=c, kind=kind, guide=guide).to_concept() for c in concept]
+        concepts = [Concept(target=c, kind=kind, guide=guide) for c in concept]
     elif spec is not None:
         concepts = spec.erase_concepts()
     else:
         raise MethodError("nothing to erase: give --concept (repeatable) or --recipe")
-    if preserve:
-        kept = [ConceptSpec(target=p, kind=kind).to_concept() for p in preserve]
-    else:
-        kept = spec.preserved() if spec else []
+    kept = [Concept(target=p, kind=kind) for p in preserve] if preserve else (spec.preserved() if spec else [])
     check_toy_concepts(chosen_base, [c.target for c in [*concepts, *kept]])
     params = {**(spec.params if spec else {}), **parse_params(param or [])}
     if seed is not None:
@@ -104,6 +102,10 @@ def erase_command(
     start = time.perf_counter()
     patch = erase(pipe, concepts, method=chosen, preserve=kept, paper=paper or bool(spec and spec.paper), **params)
     seconds = time.perf_counter() - start
+    from forgetpatch import distributed
+
+    if not distributed.is_main():  # under accelerate launch every process has the patch; process 0 writes it
+        return
     folder = patch.save(output)
     lora = patch.manifest.lora
     error = f"{lora.reconstruction_error:.2e}" if lora.reconstruction_error is not None else "n/a"

@@ -72,14 +72,56 @@ def eval_command(
             help="Reuse the base model's images from ~/.cache/forgetpatch/eval (FORGETPATCH_CACHE)."
         ),
     ] = True,
+    suite: Annotated[
+        str | None,
+        typer.Option(help="Real-weight suite: nudity, objects, styles or quality (default: the toy world's)."),
+    ] = None,
+    prompts: Annotated[
+        Path | None, typer.Option(help="Suite prompts from a CSV in the I2P layout (prompt, seed, guidance).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Use the first N prompts of --prompts only.")] = None,
+    clip: Annotated[Path | None, typer.Option(help="Local CLIP folder (CLIPModel + processor) for a suite.")] = None,
+    inception: Annotated[
+        Path | None, typer.Option(help="torch-fidelity's Inception-v3 weights file, for FID (quality suite).")
+    ] = None,
+    real: Annotated[Path | None, typer.Option(help="Folder of real images, for FID to real images.")] = None,
+    label: Annotated[
+        list[str] | None, typer.Option("--label", help="Object class / artist of the suite's list (repeatable).")
+    ] = None,
+    nudenet_threshold: Annotated[float, typer.Option(help="NudeNet score a class needs to count.")] = 0.6,
+    nudenet_class: Annotated[
+        list[str] | None, typer.Option("--nudenet-class", help="NudeNet class that counts as nudity (repeatable).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Suite generation batch size.")] = 8,
+    device: Annotated[str | None, typer.Option(help="Suite device (default: cuda when there is one).")] = None,
+    dtype: Annotated[str, typer.Option(help="Suite base weights dtype: float32, float16 or bfloat16.")] = "float32",
+    record: Annotated[
+        bool, typer.Option("--record", help="Write a suite's figures into the patch's manifest (one local patch).")
+    ] = False,
 ) -> None:
     """Evaluate forgetting on the toy world: UA, IRA, CRA, near neighbours, paraphrase leakage, drift.
 
     Without patches it evaluates the base model alone (fidelity, and how well it draws the concepts).
+    With --suite it evaluates any diffusers base on real-weight suites instead: nudity (NudeNet), objects and
+    styles (CLIP accuracy), quality (CLIP score, FID); see the README's "Evaluating on real weights".
     """
     from forgetpatch.eval import DEFAULT_GUIDANCE_SCALE, EvalReport, evaluate, save_report_grid
 
     patches = patches or []
+    if suite is not None:
+        _suite_command(
+            patches, base=base, suite=suite, concepts=list(concept or []), images=images, steps=steps,
+            guidance=guidance, seed=seed, scale=scale, key_steps=key_steps, grid=grid, json_out=json_out,
+            prompts=prompts, limit=limit, clip=clip, inception=inception, real=real, labels=label,
+            nudenet_threshold=nudenet_threshold, nudenet_classes=nudenet_class, batch_size=batch_size,
+            device=device, dtype=dtype, record=record,
+        )
+        return
+    toy_only = {"--prompts": prompts, "--clip": clip, "--inception": inception, "--real": real, "--label": label,
+                "--nudenet-class": nudenet_class, "--device": device, "--record": record or None}
+    for flag, value in toy_only.items():
+        if value is not None:
+            raise typer.BadParameter(f"{flag} belongs to the real-weight suites: add --suite", param_hint=flag)
     if grid is not None and not patches:
         raise typer.BadParameter("a before/after grid needs at least one PATCH", param_hint="--grid")
     concepts = list(concept or []) or (_concepts_of(patches) if patches else [])
@@ -89,22 +131,30 @@ def eval_command(
         "num_inference_steps": steps,
         "guidance_scale": DEFAULT_GUIDANCE_SCALE if guidance is None else guidance,
     }
+    from forgetpatch import distributed
+
+    main = distributed.is_main()  # under `accelerate launch` every process generates its share; one writes
     pipe = _load_base(base)
     cached = _cache_dir() / f"base-{_base_key(pipe, concepts, settings)}.npz" if cache else None
     if cached is not None and cached.exists():
         report = EvalReport.load(cached)
-        console.print(f"[bold]base[/] {base}: images reused from {cached}")
+        if main:
+            console.print(f"[bold]base[/] {base}: images reused from {cached}")
     else:
-        console.print(f"[bold]base[/] {base}: generating and judging")
+        if main:
+            console.print(f"[bold]base[/] {base}: generating and judging")
         report = evaluate(pipe, concepts, **settings)
-        if cached is not None:
+        if cached is not None and main:
             report.save(cached)
     if patches:
         from forgetpatch import apply
 
         pipe = apply(pipe, patches, scale=scale, key_steps=key_steps)
-        console.print(f"[bold]patched[/] with {', '.join(patches)}")
+        if main:
+            console.print(f"[bold]patched[/] with {', '.join(patches)}")
         report = evaluate(pipe, concepts, reference=report, **settings)
+    if not main:
+        return
     console.print(report.table())
     console.print(
         "fidelity on retained prompts: "
@@ -117,6 +167,130 @@ def eval_command(
         console.print(f"figures written to {json_out}")
     if grid is not None:
         console.print(f"grid written to {save_report_grid(report, grid)}")
+
+
+def _suite_command(
+    patches: list[str],
+    *,
+    base: str,
+    suite: str,
+    concepts: list[str],
+    images: int,
+    steps: int,
+    guidance: float | None,
+    seed: int,
+    scale: float,
+    key_steps: bool,
+    grid: Path | None,
+    json_out: Path | None,
+    prompts: Path | None,
+    limit: int | None,
+    clip: Path | None,
+    inception: Path | None,
+    real: Path | None,
+    labels: list[str] | None,
+    nudenet_threshold: float,
+    nudenet_classes: list[str] | None,
+    batch_size: int,
+    device: str | None,
+    dtype: str,
+    record: bool,
+) -> None:
+    """``forgetpatch eval --suite``: every input checked and every detector loaded before the base model loads."""
+    import torch
+
+    from forgetpatch.cli._base import check_image_path
+    from forgetpatch.errors import EvalInputError
+    from forgetpatch.eval import (
+        DEFAULT_GUIDANCE_SCALE,
+        SUITE_GUIDANCE_SCALE,
+        SUITES,
+        ClipJudge,
+        NudeNetDetector,
+        check_clip_folder,
+        check_inception,
+        evaluate_suite,
+        load_inception,
+        read_images,
+        read_prompt_csv,
+        record_suite,
+        save_grid,
+    )
+
+    if suite not in SUITES:
+        raise EvalInputError(f"unknown suite {suite!r}: pick one of {', '.join(SUITES)}")
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise EvalInputError(f"--dtype {dtype!r}: use float32, float16 or bfloat16")
+    if grid is not None:
+        check_image_path(grid, "--grid")
+        if not patches:
+            raise typer.BadParameter("a before/after grid needs at least one PATCH", param_hint="--grid")
+    if record and (len(patches) != 1 or not Path(patches[0]).is_dir() or scale != 1.0):
+        raise EvalInputError(
+            "--record writes into one local patch folder, evaluated alone at --scale 1: evaluate that folder by itself"
+        )
+    if inception is not None and real is None and not patches:
+        raise EvalInputError("FID compares two image sets: pass --real FOLDER, or a PATCH (FID to the base's images)")
+    items = None
+    if prompts is not None:
+        items = read_prompt_csv(prompts, concept="nudity" if suite == "nudity" else None, limit=limit)
+    if clip is not None:
+        check_clip_folder(clip)
+    if inception is not None:
+        check_inception(inception)
+    real_images = read_images(real) if real is not None else None
+    if real_images is not None and inception is None:
+        raise EvalInputError("--real is for FID: add --inception PATH")
+    concepts = concepts or (_concepts_of(patches) if patches else [])
+    if suite in ("objects", "styles") and clip is None:
+        raise EvalInputError(f"the {suite} suite judges images with CLIP: pass a local CLIP folder (--clip PATH)")
+    if suite == "quality" and clip is None and inception is None:
+        raise EvalInputError("the quality suite measures CLIP score and/or FID: pass --clip PATH and/or --inception PATH")
+    nudenet = None
+    if suite == "nudity":
+        kw = {"classes": nudenet_classes} if nudenet_classes else {}
+        nudenet = NudeNetDetector(threshold=nudenet_threshold, **kw)
+    judge = ClipJudge(clip, device=device) if clip is not None else None
+    features = load_inception(inception, device=device) if inception is not None else None
+
+    pipe = _load_base(base, dtype)
+    run_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    default_guidance = DEFAULT_GUIDANCE_SCALE if base == "toy" else SUITE_GUIDANCE_SCALE
+    settings = {
+        "erased": concepts,
+        "prompts": items,
+        "labels": labels or None,
+        "clip": judge,
+        "nudenet": nudenet,
+        "features": features,
+        "real_images": real_images,
+        "images_per_concept": images,
+        "seed": seed,
+        "num_inference_steps": steps,
+        "guidance_scale": default_guidance if guidance is None else guidance,
+        "batch_size": batch_size,
+    }
+    pipe.to(run_device)
+    console.print(f"[bold]base[/] {base}: {suite} suite, generating and judging on {run_device}")
+    report = evaluate_suite(pipe, suite, **settings)
+    if patches:
+        from forgetpatch import apply
+
+        pipe = apply(pipe.to("cpu"), patches, scale=scale, key_steps=key_steps).to(run_device)
+        console.print(f"[bold]patched[/] with {', '.join(patches)}")
+        report = evaluate_suite(pipe, suite, reference=report, **settings)
+    console.print(report.table())
+    console.print(f"{report.seconds:.1f} s for {len(report.items)} images")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report.to_dict(), indent=2))
+        console.print(f"figures written to {json_out}")
+    if grid is not None and report.base_images is not None and report.images.size:
+        cols = list(range(min(12, len(report.items))))
+        path = save_grid(report.base_images[cols], report.images[cols], grid, [report.items[i].prompt for i in cols])
+        console.print(f"grid written to {path}")
+    if record:
+        console.print(f"{suite} figures recorded in {record_suite(patches[0], report)} (digest unchanged)")
 
 
 def register(app: typer.Typer) -> None:

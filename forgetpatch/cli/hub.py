@@ -55,7 +55,7 @@ def push_command(
 def _print_robustness(folder: Path) -> None:
     """Tell the publisher how robust the patch is known to be, on stderr (stdout stays the URL)."""
     from forgetpatch.format import read_patch
-    from forgetpatch.hub.card import robustness_summary
+    from forgetpatch.hub import robustness_summary
 
     if not folder.is_dir():
         return  # push says what is wrong with the folder

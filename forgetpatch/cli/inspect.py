@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from forgetpatch.format import ROBUSTNESS_METRICS, TOY_EVAL_METRICS
-from forgetpatch.hub.card import parent_names, robustness_summary, short_value, summary_rows
+from forgetpatch.hub import parent_names, robustness_summary, short_value, summary_rows
 
 
 def _size(patch) -> str:
@@ -62,9 +62,9 @@ def patch_table(patch) -> Table:
     )
     table.add_row("size", _size(patch))
     table.add_row("digest", patch.digest[:16])
-    table.add_row("lineage", "\n".join(parent_names(patch)).replace("**", "") or "-")
+    table.add_row("lineage", "\n".join(f"{n} ({d[:12]})" if n else d for n, d in parent_names(patch)) or "-")
     rows = summary_rows(m.metrics)
-    table.add_row("measured", "\n".join(f"{r['what'].replace('**', '')}: {r['patched']} (base {r['base']})"
+    table.add_row("measured", "\n".join(f"{r['what']}: {r['patched']} (base {r['base']})"
                                         for r in rows) or "not measured (forgetpatch eval PATCH)")
     if not robustness_summary(m.metrics):
         table.add_row("robustness", "not measured (forgetpatch attack PATCH --record)")

@@ -59,12 +59,12 @@ def grid(
 ) -> None:
     """Draw ``n`` images per prompt with the shipped toy pipeline into one PNG (a row per prompt)."""
     from forgetpatch.toy import pipeline
-    from forgetpatch.toy.fidelity import generate, save_grid
+    from forgetpatch.toy.fidelity import generate, save_sheet
 
     prompts = [p for p in prompt for _ in range(n)]
     seeds = [s for _ in prompt for s in range(n)]
     images = generate(pipeline(path=weights), prompts, seeds, steps=steps, guidance=guidance)
-    typer.echo(str(save_grid(images, output, columns=n)))
+    typer.echo(str(save_sheet(images, output, columns=n)))
 
 
 @toy_app.command()
@@ -80,14 +80,14 @@ def fidelity(
 ) -> None:
     """Judge accuracy (shape / colour / texture) of the shipped pipeline on held-out combinations."""
     from forgetpatch.toy import load_judge, pipeline
-    from forgetpatch.toy.fidelity import fidelity_with_images, save_grid
+    from forgetpatch.toy.fidelity import fidelity_with_images, save_sheet
 
     scores, images = fidelity_with_images(
         pipeline(path=weights), load_judge(), n=n, steps=steps, guidance=guidance, templates=templates
     )
     typer.echo(" ".join(f"{k}={v:.3f}" if k != "n" else f"n={int(v)}" for k, v in scores.items()))
     if grid_png is not None:
-        typer.echo(str(save_grid(images, grid_png)))
+        typer.echo(str(save_sheet(images, grid_png)))
 
 
 def register(app: typer.Typer) -> None:

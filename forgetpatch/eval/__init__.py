@@ -9,6 +9,10 @@ Example:
     >>> report = evaluate(patched_pipe, ["circle"], reference=base)
     >>> rich.print(report.table())
 
+Real weights: :func:`evaluate_suite` runs the nudity, objects, styles and quality suites with pinned
+detectors (NudeNet, CLIP from a local folder, FID's Inception from a local file; :mod:`forgetpatch.eval.suites`)
+and returns the same kind of report.
+
 UA is strict (:mod:`forgetpatch.eval.report`): an image counts as forgotten only when the judge
 confidently names another concept or sees no shape; every rate carries its sample size and 95% interval.
 """
@@ -29,9 +33,43 @@ from forgetpatch.eval.report import (
     score_concept,
     wilson,
 )
+from forgetpatch.eval.suites import (
+    SUITE_GUIDANCE_SCALE,
+    SUITE_METRICS,
+    SUITES,
+    ClipJudge,
+    FeatureNet,
+    NudeNetDetector,
+    SuitePrompt,
+    SuiteReport,
+    check_clip_folder,
+    check_inception,
+    evaluate_suite,
+    frechet_distance,
+    load_inception,
+    read_images,
+    read_prompt_csv,
+)
+from forgetpatch.eval.suites import record as record_suite
 
 __all__ = [
     "DEFAULT_GUIDANCE_SCALE",
+    "SUITES",
+    "SUITE_GUIDANCE_SCALE",
+    "SUITE_METRICS",
+    "ClipJudge",
+    "FeatureNet",
+    "NudeNetDetector",
+    "SuitePrompt",
+    "SuiteReport",
+    "check_clip_folder",
+    "check_inception",
+    "evaluate_suite",
+    "frechet_distance",
+    "load_inception",
+    "read_images",
+    "read_prompt_csv",
+    "record_suite",
     "ConceptReport",
     "EvalReport",
     "Generator",

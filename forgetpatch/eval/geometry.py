@@ -9,7 +9,7 @@ Nothing here is learned. The toy world draws one saturated shape on a neutral gr
    A pixel's coverage by the shape is its unsmoothed chroma length over that level (a grey plus a
    fraction ``a`` of a colour has ``a`` times the colour's chroma, whatever the grey).
 2. **Fit.** Each of the toy world's shapes is drawn by the renderer's own inside-test
-   (:func:`forgetpatch.toy.render._shape_mask`) once, at unit radius, into a fine look-up table of
+   (:func:`forgetpatch.toy.render.shape_mask`) once, at unit radius, into a fine look-up table of
    pixel coverage (rings also with a smaller and a bigger hole). A candidate ``(centre, radius,
    rotation)`` is drawn by sampling that table at every pixel; its score is the soft IoU with the
    foreground's coverage, ``sum(min) / sum(max)``, where the whole candidate counts, also any part off
@@ -36,8 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from forgetpatch.toy.render import _shape_mask
-from forgetpatch.toy.vocab import SHAPES
+from forgetpatch.toy import SHAPES, shape_mask
 
 #: Below this soft IoU the best fit is not trusted and the shape is ``"unclear"``. Measured: clean renders
 #: fit at 0.93-0.99; degraded renders (:mod:`forgetpatch.toy.degrade`) that a person names fit above 0.75
@@ -115,9 +114,9 @@ def _tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     tables, areas, centroids = [], [], []
     for shape, hole in _OUTLINES:
         if hole:  # a ring with another hole than the renderer's
-            inside = _shape_mask("circle", x, y, 1.0) & ~_shape_mask("circle", x, y, hole)
+            inside = shape_mask("circle", x, y, 1.0) & ~shape_mask("circle", x, y, hole)
         else:
-            inside = _shape_mask(shape, x, y, 1.0)
+            inside = shape_mask(shape, x, y, 1.0)
         inside = inside.astype(np.float64)
         areas.append(inside.mean() * (2 * _LUT_HALF) ** 2)
         centroids.append((x[inside > 0].mean(), y[inside > 0].mean()))

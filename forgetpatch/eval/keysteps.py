@@ -28,6 +28,7 @@ from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
 from forgetpatch.errors import MethodError
+from forgetpatch.methods import preset_check, rise_steps
 
 #: Judges a batch of ``(N, H, W, 3)`` uint8 images: does each show the concept?
 Detector = Callable[[np.ndarray], Sequence[bool]]
@@ -50,16 +51,7 @@ class KeyStepCurve:
 
     def rise(self, low: float = 0.1, high: float = 0.9) -> tuple[int | None, int | None]:
         """First switch steps where presence reaches ``low`` and ``high`` of its maximum."""
-        top = max(self.presence) if self.presence else 0.0
-        if top <= 0:
-            return None, None
-
-        def first(level: float) -> int | None:
-            return next(
-                (k for k, p in zip(self.switch_steps, self.presence, strict=True) if p >= level * top), None
-            )
-
-        return first(low), first(high)
+        return rise_steps(self.switch_steps, self.presence, low, high)
 
     def to_dict(self) -> dict[str, Any]:
         low, high = self.rise()
@@ -250,7 +242,7 @@ def toy_detector(concept: str, judge: Any = None) -> Detector:
     from forgetpatch.eval.report import forgotten
 
     if judge is None:
-        from forgetpatch.toy.judge import load_judge
+        from forgetpatch.toy import load_judge
 
         judge = load_judge()
 
@@ -279,21 +271,6 @@ def _decode(pipe: Any, latents: torch.Tensor) -> np.ndarray:
 
 
 def compare_with_preset(curve: KeyStepCurve, start_step: int, num_steps: int = 50) -> dict[str, Any]:
-    """Where a KSCU preset's start (out of ``num_steps``) sits on the measured curve.
-
-    Returns the curve's rise steps as fractions, the preset's fraction, and the presence measured
-    when switching at the preset start (how much of the concept is already decided before it).
-    """
-    low, high = curve.rise()
-    frac = start_step / num_steps
-    k = round(frac * curve.num_inference_steps)
-    nearest = min(curve.switch_steps, key=lambda s: abs(s - k)) if curve.switch_steps else None
-    presence_at = curve.presence[curve.switch_steps.index(nearest)] if nearest is not None else None
-    e = curve.num_inference_steps
-    return {
-        "preset_start_fraction": frac,
-        "rise_10_fraction": None if low is None else low / e,
-        "rise_90_fraction": None if high is None else high / e,
-        "presence_switching_at_preset_start": presence_at,
-        "max_presence": max(curve.presence) if curve.presence else None,
-    }
+    """Where a KSCU preset's start (out of ``num_steps``) sits on the measured curve
+    (:func:`forgetpatch.methods.preset_check` on the curve's data)."""
+    return preset_check(curve.to_dict(), start_step, num_steps)

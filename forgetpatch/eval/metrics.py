@@ -9,7 +9,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from forgetpatch.errors import ConceptError, ForgetPatchError
-from forgetpatch.eval.generate import DEFAULT_GUIDANCE_SCALE, Generator, as_generator
+from forgetpatch.eval.generate import DEFAULT_GUIDANCE_SCALE, Generator, as_generator, generate_sharded
 from forgetpatch.eval.geometry import fit_shapes
 from forgetpatch.eval.prompts import ALL_CONCEPTS, ScoringPrompt, main_prompts, paraphrase_prompts
 from forgetpatch.eval.report import ConceptReport, EvalReport, Verdict, accuracy, score_concept
@@ -113,6 +113,11 @@ def evaluate(
         geometry: also fit every image's outline (:mod:`forgetpatch.eval.geometry`), the second opinion
             the report compares the judge with.
 
+    Under ``accelerate launch --num_processes N`` each process generates its block of the (prompt, seed)
+    pairs (:func:`~forgetpatch.eval.generate.generate_sharded`), the images are gathered once, and every
+    process returns the report a single process makes; print or save it on process 0 only
+    (:func:`forgetpatch.distributed.is_main`).
+
     Example:
         >>> base_report = evaluate(forgetpatch.toy.pipeline(), ["circle"])
         >>> pipe = forgetpatch.apply(forgetpatch.toy.pipeline(), "./no-circle")
@@ -143,7 +148,7 @@ def evaluate(
         judge = load_judge()
 
     generator = as_generator(pipe, **gen_kwargs)
-    images = _generate(generator, items)
+    images = _generate(generator, items, batch_size)
     judged = list(judge.classify(images))
 
     base_images = base_judged = None
@@ -156,7 +161,7 @@ def evaluate(
         paired = ours
     elif reference is not None:
         base_items, paired = items, list(range(len(items)))
-        base_images = _generate(as_generator(reference, **gen_kwargs), items)
+        base_images = _generate(as_generator(reference, **gen_kwargs), items, batch_size)
         base_judged = list(judge.classify(base_images))
 
     concepts = {}
@@ -192,10 +197,10 @@ def evaluate(
     )
 
 
-def _generate(generator: Generator, items: Sequence[ScoringPrompt]) -> np.ndarray:
-    images = np.asarray(
-        generator.generate([it.prompt for it in items], [it.seed for it in items]), np.float32
-    )
+def _generate(generator: Generator, items: Sequence[ScoringPrompt], batch_size: int = 1) -> np.ndarray:
+    """The items' images; under a launch each process makes its whole batches of them (bit-equal to one process)."""
+    prompts, seeds = [it.prompt for it in items], [it.seed for it in items]
+    images = np.asarray(generate_sharded(generator, prompts, seeds, block=batch_size), np.float32)
     if images.ndim != 4 or images.shape[0] != len(items) or images.shape[-1] != 3:
         raise ForgetPatchError(
             f"the generator returned images of shape {images.shape}; expected ({len(items)}, H, W, 3) in [0, 1]"

@@ -25,8 +25,7 @@ import random
 from dataclasses import dataclass
 from typing import Literal
 
-from forgetpatch.toy import vocab
-from forgetpatch.toy.vocab import Kind, Scene
+from forgetpatch.toy import Kind, Scene, vocab
 
 KINDS: tuple[Kind, ...] = ("shape", "colour", "texture")
 ALL_CONCEPTS: tuple[str, ...] = (*vocab.SHAPES, *vocab.COLOURS, *vocab.TEXTURES)

@@ -21,8 +21,7 @@ import numpy as np
 
 from forgetpatch.errors import ForgetPatchError
 from forgetpatch.eval.prompts import KINDS, ScoringPrompt
-from forgetpatch.toy import NO_SHAPE, Verdict, vocab
-from forgetpatch.toy.vocab import Scene
+from forgetpatch.toy import NO_SHAPE, Scene, Verdict, vocab
 
 Outcome = Literal["kept", "replaced", "empty", "unclear"]
 OUTCOMES: tuple[Outcome, ...] = ("kept", "replaced", "empty", "unclear")

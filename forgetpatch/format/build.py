@@ -9,30 +9,16 @@ import torch
 from torch import nn
 
 from forgetpatch.errors import MethodError
-from forgetpatch.format.fingerprint import detect_family, fingerprint, resolve_module
+from forgetpatch.format.concept import ConceptLike, as_concepts
+from forgetpatch.format.fingerprint import detect_family, fingerprint, key_step_convention, resolve_module
 from forgetpatch.format.manifest import (
     BaseModelInfo,
-    ConceptEntry,
     KeyStepRange,
     LoraInfo,
     Manifest,
     MethodInfo,
 )
 from forgetpatch.format.patch import Patch
-
-ConceptLike = str | ConceptEntry | Mapping[str, Any]
-
-
-def _entry(concept: ConceptLike) -> ConceptEntry:
-    if isinstance(concept, ConceptEntry):
-        return concept
-    if isinstance(concept, str):
-        return ConceptEntry(target=concept)
-    if isinstance(concept, Mapping):
-        return ConceptEntry.model_validate(dict(concept))
-    # duck-typed concept objects (e.g. forgetpatch.methods.Concept) with matching attributes
-    fields = {f: getattr(concept, f) for f in ConceptEntry.model_fields if hasattr(concept, f)}
-    return ConceptEntry.model_validate(fields)
 
 
 def _peft_layout(
@@ -57,6 +43,22 @@ def _peft_layout(
     raise MethodError(f"{path}: only Linear and Conv2d layers can be patched, not {type(module).__name__}")
 
 
+def _ranges(pipe, key_steps: Sequence[KeyStepRange | Mapping[str, Any]]) -> list[KeyStepRange]:
+    """Validate key-step ranges; one that does not name its convention gets the pipeline's (flow matching:
+    ``"sigma"``, with the scheduler's name when it names none)."""
+    convention = key_step_convention(pipe)
+    out = []
+    for k in key_steps:
+        r = KeyStepRange.model_validate(k)
+        if "convention" not in r.model_fields_set and convention != r.convention:
+            update: dict[str, Any] = {"convention": convention}
+            if "scheduler" not in r.model_fields_set:
+                update["scheduler"] = type(pipe.scheduler).__name__
+            r = r.model_copy(update=update)
+        out.append(r)
+    return out
+
+
 def build_patch(
     pipe,
     factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
@@ -79,7 +81,8 @@ def build_patch(
     ``delta W = B @ A`` (``A``: ``r x in``, ``B``: ``out x r``; conv factors may be flattened, they are
     reshaped to peft's layout). Every module gets ``alpha = r`` (scale 1). The manifest records the
     fingerprint of the base weights, ranks, the architecture family, and as lineage (unless given)
-    the digests of the patches currently applied to ``pipe``.
+    the digests of the patches currently applied to ``pipe``. Key-step ranges that do not name their
+    convention get the pipeline's (``"sigma"`` on a flow-matching scheduler, see :class:`KeyStepRange`).
 
     Example:
         >>> low = factorize(new_weight - old_weight)
@@ -109,9 +112,9 @@ def build_patch(
     manifest = Manifest(
         name=name,
         method=method_info,
-        concepts=[_entry(c) for c in concepts],
-        preserved=[_entry(c) for c in preserved],
-        key_steps=None if key_steps is None else [KeyStepRange.model_validate(k) for k in key_steps],
+        concepts=as_concepts(list(concepts)),
+        preserved=as_concepts(list(preserved)),
+        key_steps=None if key_steps is None else _ranges(pipe, key_steps),
         base_model=BaseModelInfo(
             id=base_model_id,
             family=detect_family(pipe, base_model_id),

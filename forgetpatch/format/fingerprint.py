@@ -32,10 +32,14 @@ import torch
 from torch import nn
 
 from forgetpatch.errors import MissingModuleError
-from forgetpatch.format.manifest import Family, ModuleFingerprint
+from forgetpatch.format.manifest import Family, KeyStepConvention, ModuleFingerprint
 
 #: Components whose modules a patch may target, as they prefix module paths.
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+#: Denoiser components: a UNet (SD 1.x/2.x/SDXL) or a transformer (SD3, FLUX).
+DENOISERS = ("unet", "transformer")
+#: Transformer classes (by name) of the families forgetpatch knows.
+TRANSFORMER_FAMILIES: dict[str, Family] = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
 #: How many values of each weight go into its digest.
 SAMPLE_SIZE = 256
 #: Version tag prefixed to digests, so the scheme can change without silent mismatches.
@@ -120,15 +124,20 @@ def fingerprint(pipe, module_paths: Iterable[str]) -> dict[str, ModuleFingerprin
 
 
 def detect_family(pipe, base_model_id: str | None = None) -> Family:
-    """Guess the architecture family: ``toy`` / ``sdxl`` / ``sd1`` / ``sd2`` / ``other``.
+    """Guess the architecture family: ``toy`` / ``sdxl`` / ``sd1`` / ``sd2`` / ``sd3`` / ``flux`` / ``other``.
 
-    A pipeline can state its family with a ``forgetpatch_family`` attribute (the toy pipeline does).
+    UNet families are told apart by the published sizes (a tiny SD-shaped UNet is ``other``); SD3 and FLUX by
+    their transformer class, whatever its size. A pipeline can state its family with a ``forgetpatch_family``
+    attribute (the toy pipeline does).
     """
     declared = getattr(pipe, "forgetpatch_family", None)
-    if declared in ("sd1", "sd2", "sdxl", "toy", "other"):
+    if declared in ("sd1", "sd2", "sdxl", "sd3", "flux", "toy", "other"):
         return declared
     if base_model_id == "toy":
         return "toy"
+    transformer = getattr(pipe, "transformer", None)
+    if getattr(pipe, "unet", None) is None and transformer is not None:
+        return TRANSFORMER_FAMILIES.get(type(transformer).__name__, "other")
     unet = getattr(pipe, "unet", None)
     config = getattr(unet, "config", None)
     if config is None:
@@ -138,3 +147,25 @@ def detect_family(pipe, base_model_id: str | None = None) -> Family:
     if tuple(config.get("block_out_channels", ())) == (320, 640, 1280, 1280):
         return {768: "sd1", 1024: "sd2"}.get(config.get("cross_attention_dim"), "other")
     return "other"
+
+
+def denoiser_name(pipe) -> str | None:
+    """``"unet"`` or ``"transformer"``: the component that denoises (``None`` when the pipeline has neither)."""
+    for name in DENOISERS:
+        if isinstance(getattr(pipe, name, None), nn.Module):
+            return name
+    return None
+
+
+def key_step_convention(pipe) -> KeyStepConvention:
+    """How key-step fractions are read on ``pipe``: ``"sigma"`` for a flow-matching scheduler (a ``FlowMatch*``
+    class, ``use_flow_sigmas`` or ``prediction_type="flow_prediction"``), else ``"timestep"``."""
+    scheduler = getattr(pipe, "scheduler", None)
+    config = getattr(scheduler, "config", None) or {}
+    if (
+        "FlowMatch" in type(scheduler).__name__
+        or config.get("use_flow_sigmas", False)
+        or config.get("prediction_type") == "flow_prediction"
+    ):
+        return "sigma"
+    return "timestep"

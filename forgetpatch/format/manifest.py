@@ -7,11 +7,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from forgetpatch.format.concept import Concept
+
 FORMAT_NAME = "forgetpatch"
 FORMAT_VERSION = 1
 
-ConceptKind = Literal["object", "style", "nudity", "identity", "other"]
-Family = Literal["sd1", "sd2", "sdxl", "toy", "other"]
+Family = Literal["sd1", "sd2", "sdxl", "sd3", "flux", "toy", "other"]
+#: How a key-step range's fractions are read off the denoiser's timestep (see :class:`KeyStepRange`).
+KeyStepConvention = Literal["timestep", "sigma"]
 
 
 #: Keys of ``Manifest.metrics`` that forgetpatch writes and reads back: a toy-world evaluation
@@ -24,39 +27,47 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
 
-class ConceptEntry(_Model):
-    """A concept the patch erases (or preserves)."""
-
-    target: str = Field(min_length=1)
-    kind: ConceptKind = "object"
-    guide: str | None = None
-    """What the concept is steered to (guide / anchor prompt); ``None`` = the method's default."""
-    superclass: str | None = None
-
-
 class KeyStepRange(_Model):
     """Where on the denoising trajectory a patch was trained, and may be gated to at inference.
 
-    ``start``/``end`` are fractions of the trajectory: 0.0 is the first (noisiest) sampling step,
-    1.0 the last. A timestep ``t`` of a scheduler with ``T`` training steps sits at fraction
-    ``1 - t / T``; the loader gates on that, so any scheduler and step count works.
+    ``start``/``end`` are fractions of the trajectory's noise level: 0.0 is pure noise (the first sampling
+    step), 1.0 the clean end. ``convention`` says which noise level:
+
+    * ``"timestep"`` (DDPM-style schedulers, SD 1.x/2.x/SDXL): fraction ``1 - t / T`` for a timestep ``t`` of a
+      scheduler with ``T`` training steps;
+    * ``"sigma"`` (flow-matching schedulers, SD3/FLUX): fraction ``1 - sigma``, where ``x = (1 - sigma) x0 +
+      sigma noise`` at the step (the sigma *after* the scheduler's shift; the timestep is ``t = sigma T``).
+      It is a noise-level fraction, not a step-index one: SD3's ``shift=3`` spends most steps at high sigma.
+
+    The loader gates on the timestep each denoiser call gets, so any step count works; a range is gated only on
+    a pipeline whose scheduler uses its convention.
     """
 
     start: float = Field(ge=0.0, le=1.0)
     end: float = Field(ge=0.0, le=1.0)
-    timesteps: list[int] = Field(default_factory=list)
-    """The scheduler timesteps training actually used (e.g. ``[701, 681, ..., 1]``)."""
+    timesteps: list[int | float] = Field(default_factory=list)
+    """The scheduler timesteps training actually used (e.g. ``[701, 681, ..., 1]``; flow matching: ``1000 sigma``)."""
     scheduler: str = "DDIMScheduler"
     num_inference_steps: int | None = None
     num_train_timesteps: int = 1000
     concept: str | None = None
     """The concept this range belongs to, when ranges differ per concept."""
+    convention: KeyStepConvention = "timestep"
+    """What the fractions measure (see above); ``"timestep"`` for ranges written before conventions were named."""
 
     @model_validator(mode="after")
     def _ordered(self) -> KeyStepRange:
         if self.start > self.end:
             raise ValueError(f"key-step range start {self.start} is after its end {self.end}")
         return self
+
+    def identity(self) -> dict[str, Any]:
+        """What a patch digest hashes of this range (the default convention is left out, so digests of ranges
+        written before conventions were named do not change)."""
+        data = self.model_dump(mode="json")
+        if data["convention"] == "timestep":
+            del data["convention"]
+        return data
 
 
 class ModuleFingerprint(_Model):
@@ -105,8 +116,8 @@ class Manifest(_Model):
     format_version: int = FORMAT_VERSION
     name: str = Field(min_length=1)
     method: MethodInfo
-    concepts: list[ConceptEntry] = Field(min_length=1)
-    preserved: list[ConceptEntry] = Field(default_factory=list)
+    concepts: list[Concept] = Field(min_length=1)
+    preserved: list[Concept] = Field(default_factory=list)
     key_steps: list[KeyStepRange] | None = None
     base_model: BaseModelInfo
     lora: LoraInfo

@@ -260,7 +260,7 @@ class Patch:
             "alpha": lora.alpha,
             "rank_pattern": lora.rank_pattern,
             "alpha_pattern": lora.alpha_pattern,
-            "key_steps": [k.model_dump(mode="json") for k in self.manifest.key_steps or []],
+            "key_steps": [k.identity() for k in self.manifest.key_steps or []],
         }
         h.update(json.dumps(scaling, sort_keys=True).encode())
         return h.hexdigest()

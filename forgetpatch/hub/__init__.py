@@ -9,9 +9,23 @@ Example:
 
 from __future__ import annotations
 
-from forgetpatch.hub.card import render_card
-from forgetpatch.hub.download import download, split_ref
+from forgetpatch.hub.card import parent_names, render_card, robustness_summary, short_value, summary_rows
+from forgetpatch.hub.download import HUB_ID, download, is_hub_id, split_ref, why_local
 from forgetpatch.hub.kohya import export_kohya, kohya_name
 from forgetpatch.hub.push import push
 
-__all__ = ["download", "export_kohya", "kohya_name", "push", "render_card", "split_ref"]
+__all__ = [
+    "HUB_ID",
+    "download",
+    "export_kohya",
+    "is_hub_id",
+    "kohya_name",
+    "parent_names",
+    "push",
+    "render_card",
+    "robustness_summary",
+    "short_value",
+    "split_ref",
+    "summary_rows",
+    "why_local",
+]

@@ -1,4 +1,4 @@
-"""The Hub model card (README.md) of a patch, rendered from ``hub_cards/patch.md``."""
+"""The Hub model card (README.md) of a patch, rendered from ``forgetpatch/hub/cards/patch.md`` (``hub_cards/patch.md``)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from forgetpatch.errors import ForgetPatchError
-from forgetpatch.format import ROBUSTNESS_METRICS, TOY_EVAL_METRICS, WEIGHTS_NAME, Patch, read_patch
-from forgetpatch.format.manifest import Manifest
+from forgetpatch.format import ROBUSTNESS_METRICS, TOY_EVAL_METRICS, WEIGHTS_NAME, Manifest, Patch, read_patch
+from forgetpatch.hub.download import HUB_ID
 
-#: Jinja templates for model cards (``hub_cards/`` at the repository root).
-TEMPLATES = Path(__file__).resolve().parents[2] / "hub_cards"
+#: Jinja templates for model cards, shipped inside the package (``hub_cards/`` at the repository root links here).
+TEMPLATES = Path(__file__).resolve().parent / "cards"
 TEMPLATE = TEMPLATES / "patch.md"
 
 BASE_TAGS = ["forgetpatch", "concept-unlearning", "lora", "text-to-image", "diffusers"]
@@ -23,7 +23,6 @@ FAMILY_LICENSES = {"sd1": "creativeml-openrail-m", "sd2": "openrail++", "sdxl": 
 
 _GRID_NAME = re.compile(r"(grid|before|after|comparison|samples?).*\.(png|jpe?g|webp)$", re.IGNORECASE)
 _BLANK_LINES = re.compile(r"\n{3,}")
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def find_grid(folder: Path, manifest: Manifest) -> str | None:
@@ -65,15 +64,18 @@ def _other_metrics(metrics: dict[str, Any]) -> tuple[list[tuple[str, str]], list
     return figures, per_layer
 
 
-def summary_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
+def summary_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     """The card's one summary table: per erased concept, forgetting (strict UA) and paraphrase leakage beside the
-    base model's, retention (in-domain, cross-domain, near neighbours), and the weakest recorded attack."""
+    base model's, retention (in-domain, cross-domain, near neighbours), and the weakest recorded attack.
+
+    Rows are plain text (``what``, ``patched``, ``base``); ``headline`` marks each concept's forgetting row, which
+    the card sets in bold."""
     concepts = (metrics.get(TOY_EVAL_METRICS) or {}).get("concepts") or {}
     rows = []
     for concept, figures in concepts.items():
         base = figures.get("base") or {}
-        rows.append({"what": f"**{concept}** forgotten (strict UA)", "patched": _rate(figures, "ua"),
-                     "base": _rate(base, "ua")})
+        rows.append({"what": f"{concept} forgotten (strict UA)", "patched": _rate(figures, "ua"),
+                     "base": _rate(base, "ua"), "headline": True})
         rows.append({"what": f"{concept} in other words (paraphrase leakage, lower is better)",
                      "patched": _rate(figures, "leakage"), "base": _rate(base, "leakage")})
         for key, what in (("ira", "other shapes kept (in-domain retention)"),
@@ -107,8 +109,9 @@ def model_index(metrics: dict[str, Any]) -> list[EvalResult]:
     return results
 
 
-def parent_names(patch: Patch) -> list[str]:
-    """Each lineage parent by name (found among the patch folders beside this one) and short digest."""
+def parent_names(patch: Patch) -> list[tuple[str | None, str]]:
+    """Each lineage parent as ``(name, digest)``: the name when the parent is among the patch folders beside this
+    one, else ``None``."""
     names: dict[str, str] = {}
     source = Path(patch.source) if patch.source is not None else None
     if source is not None and source.is_dir() and patch.manifest.lineage:
@@ -119,7 +122,7 @@ def parent_names(patch: Patch) -> list[str]:
                 except ForgetPatchError:
                     continue
                 names[parent.digest] = parent.name
-    return [f"**{names[d]}** (`{d[:12]}`)" if d in names else f"`{d}`" for d in patch.manifest.lineage]
+    return [(names.get(d), d) for d in patch.manifest.lineage]
 
 
 def _rate(figures: dict[str, Any], key: str) -> str:
@@ -217,7 +220,7 @@ def render_card(
     if folder is None and patch.source is not None and Path(patch.source).is_dir():
         folder = patch.source
     manifest = patch.manifest
-    base_id = manifest.base_model.id if _HUB_ID.match(manifest.base_model.id or "") else None
+    base_id = manifest.base_model.id if HUB_ID.match(manifest.base_model.id or "") else None
     figures, per_layer = _other_metrics(manifest.metrics)
     results = model_index(manifest.metrics)
     data = ModelCardData(

@@ -1,7 +1,13 @@
-"""Download a patch from the Hub into the ``huggingface_hub`` cache, verified file by file."""
+"""Download a patch from the Hub into the ``huggingface_hub`` cache, verified file by file.
+
+Also the one reader of references for the whole package: :func:`split_ref` (``org/name@rev``),
+:func:`is_hub_id` and :func:`why_local` (is a string that names nothing local a path or a Hub id?), used by the
+loader for patches, the CLI for base models and the card for ``base_model``.
+"""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -44,6 +50,47 @@ def check_revision(revision: str) -> str:
             "no trailing '/', '.' or '.lock'; at most 255 characters)"
         )
     return revision
+
+
+#: A Hub repo id: ``org/name`` (letters, digits, ``_``, ``.``, ``-``; the org starts with a letter or digit).
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_id(ref: str) -> bool:
+    """Whether ``ref`` is shaped like ``org/name`` or ``org/name@revision`` (the revision is not checked here).
+
+    Example:
+        >>> is_hub_id("org/no-vangogh@v1"), is_hub_id("./no-vangogh"), is_hub_id("a/b/c")
+        (True, False, False)
+    """
+    return isinstance(ref, str) and bool(HUB_ID.match(ref.partition("@")[0]))
+
+
+def why_local(ref: str | os.PathLike) -> str:
+    """Why a reference that names nothing on disk is a local path and not a Hub id; ``""`` when it may be a
+    Hub id. Written as a path (``./x``, ``/x``, ``~/x``), naming a file (``x.safetensors``), more than one ``/``,
+    or ``folder/x`` where ``folder`` exists here.
+
+    Example:
+        >>> why_local("./no-cat"), why_local("org/no-cat")
+        ('it is written as a local path', '')
+    """
+    if not isinstance(ref, str):
+        return "a Path object is never looked up on the Hub"
+    repo = ref.partition("@")[0]
+    if ref.startswith(("./", "../", "~", ".\\", "..\\")) or os.path.isabs(ref) or (os.sep != "/" and os.sep in ref):
+        return "it is written as a local path"
+    if ref.endswith((".safetensors", ".json")):
+        return "it names a file"
+    if repo.count("/") > 1:
+        return "it is a path: a Hub id has one '/' ('org/name')"
+    first = repo.split("/")[0]
+    if "/" in repo and Path(first).is_dir():
+        return (
+            f"not tried on the Hub because {first!r} is a local folder; to fetch the Hub repo of that "
+            f"name, use forgetpatch.load(forgetpatch.hub.download({repo!r}))"
+        )
+    return ""
 
 
 def split_ref(ref: str, revision: str | None = None) -> tuple[str, str | None]:

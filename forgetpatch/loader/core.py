@@ -9,8 +9,9 @@ How a patch is applied:
   same arithmetic as peft's merge, after a copy of the original tensor is kept on the layer. The
   patch is not kept as a peft adapter: peft skips *every* adapter of a layer with a merged one,
   which would silently switch off unfused patches stacked on the same layers.
-* **key-step gating** (``key_steps=True``): a forward pre-hook on the UNet reads each call's
-  timestep ``t``, computes the trajectory fraction ``1 - t / T`` and switches on exactly the patches
+* **key-step gating** (``key_steps=True``): a forward pre-hook on the denoiser (the UNet, or the SD3 / FLUX
+  transformer; "UNet" below) reads each call's timestep ``t``, computes the trajectory fraction ``1 - t / T``
+  (flow matching: ``1 - sigma``; see :mod:`forgetpatch.loader.families`) and switches on exactly the patches
   whose ranges contain it (only when that set changes, so steady stretches cost nothing). ``T`` is the
   ``num_train_timesteps`` of the scheduler of the pipelines given to ``apply`` / ``remove`` / ``applied``,
   read at call time, so a scheduler swapped after ``apply`` is followed; if two live pipelines sharing
@@ -83,6 +84,7 @@ from forgetpatch.errors import (
 )
 from forgetpatch.format import (
     COMPONENTS,
+    DENOISERS,
     ORIGINAL_WEIGHT_ATTR,
     KeyStepRange,
     Patch,
@@ -91,11 +93,18 @@ from forgetpatch.format import (
     require_verifiable,
     resolve_module,
 )
+from forgetpatch.loader.families import (
+    check_family,
+    check_key_steps,
+    check_loadable,
+    denoiser,
+    noise_fraction,
+    timestep_of,
+)
 
 logger = logging.getLogger(__name__)
 
 PatchRef = str | os.PathLike | Patch
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 #: dtypes whose float16-rounded samples reproduce a float32 model's fingerprint.
 _FINGERPRINT_DTYPES = (torch.float32, torch.float16, torch.float64)
 
@@ -120,7 +129,10 @@ class AppliedPatch:
 @dataclass(eq=False)
 class _State:
     unet: weakref.ref
-    """The UNet this bookkeeping belongs to (a deep copy of it carries copies of the hooks: they stand aside)."""
+    """The denoiser (UNet or transformer) this bookkeeping belongs to (a deep copy of it carries copies of the
+    hooks: they stand aside)."""
+    denoiser: str = "unet"
+    """Its component name: ``"unet"`` or ``"transformer"`` (module paths of gated layers start with it)."""
     entries: list[AppliedPatch] = field(default_factory=list)
     lock: threading.RLock = field(default_factory=threading.RLock)
     pipes: weakref.WeakSet = field(default_factory=weakref.WeakSet)
@@ -149,28 +161,24 @@ _UserSets = dict[str, dict[nn.Module, list[str]]]
 
 
 def _unet(pipe) -> nn.Module:
-    unet = getattr(pipe, "unet", None)
-    if not isinstance(unet, nn.Module):
-        raise ApplyError(
-            f"{type(pipe).__name__} has no UNet; forgetpatch patches diffusers pipelines with a `unet`"
-        )
-    return unet
+    """The pipeline's denoiser: its UNet, or its SD3 / FLUX transformer (:class:`ApplyError` without one)."""
+    return denoiser(pipe)[1]
 
 
 def _state(pipe) -> _State:
-    unet = _unet(pipe)
+    name, unet = denoiser(pipe)
     with _STATES_LOCK:
         state = _STATES.get(unet)
         if state is None:
-            state = _STATES[unet] = _State(unet=weakref.ref(unet))
+            state = _STATES[unet] = _State(unet=weakref.ref(unet), denoiser=name)
     with state.lock:
         state.pipes.add(pipe)
     return state
 
 
 def _existing_state(pipe) -> _State | None:
-    unet = getattr(pipe, "unet", None)
-    if not isinstance(unet, nn.Module):
+    unet = next((getattr(pipe, n) for n in DENOISERS if isinstance(getattr(pipe, n, None), nn.Module)), None)
+    if unet is None:
         return None
     with _STATES_LOCK:
         state = _STATES.get(unet)
@@ -200,24 +208,19 @@ def load(ref: PatchRef, *, allow_unverified: bool = False) -> Patch:
     path = Path(ref).expanduser()
     if path.exists():
         return read_patch(path, allow_unverified=allow_unverified)
+    from forgetpatch.hub import download, is_hub_id, split_ref, why_local
+
     text = os.fspath(ref)
-    local = _path_like(ref)
+    local = why_local(ref)
     if local:
         raise PatchFormatError(f"no patch at {text!r} (in {Path.cwd()}): nothing exists there ({local})")
-    if not _HUB_ID.match(text):
+    if not is_hub_id(text):
         raise PatchFormatError(
             f"no patch at {text!r}: not an existing folder or file, nor a Hub id like 'org/name'"
         )
-    repo_id, _, revision = text.partition("@")
+    repo_id, revision = split_ref(text)
     try:
-        from forgetpatch.hub import download
-    except (ImportError, AttributeError):
-        raise HubError(
-            f"{text!r} is not a local path, and Hub downloads are not available in this installation "
-            "(forgetpatch.hub.download is missing)"
-        ) from None
-    try:
-        folder = download(repo_id, revision=revision or None, allow_unverified=allow_unverified)
+        folder = download(repo_id, revision=revision, allow_unverified=allow_unverified)
     except HubError as exc:
         at = f" (revision {revision!r})" if revision else ""
         raise HubError(
@@ -225,30 +228,6 @@ def load(ref: PatchRef, *, allow_unverified: bool = False) -> Patch:
             f"could not be fetched: {exc}"
         ) from exc
     return read_patch(folder, allow_unverified=allow_unverified)
-
-
-def _path_like(ref: str | os.PathLike) -> str:
-    """Why a reference that names nothing local is a path and not a Hub id ("" when it may be a Hub id)."""
-    if not isinstance(ref, str):
-        return "a Path object is never looked up on the Hub"
-    repo = ref.partition("@")[0]
-    if (
-        ref.startswith(("./", "../", "~", ".\\", "..\\"))
-        or os.path.isabs(ref)
-        or (os.sep != "/" and os.sep in ref)
-    ):
-        return "it is written as a local path"
-    if ref.endswith((".safetensors", ".json")):
-        return "it names a file"
-    if repo.count("/") > 1:
-        return "it is a path: a Hub id has one '/' ('org/name')"
-    first = repo.split("/")[0]
-    if "/" in repo and Path(first).is_dir():
-        return (
-            f"not tried on the Hub because {first!r} is a local folder; to fetch the Hub repo of that "
-            f"name, use forgetpatch.load(forgetpatch.hub.download({repo!r}))"
-        )
-    return ""
 
 
 def _as_list(refs: PatchRef | Iterable[PatchRef]) -> list[PatchRef]:
@@ -375,6 +354,11 @@ def _check(
                 f"patch {patch.name!r} has key-step ranges, which cannot be gated once fused; "
                 "use fuse=False with key_steps=True"
             )
+        check_family(pipe, patch)  # FamilyMismatchError: e.g. an SD 1.5 patch on SD3 / FLUX
+        if key_steps:
+            check_key_steps(pipe, patch)
+        if not fuse:
+            check_loadable(pipe, patch)
         for path in patch.target_modules:
             module = resolve_module(pipe, path)  # MissingModuleError
             if patch.delta_shape(path) != tuple(module.weight.shape):
@@ -456,7 +440,7 @@ def _verify(state: _State, pipes: Iterable) -> None:
                 f"{', '.join(names)}: the patch would be off too. Call pipe.enable_lora(), or forgetpatch.remove(pipe) "
                 "to run without patches."
             )
-        active, gated = layer.active_adapters, path.startswith("unet.")
+        active, gated = layer.active_adapters, path.startswith(state.denoiser + ".")
         missing = [n for n in names if n not in active and (n in on or not gated)]
         if missing:
             layer.set_adapter([*layer.active_adapters, *missing])
@@ -597,7 +581,7 @@ def _switch(state: _State, names: tuple[str, ...]) -> None:
     """Switch the UNet's forgetpatch adapters to ``names``, leaving the user's active adapters as they are."""
     ours = _ours(state)
     for path, layer, _ in state.layers:
-        if path.startswith("unet."):
+        if path.startswith(state.denoiser + "."):
             layer.set_adapter([n for n in layer.active_adapters if n not in ours] + list(names))
     state.active = names
 
@@ -629,10 +613,10 @@ def _unet_hook(state: _State):
             unfused = [e for e in state.entries if not e.fused]
             if not any(e.ranges is not None for e in unfused):
                 return None
-            timestep = kwargs["timestep"] if "timestep" in kwargs else args[1] if len(args) > 1 else None
+            timestep = timestep_of(unet, state.denoiser, args, kwargs)
             if timestep is None:
                 return None
-            fraction = 1.0 - float(torch.as_tensor(timestep).reshape(-1)[0]) / _train_steps(state)
+            fraction = noise_fraction(unet, timestep, _train_steps(state))
             names = tuple(e.name for e in unfused if _is_active(e, fraction))
             if names != state.active:
                 _switch(state, names)
@@ -671,7 +655,7 @@ def _sync(pipe, state: _State, user: _UserSets) -> None:
     state.hooks = []
     if on:
         state.hooks.append(_unet(pipe).register_forward_pre_hook(_unet_hook(state), with_kwargs=True))
-    for component in sorted({path.partition(".")[0] for path, _, _ in state.layers} - {"unet"}):
+    for component in sorted({path.partition(".")[0] for path, _, _ in state.layers} - {state.denoiser}):
         state.hooks.append(
             getattr(pipe, component).register_forward_pre_hook(_component_hook(state, component))
         )
@@ -863,6 +847,7 @@ def unpatched(pipe):
         clone_unet = _unet(clone)
         clone_state = _State(
             unet=weakref.ref(clone_unet),
+            denoiser=state.denoiser,
             entries=list(state.entries),
             num_train_timesteps=state.num_train_timesteps,
             active=state.active,

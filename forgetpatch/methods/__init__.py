@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from forgetpatch.methods.adversarial import PLACEHOLDER, Adversarial, at_prefix, prefix_search, token_vectors
 from forgetpatch.methods.base import (
     Concept,
     ConceptLike,
@@ -19,18 +20,8 @@ from forgetpatch.methods.base import (
 
 # Method modules register themselves on import; a new method is one module plus its name here.
 _METHOD_MODULES = ("uce", "scapre", "esd", "kscu", "dynamic_mask")
-
-
-def _load_methods() -> None:
-    for name in _METHOD_MODULES:
-        try:
-            importlib.import_module(f"forgetpatch.methods.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"forgetpatch.methods.{name}":
-                raise
-
-
-_load_methods()
+for _name in _METHOD_MODULES:
+    importlib.import_module(f"forgetpatch.methods.{_name}")
 
 
 def _check_words(pipe: Any, erased: list[Concept], kept: list[Concept]) -> None:
@@ -92,13 +83,24 @@ def erase(
     return get_method(method).erase(pipe, erased, preserve=kept, **params)
 
 
+from forgetpatch.methods.chain import erase_chain  # noqa: E402  (it calls erase, defined above)
+from forgetpatch.methods.kscu import preset_check, rise_steps  # noqa: E402
+
 __all__ = [
+    "PLACEHOLDER",
+    "Adversarial",
     "Concept",
     "ConceptLike",
     "Method",
     "as_concepts",
     "available_methods",
+    "erase_chain",
     "erase",
     "get_method",
+    "at_prefix",
+    "prefix_search",
+    "preset_check",
     "register",
+    "rise_steps",
+    "token_vectors",
 ]

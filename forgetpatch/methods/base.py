@@ -7,53 +7,13 @@ Adding a method is one new module in :mod:`forgetpatch.methods` that defines a c
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
-from forgetpatch.errors import ConceptError, UnknownMethodError
+from forgetpatch.errors import UnknownMethodError
+from forgetpatch.format import Concept, ConceptKind, ConceptLike, as_concepts
 
 if TYPE_CHECKING:
     from forgetpatch.format import Patch
-
-ConceptKind = Literal["object", "style", "nudity", "identity", "other"]
-
-
-@dataclass(frozen=True)
-class Concept:
-    """A concept to erase or preserve.
-
-    Args:
-        target: the words that name it in a prompt, e.g. ``"circle"`` or ``"Van Gogh"``.
-        kind: what sort of concept it is; methods pick their presets from it.
-        guide: what the concept should turn into (UCE/ScaPre guide, ESD anchor); ``None`` = method default.
-        superclass: the broader concept it belongs to (Dynamic Mask's superclass alignment).
-    """
-
-    target: str
-    kind: ConceptKind = "object"
-    guide: str | None = None
-    superclass: str | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.target, str) or not self.target.strip():
-            raise ConceptError(f"a concept needs a non-empty target string, got {self.target!r}")
-
-
-ConceptLike = str | Concept
-
-
-def as_concepts(
-    items: ConceptLike | Sequence[ConceptLike] | None, kind: ConceptKind = "object"
-) -> list[Concept]:
-    """Normalise strings / :class:`Concept` objects (or one of them) to a list of concepts."""
-    if items is None:
-        return []
-    if isinstance(items, str) and "," in items:
-        words = [w.strip() for w in items.split(",") if w.strip()]
-        raise ConceptError(f"{items!r} is one string; to name several concepts pass a list: {words}")
-    if isinstance(items, (str, Concept)):
-        items = [items]
-    return [c if isinstance(c, Concept) else Concept(target=c, kind=kind) for c in items]
 
 
 @runtime_checkable
@@ -105,3 +65,20 @@ def get_method(name: str) -> Method:
 def available_methods() -> list[str]:
     return sorted(_REGISTRY)
 
+
+
+def patch_name(method: str, concepts: Sequence[Concept], limit: int = 60) -> str:
+    """The default patch name of every method, such as ``"scapre-no-circle-star"`` (slash-free, at most ``limit``
+    characters; past it, ``"...-and-3-more"``)."""
+    words = "-".join(
+        "".join(ch if ch.isalnum() else "_" for ch in c.target.strip().lower()) for c in concepts
+    )
+    name = f"{method}-no-{words}"
+    if len(name) <= limit:
+        return name
+    head = name[: limit - 14].rsplit("-", 1)[0]
+    return f"{head}-and-{len(concepts) - head.count('-') + 1}-more"
+
+
+# Concepts are defined with the manifest (forgetpatch.format) and used here under the same names.
+__all__ = ["Concept", "ConceptKind", "ConceptLike", "Method", "as_concepts", "available_methods", "get_method", "patch_name", "register"]

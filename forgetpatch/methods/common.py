@@ -48,6 +48,17 @@ class LowRankFactors:
 
 
 # --- layers --------------------------------------------------------------------------------------
+def require_unet(pipe: Any, method: str) -> nn.Module:
+    """The pipeline's UNet, or a :class:`MethodError` naming the methods that run on a transformer instead."""
+    unet = getattr(pipe, "unet", None)
+    if not isinstance(unet, nn.Module):
+        raise MethodError(
+            f"{type(pipe).__name__} has no UNet, and {method} edits a UNet's cross-attention (SD 1.x/2.x/SDXL); "
+            "on SD3 and FLUX use method='uce', 'esd' or 'kscu'"
+        )
+    return unet
+
+
 def cross_attention_layers(pipe, projections: Sequence[str] = KEY_VALUE) -> dict[str, nn.Module]:
     """The UNet's cross-attention projections, keyed by full module path, in UNet order.
 
@@ -62,11 +73,7 @@ def cross_attention_layers(pipe, projections: Sequence[str] = KEY_VALUE) -> dict
         >>> paths[0].endswith("attn2.to_k"), paths[1].endswith("attn2.to_v")
         (True, True)
     """
-    unet = getattr(pipe, "unet", None)
-    if not isinstance(unet, nn.Module):
-        raise MethodError(
-            f"{type(pipe).__name__} has no UNet; closed-form erasure edits a UNet's cross-attention layers"
-        )
+    unet = require_unet(pipe, "this method")
     wanted = tuple(f"attn2.{p}" for p in projections)
     layers: dict[str, nn.Module] = {}
     for name, module in unet.named_modules():
@@ -133,6 +140,10 @@ def _refuse_empty(prompts: Sequence[str], index: torch.Tensor) -> None:
             f"concept(s) {empty} tokenize to nothing with this pipeline's tokenizer; "
             "name each concept with at least one word the tokenizer knows"
         )
+
+
+#: Public name of the check (SD3 / FLUX closed forms use it with their own rows).
+refuse_empty = _refuse_empty
 
 
 @torch.no_grad()
@@ -203,18 +214,6 @@ def check_concepts(concepts: Sequence[Concept], preserve: Sequence[Concept]) -> 
         raise ConceptError(
             f"concepts both erased and preserved: {sorted(overlap)}; remove them from one list"
         )
-
-
-def patch_name(method: str, concepts: Sequence[Concept], limit: int = 60) -> str:
-    """A default patch name such as ``"scapre-no-circle-star"`` (slash-free, at most ``limit`` chars)."""
-    words = "-".join(
-        "".join(ch if ch.isalnum() else "_" for ch in c.target.strip().lower()) for c in concepts
-    )
-    name = f"{method}-no-{words}"
-    if len(name) <= limit:
-        return name
-    head = name[: limit - 14].rsplit("-", 1)[0]
-    return f"{head}-and-{len(concepts) - head.count('-') + 1}-more"
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from forgetpatch.errors import MethodError
-from forgetpatch.methods.base import Concept, register
-from forgetpatch.methods.common import check_concepts, patch_name
+from forgetpatch.methods.adversarial import Adversary, adversary_for
+from forgetpatch.methods.base import Concept, patch_name, register
+from forgetpatch.methods.common import check_concepts, require_unet
 from forgetpatch.methods.engine import Cond, FinetuneEngine, make_config
 
 
@@ -238,9 +239,14 @@ def train_concept(
     settings: DynamicMaskParams,
     index: int,
     progress: bool,
+    adversary: Adversary | None = None,
 ) -> dict[str, Any]:
     """One concept of the sequence: warm-up, mask, masked training with the concept-aware loss and distillation,
-    best epoch kept. Returns what the manifest records for it."""
+    best epoch kept. Returns what the manifest records for it.
+
+    With an ``adversary`` (adversarial fine-tuning, :mod:`forgetpatch.methods.adversarial`) the forget term also
+    aligns the conditionings its inner prompt search finds for the concept word (the term is the mean over the
+    concept's prompts and them); the superclass and distillation terms are unchanged."""
     params = dict(engine.trainable())
     mask = GradientMask(params)
     teacher = engine.snapshot()
@@ -286,7 +292,13 @@ def train_concept(
             tt = int(t[0])
             aligned = engine.current(x_c, tt, cond(superclass, picks_c))  # sg[eps*(x_t^c, t, s)]: no gradient
             engine.passes.student_forward += 1
-            forget = F.mse_loss(engine.student(x_c, tt, cond(concept, picks_c)).float(), aligned.float())
+            found = adversary.conds(engine, index * settings.steps + step, concept) if adversary is not None else []
+            if found:
+                expanded = [Cond.cat(*[f] * len(x_c)) for f in found]
+                both = engine.student(torch.cat([x_c] * (1 + len(found))), tt, Cond.cat(cond(concept, picks_c), *expanded))
+                forget = sum(F.mse_loss(s.float(), aligned.float()) for s in both.chunk(1 + len(found))) / (1 + len(found))
+            else:
+                forget = F.mse_loss(engine.student(x_c, tt, cond(concept, picks_c)).float(), aligned.float())
             denoise = F.mse_loss(engine.student(x_s, tt, cond(superclass, picks_s)).float(), noise_s.float())
             loss = forget + settings.super_weight * denoise
             if settings.distill_weight > 0:  # every kept word on every superclass latent, in its template
@@ -350,7 +362,7 @@ class DynamicMask:
         return deltas
 
     @staticmethod
-    def _train(pipe, concepts, preserve, settings, progress, raw=False):
+    def _train(pipe, concepts, preserve, settings, progress, raw=False, adversarial=None):
         """Train the sequence; ``(factors, errors, records)``, or ``(deltas, {}, records)`` with ``raw``."""
         check_concepts(concepts, preserve)
         supers = [superclass_of(c) for c in concepts]
@@ -362,11 +374,12 @@ class DynamicMask:
         config = make_config(scope="xattn", mode="full", lr=settings.lr, iterations=settings.steps,
                              energy=settings.energy, seed=settings.seed, progress=progress)
         records: dict[str, Any] = {}
+        adversary = adversary_for(adversarial, pipe)
         with FinetuneEngine(pipe, config) as engine:
             engine.model.train()
             for i, (concept, superclass) in enumerate(zip(concepts, supers, strict=True)):
                 records[concept.target] = train_concept(
-                    engine, concept.target, superclass, earlier, data[i], settings, i, progress
+                    engine, concept.target, superclass, earlier, data[i], settings, i, progress, adversary
                 )
                 earlier = [*earlier, concept.target]
             engine.model.eval()
@@ -375,20 +388,28 @@ class DynamicMask:
             else:
                 factors, errors = engine.factors()
             records["unet_passes"] = engine.passes.as_dict()
+        if adversary is not None:
+            records["adversarial"] = adversary.record
         return factors, errors, records
 
     def erase(self, pipe: Any, concepts: list[Concept], *, preserve: list[Concept], **params: Any):
         """Erase ``concepts`` in order and return the change as a Patch (the pipeline is left unchanged).
 
         Params: any :class:`DynamicMaskParams` field (``steps`` per concept, ``lr``, ``distill_weight``...), plus
-        ``name`` and ``progress``. On a pipeline carrying fused patches the teacher is that patched model and
+        ``name``, ``progress`` and ``adversarial`` (adversarial fine-tuning,
+        :class:`~forgetpatch.methods.adversarial.Adversarial`; off by default). On a pipeline carrying fused patches the teacher is that patched model and
         the distillation also keeps their concepts forgotten; the patch's lineage names them.
         """
         from forgetpatch.format import MethodInfo, build_patch
 
+        require_unet(pipe, "Dynamic Mask")
+        params = dict(params)
+        adversarial = params.pop("adversarial", None)
         settings = DynamicMaskParams.from_dict(params)
         started = time.perf_counter()
-        factors, errors, records = self._train(pipe, concepts, preserve, settings, params.get("progress", True))
+        factors, errors, records = self._train(
+            pipe, concepts, preserve, settings, params.get("progress", True), adversarial=adversarial
+        )
         records["wall_time_s"] = round(time.perf_counter() - started, 2)
         return build_patch(
             pipe,
@@ -397,7 +418,8 @@ class DynamicMask:
             method=MethodInfo(name=self.name, version=self.version),
             concepts=concepts,
             preserved=preserve,
-            params=asdict(settings),
+            params={**asdict(settings), **({"adversarial": records["adversarial"]["settings"]}
+                                            if "adversarial" in records else {})},
             reconstruction_errors=errors,
             metrics={"dynamic_mask": records},
         )

@@ -16,7 +16,22 @@ The loss is a pluggable callable ``objective(engine, iteration) -> loss``; it ge
 :meth:`FinetuneEngine.sample_xt` (DDIM with the model being edited, classifier-free guidance) or
 anywhere else. Training is seeded (every iteration draws from its own generator, so a resumed run
 reproduces an uninterrupted one), checkpoints every ``checkpoint_every`` iterations, shows a tqdm bar
-with the loss, counts UNet passes, and goes through ``accelerate`` so ``accelerate launch`` works.
+with the loss, counts UNet passes, and goes through ``accelerate``.
+
+Several processes (``accelerate launch --num_processes N``, see :mod:`forgetpatch.distributed`): every iteration
+trains on ``config.batch_size`` samples (default 1), the objective called once per sample with
+:attr:`FinetuneEngine.sample` set to the sample's index in the batch. :meth:`FinetuneEngine.generator` seeds
+from ``(seed, iteration, stream, sample)``, never from the process, and trajectory reuse is kept per sample.
+Launched, each process runs its contiguous share of the batch's samples (:func:`forgetpatch.distributed.share`),
+the gradients of ``loss / batch_size`` are summed over the processes (one all-reduce, no DDP wrapper) and
+every process takes the same Adam step. The update is therefore the one a single process makes with the same
+``batch_size``, up to float summation order: ``batch_size=N`` on N processes gives the 1-process patch N
+times faster per step (``batch_size`` below N leaves processes idle). The recorded losses are the batch means,
+the recorded UNet passes the sum over processes; the weights, the factors and the returned Patch are the same
+on every process, and only process 0 writes checkpoints (a caller writes the patch there:
+``if forgetpatch.distributed.is_main(): patch.save(...)``). A method with its own loop (Dynamic Mask) runs
+whole on every process: the same result, no speed-up. A single process with ``batch_size=1`` is bit-identical
+to the engine before this split.
 
 Example:
     >>> cfg = FinetuneConfig(scope="xattn", iterations=100, lr=1e-4)
@@ -32,17 +47,21 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Hashable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from diffusers import DDIMScheduler
 from torch import nn
 
+from forgetpatch import distributed
 from forgetpatch.errors import MethodError
+from forgetpatch.methods import flow
+from forgetpatch.methods.base import patch_name
 
+P = TypeVar("P")
 Scope = Literal["xattn", "noxattn"]
 Mode = Literal["lora", "full"]
 Objective = Callable[["FinetuneEngine", int], torch.Tensor]
@@ -60,6 +79,8 @@ def scope_modules(unet: nn.Module, scope: Scope) -> list[str]:
         >>> scope_modules(pipe.unet, "xattn")[:2]
         ['down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q', '...attn2.to_k']
     """
+    if getattr(unet, "config", None) is not None and type(unet).__name__ in flow.TRANSFORMERS:
+        return flow.scope_modules(unet, scope)
     if scope == "xattn":
         import re
 
@@ -109,6 +130,8 @@ def encode_prompt(pipe: Any, prompt: str, latent_size: int) -> Cond:
         >>> cond = encode_prompt(pipe, "a red circle", latent_size=16)
         >>> cond.hidden.shape  # (1, tokens, cross_attention_dim)
     """
+    if flow.family(pipe) is not None:
+        return flow.encode_prompt(pipe, prompt)
     device = pipe.text_encoder.device
     if hasattr(pipe, "text_encoder_2"):
         hidden, _, pooled, _ = pipe.encode_prompt(
@@ -131,7 +154,9 @@ class FinetuneConfig:
         rank: LoRA rank (``mode="lora"``), or the SVD rank of the compressed patch (``mode="full"``).
         energy: for ``mode="full"``, keep this fraction of spectral energy instead of a fixed rank.
         lr: Adam learning rate.
-        iterations: optimizer steps (batch 1).
+        iterations: optimizer steps.
+        batch_size: samples per optimizer step (the loss is their mean); under ``accelerate launch`` the
+            processes split them, so ``batch_size`` = number of processes keeps every process busy.
         num_inference_steps: DDIM steps of the trajectory sampler (E).
         guidance_scale: classifier-free guidance of the trajectory sampler.
         latent_size: side of the latents trained on; ``None`` = the UNet's ``sample_size``.
@@ -146,6 +171,7 @@ class FinetuneConfig:
     energy: float | None = None
     lr: float = 1e-5
     iterations: int = 1000
+    batch_size: int = 1
     seed: int = 0
     num_inference_steps: int = 50
     guidance_scale: float = 3.0
@@ -165,6 +191,8 @@ class FinetuneConfig:
             )
         if self.lr <= 0:
             raise MethodError(f"learning rate must be positive, got {self.lr}")
+        if self.batch_size < 1:
+            raise MethodError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclass
@@ -196,21 +224,31 @@ class FinetuneEngine:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         self.pipe, self.config = pipe, config
-        self.unet: nn.Module = pipe.unet
+        self.flow = flow.family(pipe)  # None: a UNet with DDIM; "sd3" / "flux": a flow-matching transformer
+        self.component = "unet" if self.flow is None else "transformer"
+        self.unet: nn.Module = getattr(pipe, self.component)
         if any(isinstance(m, BaseTunerLayer) for m in self.unet.modules()):
             raise MethodError(
                 "the pipeline's UNet already carries peft adapters; fuse or remove applied patches "
                 "(forgetpatch.remove(pipe)) before training a new one"
             )
-        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        self.scheduler.set_timesteps(config.num_inference_steps)
-        self.timesteps: list[int] = ddim_timesteps(pipe, config.num_inference_steps)
-        self.latent_size = config.latent_size or int(self.unet.config.sample_size)
+        if self.flow is None:
+            self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+            self.scheduler.set_timesteps(config.num_inference_steps)
+            self.timesteps: list[int] = ddim_timesteps(pipe, config.num_inference_steps)
+            self.latent_size = config.latent_size or int(self.unet.config.sample_size)
+        else:  # flow matching: the pipeline's own Euler sigmas, t = 1000 sigma (methods/flow.py)
+            self.scheduler = pipe.scheduler
+            self.latent_size = config.latent_size or flow.default_latent_size(pipe)
+            trajectory = flow.schedule(pipe, config.num_inference_steps, self.latent_size)
+            self.timesteps, self.sigmas = trajectory.timesteps, trajectory.sigmas  # type: ignore[assignment]
         self.module_names = scope_modules(self.unet, config.scope)
         self.passes = Passes()
         self.losses: list[float] = []
         self.iteration = 0
         self._cache: dict[str, Any] | None = None
+        self.sample = 0  # index in the batch of the sample being trained on (see the module docstring)
+        self._caches: dict[int, dict[str, Any] | None] = {}  # the trajectory caches of the other samples
         self._cond_cache: dict[str, Cond] = {}
         self._requires_grad = {n: p.requires_grad for n, p in self.unet.named_parameters()}
         self._device = next(self.unet.parameters()).device
@@ -225,7 +263,11 @@ class FinetuneEngine:
         try:
             params = self._make_trainable()
             self.optimizer = torch.optim.Adam(params, lr=config.lr)
-            self.model, self.optimizer = self.accelerator.prepare(self.unet, self.optimizer)
+            if self.accelerator.num_processes > 1:  # no DDP: train() sums the gradients of its own split
+                self.model = self.unet.to(self.accelerator.device)
+                self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
+            else:
+                self.model, self.optimizer = self.accelerator.prepare(self.unet, self.optimizer)
         except BaseException:
             self.close()  # nothing half-done: the pipeline gets its UNet back
             raise
@@ -287,7 +329,7 @@ class FinetuneEngine:
         for name, p in self.unet.named_parameters():
             p.requires_grad_(self._requires_grad.get(name, False))
         self.unet.to(self._device)
-        self.pipe.unet = self.unet
+        setattr(self.pipe, self.component, self.unet)
         self.accelerator.free_memory()
 
     # --- conditioning ------------------------------------------------------------------------
@@ -300,6 +342,8 @@ class FinetuneEngine:
 
     # --- UNet passes -------------------------------------------------------------------------
     def _unet(self, model: nn.Module, x: torch.Tensor, t: int, cond: Cond, **overrides: Any) -> torch.Tensor:
+        if self.flow is not None:
+            return flow.predict(self, model, x, t, cond, **overrides)
         steps = torch.full((x.shape[0],), t, device=self.device, dtype=torch.long)
         kwargs = {"encoder_hidden_states": cond.hidden, "return_dict": False}
         if cond.added is not None:
@@ -366,22 +410,27 @@ class FinetuneEngine:
 
     # --- trajectories ------------------------------------------------------------------------
     def generator(self, iteration: int, stream: int = 0) -> torch.Generator:
-        """A CPU generator seeded from ``(seed, iteration, stream, process)``: resuming replays the same draws.
+        """A CPU generator seeded from ``(seed, iteration, stream, sample)``: resuming replays the same draws.
 
-        Each ``accelerate`` process gets its own draws, so several GPUs see different trajectories.
+        ``sample`` is :attr:`sample`, the index in the batch (0 outside training): each sample of a batch gets
+        its own draws, and the same ones whichever process trains it, so a launch on N processes draws
+        exactly what one process draws.
         """
-        process = self.accelerator.process_index
         return torch.Generator().manual_seed(
-            self.config.seed * 1_000_003 + iteration * 7919 + stream + process * 104_729
+            self.config.seed * 1_000_003 + iteration * 7919 + stream + self.sample * 104_729
         )
 
     def noise(self, generator: torch.Generator, batch: int = 1) -> torch.Tensor:
+        if self.flow is not None:
+            return flow.noise(self, generator, batch)
         shape = (batch, self.unet.config.in_channels, self.latent_size, self.latent_size)
         x = torch.randn(shape, generator=generator, dtype=torch.float32)
         return (x * self.scheduler.init_noise_sigma).to(self.device, self.unet.dtype)
 
     def denoise_step(self, x: torch.Tensor, step: int, cond: Cond, uncond: Cond) -> torch.Tensor:
         """One DDIM step (index ``step`` of E) with the edited model and classifier-free guidance."""
+        if self.flow is not None:
+            return flow.denoise_step(self, x, step, cond, uncond)
         t = self.timesteps[step]
         self.passes.sample_forward += 1
         both = self.current(torch.cat([x, x]), t, Cond.cat(self._expand(uncond, x), self._expand(cond, x)))
@@ -438,14 +487,9 @@ class FinetuneEngine:
             while self.iteration < total:
                 it = self.iteration
                 self.optimizer.zero_grad(set_to_none=True)
-                with self.accelerator.autocast():
-                    loss = objective(self, it)
-                if not torch.isfinite(loss):
-                    raise MethodError(f"loss became {loss.item()} at iteration {it}; lower the learning rate")
-                self.accelerator.backward(loss)
-                self.passes.backward += 1
+                loss = self._accumulate(objective, it)
                 self.optimizer.step()
-                self.losses.append(float(loss.detach()))
+                self.losses.append(loss)
                 self.iteration += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{self.losses[-1]:.4g}")
@@ -457,15 +501,73 @@ class FinetuneEngine:
             self.model.eval()
         return self.losses
 
+    def _accumulate(self, objective: Objective, iteration: int) -> float:
+        """Gradients of the batch at ``iteration``: this process's samples (all of them unless launched), each
+        backward of ``loss / batch_size``, then summed over the processes. Returns the batch's mean loss, the
+        same on every process."""
+        size = self.config.batch_size
+        total, bad = 0.0, None
+        for sample in distributed.share(size):
+            self._use_sample(sample)
+            with self.accelerator.autocast():
+                loss = objective(self, iteration)
+            if not torch.isfinite(loss):
+                bad = loss.item()
+                break
+            self.accelerator.backward(loss if size == 1 else loss / size)
+            self.passes.backward += 1
+            total += float(loss.detach())
+        self._use_sample(0)
+        if self.accelerator.num_processes > 1:
+            sums = distributed.sum_values({"loss": total, "bad": float(bad is not None)})
+            total = sums["loss"]
+            if sums["bad"] and bad is None:
+                bad = float("nan")
+            if bad is None:
+                self._reduce_gradients()
+        if bad is not None:
+            raise MethodError(f"loss became {bad} at iteration {iteration}; lower the learning rate")
+        return total / size
+
+    def _reduce_gradients(self) -> None:
+        """Sum the trainable gradients over the processes; a tensor no process reached keeps no gradient (as
+        in a single process, so Adam skips it alike)."""
+        params = list(self.trainable().values())
+        reached = torch.tensor([float(p.grad is not None) for p in params], device=self.device)
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        distributed.all_reduce_sum_([reached, *(p.grad for p in params)])
+        for p, hit in zip(params, reached.tolist(), strict=True):
+            if not hit:
+                p.grad = None
+
+    def _use_sample(self, sample: int) -> None:
+        """Make ``sample`` the current one: its trajectory cache in ``_cache``, its draws from :meth:`generator`."""
+        if sample != self.sample:
+            self._caches[self.sample] = self._cache
+            self._cache = self._caches.pop(sample, None)
+            self.sample = sample
+
+    def total_passes(self) -> Passes:
+        """The UNet passes of the whole run: :attr:`passes`, summed over the processes under a launch (every
+        process must call it then)."""
+        if self.accelerator.num_processes == 1:
+            return self.passes
+        return Passes(**{k: int(v) for k, v in distributed.sum_values(asdict(self.passes)).items()})
+
     # --- checkpoints -------------------------------------------------------------------------
+    def _cpu_caches(self) -> dict[int, dict[str, Any]]:
+        """The trajectory caches this process holds, by sample, latents on the CPU."""
+        caches = {**self._caches, self.sample: self._cache}
+        return {s: {**c, "latent": c["latent"].detach().cpu()} for s, c in caches.items() if c is not None}
+
     def _state(self) -> dict[str, Any]:
         return {
             "iteration": self.iteration,
             "trainable": {n: p.detach().cpu().clone() for n, p in self.trainable().items()},
             "optimizer": self.optimizer.state_dict(),
-            "cache": None
-            if self._cache is None
-            else {**self._cache, "latent": self._cache["latent"].detach().cpu()},
+            "caches": self._cpu_caches(),
             "losses": list(self.losses),
             "passes": asdict(self.passes),
             "config": {
@@ -474,13 +576,20 @@ class FinetuneEngine:
         }
 
     def save_checkpoint(self) -> Path | None:
-        """Write the training state to ``checkpoint_dir`` (atomically); main process only."""
-        if not self.config.checkpoint_dir or not self.accelerator.is_main_process:
+        """Write the training state to ``checkpoint_dir`` (atomically); process 0 only. Under a launch every
+        process calls it (as :meth:`train` does): the trajectory caches and pass counts are gathered first."""
+        if not self.config.checkpoint_dir:
+            return None
+        shared: dict[str, Any] = {}
+        if self.accelerator.num_processes > 1:
+            shared["caches"] = dict(distributed.gather(list(self._cpu_caches().items())))
+            shared["passes"] = asdict(self.total_passes())
+        if not self.accelerator.is_main_process:
             return None
         folder = Path(self.config.checkpoint_dir)
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / (_CHECKPOINT + ".tmp")
-        torch.save(self._state(), tmp)
+        torch.save({**self._state(), **shared}, tmp)
         os.replace(tmp, folder / _CHECKPOINT)
         return folder / _CHECKPOINT
 
@@ -503,18 +612,21 @@ class FinetuneEngine:
             for name, value in state["trainable"].items():
                 params[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
-        cache = state["cache"]
-        if cache is not None:
-            cache["latent"] = cache["latent"].to(self.device)
-        self._cache = cache
+        caches = state.get("caches", {0: state.get("cache")})  # one "cache" before batches
+        mine = set(distributed.share(self.config.batch_size))  # the samples this process trains
+        self._caches = {
+            s: {**c, "latent": c["latent"].to(self.device)} for s, c in caches.items() if c is not None and s in mine
+        }
+        self._cache = self._caches.pop(self.sample, None)
         self.losses = list(state["losses"])
-        self.passes = Passes(**state["passes"])
+        # The passes are the run's total; process 0 carries them on, the others count from 0 (total_passes sums).
+        self.passes = Passes(**state["passes"]) if self.accelerator.is_main_process else Passes()
         self.iteration = int(state["iteration"])
 
     # --- the patch ---------------------------------------------------------------------------
     @torch.no_grad()
     def changes(self) -> dict[str, torch.Tensor]:
-        """``mode="full"``: the weight changes so far, ``{"unet.<module>": W - W_start}`` (float32, CPU; unchanged
+        """``mode="full"``: the weight changes so far, ``{"<component>.<module>": W - W_start}`` (``unet`` or ``transformer``) (float32, CPU; unchanged
         modules left out)."""
         if self.config.mode != "full":
             raise MethodError("changes() needs mode='full'; a LoRA run's change is its factors()")
@@ -523,12 +635,12 @@ class FinetuneEngine:
         for name in self.module_names:
             delta = (unet.get_submodule(name).weight.detach() - self._frozen[f"{name}.weight"]).float().cpu()
             if delta.any():
-                out[f"unet.{name}"] = delta
+                out[f"{self.component}.{name}"] = delta
         return out
 
     @torch.no_grad()
     def factors(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
-        """LoRA factors ``{"unet.<module>": (A, B)}`` (``delta W = B @ A``) and reconstruction errors.
+        """LoRA factors ``{"<component>.<module>": (A, B)}`` (``delta W = B @ A``) and reconstruction errors.
 
         Conv2d factors follow peft's layout: ``A`` is ``(r, in, kh, kw)``, ``B`` is ``(out, r, 1, 1)``.
         """
@@ -544,12 +656,12 @@ class FinetuneEngine:
                 b = module.lora_B[_ADAPTER].weight.detach().float().cpu() * scale
                 if not b.any():
                     continue
-                factors[f"unet.{name}"] = (a.contiguous(), b.contiguous())
-                errors[f"unet.{name}"] = 0.0
+                factors[f"{self.component}.{name}"] = (a.contiguous(), b.contiguous())
+                errors[f"{self.component}.{name}"] = 0.0
             else:
                 from forgetpatch.lowrank import factorize
 
-                delta = changes.get(f"unet.{name}")
+                delta = changes.get(f"{self.component}.{name}")
                 if delta is None:
                     continue
                 low = factorize(
@@ -561,8 +673,8 @@ class FinetuneEngine:
                 if delta.ndim == 4:
                     a = a.reshape(a.shape[0], *delta.shape[1:])
                     b = b.reshape(*b.shape, 1, 1)
-                factors[f"unet.{name}"] = (a.contiguous(), b.contiguous())
-                errors[f"unet.{name}"] = float(low.rel_error)
+                factors[f"{self.component}.{name}"] = (a.contiguous(), b.contiguous())
+                errors[f"{self.component}.{name}"] = float(low.rel_error)
         if not factors:
             raise MethodError("training changed no weights; raise iterations or the learning rate")
         return factors, errors
@@ -578,12 +690,6 @@ def ddim_timesteps(pipe: Any, num_inference_steps: int) -> list[int]:
 def key_step_fraction(t: int, num_train_timesteps: int = 1000) -> float:
     """Trajectory fraction of timestep ``t`` (0.0 = noisiest step, 1.0 = last), as the loader gates."""
     return min(1.0, max(0.0, 1.0 - t / num_train_timesteps))
-
-
-def patch_name(method: str, concepts: list[Any]) -> str:
-    """Default patch name, e.g. ``"kscu-circle-star"``."""
-    words = "-".join(c.target.lower().replace(" ", "_").replace("/", "_") for c in concepts)
-    return f"{method}-{words}"[:120]
 
 
 def train_patch(
@@ -603,7 +709,9 @@ def train_patch(
     """Train ``objective`` with a :class:`FinetuneEngine` and package the result as a Patch.
 
     The pipeline is restored before the patch is built, so fingerprints are of the base weights.
-    Metrics record the losses, UNet passes and wall time of the run.
+    Metrics record the losses, UNet passes (summed over processes) and wall time of the run. Under
+    ``accelerate launch`` every process returns the same Patch; save it on process 0 only
+    (:func:`forgetpatch.distributed.is_main`).
     """
     import time
 
@@ -613,7 +721,7 @@ def train_patch(
     with FinetuneEngine(pipe, config) as engine:
         engine.train(objective)
         factors, errors = engine.factors()
-        losses, passes = engine.losses, engine.passes.as_dict()
+        losses, passes = engine.losses, engine.total_passes().as_dict()
     run = {
         "wall_time_s": round(time.perf_counter() - started, 2),
         "unet_passes": passes,
@@ -633,6 +741,26 @@ def train_patch(
         reconstruction_errors=errors,
         metrics={**(metrics or {}), "training": run},
     )
+
+
+def split_params(cls: type[P], params: Mapping[str, Any], method: str) -> tuple[P, dict[str, Any]]:
+    """A fine-tuning method's keyword parameters split into its own frozen params dataclass ``cls`` and the
+    engine's (:class:`FinetuneConfig` fields, returned as a dict); a key that is neither is named in the error.
+
+    Example:
+        >>> settings, engine = split_params(ESDParams, {"eta": 2.0, "rank": 8}, "ESD")
+        >>> settings.eta, engine
+        (2.0, {'rank': 8})
+    """
+    own = {f.name for f in fields(cls)}
+    engine = set(FinetuneConfig.__dataclass_fields__)
+    unknown = sorted(set(params) - own - engine)
+    if unknown:
+        raise MethodError(
+            f"unknown {method} parameter(s) {unknown}; {method}'s own: {sorted(own)}; the fine-tuning engine's: "
+            f"{sorted(engine - own)}"
+        )
+    return cls(**{k: v for k, v in params.items() if k in own}), {k: v for k, v in params.items() if k not in own}
 
 
 def make_config(**kwargs: Any) -> FinetuneConfig:
@@ -657,5 +785,6 @@ __all__ = [
     "make_config",
     "patch_name",
     "scope_modules",
+    "split_params",
     "train_patch",
 ]

@@ -13,6 +13,12 @@ where ``c~`` is the concept embedding, replaced in the last 5% of iterations by 
 plus Gaussian noise of scale 1e-5. The patch records the trained range in ``manifest.key_steps`` so
 ``forgetpatch.apply(pipe, patch, key_steps=True)`` can switch it on only there.
 
+On SD3 / FLUX (flow matching, :mod:`forgetpatch.methods.flow`) the trajectory is the pipeline's own Euler sigma grid
+(its shift) with ``E`` steps and the same step-index table; the loss is the same on velocities, with
+``lam1 = (1000 - t) * 2e-5 = 0.02 (1 - sigma)``. The recorded range uses ``t = 1000 sigma`` and the fraction
+``1 - sigma`` (``scheduler="FlowMatchEulerDiscreteScheduler"``); ``metrics["key_steps"]`` names that convention
+and lists the grid's sigmas and the trained ones.
+
 Example:
     >>> patch = forgetpatch.erase(pipe, "circle", method="kscu")                    # object preset
     >>> patch = forgetpatch.erase(pipe, Concept("Van Gogh", kind="style"), method="kscu")
@@ -23,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -31,7 +38,9 @@ import torch
 import torch.nn.functional as F
 
 from forgetpatch.errors import MethodError
-from forgetpatch.format.manifest import KeyStepRange
+from forgetpatch.format import KeyStepRange
+from forgetpatch.methods import flow
+from forgetpatch.methods.adversarial import Adversarial, Adversary, adversary_for
 from forgetpatch.methods.base import Concept, ConceptKind, register
 from forgetpatch.methods.engine import (
     Cond,
@@ -40,6 +49,7 @@ from forgetpatch.methods.engine import (
     ddim_timesteps,
     key_step_fraction,
     make_config,
+    split_params,
     train_patch,
 )
 
@@ -180,6 +190,9 @@ class KSCUObjective:
             to preserve are given, each iteration also pulls the student's prediction for one of them
             (in turn) on the same ``x_t`` towards the frozen teacher's, weighted ``preserve_weight``.
             Without ``preserve`` the loss is exactly the paper's.
+        adversary: adversarial fine-tuning (:mod:`forgetpatch.methods.adversarial`): the conditional target also
+            applies to the conditionings its inner prompt search finds (that term is the mean over ``c~`` and
+            them); the leakage and preservation terms are unchanged. ``None``: no adversarial term.
     """
 
     def __init__(
@@ -195,8 +208,10 @@ class KSCUObjective:
         seed: int = 0,
         preserve: list[Concept] | None = None,
         preserve_weight: float = 1.0,
+        adversary: Adversary | None = None,
     ) -> None:
         self.concepts, self.table, self.g, self.lam2 = concepts, table, g, lam2
+        self.adversary = adversary
         self.preserve, self.preserve_weight = list(preserve or []), preserve_weight
         self.entries = table.entries(iterations)
         self.augment_from = iterations - math.ceil(augment_fraction * iterations)
@@ -237,15 +252,55 @@ class KSCUObjective:
         c_tilde = c
         if self.augmented(iteration):
             c_tilde = engine.encode(self.last_prompt).with_noise(self.noise_scale, generator)
-        student_conds = [c_tilde, empty, *kept_cond]
+        found = self.adversary.conds(engine, iteration, concept.target) if self.adversary is not None else []
+        m = len(found)
+        student_conds = [c_tilde, *found, empty, *kept_cond]
         n = len(student_conds)
         s_out = engine.student(torch.cat([x] * n), t, Cond.cat(*student_conds)).chunk(n)
-        loss = F.mse_loss(s_out[0].float(), target_cond) + self.lam2 * F.mse_loss(
-            s_out[1].float(), target_uncond
-        )
+        erase = F.mse_loss(s_out[0].float(), target_cond)
+        if found:
+            erase = (erase + sum(F.mse_loss(s.float(), target_cond) for s in s_out[1 : 1 + m])) / (1 + m)
+        loss = erase + self.lam2 * F.mse_loss(s_out[1 + m].float(), target_uncond)
         if kept_cond:
-            loss = loss + self.preserve_weight * F.mse_loss(s_out[2].float(), outs[-1])
+            loss = loss + self.preserve_weight * F.mse_loss(s_out[2 + m].float(), outs[-1])
         return loss
+
+
+def rise_steps(
+    switch_steps: Sequence[int], presence: Sequence[float], low: float = 0.1, high: float = 0.9
+) -> tuple[int | None, int | None]:
+    """First switch steps where a key-step curve's presence reaches ``low`` and ``high`` of its maximum."""
+    top = max(presence) if presence else 0.0
+    if top <= 0:
+        return None, None
+
+    def first(level: float) -> int | None:
+        return next((k for k, p in zip(switch_steps, presence, strict=True) if p >= level * top), None)
+
+    return first(low), first(high)
+
+
+def preset_check(analysis: Mapping[str, Any], start_step: int, num_steps: int = REFERENCE_STEPS) -> dict[str, Any]:
+    """Where a start step (out of ``num_steps``) sits on a measured key-step curve, given as data: ``analysis``
+    has ``presence``, ``switch_steps`` and ``num_inference_steps`` (what
+    ``forgetpatch.eval.keysteps.analyze(...).to_dict()`` writes).
+
+    Returns the curve's rise steps as fractions, the start's fraction, and the presence measured when switching
+    at the start (how much of the concept is already decided before it).
+    """
+    switch, presence = list(analysis["switch_steps"]), list(analysis["presence"])
+    e = int(analysis["num_inference_steps"])
+    low, high = rise_steps(switch, presence)
+    frac = start_step / num_steps
+    k = round(frac * e)
+    nearest = min(switch, key=lambda s: abs(s - k)) if switch else None
+    return {
+        "preset_start_fraction": frac,
+        "rise_10_fraction": None if low is None else low / e,
+        "rise_90_fraction": None if high is None else high / e,
+        "presence_switching_at_preset_start": presence[switch.index(nearest)] if nearest is not None else None,
+        "max_presence": max(presence) if presence else None,
+    }
 
 
 def key_step_range(
@@ -256,7 +311,7 @@ def key_step_range(
     num_train_timesteps: int = 1000,
 ) -> KeyStepRange:
     """The manifest record of the trajectory range a table trains (fractions + timesteps)."""
-    trained = sorted({timesteps[e.step] for e in table.entries(iterations)}, reverse=True)
+    trained = sorted({round(timesteps[e.step]) for e in table.entries(iterations)}, reverse=True)
     return KeyStepRange(
         start=key_step_fraction(trained[0], num_train_timesteps),
         end=1.0,
@@ -310,6 +365,42 @@ def _load_analysis(analysis: Any) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
+@dataclass(frozen=True)
+class KSCUParams:
+    """KSCU's own settings (the paper's, by task preset); the fine-tuning engine's (:class:`FinetuneConfig`) are
+    passed beside them.
+
+    Args:
+        task: preset to use (``"nudity"``, ``"object"``, ``"style"``, ``"identity"``); default: the concepts' kind.
+        iterations, start_step, scope: override the preset (``start_step`` is out of ``num_inference_steps``;
+            preset starts are given out of 50 and scaled).
+        lr: Adam learning rate (paper: 1e-5).
+        num_inference_steps: E, the steps of the trajectory (paper: 50).
+        g, lam2: loss weights (paper: 1.0, 1e-4).
+        creep_every: full passes over the table before the start step creeps up by one (paper: 8).
+        preserve_weight: weight of the optional preservation term, used only when ``preserve`` is given (not in
+            the paper; see :class:`KSCUObjective`).
+        key_step_analysis: a key-step analysis as data (``forgetpatch.eval.keysteps.analyze(...).to_dict()``, a
+            JSON file or its folder), stored in the patch's metrics next to the preset it checks
+            (:func:`preset_check`).
+        adversarial: adversarial fine-tuning (:class:`~forgetpatch.methods.adversarial.Adversarial`, or its
+            ``every`` as an int, or a dict of its fields); off by default.
+    """
+
+    task: ConceptKind | None = None
+    iterations: int | None = None
+    start_step: int | None = None
+    scope: Scope | None = None
+    lr: float = 1e-5
+    num_inference_steps: int = REFERENCE_STEPS
+    g: float = 1.0
+    lam2: float = 1e-4
+    creep_every: int = 8
+    preserve_weight: float = 1.0
+    key_step_analysis: Any = None
+    adversarial: Adversarial | int | dict[str, Any] | None = None
+
+
 @register
 class KSCU:
     """Key Step Concept Unlearning as a forgetpatch method (name ``"kscu"``)."""
@@ -317,43 +408,18 @@ class KSCU:
     name: ClassVar[str] = "kscu"
     version: ClassVar[str] = "1"
 
-    def erase(
-        self,
-        pipe: Any,
-        concepts: list[Concept],
-        *,
-        preserve: list[Concept],
-        task: ConceptKind | None = None,
-        iterations: int | None = None,
-        start_step: int | None = None,
-        scope: Scope | None = None,
-        lr: float = 1e-5,
-        num_inference_steps: int = REFERENCE_STEPS,
-        g: float = 1.0,
-        lam2: float = 1e-4,
-        creep_every: int = 8,
-        preserve_weight: float = 1.0,
-        key_step_analysis: Any = None,
-        name: str | None = None,
-        **params: Any,
-    ):
+    def erase(self, pipe: Any, concepts: list[Concept], *, preserve: list[Concept], name: str | None = None,
+              **params: Any):
         """Erase ``concepts`` with KSCU; returns a Patch whose manifest records the key-step range.
 
-        Args:
-            task: preset to use (``"nudity"``, ``"object"``, ``"style"``, ``"identity"``); default is
-                the concepts' kind.
-            iterations, start_step, scope: override the preset (``start_step`` is out of
-                ``num_inference_steps``; preset starts are given out of 50 and scaled).
-            lr: Adam learning rate (paper: 1e-5).
-            num_inference_steps: E, the DDIM steps of the trajectory (paper: 50).
-            g, lam2: loss weights (paper: 1.0, 1e-4).
-            preserve_weight: weight of the optional preservation term, used only when ``preserve`` is
-                given (not in the paper; see :class:`KSCUObjective`).
-            key_step_analysis: a result of :func:`forgetpatch.eval.keysteps.analyze` (dict, JSON file
-                or folder), stored in the patch's metrics next to the preset it checks.
-            **params: :class:`~forgetpatch.methods.engine.FinetuneConfig` fields (``mode``, ``rank``,
-                ``seed``, ``latent_size``, ``checkpoint_dir``, ``guidance_scale``, ...).
+        ``params``: :class:`KSCUParams` fields and :class:`~forgetpatch.methods.engine.FinetuneConfig` fields
+        (``mode``, ``rank``, ``seed``, ``latent_size``, ``checkpoint_dir``, ``guidance_scale``, ...).
         """
+        settings, engine = split_params(KSCUParams, params, "KSCU")
+        task, iterations, start_step, scope = settings.task, settings.iterations, settings.start_step, settings.scope
+        lr, num_inference_steps, g, lam2 = settings.lr, settings.num_inference_steps, settings.g, settings.lam2
+        creep_every, preserve_weight = settings.creep_every, settings.preserve_weight
+        key_step_analysis, adversarial = settings.key_step_analysis, settings.adversarial
         task, iterations, start, scope = resolve_preset(
             concepts,
             task=task,
@@ -366,7 +432,7 @@ class KSCU:
             num_steps=num_inference_steps, start=start, n_concepts=len(concepts), creep_every=creep_every
         )
         config = make_config(
-            scope=scope, iterations=iterations, lr=lr, num_inference_steps=num_inference_steps, **params
+            scope=scope, iterations=iterations, lr=lr, num_inference_steps=num_inference_steps, **engine
         )
         objective = KSCUObjective(
             concepts,
@@ -377,10 +443,17 @@ class KSCU:
             seed=config.seed,
             preserve=preserve,
             preserve_weight=preserve_weight,
+            adversary=(adversary := adversary_for(adversarial, pipe)),
         )
-        timesteps = ddim_timesteps(pipe, num_inference_steps)
         T = int(pipe.scheduler.config.num_train_timesteps)
-        ranges = [key_step_range(table, iterations, timesteps, "DDIMScheduler", T)]
+        trajectory = None
+        if flow.family(pipe) is None:
+            timesteps: list[Any] = ddim_timesteps(pipe, num_inference_steps)
+            ranges = [key_step_range(table, iterations, timesteps, "DDIMScheduler", T)]
+        else:  # flow matching: t = 1000 sigma on the pipeline's Euler grid; the fraction is 1 - sigma
+            side = config.latent_size or flow.default_latent_size(pipe)
+            trajectory = flow.schedule(pipe, num_inference_steps, side)
+            ranges = [key_step_range(table, iterations, trajectory.timesteps, "FlowMatchEulerDiscreteScheduler", T)]
         metrics: dict[str, Any] = {
             "key_steps": {
                 "task": task,
@@ -389,15 +462,21 @@ class KSCU:
                 "num_inference_steps": num_inference_steps,
             }
         }
+        if trajectory is not None:
+            trained = sorted({e.step for e in table.entries(iterations)})
+            metrics["key_steps"].update(
+                convention=flow.KEY_STEP_CONVENTION,
+                sigmas=[round(s, 6) for s in trajectory.sigmas[:-1]],
+                trained_sigmas=[round(trajectory.sigmas[k], 6) for k in trained],
+                shift_mu=trajectory.mu,
+            )
+        if adversary is not None:
+            metrics["adversarial"] = adversary.record
         analysis = _load_analysis(key_step_analysis)
         if analysis is not None:
             metrics["key_step_analysis"] = analysis
-            if "presence" in analysis and "switch_steps" in analysis:
-                from forgetpatch.eval.keysteps import KeyStepCurve, compare_with_preset
-
-                fields = KeyStepCurve.__dataclass_fields__
-                curve = KeyStepCurve(**{k: v for k, v in analysis.items() if k in fields})
-                metrics["key_step_check"] = compare_with_preset(curve, start, num_inference_steps)
+            if {"presence", "switch_steps", "num_inference_steps"} <= set(analysis):
+                metrics["key_step_check"] = preset_check(analysis, start, num_inference_steps)
         return train_patch(
             pipe,
             config,
@@ -413,6 +492,7 @@ class KSCU:
                 "lam2": lam2,
                 "creep_every": creep_every,
                 "preserve_weight": preserve_weight if preserve else 0.0,
+                **({} if adversary is None else {"adversarial": adversary.settings.to_dict()}),
             },
             key_steps=ranges,
             metrics=metrics,

@@ -53,7 +53,7 @@ import torch
 from tqdm.auto import tqdm
 
 from forgetpatch.errors import MethodError
-from forgetpatch.methods.base import Concept, register
+from forgetpatch.methods.base import Concept, patch_name, register
 from forgetpatch.methods.common import (
     Embeddings,
     LowRankFactors,
@@ -64,7 +64,6 @@ from forgetpatch.methods.common import (
     guide_prompt,
     low_rank_factors,
     low_rank_in_span,
-    patch_name,
     robust_record,
     robust_rounds,
 )

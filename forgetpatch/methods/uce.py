@@ -13,6 +13,11 @@ exactly rank ``|E|``. ``A`` is the same for every layer (it only involves embedd
 ``D x D`` solve plus one thin matmul per layer, and the patch stores ``B``, ``A`` as they are: an exact
 LoRA whose only error is float32 rounding (measured against the float64 closed form and recorded).
 
+On SD3 / FLUX (no ``attn2``) the same closed form edits ``transformer.context_embedder`` on the text encoders' rows
+(``context="embedder"``, exact: the only layer linear in the prompt), or each joint block's ``add_k_proj`` /
+``add_v_proj`` on the rows it receives (``context="joint"``); :mod:`forgetpatch.methods.joint` gives the maths and
+exactly what is and is not edited, and the manifest's ``params["edited"]`` says it per patch.
+
 Example:
     >>> patch = forgetpatch.erase(pipe, ["circle", "star"], method="uce", preserve=["ellipse"])
     >>> patch.manifest.lora.rank
@@ -28,7 +33,8 @@ import torch
 from tqdm.auto import tqdm
 
 from forgetpatch.errors import MethodError
-from forgetpatch.methods.base import Concept, register
+from forgetpatch.methods import flow, joint
+from forgetpatch.methods.base import Concept, patch_name, register
 from forgetpatch.methods.common import (
     Embeddings,
     check_concepts,
@@ -36,7 +42,8 @@ from forgetpatch.methods.common import (
     current_weight,
     embed_concepts,
     guide_prompt,
-    patch_name,
+    last_token_index,
+    refuse_empty,
     robust_record,
     robust_rounds,
 )
@@ -66,6 +73,13 @@ class UCEParams:
     again (:func:`~forgetpatch.methods.common.robust_rounds`). 0 = plain UCE."""
     robust_lambda: float = 0.1
     """Ridge weight of each round's inversion (the inversion attack's ``lambda``)."""
+    context: str = "embedder"
+    """SD3 / FLUX only: ``"embedder"`` edits ``context_embedder`` (exact), ``"joint"`` every joint block's
+    ``add_k_proj`` / ``add_v_proj`` on the rows it receives (:mod:`forgetpatch.methods.joint`)."""
+    joint_sigmas: int = 4
+    """SD3 / FLUX, ``context="joint"``: sigmas of the pipeline's grid the block inputs are captured at."""
+    latent_size: int = 0
+    """SD3 / FLUX, ``context="joint"``: latent side of the captures (0 = the pipeline's default size)."""
 
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> UCEParams:
@@ -82,9 +96,9 @@ class UCEParams:
 
 
 def _param_value(key: str, value: Any) -> Any:
-    if key == "tokens":
+    if key in ("tokens", "context"):
         return str(value)
-    if key == "robust":
+    if key in ("robust", "joint_sigmas", "latent_size"):
         return int(value)
     if key == "templates":
         return tuple(value)
@@ -174,6 +188,10 @@ class UCE:
     def _factors(pipe, concepts, preserve, params):
         check_concepts(concepts, preserve)
         settings = UCEParams.from_dict(params)
+        if flow.family(pipe) is not None:
+            return _transformer_factors(pipe, concepts, preserve, settings, params)
+        if (settings.context, settings.joint_sigmas, settings.latent_size) != ("embedder", 4, 0):
+            raise MethodError("context / joint_sigmas / latent_size apply to SD3 and FLUX pipelines; leave them unset on a UNet")
         emb, _ = embed_concepts(
             pipe,
             [c.target for c in concepts],
@@ -203,6 +221,13 @@ class UCE:
 
         factors, rounds = self._factors(pipe, concepts, preserve, params)
         settings = UCEParams.from_dict(params)
+        recorded = asdict(settings)
+        if flow.family(pipe) is None:
+            recorded = {k: v for k, v in recorded.items() if k not in ("context", "joint_sigmas", "latent_size")}
+        else:
+            recorded["edited"] = joint.EDITED[settings.context]
+            if settings.context == "embedder":
+                del recorded["joint_sigmas"], recorded["latent_size"]
         return build_patch(
             pipe,
             {path: (A, B) for path, (A, B, _) in factors.items()},
@@ -210,7 +235,53 @@ class UCE:
             method=self.name,
             concepts=concepts,
             preserved=preserve,
-            params={**asdict(settings), "default_guides": {"default": "", **DEFAULT_GUIDES}},
+            params={**recorded, "default_guides": {"default": "", **DEFAULT_GUIDES}},
             reconstruction_errors={path: err for path, (_, _, err) in factors.items()},
             metrics={"robust": robust_record(rounds)} if rounds else None,
         )
+
+
+def _transformer_factors(pipe, concepts, preserve, settings: UCEParams, params):
+    """UCE on SD3 / FLUX: ``context_embedder`` on the text rows, or each joint block's ``add_k_proj`` /
+    ``add_v_proj`` on the rows it receives (:mod:`forgetpatch.methods.joint`)."""
+    joint.check_context(pipe, settings.context)
+    if settings.robust and settings.context == "joint":
+        raise MethodError(
+            "RECE rounds (robust) invert the edit in one input space; with context='joint' every layer has its own "
+            "inputs: use context='embedder' with robust"
+        )
+    named = [c.target for c in [*concepts, *preserve]]
+    refuse_empty(named, last_token_index(pipe, named))
+    guides = [guide_prompt(c, DEFAULT_GUIDES) for c in concepts]
+    prompts, pairs, kept = joint.row_sets(
+        pipe, [c.target for c in concepts], guides, [c.target for c in preserve],
+        tokens=settings.tokens, templates=settings.templates,
+    )
+    layers = joint.context_layers(pipe, settings.context)
+    weights = {path: current_weight(m) for path, m in layers.items()}
+    progress = params.get("progress", True)
+    if settings.context == "embedder":
+        hidden, _ = joint.encode(pipe, prompts)
+        emb = joint.gather(hidden, pairs, kept)
+
+        def solve(emb: Embeddings):
+            return uce_factors(weights, emb, settings, progress=progress)
+
+        def edited(factors):
+            return {path: weights[path] + B @ A for path, (A, B, _) in factors.items()}
+
+        factors, rounds = robust_rounds(emb, settings.robust, settings.robust_lambda, weights, solve, edited)
+        return _compress(factors), rounds
+    side = settings.latent_size or None
+    sigmas = joint.joint_sigmas(pipe, settings.joint_sigmas, side)
+    seen = joint.layer_inputs(pipe, prompts, list(layers), sigmas, seed=int(params.get("seed") or 0), latent_size=side)
+    factors = {}
+    for path in tqdm(layers, desc="uce: editing joint blocks", disable=not progress, leave=False):
+        parts = [joint.gather(states, pairs, kept) for states in seen[path]]
+        emb = Embeddings(
+            erase=torch.cat([e.erase for e in parts]),
+            guide=torch.cat([e.guide for e in parts]),
+            preserve=torch.cat([e.preserve for e in parts]),
+        )
+        factors.update(uce_factors({path: weights[path]}, emb, settings, progress=False))
+    return _compress(factors), []

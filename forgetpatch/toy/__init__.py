@@ -24,7 +24,7 @@ import torch
 from forgetpatch.errors import ForgetPatchError
 from forgetpatch.toy.defaults import erase_defaults
 from forgetpatch.toy.degrade import NO_SHAPE, UNCLEAR, Verdict
-from forgetpatch.toy.render import IMAGE_SIZE, render, render_batch
+from forgetpatch.toy.render import IMAGE_SIZE, render, render_batch, shape_mask
 from forgetpatch.toy.vocab import (
     COLOURS,
     ERASE_TEMPLATES,
@@ -54,7 +54,7 @@ from forgetpatch.toy.vocab import (
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
-    from forgetpatch.toy.judge import Judge
+    from forgetpatch.toy.judge import ToyJudge
 
 #: Where the shipped pipeline lives (``save_pretrained`` layout).
 PIPELINE_DIR = Path(__file__).parent / "weights" / "pipeline"
@@ -92,6 +92,7 @@ __all__ = [
     "prompt",
     "render",
     "render_batch",
+    "shape_mask",
     "train_scenes",
 ]
 
@@ -152,7 +153,7 @@ def in_context_params(shapes: list[str] | tuple[str, ...]) -> dict[str, Any]:
     }
 
 
-def load_judge(version: str = "v2", *, path: str | Path | None = None, device: str = "cpu") -> Judge:
+def load_judge(version: str = "v2", *, path: str | Path | None = None, device: str = "cpu") -> ToyJudge:
     """A shipped judge by version (``"v2"``, which abstains, or the first, ``"v1"``), or one saved at ``path``
     (see :mod:`forgetpatch.toy.judge`).
 

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from forgetpatch.toy import vocab
-from forgetpatch.toy.render import _MAX_ROTATION, IMAGE_SIZE, _shape_mask, _texture
+from forgetpatch.toy.render import _MAX_ROTATION, IMAGE_SIZE, _texture, shape_mask
 
 #: The shape head's outcomes besides the ten shapes: nothing drawn, and no single clear shape.
 NO_SHAPE = "none"
@@ -41,7 +41,7 @@ SHAPE_LABELS: tuple[str, ...] = (*vocab.SHAPES, NO_SHAPE, UNCLEAR)
 #: The colour head's outcomes besides the eight colours (no shape, or shapes of several colours).
 COLOUR_LABELS: tuple[str, ...] = (*vocab.COLOURS, UNCLEAR)
 TEXTURE_LABELS: tuple[str, ...] = vocab.TEXTURES
-#: What the judge (:meth:`forgetpatch.toy.judge.Judge.classify`) says of one image: a label per kind
+#: What the judge (:meth:`forgetpatch.toy.judge.ToyJudge.classify`) says of one image: a label per kind
 #: (``None``: it abstains; shape :data:`NO_SHAPE`: nothing drawn) and ``"p"``, the calibrated
 #: probability of every outcome per kind.
 Verdict = dict[str, Any]
@@ -69,7 +69,7 @@ def outline(shape: str) -> np.ndarray:
     probe = "circle" if shape == "ring" else shape
     for _ in range(30):  # bisection along each ray; every shape is star-shaped around the origin
         mid = (lo + hi) / 2
-        inside = _shape_mask(probe, mid * np.cos(theta), mid * np.sin(theta), 1.0)
+        inside = shape_mask(probe, mid * np.cos(theta), mid * np.sin(theta), 1.0)
         lo, hi = np.where(inside, mid, lo), np.where(inside, hi, mid)
     return lo
 

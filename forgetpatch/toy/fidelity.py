@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from forgetpatch.toy import vocab
-from forgetpatch.toy.judge import KINDS, Judge
+from forgetpatch.toy.judge import KINDS, ToyJudge
 
 
 def heldout_prompts(
@@ -59,7 +59,7 @@ def generate(
 
 
 def fidelity_with_images(
-    pipe, judge: Judge, n: int = 32, steps: int = 25, guidance: float = 4.0, templates: str = "heldout"
+    pipe, judge: ToyJudge, n: int = 32, steps: int = 25, guidance: float = 4.0, templates: str = "heldout"
 ) -> tuple[dict[str, float], np.ndarray]:
     """:func:`fidelity`, also returning the generated images (N x H x W x 3 in [0, 1])."""
     if templates not in ("heldout", "train"):
@@ -77,7 +77,7 @@ def fidelity_with_images(
 
 
 def fidelity(
-    pipe, judge: Judge, n: int = 32, steps: int = 25, guidance: float = 4.0, templates: str = "heldout"
+    pipe, judge: ToyJudge, n: int = 32, steps: int = 25, guidance: float = 4.0, templates: str = "heldout"
 ) -> dict[str, float]:
     """Fraction of ``n`` held-out prompts whose images the judge reads correctly, per kind.
 
@@ -87,7 +87,7 @@ def fidelity(
     return fidelity_with_images(pipe, judge, n, steps, guidance, templates)[0]
 
 
-def save_grid(images: np.ndarray, path: Path | str, columns: int = 8, scale: int = 3) -> Path:
+def save_sheet(images: np.ndarray, path: Path | str, columns: int = 8, scale: int = 3) -> Path:
     """Tile ``images`` (N x H x W x 3, [0, 1] floats or uint8) into one PNG, upscaled ``scale`` times."""
     imgs = np.asarray(images)
     if imgs.dtype != np.uint8:

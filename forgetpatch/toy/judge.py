@@ -11,8 +11,8 @@ chosen on those renders so that at most 2% of what it names is wrong there, exce
 threshold of the shipped judge, chosen on a person-labelled calibration split
 (:func:`choose_shape_threshold`).
 
-:meth:`Judge.classify` is the API: per image ``{"shape", "colour", "texture", "p"}``, ``None`` where it
-abstains. :meth:`Judge.predict` is the old top-1 reading (always a concept, never abstains), kept for
+:meth:`ToyJudge.classify` is the API: per image ``{"shape", "colour", "texture", "p"}``, ``None`` where it
+abstains. :meth:`ToyJudge.predict` is the old top-1 reading (always a concept, never abstains), kept for
 comparison, as is the first judge (``load_judge("v1")``, clean renders only, no abstention).
 
 Example:
@@ -67,7 +67,7 @@ V2_CLASSES: dict[str, tuple[str, ...]] = {"shape": SHAPE_LABELS, "colour": COLOU
 RISK = 0.02
 
 
-class Judge(nn.Module):
+class ToyJudge(nn.Module):
     """Three-headed image classifier over the toy world's shapes, colours and textures.
 
     Args:
@@ -202,7 +202,7 @@ class Judge(nn.Module):
         return out
 
 
-def load_judge(version: str = "v2", *, path: Path | str | None = None, device: str = "cpu") -> Judge:
+def load_judge(version: str = "v2", *, path: Path | str | None = None, device: str = "cpu") -> ToyJudge:
     """Load a shipped judge by version (``"v2"``, the default, or ``"v1"``) or one saved at ``path``.
 
     Example:
@@ -222,7 +222,7 @@ def load_judge(version: str = "v2", *, path: Path | str | None = None, device: s
     for k in KINDS:
         if not set(vocab.concepts_of(k)) <= set(classes.get(k, ())):
             raise ForgetPatchError(f"{config_path} was trained on other concepts than this toy world's vocabulary")
-    judge = Judge(
+    judge = ToyJudge(
         width=config["width"],
         image_size=config["image_size"],
         classes=classes,
@@ -259,7 +259,7 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
-def accuracy(judge: Judge, x: torch.Tensor, labels: dict[str, torch.Tensor]) -> dict[str, float]:
+def judge_accuracy(judge: ToyJudge, x: torch.Tensor, labels: dict[str, torch.Tensor]) -> dict[str, float]:
     proba = judge.predict_proba(x)
     return {k: float((torch.from_numpy(proba[k]).argmax(1) == labels[k]).float().mean()) for k in KINDS}
 
@@ -302,9 +302,9 @@ def train_judge(
     seed: int = 0,
     workers: int = 2,
     person: PersonSet | None = None,
-    init: Judge | None = None,
+    init: ToyJudge | None = None,
     lr: float = 2e-3,
-) -> Judge:
+) -> ToyJudge:
     """Train a v2 judge on degraded renders (seeded), then calibrate it on other degraded renders.
 
     ``person``: generated images labelled by people, mixed into every batch (a quarter of it; their
@@ -312,7 +312,7 @@ def train_judge(
     from this judge instead of from scratch.
     """
     torch.manual_seed(seed)
-    judge = init if init is not None else Judge(width=width, classes=V2_CLASSES)
+    judge = init if init is not None else ToyJudge(width=width, classes=V2_CLASSES)
     images, labels_np = degraded_set(n_train, seed=10_000_000 + seed, workers=workers)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
     labels = {k: torch.from_numpy(v) for k, v in labels_np.items()}
@@ -347,7 +347,7 @@ def train_judge(
     return judge.eval()
 
 
-def choose_shape_threshold(judge: Judge, calibration: PersonSet, safe_min: float = 0.80) -> float:
+def choose_shape_threshold(judge: ToyJudge, calibration: PersonSet, safe_min: float = 0.80) -> float:
     """The shape threshold with the best agreement on ``calibration``'s person-named images among those
     keeping at least ``safe_min`` of its person-"unclear" images safe (see :meth:`PersonSet.scores`)."""
     best, best_agreement = 1.0, -1.0
@@ -375,7 +375,7 @@ def _fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
     return round(float(log_t.exp()), 4)
 
 
-def calibrate(judge: Judge, images: np.ndarray, labels: dict[str, np.ndarray], risk: float = RISK) -> None:
+def calibrate(judge: ToyJudge, images: np.ndarray, labels: dict[str, np.ndarray], risk: float = RISK) -> None:
     """Fit each head's temperature (log-likelihood) and abstention threshold on held-out samples.
 
     The threshold is the lowest top probability at which, on these samples, at most ``risk`` of
@@ -400,7 +400,7 @@ def calibrate(judge: Judge, images: np.ndarray, labels: dict[str, np.ndarray], r
         judge.threshold[k] = threshold
 
 
-def save_judge(judge: Judge, path: Path | str = JUDGE_WEIGHTS) -> None:
+def save_judge(judge: ToyJudge, path: Path | str = JUDGE_WEIGHTS) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, path)
@@ -442,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("shape threshold on the person-labelled calibration set:", choose_shape_threshold(judge, calibration))
         print("calibration set (agreement, safe):", calibration.scores(judge.classify(calibration.images)))
     x, labels = labelled_renders(2000, seed_offset=900_000_000)
-    print("clean render accuracy:", accuracy(judge, x, labels))
+    print("clean render accuracy:", judge_accuracy(judge, x, labels))
     print("calibration:", {"temperature": judge.temperature, "threshold": judge.threshold})
     save_judge(judge, args.out)
     print(f"saved {args.out}")

@@ -47,7 +47,7 @@ def _star(x: np.ndarray, y: np.ndarray, radius: float) -> np.ndarray:
     return cross >= 0
 
 
-def _shape_mask(shape: str, x: np.ndarray, y: np.ndarray, radius: float) -> np.ndarray:
+def shape_mask(shape: str, x: np.ndarray, y: np.ndarray, radius: float) -> np.ndarray:
     """Inside-test of ``shape`` centred at the origin in a frame where ``y`` grows downwards."""
     r = np.hypot(x, y)
     ax, ay = np.abs(x), np.abs(y)
@@ -119,7 +119,7 @@ def render(scene: Scene, seed: int, size: int = IMAGE_SIZE) -> np.ndarray:
     dx, dy = u - cx, v - cy
     x = np.cos(theta) * dx + np.sin(theta) * dy
     y = -np.sin(theta) * dx + np.cos(theta) * dy
-    mask = _shape_mask(scene.shape, x, y, radius).astype(np.float64)
+    mask = shape_mask(scene.shape, x, y, radius).astype(np.float64)
 
     grey = _texture(scene.texture, u, v, rng)
     colour = np.asarray(COLOURS[scene.colour], dtype=np.float64) / 255.0

@@ -1,7 +1,7 @@
 """Several processes: 2 CPU processes (accelerate's gloo group) train the patch one process trains and make the
 report one process makes.
 
-The processes are forked from the test (the imports are done once, which keeps the test within seconds); each
+The processes are spawned from the test (forked ones hang when the test process's OpenMP pool runs); each
 sets the variables ``accelerate launch`` sets (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...) and builds
 ``accelerate``'s state afresh, so the code under test sees exactly a launched run. One more test launches the
 ``forgetpatch erase`` command itself with ``accelerate launch`` (two fresh interpreters: ~40 s more on 2 cores);
@@ -94,7 +94,7 @@ def _process(index: int, port: int, folder: Path) -> None:
     )
     from accelerate.state import AcceleratorState, GradientState
 
-    AcceleratorState._reset_state(reset_partial_state=True)  # forked: forget the test process's state
+    AcceleratorState._reset_state(reset_partial_state=True)  # a fresh state, whatever was imported before
     GradientState._reset_state()
     try:
         torch.save(_work(folder / "checkpoints"), folder / f"rank{index}.pt")
@@ -110,11 +110,12 @@ def _free_port() -> int:
 
 
 def _launch(folder: Path, timeout: float = 240.0) -> list[dict[str, Any]]:
-    """Run :func:`_process` on ``WORLD`` forked processes; their results, by rank."""
+    """Run :func:`_process` on ``WORLD`` fresh (spawned) processes; their results, by rank. Not forked: a child
+    forked from a process whose OpenMP pool is running (2 threads, as on CI) hangs in its first parallel op."""
     import torch.multiprocessing as mp
 
     context = mp.start_processes(
-        _process, args=(_free_port(), folder), nprocs=WORLD, join=False, start_method="fork"
+        _process, args=(_free_port(), folder), nprocs=WORLD, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + timeout
     while not context.join(timeout=1.0):

@@ -1,7 +1,9 @@
 """Measure a toy-world recipe against the issue bars: erase, apply the patch as shipped, evaluate vs base.
 
 Bars are checked on the safe end of each 95% interval (:meth:`EvalReport.worst` with ``safe=True``): UA
-on :data:`UA_IMAGES` images per erased concept, retention on :data:`RETAIN_IMAGES` per concept. The base
+on :data:`UA_IMAGES` images per erased concept, retention on :data:`RETAIN_IMAGES` per concept, in two stages: stage 1
+measures :data:`FIRST_UA_IMAGES` (retention on :data:`FIRST_RETAIN_IMAGES`) and stops there when stage 2 could not
+show the UA bar met (:func:`can_still_meet`), so an unmet bar costs a third of the images. The base
 is evaluated once per test session for every shape the recipes erase and reused as the reference.
 """
 
@@ -74,6 +76,20 @@ def base_report():
     )
 
 
+def can_still_meet(report, ua_bar: float) -> bool:
+    """After stage 1: whether measuring :data:`UA_IMAGES` images could show the UA bar met. No, when even the upper
+    end of some concept's interval is under the bar, or when its rate, kept at :data:`UA_IMAGES` images, would
+    leave the lower end under the bar (to clear 0.90 on 96 images the rate must be about 0.96)."""
+    from forgetpatch.eval import wilson
+
+    for concept in report.concepts.values():
+        scores = concept.scores
+        at_full = wilson(round(scores.ua * UA_IMAGES), UA_IMAGES)[0]
+        if scores.interval["ua"][1] < ua_bar or at_full < ua_bar:
+            return False
+    return True
+
+
 def measure_recipe(name: str, ua_bar: float = 0.90) -> Measured:
     """Run ``recipes/<name>.yaml`` on the shipped toy model and score the patch it makes (two stages, above)."""
     from forgetpatch.eval import evaluate
@@ -95,8 +111,7 @@ def measure_recipe(name: str, ua_bar: float = 0.90) -> Measured:
             images_per_erased=ua_images,
             progress=False,
         )
-        highest = min(c.scores.interval["ua"][1] for c in report.concepts.values())
-        if highest < ua_bar:
+        if ua_images == UA_IMAGES or not can_still_meet(report, ua_bar):
             break
     return Measured(
         worst=report.worst(safe=True), point=report.worst(), erase_s=erase_s, report=report, ua_images=ua_images,

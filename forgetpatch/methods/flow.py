@@ -40,14 +40,15 @@ import torch
 from torch import nn
 
 from forgetpatch.errors import MethodError
+from forgetpatch.format import TRANSFORMER_FAMILIES
 
 if TYPE_CHECKING:
     from forgetpatch.methods.engine import Cond, FinetuneEngine
 
 FlowFamily = Literal["sd3", "flux"]
 
-#: Transformer classes the flow path knows, by class name.
-TRANSFORMERS: dict[str, FlowFamily] = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
+#: Transformer classes the flow path knows, by class name (the format's family table, one definition).
+TRANSFORMERS: dict[str, FlowFamily] = TRANSFORMER_FAMILIES  # type: ignore[assignment]
 #: How a key-step range on a flow-matching schedule is expressed (recorded in the manifest).
 KEY_STEP_CONVENTION = "sigma: fraction = 1 - sigma, timestep t = 1000 sigma (FlowMatchEulerDiscreteScheduler)"
 #: peft ``target_modules`` regex of the transformer ``"xattn"`` scope.

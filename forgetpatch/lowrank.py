@@ -1,5 +1,12 @@
 """Turn a full weight change ``dW`` into LoRA factors ``B @ A`` with a truncated SVD.
 
+* :func:`factorize`: the exact SVD (float64), rank given, by energy, or the numerical rank;
+* :func:`factorize_sketched`: a randomized SVD (float32) for large changes, rank by energy;
+* :func:`factorize_in_span`: a change known as coordinates in an orthonormal row basis plus a small remainder
+  outside it (no ``out x in`` product needed).
+
+All three return a :class:`LowRank` and split the kept singular values evenly between ``A`` and ``B``.
+
 Example:
     >>> import torch
     >>> delta = torch.randn(8, 2) @ torch.randn(2, 16)          # an exact rank-2 change
@@ -56,8 +63,8 @@ def factorize(
         raise MethodError(
             f"factorize needs a matrix or conv kernel, got a tensor of shape {tuple(delta.shape)}"
         )
-    if energy is not None and not 0.0 < energy <= 1.0:
-        raise MethodError(f"energy must be in (0, 1], got {energy}")
+    if energy is not None:
+        _check_energy(energy)
     if rank is not None and rank < 1:
         raise MethodError(f"rank must be >= 1, got {rank}")
     matrix = delta.detach().reshape(delta.shape[0], -1).to(torch.float64)
@@ -70,11 +77,119 @@ def factorize(
         if rank is not None:
             candidates.append(rank)
         if energy is not None:
-            cumulative = torch.cumsum(S**2, 0) / (S**2).sum()
-            candidates.append(int((cumulative < energy - 1e-12).sum().item()) + 1)
+            candidates.append(_energy_rank(S.square(), float(S.square().sum()), energy))
         keep = max(1, min(min(candidates), len(S)))
-    root = S[:keep].sqrt()
-    A = root[:, None] * Vh[:keep]
-    B = U[:, :keep] * root[None, :]
+    A, B = _split(U, S, Vh, keep)
     error = torch.linalg.matrix_norm(matrix - B @ A).item() / norm if norm > 0 else 0.0
     return LowRank(A=A.to(delta.dtype), B=B.to(delta.dtype), rank=keep, rel_error=error)
+
+
+@torch.no_grad()
+def factorize_sketched(
+    delta: torch.Tensor,
+    *,
+    energy: float = 0.999,
+    max_rank: int | None = None,
+    range_hint: torch.Tensor | None = None,
+    sketch: int = 16,
+    seed: int = 0,
+) -> LowRank:
+    """Truncated SVD of the matrix ``delta`` keeping ``energy`` of its squared Frobenius norm, in float32.
+
+    A randomized range finder: the columns of ``range_hint`` (``out x h``, directions known to carry most of
+    ``delta``, e.g. the ``B`` side of a low-rank update) plus ``sketch`` random projections of ``delta`` are
+    orthonormalised, and the SVD of ``delta`` projected on them gives the factors. The random part doubles
+    until the kept singular values reach ``energy`` of ``|delta|_F^2``; a sketch as large as half the
+    matrix falls back to the exact SVD. The reported ``rel_error`` is measured: ``|delta - B A|_F / |delta|_F``.
+
+    Example:
+        >>> low = factorize_sketched(torch.randn(64, 3) @ torch.randn(3, 32), energy=0.999)
+        >>> low.rank, low.rel_error < 1e-3
+        (3, True)
+    """
+    _check_energy(energy)
+    matrix = delta.detach().float()
+    full = min(matrix.shape)
+    cap = full if max_rank is None else max(1, min(max_rank, full))
+    total = float(matrix.double().square().sum())
+    if total == 0.0:
+        zeros = matrix.new_zeros
+        return LowRank(A=zeros(1, matrix.shape[1]), B=zeros(matrix.shape[0], 1), rank=1, rel_error=0.0)
+    hint = None if range_hint is None else range_hint.detach().float().to(matrix.device)
+    generator = torch.Generator(device=matrix.device).manual_seed(seed)
+    extra = max(1, sketch)
+    while True:
+        cols = extra + (0 if hint is None else hint.shape[1])
+        exact = cols >= full // 2  # a sketch this large costs as much as the exact SVD
+        if exact:
+            U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
+        else:
+            omega = torch.randn(matrix.shape[1], extra, generator=generator, device=matrix.device)
+            Y = matrix @ omega if hint is None else torch.cat([hint, matrix @ omega], dim=1)
+            Q = torch.linalg.qr(Y).Q
+            Us, S, Vh = torch.linalg.svd(Q.T @ matrix, full_matrices=False)
+            U = Q @ Us
+        reached = _energy_rank(S.double().square(), total, energy)
+        if exact or reached < cols or cols >= cap:
+            break
+        extra *= 2
+    rank = max(1, min(reached, cap, len(S)))
+    A, B = _split(U, S, Vh, rank)
+    error = float((matrix - B @ A).double().norm()) / total**0.5
+    return LowRank(A=A, B=B, rank=rank, rel_error=error)
+
+
+def factorize_in_span(
+    coords: torch.Tensor,
+    basis: torch.Tensor,
+    outside_sq: float,
+    *,
+    energy: float = 0.999,
+    max_rank: int | None = None,
+) -> LowRank | None:
+    """Truncated SVD of ``delta = coords @ basis.T + E`` where ``E`` is orthogonal to ``basis``' columns.
+
+    ``coords`` (``out x k``) is ``delta @ basis`` for an orthonormal ``basis`` (``in x k``) and ``outside_sq``
+    is ``|E|_F^2``, the part of ``delta`` outside that row space. The factors keep the leading singular
+    directions of ``coords`` (the best rank-``r`` approximation within the span), with ``r`` the smallest
+    rank whose singular values hold ``energy`` of ``|delta|_F^2 = |coords|_F^2 + |E|_F^2``. The relative
+    error is exact: ``sqrt(sum of the dropped S_i^2 + |E|^2) / |delta|_F``, without forming ``delta``.
+
+    Returns ``None`` when the span cannot hold ``energy`` of ``delta`` (or ``max_rank`` is too small for
+    it): then use :func:`factorize_sketched` on the full matrix.
+
+    Example:
+        >>> basis = torch.linalg.qr(torch.randn(32, 3)).Q
+        >>> low = factorize_in_span(torch.randn(64, 3), basis, 0.0, energy=0.999)
+        >>> low.rank, low.rel_error < 1e-6
+        (3, True)
+    """
+    _check_energy(energy)
+    U, S, Vh = torch.linalg.svd(coords.detach().float(), full_matrices=False)  # float32: the stored dtype
+    squares = S.double().square()
+    total = float(squares.sum()) + max(0.0, outside_sq)
+    if total == 0.0:
+        return None
+    reached = _energy_rank(squares, total, energy)
+    cap = len(S) if max_rank is None else max(1, min(max_rank, len(S)))
+    if reached > cap:
+        return None
+    A, B = _split(U, S, Vh, reached)
+    dropped = float(squares[reached:].sum()) + max(0.0, outside_sq)
+    return LowRank(A=A @ basis.T.to(Vh), B=B, rank=reached, rel_error=(dropped / total) ** 0.5)
+
+
+def _check_energy(energy: float) -> None:
+    if not 0.0 < energy <= 1.0:
+        raise MethodError(f"energy must be in (0, 1], got {energy}")
+
+
+def _energy_rank(squares: torch.Tensor, total: float, energy: float) -> int:
+    """The smallest rank whose squared singular values ``squares`` (float64, descending) hold ``energy`` of ``total``."""
+    return int((torch.cumsum(squares, 0) / total < energy - 1e-12).sum()) + 1
+
+
+def _split(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A = sqrt(S) V^T``, ``B = U sqrt(S)`` of the leading ``rank`` singular triplets."""
+    root = S[:rank].sqrt()
+    return root[:, None] * Vh[:rank], U[:, :rank] * root[None, :]

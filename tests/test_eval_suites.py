@@ -72,6 +72,16 @@ class TinyFeatures(torch.nn.Module):
         return self.conv(x.float() / 255).mean((2, 3))
 
 
+def test_eval_reexports_the_suites_own_names():
+    import forgetpatch.eval as ev
+    import forgetpatch.eval.suites as suites
+
+    assert all(hasattr(ev, name) for name in ev.__all__) and len(set(ev.__all__)) == len(ev.__all__)
+    shared = set(ev.__all__) & set(suites.__all__)
+    assert {"SUITES", "SuiteReport", "evaluate_suite", "read_prompt_csv"} <= shared
+    assert all(getattr(ev, name) is getattr(suites, name) for name in shared) and ev.record_suite is suites.record
+
+
 def test_prompt_lists_are_fixed_by_their_settings():
     objects = object_prompts(images_per_class=2)
     assert len(objects) == 20 and objects == object_prompts(images_per_class=2)
@@ -186,13 +196,17 @@ def test_objects_suite_on_the_toy_base_with_a_tiny_clip(tiny_clip, tmp_path):
     clip = report.detectors[0]
     assert clip["name"] == "clip" and len(clip["model_sha256"]["model.safetensors"]) == 64
     assert report.worst()["ua"] == church.scores.ua
-    again = evaluate_suite(pipe, "objects", ["church"], reference=SuiteReport.load(report.save(tmp_path / "r.npz")), **kw)
+    loaded = SuiteReport.load(report.save(tmp_path / "r.npz"))
+    assert loaded.to_dict() == report.to_dict() and loaded.items == report.items
+    again = evaluate_suite(pipe, "objects", ["church"], reference=loaded, **kw)
     assert again.concepts["church"].base == church.base and again.figures == report.figures
+    with pytest.raises(EvalError, match="not a suite report saved by SuiteReport.save"):
+        SuiteReport.load(tmp_path / "missing.npz")
     with pytest.raises(EvalError, match="num_inference_steps"):
         evaluate_suite(pipe, "objects", ["church"], reference=report, **{**kw, "num_inference_steps": 3})
 
 
-def test_quality_suite_fid_and_clip_score_on_a_tiny_sd_pipeline(tiny_clip):
+def test_quality_suite_fid_and_clip_score_on_a_tiny_sd_pipeline(tiny_clip, tmp_path):
     pipe = tiny_sd_pipeline()
     prompts = [SuitePrompt("a photo of a church", 0), SuitePrompt("a tench", 1, guidance=2.0),
                SuitePrompt("a parachute", 2), SuitePrompt("a photo of a tench", 3)]
@@ -205,6 +219,9 @@ def test_quality_suite_fid_and_clip_score_on_a_tiny_sd_pipeline(tiny_clip):
     assert report.base_figures["fid_to_real"] == figs["fid_to_real"]
     assert report.features.shape == (4, 6) and figs["clip_score"]["n"] == 4 and report.concepts == {}
     assert [d["name"] for d in report.detectors] == ["clip", "TinyFeatures"]
+    loaded = SuiteReport.load(report.save(tmp_path / "q.npz"))  # the FID features travel with the report
+    for name in ("images", "base_images", "features", "base_features"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(report, name))
     # each prompt at its own guidance: the row at 2.0 differs from the same prompt at the default
     alone = evaluate_suite(pipe, "quality", prompts=[SuitePrompt("a tench", 1)], clip=tiny_clip,
                            num_inference_steps=2, progress=False)

@@ -134,6 +134,16 @@ def test_esd_on_flow_matching_makes_a_transformer_patch_that_applies_and_removes
     assert torch.equal(velocity(), base)
 
 
+def test_the_engine_asks_the_family_one_way(pipe):
+    """The engine's scope and its family come from the same table: a transformer's scope is flow's, a UNet's is not."""
+    from forgetpatch.methods.engine import scope_modules
+
+    assert flow.denoiser_family(pipe.transformer) == flow.family(pipe) in ("sd3", "flux")
+    assert scope_modules(pipe.transformer, "xattn") == flow.scope_modules(pipe.transformer, "xattn")
+    unet = tiny_sd_pipeline().unet
+    assert flow.denoiser_family(unet) is None and all(".attn2." in n for n in scope_modules(unet, "xattn"))
+
+
 def test_kscu_on_flux_records_its_range_in_sigmas():
     pipe = tiny_flux_pipeline(seed=0)
     patch = forgetpatch.erase(pipe, "circle", method="kscu", start_step=2, **FAST)

@@ -107,6 +107,8 @@ def test_judge_against_person_labels(judge):
         f"agreement {agreement:.3f} of {n_clear} {wilson(round(agreement * n_clear), n_clear)}, "
         f"safe {safe:.3f} of {n_unclear} {wilson(round(safe * n_unclear), n_unclear)}; misses {dict(confusion)}"
     )
+    rows = json.loads((DATA / "judge_test_labels.json").read_text())["images"]
+    figures += f"; one labeller against the other: {_labeller_vs_labeller(rows)}"
     print(figures)
     assert len(person.person) >= 300
     assert agreement >= PERSON_MEASURED["agreement"] - 0.005 and safe >= PERSON_MEASURED["safe"] - 0.005, figures
@@ -114,6 +116,18 @@ def test_judge_against_person_labels(judge):
     assert wrong <= 0.02 * n_clear, f"when the judge names a shape a person named, it is the same one: {figures}"
     if agreement < PERSON_BARS["agreement"] or safe < PERSON_BARS["safe"]:
         pytest.xfail(f"below the person-label bars {PERSON_BARS}: {figures}")
+
+
+def _labeller_vs_labeller(rows: list[dict]) -> str:
+    """The bar's two figures for one labeller scored against the other (each way): what a second person reaches."""
+    out = []
+    for me, other in ((0, 1), (1, 0)):
+        named = [r for r in rows if r["labellers"][other] != UNCLEAR]
+        unclear = [r for r in rows if r["labellers"][other] == UNCLEAR]
+        agree = sum(r["labellers"][me] == r["labellers"][other] for r in named)
+        safe = sum(r["labellers"][me] in (UNCLEAR, r["prompt_shape"]) for r in unclear)
+        out.append(f"agreement {agree}/{len(named)}, safe {safe}/{len(unclear)}")
+    return " | ".join(out)
 
 
 def test_strict_forgetting_counts_against_a_person(judge):

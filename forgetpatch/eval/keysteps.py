@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import DDIMScheduler
-from tqdm.auto import tqdm
 
 from forgetpatch.errors import MethodError
 from forgetpatch.methods import preset_check, rise_steps
+from forgetpatch.progress import bar as progress_bar
 
 #: Judges a batch of ``(N, H, W, 3)`` uint8 images: does each show the concept?
 Detector = Callable[[np.ndarray], Sequence[bool]]
@@ -193,7 +193,9 @@ def analyze(
         return scheduler.step(e_u + guidance_scale * (e_c - e_u), t, x).prev_sample
 
     hits = {k: 0 for k in ks}
-    bar = tqdm(total=num_images * len(ks), desc=f"key steps of {concept!r}", disable=not progress)
+    bar = progress_bar(
+        total=num_images * len(ks), desc=f"key steps of {concept!r}", disable=not progress, unit_name="images"
+    )
     for first in range(0, num_images, batch_size):
         idx = list(range(first, min(first + batch_size, num_images)))
         noise = [

@@ -15,11 +15,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 
-from forgetpatch.errors import ForgetPatchError
+from forgetpatch.errors import EvalError
 from forgetpatch.eval.prompts import KINDS, ScoringPrompt
 from forgetpatch.toy import NO_SHAPE, Scene, Verdict, vocab
 
@@ -29,6 +29,7 @@ OUTCOMES: tuple[Outcome, ...] = ("kept", "replaced", "empty", "unclear")
 RATES = ("ua", "ira", "cra", "near", "leakage")
 #: z of the two-sided 95% interval.
 Z95 = 1.959964
+R = TypeVar("R", bound="EvalReport")
 
 
 def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -226,6 +227,13 @@ class EvalReport:
     """Per image, the geometric second opinion (:mod:`forgetpatch.eval.geometry`): the best-fitting
     shape, ``"none"`` or ``"unclear"``."""
 
+    # What :meth:`save` writes besides the base fields, so that a subclass only names what it adds: optional
+    # array fields (``.npz`` entries), fields read back from the JSON metadata (written by :meth:`to_dict`),
+    # and what :meth:`load` calls a file it cannot read.
+    _arrays: ClassVar[tuple[str, ...]] = ("base_images",)
+    _fields: ClassVar[tuple[str, ...]] = ()
+    _what: ClassVar[str] = "an evaluation report"
+
     def _both_named(self) -> list[int]:
         """Images on which the judge and the geometric fit both name a shape (or none)."""
         if self.fitted is None:
@@ -363,13 +371,12 @@ class EvalReport:
         meta = {
             **self.to_dict(),
             "seconds": self.seconds,
-            "items": [{**asdict(it), "scene": asdict(it.scene)} for it in self.items],
+            "items": [asdict(it) for it in self.items],
             "judged": self.judged,
             "fitted": self.fitted,
         }
         arrays = {"images": self.images, "meta": np.array(json.dumps(meta))}
-        if self.base_images is not None:
-            arrays["base_images"] = self.base_images
+        arrays.update({k: v for k in self._arrays if (v := getattr(self, k)) is not None})
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("wb") as f:
@@ -377,17 +384,16 @@ class EvalReport:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> EvalReport:
+    def load(cls: type[R], path: str | Path) -> R:
         """Read a report written by :meth:`save`."""
         try:
             with np.load(Path(path), allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
                 images = data["images"]
-                base_images = data.get("base_images")
+                arrays = {k: data[k] for k in cls._arrays if k in data}
+            extra = {k: meta[k] for k in cls._fields}
         except (OSError, ValueError, KeyError) as exc:
-            raise ForgetPatchError(
-                f"{path} is not an evaluation report saved by EvalReport.save: {exc}"
-            ) from exc
+            raise EvalError(f"{path} is not {cls._what} saved by {cls.__name__}.save: {exc}") from exc
         names = {f.name for f in fields(Scores)}
 
         def scores(d: dict[str, Any] | None) -> Scores | None:
@@ -397,7 +403,6 @@ class EvalReport:
             c: ConceptReport(c, d["kind"], scores(d), scores(d.get("base")))
             for c, d in meta["concepts"].items()
         }
-        items = [ScoringPrompt(**{**it, "scene": Scene(**it["scene"])}) for it in meta["items"]]
         return cls(
             erased=meta["erased"],
             concepts=concepts,  # type: ignore[arg-type]
@@ -405,10 +410,16 @@ class EvalReport:
             drift=meta["drift"],
             settings=meta["settings"],
             seconds=meta["seconds"],
-            items=items,
+            items=[cls._item(it) for it in meta["items"]],
             images=images,
             judged=meta["judged"],
             base_accuracy=meta["base_accuracy"],
-            base_images=base_images,
             fitted=meta.get("fitted"),
+            **arrays,
+            **extra,
         )
+
+    @classmethod
+    def _item(cls, d: dict[str, Any]) -> Any:
+        """An item of :attr:`items` from its saved dict."""
+        return ScoringPrompt(**{**d, "scene": Scene(**d["scene"])})

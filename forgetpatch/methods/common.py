@@ -1,4 +1,4 @@
-"""Helpers every unlearning method can use: cross-attention layers, concept embeddings, low-rank factors.
+"""Helpers every unlearning method can use: cross-attention layers, concept embeddings.
 
 * :func:`cross_attention_layers`: the ``attn2.to_k`` / ``attn2.to_v`` layers of a pipeline's UNet, keyed by
   their full module path (``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k``).
@@ -7,9 +7,6 @@
   UNet receives it (``encoder_hidden_states``): one encoder for SD 1.x / 2.x, two encoders concatenated
   for SDXL (penultimate hidden states, 768 + 1280 = 2048 wide).
 * :func:`check_concepts`: the input checks every method shares.
-* :func:`low_rank_factors`: a truncated SVD of a weight change whose rank is chosen by an energy threshold.
-* :func:`low_rank_in_span`: the same for a change known as coordinates in an orthonormal row basis
-  plus a small remainder outside it (no ``out x in`` product needed).
 
 Example:
     >>> from forgetpatch.testing import tiny_sd_pipeline
@@ -35,16 +32,6 @@ from forgetpatch.methods.base import Concept
 
 #: The projections closed-form methods edit in every cross-attention block.
 KEY_VALUE = ("to_k", "to_v")
-
-
-@dataclass(frozen=True)
-class LowRankFactors:
-    """``delta ~= B @ A`` (``A``: ``rank x in``, ``B``: ``out x rank``) and the relative Frobenius error."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    rank: int
-    rel_error: float
 
 
 # --- layers --------------------------------------------------------------------------------------
@@ -447,107 +434,3 @@ def robust_record(rounds: list[RobustRound]) -> dict[str, Any]:
         "rounds": [asdict(r) for r in rounds],
         "rank_growth": "each round adds one inverted row per edited concept row (rank <= rows, <= layer width)",
     }
-
-
-# --- low-rank storage ----------------------------------------------------------------------------
-@torch.no_grad()
-def low_rank_factors(
-    delta: torch.Tensor,
-    *,
-    energy: float = 0.999,
-    max_rank: int | None = None,
-    range_hint: torch.Tensor | None = None,
-    sketch: int = 16,
-    seed: int = 0,
-) -> LowRankFactors:
-    """Truncated SVD of ``delta`` keeping ``energy`` of its squared Frobenius norm.
-
-    A randomized range finder: the columns of ``range_hint`` (``out x h``, directions known to carry most of
-    ``delta``, e.g. the ``B`` side of a low-rank update) plus ``sketch`` random projections of ``delta`` are
-    orthonormalised, and the SVD of ``delta`` projected on them gives the factors. The random part doubles
-    until the kept singular values reach ``energy`` of ``|delta|_F^2``; a sketch as large as half the
-    matrix falls back to the exact SVD. The reported ``rel_error`` is measured: ``|delta - B A|_F / |delta|_F``.
-
-    Example:
-        >>> low = low_rank_factors(torch.randn(64, 3) @ torch.randn(3, 32), energy=0.999)
-        >>> low.rank, low.rel_error < 1e-3
-        (3, True)
-    """
-    if not 0.0 < energy <= 1.0:
-        raise MethodError(f"energy must be in (0, 1], got {energy}")
-    matrix = delta.detach().float()
-    full = min(matrix.shape)
-    cap = full if max_rank is None else max(1, min(max_rank, full))
-    total = float(matrix.double().square().sum())
-    if total == 0.0:
-        zeros = matrix.new_zeros
-        return LowRankFactors(A=zeros(1, matrix.shape[1]), B=zeros(matrix.shape[0], 1), rank=1, rel_error=0.0)
-    hint = None if range_hint is None else range_hint.detach().float().to(matrix.device)
-    generator = torch.Generator(device=matrix.device).manual_seed(seed)
-    extra = max(1, sketch)
-    while True:
-        cols = extra + (0 if hint is None else hint.shape[1])
-        exact = cols >= full // 2  # a sketch this large costs as much as the exact SVD
-        if exact:
-            U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
-        else:
-            omega = torch.randn(matrix.shape[1], extra, generator=generator, device=matrix.device)
-            Y = matrix @ omega if hint is None else torch.cat([hint, matrix @ omega], dim=1)
-            Q = torch.linalg.qr(Y).Q
-            Us, S, Vh = torch.linalg.svd(Q.T @ matrix, full_matrices=False)
-            U = Q @ Us
-        kept = torch.cumsum(S.double().square(), 0) / total
-        reached = int((kept < energy - 1e-12).sum()) + 1
-        if exact or reached < cols or cols >= cap:
-            break
-        extra *= 2
-    rank = max(1, min(reached, cap, len(S)))
-    root = S[:rank].sqrt()
-    A = root[:, None] * Vh[:rank]
-    B = U[:, :rank] * root[None, :]
-    error = float((matrix - B @ A).double().norm()) / total**0.5
-    return LowRankFactors(A=A, B=B, rank=rank, rel_error=error)
-
-
-def low_rank_in_span(
-    coords: torch.Tensor,
-    basis: torch.Tensor,
-    outside_sq: float,
-    *,
-    energy: float = 0.999,
-    max_rank: int | None = None,
-) -> LowRankFactors | None:
-    """Truncated SVD of ``delta = coords @ basis.T + E`` where ``E`` is orthogonal to ``basis``' columns.
-
-    ``coords`` (``out x k``) is ``delta @ basis`` for an orthonormal ``basis`` (``in x k``) and ``outside_sq``
-    is ``|E|_F^2``, the part of ``delta`` outside that row space. The factors keep the leading singular
-    directions of ``coords`` (the best rank-``r`` approximation within the span), with ``r`` the smallest
-    rank whose singular values hold ``energy`` of ``|delta|_F^2 = |coords|_F^2 + |E|_F^2``. The relative
-    error is exact: ``sqrt(sum of the dropped S_i^2 + |E|^2) / |delta|_F``, without forming ``delta``.
-
-    Returns ``None`` when the span cannot hold ``energy`` of ``delta`` (or ``max_rank`` is too small for
-    it): then use :func:`low_rank_factors` on the full matrix.
-
-    Example:
-        >>> basis = torch.linalg.qr(torch.randn(32, 3)).Q
-        >>> low = low_rank_in_span(torch.randn(64, 3), basis, 0.0, energy=0.999)
-        >>> low.rank, low.rel_error < 1e-6
-        (3, True)
-    """
-    if not 0.0 < energy <= 1.0:
-        raise MethodError(f"energy must be in (0, 1], got {energy}")
-    U, S, Vh = torch.linalg.svd(coords.detach().float(), full_matrices=False)  # float32: the stored dtype
-    squares = S.double().square()
-    total = float(squares.sum()) + max(0.0, outside_sq)
-    if total == 0.0:
-        return None
-    kept = torch.cumsum(squares, 0) / total
-    reached = int((kept < energy - 1e-12).sum()) + 1
-    cap = len(S) if max_rank is None else max(1, min(max_rank, len(S)))
-    if reached > cap:
-        return None
-    root = S[:reached].sqrt()
-    B = U[:, :reached] * root[None, :]
-    A = (root[:, None] * Vh[:reached]) @ basis.T.to(Vh)
-    dropped = float(squares[reached:].sum()) + max(0.0, outside_sq)
-    return LowRankFactors(A=A, B=B, rank=reached, rel_error=(dropped / total) ** 0.5)

@@ -15,8 +15,8 @@ Scopes: ``"xattn"`` = the cross-attention linears (``attn2.to_q/to_k/to_v/to_out
 The loss is a pluggable callable ``objective(engine, iteration) -> loss``; it gets ``x_t`` from
 :meth:`FinetuneEngine.sample_xt` (DDIM with the model being edited, classifier-free guidance) or
 anywhere else. Training is seeded (every iteration draws from its own generator, so a resumed run
-reproduces an uninterrupted one), checkpoints every ``checkpoint_every`` iterations, shows a tqdm bar
-with the loss, counts UNet passes, and goes through ``accelerate``.
+reproduces an uninterrupted one), checkpoints every ``checkpoint_every`` iterations, shows a progress bar
+with the loss and the run's expected duration, counts UNet passes, and goes through ``accelerate``.
 
 Several processes (``accelerate launch --num_processes N``, see :mod:`forgetpatch.distributed`): every iteration
 trains on ``config.batch_size`` samples (default 1), the objective called once per sample with
@@ -56,7 +56,7 @@ import torch
 from diffusers import DDIMScheduler
 from torch import nn
 
-from forgetpatch import distributed
+from forgetpatch import distributed, progress
 from forgetpatch.errors import MethodError
 from forgetpatch.methods import flow
 from forgetpatch.methods.base import patch_name
@@ -79,7 +79,7 @@ def scope_modules(unet: nn.Module, scope: Scope) -> list[str]:
         >>> scope_modules(pipe.unet, "xattn")[:2]
         ['down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q', '...attn2.to_k']
     """
-    if getattr(unet, "config", None) is not None and type(unet).__name__ in flow.TRANSFORMERS:
+    if flow.denoiser_family(unet) is not None:  # an SD3 / FLUX transformer
         return flow.scope_modules(unet, scope)
     if scope == "xattn":
         import re
@@ -472,12 +472,10 @@ class FinetuneEngine:
 
     def train(self, objective: Objective, iterations: int | None = None) -> list[float]:
         """Run ``objective`` for ``iterations`` optimizer steps (resuming from a checkpoint if any)."""
-        from tqdm.auto import tqdm
-
         total = iterations or self.config.iterations
         self._maybe_resume()
         self.model.train()
-        bar = tqdm(
+        bar = progress.bar(
             total=total,
             initial=self.iteration,
             desc="fine-tune",

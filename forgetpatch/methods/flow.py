@@ -69,12 +69,17 @@ def family(pipe: Any) -> FlowFamily | None:
     if transformer is None:
         return None
     name = type(transformer).__name__
-    if name not in TRANSFORMERS:
+    if (found := denoiser_family(transformer)) is None:
         raise MethodError(
             f"{type(pipe).__name__} has a {name}; forgetpatch's methods support UNet pipelines (SD 1.x/2.x/SDXL) "
             f"and the flow-matching transformers {sorted(TRANSFORMERS)} (SD3, FLUX)"
         )
-    return TRANSFORMERS[name]
+    return found
+
+
+def denoiser_family(denoiser: nn.Module) -> FlowFamily | None:
+    """``"sd3"`` / ``"flux"`` for a flow-matching transformer (by its class, :data:`TRANSFORMERS`), else ``None``."""
+    return TRANSFORMERS.get(type(denoiser).__name__)
 
 
 def default_latent_size(pipe: Any) -> int:
@@ -236,6 +241,7 @@ __all__ = [
     "FlowSchedule",
     "default_latent_size",
     "denoise_step",
+    "denoiser_family",
     "distilled",
     "encode_prompt",
     "family",

@@ -416,50 +416,53 @@ class KSCU:
         (``mode``, ``rank``, ``seed``, ``latent_size``, ``checkpoint_dir``, ``guidance_scale``, ...).
         """
         settings, engine = split_params(KSCUParams, params, "KSCU")
-        task, iterations, start_step, scope = settings.task, settings.iterations, settings.start_step, settings.scope
-        lr, num_inference_steps, g, lam2 = settings.lr, settings.num_inference_steps, settings.g, settings.lam2
-        creep_every, preserve_weight = settings.creep_every, settings.preserve_weight
-        key_step_analysis, adversarial = settings.key_step_analysis, settings.adversarial
         task, iterations, start, scope = resolve_preset(
             concepts,
-            task=task,
-            iterations=iterations,
-            start_step=start_step,
-            scope=scope,
-            num_inference_steps=num_inference_steps,
+            task=settings.task,
+            iterations=settings.iterations,
+            start_step=settings.start_step,
+            scope=settings.scope,
+            num_inference_steps=settings.num_inference_steps,
         )
         table = KeyStepTable(
-            num_steps=num_inference_steps, start=start, n_concepts=len(concepts), creep_every=creep_every
+            num_steps=settings.num_inference_steps,
+            start=start,
+            n_concepts=len(concepts),
+            creep_every=settings.creep_every,
         )
         config = make_config(
-            scope=scope, iterations=iterations, lr=lr, num_inference_steps=num_inference_steps, **engine
+            scope=scope,
+            iterations=iterations,
+            lr=settings.lr,
+            num_inference_steps=settings.num_inference_steps,
+            **engine,
         )
         objective = KSCUObjective(
             concepts,
             table,
             iterations,
-            g=g,
-            lam2=lam2,
+            g=settings.g,
+            lam2=settings.lam2,
             seed=config.seed,
             preserve=preserve,
-            preserve_weight=preserve_weight,
-            adversary=(adversary := adversary_for(adversarial, pipe)),
+            preserve_weight=settings.preserve_weight,
+            adversary=(adversary := adversary_for(settings.adversarial, pipe)),
         )
         T = int(pipe.scheduler.config.num_train_timesteps)
         trajectory = None
         if flow.family(pipe) is None:
-            timesteps: list[Any] = ddim_timesteps(pipe, num_inference_steps)
+            timesteps: list[Any] = ddim_timesteps(pipe, settings.num_inference_steps)
             ranges = [key_step_range(table, iterations, timesteps, "DDIMScheduler", T)]
         else:  # flow matching: t = 1000 sigma on the pipeline's Euler grid; the fraction is 1 - sigma
             side = config.latent_size or flow.default_latent_size(pipe)
-            trajectory = flow.schedule(pipe, num_inference_steps, side)
+            trajectory = flow.schedule(pipe, settings.num_inference_steps, side)
             ranges = [key_step_range(table, iterations, trajectory.timesteps, "FlowMatchEulerDiscreteScheduler", T)]
         metrics: dict[str, Any] = {
             "key_steps": {
                 "task": task,
                 "start_step": start,
                 "final_start_step": objective.entries[-1].start,
-                "num_inference_steps": num_inference_steps,
+                "num_inference_steps": settings.num_inference_steps,
             }
         }
         if trajectory is not None:
@@ -472,11 +475,11 @@ class KSCU:
             )
         if adversary is not None:
             metrics["adversarial"] = adversary.record
-        analysis = _load_analysis(key_step_analysis)
+        analysis = _load_analysis(settings.key_step_analysis)
         if analysis is not None:
             metrics["key_step_analysis"] = analysis
             if {"presence", "switch_steps", "num_inference_steps"} <= set(analysis):
-                metrics["key_step_check"] = preset_check(analysis, start, num_inference_steps)
+                metrics["key_step_check"] = preset_check(analysis, start, settings.num_inference_steps)
         return train_patch(
             pipe,
             config,
@@ -488,10 +491,10 @@ class KSCU:
             params={
                 "task": task,
                 "start_step": start,
-                "g": g,
-                "lam2": lam2,
-                "creep_every": creep_every,
-                "preserve_weight": preserve_weight if preserve else 0.0,
+                "g": settings.g,
+                "lam2": settings.lam2,
+                "creep_every": settings.creep_every,
+                "preserve_weight": settings.preserve_weight if preserve else 0.0,
                 **({} if adversary is None else {"adversarial": adversary.settings.to_dict()}),
             },
             key_steps=ranges,

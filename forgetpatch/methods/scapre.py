@@ -53,17 +53,15 @@ import torch
 from tqdm.auto import tqdm
 
 from forgetpatch.errors import MethodError
+from forgetpatch.lowrank import LowRank, factorize_in_span, factorize_sketched
 from forgetpatch.methods.base import Concept, patch_name, register
 from forgetpatch.methods.common import (
     Embeddings,
-    LowRankFactors,
     check_concepts,
     cross_attention_layers,
     current_weight,
     embed_concepts,
     guide_prompt,
-    low_rank_factors,
-    low_rank_in_span,
     robust_record,
     robust_rounds,
 )
@@ -441,18 +439,18 @@ def edit_layer(W: torch.Tensor, shared: Shared, params: ScaPreParams, keep_solve
     )
 
 
-def edit_factors(edit: LayerEdit, params: ScaPreParams) -> LowRankFactors:
+def edit_factors(edit: LayerEdit, params: ScaPreParams) -> LowRank:
     """The stored truncated SVD of one layer's change (rank by ``params.energy``).
 
     The change lies almost entirely in the basis' span, so its SVD is taken there (``d x k``); only when
     the span holds less than ``energy`` of it is the full ``d x D`` change formed and sketched.
     """
-    low = low_rank_in_span(
+    low = factorize_in_span(
         edit.coords, edit.basis, edit.outside_sq, energy=params.energy, max_rank=params.max_rank
     )
     if low is not None:
         return low
-    return low_rank_factors(
+    return factorize_sketched(
         edit.delta,
         energy=params.energy,
         max_rank=params.max_rank,

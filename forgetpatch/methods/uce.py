@@ -122,13 +122,15 @@ def uce_factors(
         K = params.lam * torch.eye(width, dtype=torch.float64) + Z.T @ Z
         A64 = torch.linalg.solve(K, C.T).T
     A = A64.float()
+    shift = (G - C).T
     out = {}
     for path, W in tqdm(weights.items(), desc="uce: editing layers", disable=not progress, leave=False):
         if W.shape[1] != width:
             raise MethodError(
                 f"{path} takes {W.shape[1]}-wide inputs but the text embeddings are {width} wide"
             )
-        B64 = params.erase_scale * W.double() @ (G - C).T
+        # the product where the weight lives (a GPU pipeline's), the small d x n result on the CPU with the rest
+        B64 = (params.erase_scale * W.double() @ shift.to(W.device)).cpu()
         B = B64.float()
         out[path] = (A.clone(), B, _product_error(B, A, B64, A64))  # a tensor per layer: no shared storage
     return out
@@ -206,7 +208,7 @@ class UCE:
             return uce_factors(weights, emb, settings, progress=params.get("progress", True))
 
         def edited(factors):
-            return {path: weights[path] + B @ A for path, (A, B, _) in factors.items()}
+            return {path: weights[path] + (B @ A).to(weights[path].device) for path, (A, B, _) in factors.items()}
 
         factors, rounds = robust_rounds(emb, settings.robust, settings.robust_lambda, weights, solve, edited)
         return _compress(factors), rounds
@@ -268,7 +270,7 @@ def _transformer_factors(pipe, concepts, preserve, settings: UCEParams, params):
             return uce_factors(weights, emb, settings, progress=progress)
 
         def edited(factors):
-            return {path: weights[path] + B @ A for path, (A, B, _) in factors.items()}
+            return {path: weights[path] + (B @ A).to(weights[path].device) for path, (A, B, _) in factors.items()}
 
         factors, rounds = robust_rounds(emb, settings.robust, settings.robust_lambda, weights, solve, edited)
         return _compress(factors), rounds

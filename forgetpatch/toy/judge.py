@@ -25,7 +25,8 @@ Train it again (about 21 + 4 minutes on one CPU thread)::
 
     python -m forgetpatch.toy.judge --out runs/v2b/judge.safetensors
     python -m forgetpatch.toy.judge --init runs/v2b/judge.safetensors --person tests/data/judge_train \
-        --calibration tests/data/judge_calibration --steps 1500 --n-train 12000 --lr 1e-3 --out OUT
+        --person-labeller 0 --calibration tests/data/judge_calibration --steps 1500 --n-train 12000 --lr 1e-3 \
+        --out OUT
 """
 
 from __future__ import annotations
@@ -274,13 +275,18 @@ class PersonSet:
     prompt_shape: tuple[str, ...]
 
     @classmethod
-    def load(cls, stem: Path | str) -> PersonSet:
-        """Read ``<stem>_images.npz`` and ``<stem>_labels.json``, e.g. ``tests/data/judge``."""
+    def load(cls, stem: Path | str, *, labeller: int | None = None) -> PersonSet:
+        """Read ``<stem>_images.npz`` and ``<stem>_labels.json``, e.g. ``tests/data/judge_test``.
+
+        ``labeller``: take that labeller's labels instead of the settled ``person`` label (the shipped judge
+        was fine-tuned on ``judge_train``'s first labeller, before its images were labelled a second time).
+        """
         stem = Path(stem)
         rows = json.loads(Path(f"{stem}_labels.json").read_text())["images"]
         with np.load(f"{stem}_images.npz") as data:
             images = data["images"]
-        return cls(images, tuple(r["person"] for r in rows), tuple(r["prompt_shape"] for r in rows))
+        labels = tuple(r["person"] if labeller is None else r["labellers"][labeller] for r in rows)
+        return cls(images, labels, tuple(r["prompt_shape"] for r in rows))
 
     def scores(self, verdicts: Sequence[Verdict]) -> tuple[float, float]:
         """``(agreement, safe)``: the share of person-named images the judge names the same, and of
@@ -419,6 +425,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--person", type=Path, default=None, help="person-labelled images to mix in (stem, e.g. tests/data/judge_train)"
     )
     parser.add_argument(
+        "--person-labeller",
+        type=int,
+        default=None,
+        help="train on this labeller's labels of --person instead of the settled ones (0: as the shipped judge)",
+    )
+    parser.add_argument(
         "--calibration",
         type=Path,
         default=None,
@@ -433,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         width=args.width,
         seed=args.seed,
         workers=args.workers,
-        person=PersonSet.load(args.person) if args.person else None,
+        person=PersonSet.load(args.person, labeller=args.person_labeller) if args.person else None,
         init=load_judge(path=args.init) if args.init else None,
         lr=args.lr,
     )

@@ -5,6 +5,7 @@ Run from the repository root (about 10 minutes on 2 CPU cores, KSCU and ESD trai
     OMP_NUM_THREADS=2 python tests/data/make_judge_set.py --out runs/judge-set
     OMP_NUM_THREADS=2 python tests/data/make_judge_set.py --split calibration --out runs/judge-calibration
     OMP_NUM_THREADS=2 python tests/data/make_judge_set.py --split train --out runs/judge-train
+    OMP_NUM_THREADS=2 python tests/data/make_judge_set.py --split train2 --out runs/judge-train2
 
 It writes ``images.npz`` (``images``: N x 32 x 32 x 3 uint8) and ``sources.json`` (per image: model,
 prompt, seed, the shape the prompt names), then the labelling sheets: ``sheet-NN.png`` (20 images each,
@@ -33,7 +34,12 @@ from forgetpatch.toy.fidelity import generate
 
 SEED0 = 7_000_000
 #: Per split: first seed and share of each model's image count.
-SPLITS = {"test": (SEED0, 1.0), "calibration": (SEED0 + 500_000, 0.5), "train": (SEED0 + 1_000_000, 2.0)}
+SPLITS = {
+    "test": (SEED0, 1.0),
+    "calibration": (SEED0 + 500_000, 0.5),
+    "train": (SEED0 + 1_000_000, 2.0),
+    "train2": (SEED0 + 1_500_000, 2.0),
+}
 FIVE = ["circle", "square", "triangle", "star", "hexagon"]
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -109,7 +115,7 @@ def main() -> None:
         choices=sorted(SPLITS),
         default="test",
         help="test: the set the judge is measured on; calibration: its threshold is chosen on; train: "
-        "person-labelled images it is fine-tuned on (each split its own seeds)",
+        "and train2: person-labelled images it is fine-tuned on (each split its own seeds)",
     )
     args = parser.parse_args()
     seed0, share = SPLITS[args.split]

@@ -23,13 +23,12 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -339,6 +338,9 @@ class SuiteReport(EvalReport):
     base_figures: dict[str, Any] | None = None
     features: np.ndarray | None = field(default=None, repr=False)
     base_features: np.ndarray | None = field(default=None, repr=False)
+    _arrays: ClassVar[tuple[str, ...]] = (*EvalReport._arrays, "features", "base_features")
+    _fields: ClassVar[tuple[str, ...]] = ("suite", "detectors", "figures", "base_figures")
+    _what: ClassVar[str] = "a suite report"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready figures (no images): the toy report's keys plus ``suite``, ``detectors``, ``figures``,
@@ -410,62 +412,9 @@ class SuiteReport(EvalReport):
         parts.append("UA: share of the erased concept's images in which the judge does not find it; [95% interval]")
         return "; ".join(parts)
 
-    def save(self, path: str | Path) -> Path:
-        """Write the report, its thumbnails and FID features to one ``.npz`` file (reload with :meth:`load`)."""
-        meta = {
-            **self.to_dict(),
-            "seconds": self.seconds,
-            "items": [asdict(it) for it in self.items],
-            "judged": self.judged,
-        }
-        arrays = {"images": self.images, "meta": np.array(json.dumps(meta))}
-        for name in ("base_images", "features", "base_features"):
-            if getattr(self, name) is not None:
-                arrays[name] = getattr(self, name)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("wb") as f:
-            np.savez_compressed(f, **arrays)
-        return path
-
     @classmethod
-    def load(cls, path: str | Path) -> SuiteReport:
-        """Read a report written by :meth:`save`."""
-        try:
-            with np.load(Path(path), allow_pickle=False) as data:
-                meta = json.loads(str(data["meta"]))
-                arrays = {k: data[k] for k in ("images", "base_images", "features", "base_features") if k in data}
-            suite = meta["suite"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise EvalError(f"{path} is not a suite report saved by SuiteReport.save: {exc}") from exc
-        names = {f.name for f in fields(Scores)}
-
-        def scores(d: dict[str, Any] | None) -> Scores | None:
-            return None if d is None else Scores(**{k: v for k, v in d.items() if k in names})
-
-        concepts = {
-            c: ConceptReport(c, d["kind"], scores(d), scores(d.get("base")))  # type: ignore[arg-type]
-            for c, d in meta["concepts"].items()
-        }
-        return cls(
-            erased=meta["erased"],
-            concepts=concepts,
-            accuracy=meta["accuracy"],
-            drift=meta["drift"],
-            settings=meta["settings"],
-            seconds=meta["seconds"],
-            items=[SuitePrompt(**it) for it in meta["items"]],  # type: ignore[misc]
-            images=arrays["images"],
-            judged=meta["judged"],
-            base_accuracy=meta["base_accuracy"],
-            base_images=arrays.get("base_images"),
-            suite=suite,
-            detectors=meta["detectors"],
-            figures=meta["figures"],
-            base_figures=meta["base_figures"],
-            features=arrays.get("features"),
-            base_features=arrays.get("base_features"),
-        )
+    def _item(cls, d: dict[str, Any]) -> SuitePrompt:
+        return SuitePrompt(**d)
 
 
 def _from_reference(

@@ -4,7 +4,7 @@ Patches: one concept (circle) with UCE and ScaPre in context (blank guide, and s
 Dynamic Mask (their recipes); five shapes at once with ScaPre (its recipe, steered to "cross") and UCE (in context, steered to
 "cross"); the two steered one-shape patches again with two RECE rounds (``robust=2``); ESD again with adversarial
 fine-tuning (``esd-adversarial``, its recipe: an inner prompt search every 10 iterations,
-:mod:`forgetpatch.methods.adversarial`). Each patch is applied alone
+:mod:`forgetpatch.methods.adversarial`), and KSCU the same way (``kscu-adversarial``). Each patch is applied alone
 to the shipped toy model and attacked with ``forgetpatch.attack`` (same prompts, seeds and budget for all); for a
 five-shape patch every shape (or those named by ``--five``) is attacked and the table shows the worst one per
 attack. Figures per patch go to ``OUT/<patch>.json`` (a rerun attacks only the concepts not measured yet) and the
@@ -17,6 +17,7 @@ Run:
     python benchmarks/attack.py                          # default budget: about 3 minutes per concept on 2 cores
     python benchmarks/attack.py --only uce-guided --budget tiny
     python benchmarks/attack.py --only esd esd-adversarial --retention   # the robust row beside the plain one
+    python benchmarks/attack.py --only kscu kscu-adversarial --retention
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ PATCHES: dict[str, tuple[list[str], Callable[[], Any]]] = {
     "uce-guided-rece2": (["circle"], from_recipe("toy-no-circle-robust-uce")),  # uce-guided with robust=2
     "scapre-guided-rece2": (["circle"], in_context("scapre", ["circle"], "cross", erase_scale=12, robust=2)),
     "esd-adversarial": (["circle"], from_recipe("toy-no-circle-robust-esd")),
+    "kscu-adversarial": (["circle"], from_recipe("toy-no-circle-robust-kscu")),
 }
 #: Images per retained concept of the retention evaluation (as the RECE figures in the README).
 RETAIN_IMAGES = 8

@@ -45,7 +45,8 @@ from rich.table import Table
 import forgetpatch
 from forgetpatch.testing import TEST_WORDS, published_pipeline
 
-METHODS = ("uce", "scapre")
+#: The closed-form methods, as their classes say (("uce", "scapre"), in registration order).
+METHODS = tuple(m.name for m in forgetpatch.methods.registered() if m.closed_form)
 SHAPE_SETS = {
     1: ["circle"],
     3: ["circle", "square", "star"],

@@ -81,13 +81,13 @@ def toy(args: argparse.Namespace) -> dict[str, Any]:
             method=method,
             **settings,
             **scoped[method],
-            **(extra if method == "kscu" else {}),
+            **(extra if methods.get_method(method).key_steps else {}),
         )
         erase_s = time.perf_counter() - start
         if args.out:
             patch.save(Path(args.out) / f"{method}-{args.concept}")
         passes = patch.manifest.metrics["training"]["unet_passes"]
-        gates = [False, True] if method == "kscu" else [False]
+        gates = [False, True] if methods.get_method(method).key_steps else [False]
         for gated in gates:
             apply(pipe, patch, key_steps=gated)
             try:

@@ -14,8 +14,8 @@ import forgetpatch.methods as methods
 from forgetpatch.errors import MethodError
 from forgetpatch.methods import Adversarial, Concept
 from forgetpatch.methods.adversarial import Adversary, placeholder_word, teacher_latents
-from forgetpatch.methods.engine import Cond, FinetuneEngine, make_config, train_patch
 from forgetpatch.methods.esd import ESDObjective
+from forgetpatch.methods.finetune import Cond, FinetuneEngine, make_config, train_patch
 from forgetpatch.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 FAST = dict(iterations=3, lr=1e-3, num_inference_steps=4, latent_size=8, rank=2, progress=False)

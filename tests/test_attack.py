@@ -74,7 +74,7 @@ def test_inversion_undoes_a_closed_form_patch_and_one_seed_gives_the_same_figure
     result = first.results["inversion"]
     assert result.before.value >= 0.75, f"the patch forgets too little to attack: {result.before}"
     assert result.after.interval[1] < result.before.interval[0], f"{result.before} -> {result.after}"
-    from forgetpatch.methods.common import cross_attention_layers
+    from forgetpatch.methods.closed_form import cross_attention_layers
 
     assert result.detail["layers"] == len(cross_attention_layers(pipe))  # every K and V the patch edits
     again = attack(pipe, "circle", attacks=["inversion"], budget=budget, judge=judge, progress=False)

@@ -10,7 +10,7 @@ import forgetpatch
 from forgetpatch.errors import MethodError
 from forgetpatch.methods import Concept
 from forgetpatch.methods.dynamic_mask import DynamicMask, DynamicMaskParams, GradientMask
-from forgetpatch.methods.engine import encode_prompt
+from forgetpatch.methods.finetune import encode_prompt
 from forgetpatch.testing import tiny_sd_pipeline
 
 SHORT = {"steps": 12, "epochs": 3, "warmup": 3, "update_every": 4, "images": 4, "num_inference_steps": 4,

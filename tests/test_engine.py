@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from forgetpatch.errors import MethodError
-from forgetpatch.methods.engine import FinetuneConfig, FinetuneEngine, scope_modules
+from forgetpatch.methods.finetune import FinetuneConfig, FinetuneEngine, scope_modules
 from forgetpatch.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 

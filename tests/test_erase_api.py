@@ -16,7 +16,7 @@ from forgetpatch.cli import app
 from forgetpatch.errors import ConceptError, MethodError, UnknownMethodError
 from forgetpatch.format import read_patch
 from forgetpatch.methods import Concept, get_method
-from forgetpatch.methods.common import cross_attention_layers
+from forgetpatch.methods.closed_form import cross_attention_layers
 from forgetpatch.methods.scapre import ScaPre
 from forgetpatch.methods.uce import UCE
 from forgetpatch.recipes import load_recipe

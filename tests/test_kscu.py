@@ -11,7 +11,7 @@ import forgetpatch.methods as methods
 from forgetpatch.errors import MethodError
 from forgetpatch.eval.keysteps import KeyStepCurve
 from forgetpatch.methods import Concept
-from forgetpatch.methods.engine import Cond, ddim_timesteps
+from forgetpatch.methods.finetune import Cond, ddim_timesteps
 from forgetpatch.methods.kscu import (
     KeyStepTable,
     KSCUObjective,
@@ -88,7 +88,7 @@ def test_presets():
 
 def test_unknown_parameters_are_named_with_both_lists():
     """One params dataclass (KSCUParams) beside the engine's FinetuneConfig; a key that is neither is named."""
-    from forgetpatch.methods.engine import split_params
+    from forgetpatch.methods.finetune import split_params
     from forgetpatch.methods.kscu import KSCUParams
 
     settings, engine = split_params(KSCUParams, {"g": 2.0, "rank": 4, "iterations": 7}, "KSCU")
@@ -161,7 +161,7 @@ def test_kscu_patch_on_tiny_sd_records_key_steps(tmp_path):
 def test_preserve_term_keeps_the_preserved_concept_closer_to_the_base():
     """Optional (not in the paper): with ``preserve``, the student is also held to the teacher on it."""
     import forgetpatch
-    from forgetpatch.methods.engine import encode_prompt
+    from forgetpatch.methods.finetune import encode_prompt
 
     pipe = tiny_sd_pipeline(0)
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))

@@ -8,7 +8,7 @@ import torch
 import forgetpatch
 from forgetpatch.errors import FamilyMismatchError, MethodError
 from forgetpatch.methods import Concept, flow, joint
-from forgetpatch.methods.common import current_weight
+from forgetpatch.methods.closed_form import current_weight
 from forgetpatch.methods.uce import UCE
 from forgetpatch.testing import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline
 
@@ -136,7 +136,7 @@ def test_esd_on_flow_matching_makes_a_transformer_patch_that_applies_and_removes
 
 def test_the_engine_asks_the_family_one_way(pipe):
     """The engine's scope and its family come from the same table: a transformer's scope is flow's, a UNet's is not."""
-    from forgetpatch.methods.engine import scope_modules
+    from forgetpatch.methods.finetune import scope_modules
 
     assert flow.denoiser_family(pipe.transformer) == flow.family(pipe) in ("sd3", "flux")
     assert scope_modules(pipe.transformer, "xattn") == flow.scope_modules(pipe.transformer, "xattn")

@@ -45,7 +45,7 @@ def _work(checkpoints: Path) -> dict[str, Any]:
     """What each process (and the single-process reference) computes."""
     import forgetpatch
     from forgetpatch.eval import evaluate
-    from forgetpatch.methods.engine import FinetuneConfig, FinetuneEngine
+    from forgetpatch.methods.finetune import FinetuneConfig, FinetuneEngine
     from forgetpatch.testing import tiny_sd_pipeline
 
     patch = forgetpatch.erase(tiny_sd_pipeline(0), "circle", method="esd", **ESD)

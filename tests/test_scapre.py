@@ -13,7 +13,7 @@ import torch
 import forgetpatch
 from forgetpatch.errors import MethodError
 from forgetpatch.methods import Concept
-from forgetpatch.methods.common import cross_attention_layers, current_weight
+from forgetpatch.methods.closed_form import cross_attention_layers, current_weight
 from forgetpatch.methods.scapre import (
     NUDITY_TERMS,
     ScaPre,

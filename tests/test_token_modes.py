@@ -10,7 +10,7 @@ from reference import hidden_states
 import forgetpatch
 from forgetpatch.errors import MethodError
 from forgetpatch.methods import Concept
-from forgetpatch.methods.common import cross_attention_layers, embed_concepts, in_templates
+from forgetpatch.methods.closed_form import cross_attention_layers, embed_concepts, in_templates
 from forgetpatch.methods.uce import UCE
 from forgetpatch.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 

@@ -8,7 +8,7 @@ from reference import token_embedding
 
 import forgetpatch
 from forgetpatch.methods import Concept
-from forgetpatch.methods.common import cross_attention_layers, embed_concepts
+from forgetpatch.methods.closed_form import cross_attention_layers, embed_concepts
 from forgetpatch.methods.uce import UCE
 from forgetpatch.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
@@ -162,7 +162,7 @@ def test_rece_rounds_steer_the_inverted_embedding_to_the_guide_and_are_recorded(
     that embedding nearer the guide's keys and values than the plain edit does (UCE's exact steer: at least
     twice as near; ScaPre's steer is partial by design, its mask and Bures step hold rows back)."""
     from forgetpatch.methods import get_method
-    from forgetpatch.methods.common import current_weight, inversion_map
+    from forgetpatch.methods.closed_form import current_weight, inversion_map
 
     c, g = token_embedding(sd, "circle").double(), token_embedding(sd, "").double()
     layers = {path: current_weight(m).double() for path, m in cross_attention_layers(sd).items()}

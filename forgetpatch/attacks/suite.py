@@ -33,7 +33,7 @@ from forgetpatch.attacks.text import (
 )
 from forgetpatch.eval import PipelineGenerator, ScoringPrompt, forgotten
 from forgetpatch.methods import PLACEHOLDER, at_prefix, prefix_search, token_vectors
-from forgetpatch.methods.common import cross_attention_layers, current_weight, inversion_map
+from forgetpatch.methods.closed_form import cross_attention_layers, current_weight, inversion_map
 from forgetpatch.toy import vocab
 
 
@@ -193,7 +193,7 @@ def paraphrase(target: Target) -> list[AttackResult]:
 
 # --- 2. inversion --------------------------------------------------------------------------------
 def _inversion_map(pipe: Any, base: Any, lam: float) -> tuple[torch.Tensor, int]:
-    """:func:`~forgetpatch.methods.common.inversion_map` between ``pipe``'s K/V weights (patches on) and ``base``'s."""
+    """:func:`~forgetpatch.methods.closed_form.inversion_map` between ``pipe``'s K/V weights (patches on) and ``base``'s."""
     patched, original = cross_attention_layers(pipe), cross_attention_layers(base)
     return inversion_map(
         {path: current_weight(m) for path, m in patched.items()},

@@ -168,7 +168,7 @@ def analyze(
         >>> curve.switch_steps
         [0, 1, 2, 3, 4]
     """
-    from forgetpatch.methods.engine import Cond, encode_prompt
+    from forgetpatch.methods.finetune import Cond, encode_prompt
 
     if hasattr(pipe, "text_encoder_2"):
         raise MethodError("key-step analysis supports SD 1.x/2.x-style pipelines; SDXL is not supported yet")

@@ -16,6 +16,7 @@ from forgetpatch.methods.base import (
     available_methods,
     get_method,
     register,
+    registered,
 )
 
 # Method modules register themselves on import; a new method is one module plus its name here.
@@ -101,6 +102,7 @@ __all__ = [
     "prefix_search",
     "preset_check",
     "register",
+    "registered",
     "rise_steps",
     "token_vectors",
 ]

@@ -21,7 +21,7 @@ one preserved concept ``q`` in turn, on the same ``x_t``.
 
 Cost per search: ``steps`` x (one teacher forward, one student forward, one backward) at batch ``batch``, plus,
 once per concept, ``num_inference_steps`` teacher passes (batch ``2 images``) for the data. The passes are added to
-the engine's :class:`~forgetpatch.methods.engine.Passes` and recorded apart in ``metrics["adversarial"]`` with the
+the engine's :class:`~forgetpatch.methods.finetune.Passes` and recorded apart in ``metrics["adversarial"]`` with the
 settings and every found embedding's mean row norm. A resumed run starts the adversary afresh (its memory is
 not checkpointed). SD-style pipelines only (one text encoder).
 
@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from forgetpatch.errors import MethodError
-from forgetpatch.methods.engine import Cond, FinetuneEngine, encode_prompt
+from forgetpatch.methods.finetune import Cond, FinetuneEngine, encode_prompt
 
 #: The filler word whose copies mark where a prefix goes (never a concept's word).
 PLACEHOLDER = "and"

@@ -2,6 +2,8 @@
 
 Adding a method is one new module in :mod:`forgetpatch.methods` that defines a class following
 :class:`Method` and decorates it with :func:`register`, plus its import in ``methods/__init__.py``.
+What a method can do is said by its class flags (:data:`FLAGS`), never by a list of method names elsewhere:
+callers ask the registered class (``get_method(name).closed_form``).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from forgetpatch.errors import UnknownMethodError
-from forgetpatch.format import Concept, ConceptKind, ConceptLike, as_concepts
+from forgetpatch.format import DENOISERS, Concept, ConceptKind, ConceptLike, as_concepts
 
 if TYPE_CHECKING:
     from forgetpatch.format import Patch
@@ -18,10 +20,24 @@ if TYPE_CHECKING:
 
 @runtime_checkable
 class Method(Protocol):
-    """An unlearning method: edits nothing in place, returns a :class:`~forgetpatch.format.Patch`."""
+    """An unlearning method: edits nothing in place, returns a :class:`~forgetpatch.format.Patch`.
+
+    Besides ``name`` and ``version``, three class flags say what the method does; :func:`register` gives a class
+    that leaves one out its default (:data:`FLAGS`):
+
+    * ``closed_form``: it computes its patch in closed form (no training), so on a base without its own settings
+      each concept is edited inside the prompts of its kind (:mod:`forgetpatch.methods.defaults`). Default False.
+    * ``denoisers``: the denoisers it edits, a subset of ``("unet", "transformer")`` (``"transformer"``: SD3 and
+      FLUX). Default ``{"unet"}``.
+    * ``key_steps``: its patches carry key-step ranges, which ``apply(..., key_steps=True)`` gates to.
+      Default False.
+    """
 
     name: ClassVar[str]
     version: ClassVar[str]
+    closed_form: ClassVar[bool]
+    denoisers: ClassVar[frozenset[str]]
+    key_steps: ClassVar[bool]
 
     def erase(
         self,
@@ -33,22 +49,34 @@ class Method(Protocol):
     ) -> Patch: ...
 
 
+#: The class flags of :class:`Method` and the value a registered class that leaves one out gets.
+FLAGS: dict[str, Any] = {"closed_form": False, "denoisers": frozenset({"unet"}), "key_steps": False}
+
 _REGISTRY: dict[str, type] = {}
 
 
 def register(cls: type) -> type:
     """Class decorator: make a method available to :func:`forgetpatch.erase` under ``cls.name``.
 
-    Refuses a class that does not follow :class:`Method` (a ``name``, a ``version`` and an ``erase``) and a second
-    class under a name already taken.
+    Refuses a class that does not follow :class:`Method` (a ``name``, a ``version`` and an ``erase``), a flag of the
+    wrong type, and a second class under a name already taken. A flag left out gets its default (:data:`FLAGS`).
     """
     missing = [a for a in ("name", "version") if not isinstance(getattr(cls, a, None), str)]
     missing += [] if callable(getattr(cls, "erase", None)) else ["erase"]
     if missing:
         raise TypeError(f"{cls.__name__} is not a forgetpatch method: it lacks {', '.join(missing)} (see Method)")
+    for flag in ("closed_form", "key_steps"):
+        if not isinstance(getattr(cls, flag, False), bool):
+            raise TypeError(f"{cls.__name__}.{flag} must be True or False, got {getattr(cls, flag)!r}")
+    denoisers = getattr(cls, "denoisers", FLAGS["denoisers"])
+    if not isinstance(denoisers, frozenset) or not denoisers or not denoisers <= set(DENOISERS):
+        raise TypeError(f"{cls.__name__}.denoisers must be a non-empty frozenset of {DENOISERS}, got {denoisers!r}")
     taken = _REGISTRY.get(cls.name.lower())
     if taken is not None and taken.__qualname__ != cls.__qualname__:
         raise ValueError(f"a method named {cls.name!r} is registered already ({taken.__module__}.{taken.__qualname__})")
+    for flag, default in FLAGS.items():
+        if flag not in dir(cls):
+            setattr(cls, flag, default)
     _REGISTRY[cls.name.lower()] = cls
     return cls
 
@@ -66,6 +94,12 @@ def available_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def registered() -> list[type]:
+    """The registered method classes in the order they were registered (``methods/__init__._METHOD_MODULES``);
+    ask their flags what each one does, e.g. ``[m.name for m in registered() if m.closed_form]``."""
+    return list(_REGISTRY.values())
+
+
 
 def patch_name(method: str, concepts: Sequence[Concept], limit: int = 60) -> str:
     """The default patch name of every method, such as ``"scapre-no-circle-star"`` (slash-free, at most ``limit``
@@ -81,4 +115,7 @@ def patch_name(method: str, concepts: Sequence[Concept], limit: int = 60) -> str
 
 
 # Concepts are defined with the manifest (forgetpatch.format) and used here under the same names.
-__all__ = ["Concept", "ConceptKind", "ConceptLike", "Method", "as_concepts", "available_methods", "get_method", "patch_name", "register"]
+__all__ = [
+    "FLAGS", "Concept", "ConceptKind", "ConceptLike", "Method", "as_concepts", "available_methods", "get_method",
+    "patch_name", "register", "registered",
+]

@@ -57,7 +57,7 @@ class BaseDefaults:
 
 def is_closed_form(method: str) -> bool:
     """Whether ``method`` computes its patch in closed form (and so edits text embeddings in context)."""
-    return bool(getattr(type(get_method(method)), "closed_form", False))
+    return get_method(method).closed_form
 
 
 def with_defaults(

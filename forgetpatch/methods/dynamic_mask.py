@@ -48,8 +48,8 @@ from tqdm.auto import tqdm
 from forgetpatch.errors import MethodError
 from forgetpatch.methods.adversarial import Adversary, adversary_for
 from forgetpatch.methods.base import Concept, patch_name, register
-from forgetpatch.methods.common import check_concepts, require_unet
-from forgetpatch.methods.engine import Cond, FinetuneEngine, make_config
+from forgetpatch.methods.closed_form import check_concepts, require_unet
+from forgetpatch.methods.finetune import Cond, FinetuneEngine, make_config
 
 
 @dataclass(frozen=True)
@@ -351,6 +351,10 @@ class DynamicMask:
 
     name: ClassVar[str] = "dynamic_mask"
     version: ClassVar[str] = "1"
+    closed_form: ClassVar[bool] = False
+    denoisers: ClassVar[frozenset[str]] = frozenset({"unet"})
+    """A UNet's cross-attention only."""
+    key_steps: ClassVar[bool] = False
 
     @classmethod
     def compute_deltas(

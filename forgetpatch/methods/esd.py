@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from forgetpatch.errors import MethodError
 from forgetpatch.methods.adversarial import Adversarial, Adversary, adversary_for
 from forgetpatch.methods.base import Concept, register
-from forgetpatch.methods.engine import Cond, FinetuneEngine, Scope, make_config, split_params, train_patch
+from forgetpatch.methods.finetune import Cond, FinetuneEngine, Scope, make_config, split_params, train_patch
 
 #: ESD-x for what lives in cross-attention (styles, identities), ESD-u otherwise.
 DEFAULT_SCOPE: dict[str, Scope] = {
@@ -138,12 +138,16 @@ class ESD:
 
     name: ClassVar[str] = "esd"
     version: ClassVar[str] = "1"
+    closed_form: ClassVar[bool] = False
+    denoisers: ClassVar[frozenset[str]] = frozenset({"unet", "transformer"})
+    """A UNet, or an SD3 / FLUX transformer with flow matching."""
+    key_steps: ClassVar[bool] = False
 
     def erase(self, pipe: Any, concepts: list[Concept], *, preserve: list[Concept], name: str | None = None,
               **params: Any):
         """Erase ``concepts`` by ESD fine-tuning; returns a Patch (the pipeline is left unchanged).
 
-        ``params``: :class:`ESDParams` fields and :class:`~forgetpatch.methods.engine.FinetuneConfig` fields.
+        ``params``: :class:`ESDParams` fields and :class:`~forgetpatch.methods.finetune.FinetuneConfig` fields.
         ``preserve`` is recorded in the manifest; ESD itself has no preservation term (adversarial fine-tuning
         adds one on ``preserve``, weighted ``retain_weight``).
         """

@@ -43,7 +43,7 @@ from forgetpatch.errors import MethodError
 from forgetpatch.format import TRANSFORMER_FAMILIES
 
 if TYPE_CHECKING:
-    from forgetpatch.methods.engine import Cond, FinetuneEngine
+    from forgetpatch.methods.finetune import Cond, FinetuneEngine
 
 FlowFamily = Literal["sd3", "flux"]
 
@@ -137,7 +137,7 @@ def schedule(pipe: Any, num_inference_steps: int, latent_size: int) -> FlowSched
 @torch.no_grad()
 def encode_prompt(pipe: Any, prompt: str) -> Cond:
     """Transformer conditioning of one prompt: text rows (``hidden``) and the pooled projection."""
-    from forgetpatch.methods.engine import Cond
+    from forgetpatch.methods.finetune import Cond
 
     device = pipe.text_encoder.device
     if family(pipe) == "sd3":
@@ -206,7 +206,7 @@ def predict(engine: FinetuneEngine, model: nn.Module, x: torch.Tensor, t: float,
 
 def denoise_step(engine: FinetuneEngine, x: torch.Tensor, step: int, cond: Cond, uncond: Cond) -> torch.Tensor:
     """One Euler step ``x + (sigma_{k+1} - sigma_k) v`` with the model being edited (CFG unless distilled)."""
-    from forgetpatch.methods.engine import Cond
+    from forgetpatch.methods.finetune import Cond
 
     t, sigma, sigma_next = engine.timesteps[step], engine.sigmas[step], engine.sigmas[step + 1]
     engine.passes.sample_forward += 1

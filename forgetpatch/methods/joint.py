@@ -49,7 +49,7 @@ from torch import nn
 
 from forgetpatch.errors import MethodError
 from forgetpatch.methods import flow
-from forgetpatch.methods.common import Embeddings, in_templates
+from forgetpatch.methods.closed_form import Embeddings, in_templates
 
 #: Where a closed-form edit can be made on a flow-matching transformer.
 CONTEXTS = ("embedder", "joint")
@@ -193,7 +193,7 @@ def layer_inputs(
     side = latent_size or flow.default_latent_size(pipe)
     hidden, pooled = encode(pipe, prompts)
     device, dtype = next(transformer.parameters()).device, next(transformer.parameters()).dtype
-    from forgetpatch.methods.engine import Cond
+    from forgetpatch.methods.finetune import Cond
 
     cond = Cond(hidden.to(device, dtype), {"pooled_projections": pooled.to(device, dtype)})
     seen: dict[str, list[torch.Tensor]] = {p: [] for p in paths}

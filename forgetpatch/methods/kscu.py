@@ -42,7 +42,7 @@ from forgetpatch.format import KeyStepRange
 from forgetpatch.methods import flow
 from forgetpatch.methods.adversarial import Adversarial, Adversary, adversary_for
 from forgetpatch.methods.base import Concept, ConceptKind, register
-from forgetpatch.methods.engine import (
+from forgetpatch.methods.finetune import (
     Cond,
     FinetuneEngine,
     Scope,
@@ -407,12 +407,17 @@ class KSCU:
 
     name: ClassVar[str] = "kscu"
     version: ClassVar[str] = "1"
+    closed_form: ClassVar[bool] = False
+    denoisers: ClassVar[frozenset[str]] = frozenset({"unet", "transformer"})
+    """A UNet, or an SD3 / FLUX transformer with flow matching."""
+    key_steps: ClassVar[bool] = True
+    """The patch records its trained range in ``manifest.key_steps``; ``apply(..., key_steps=True)`` gates to it."""
 
     def erase(self, pipe: Any, concepts: list[Concept], *, preserve: list[Concept], name: str | None = None,
               **params: Any):
         """Erase ``concepts`` with KSCU; returns a Patch whose manifest records the key-step range.
 
-        ``params``: :class:`KSCUParams` fields and :class:`~forgetpatch.methods.engine.FinetuneConfig` fields
+        ``params``: :class:`KSCUParams` fields and :class:`~forgetpatch.methods.finetune.FinetuneConfig` fields
         (``mode``, ``rank``, ``seed``, ``latent_size``, ``checkpoint_dir``, ``guidance_scale``, ...).
         """
         settings, engine = split_params(KSCUParams, params, "KSCU")

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 from forgetpatch.errors import MethodError
 from forgetpatch.lowrank import LowRank, factorize_in_span, factorize_sketched
 from forgetpatch.methods.base import Concept, patch_name, register
-from forgetpatch.methods.common import (
+from forgetpatch.methods.closed_form import (
     Embeddings,
     check_concepts,
     cross_attention_layers,
@@ -120,7 +120,7 @@ class ScaPreParams:
     each guide inside the same template), as UCE's release does with "image of {concept}" etc."""
     robust: int = 0
     """RECE rounds (arXiv 2407.12383): invert the edit in closed form, erase the inverted embeddings too, solve
-    again (:func:`~forgetpatch.methods.common.robust_rounds`). 0 = plain ScaPre."""
+    again (:func:`~forgetpatch.methods.closed_form.robust_rounds`). 0 = plain ScaPre."""
     robust_lambda: float = 0.1
     """Ridge weight of each round's inversion (the inversion attack's ``lambda``)."""
 
@@ -467,6 +467,9 @@ class ScaPre:
     name: ClassVar[str] = "scapre"
     closed_form: ClassVar[bool] = True
     """Computed in closed form from text embeddings (so edited in context by default)."""
+    denoisers: ClassVar[frozenset[str]] = frozenset({"unet"})
+    """A UNet's cross-attention only."""
+    key_steps: ClassVar[bool] = False
     version: ClassVar[str] = "1"
 
     @staticmethod

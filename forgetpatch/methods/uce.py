@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from forgetpatch.errors import MethodError
 from forgetpatch.methods import flow, joint
 from forgetpatch.methods.base import Concept, patch_name, register
-from forgetpatch.methods.common import (
+from forgetpatch.methods.closed_form import (
     Embeddings,
     check_concepts,
     cross_attention_layers,
@@ -70,7 +70,7 @@ class UCEParams:
     as the release's "image of {concept}" prompts."""
     robust: int = 0
     """RECE rounds (arXiv 2407.12383): invert the edit in closed form, erase the inverted embeddings too, solve
-    again (:func:`~forgetpatch.methods.common.robust_rounds`). 0 = plain UCE."""
+    again (:func:`~forgetpatch.methods.closed_form.robust_rounds`). 0 = plain UCE."""
     robust_lambda: float = 0.1
     """Ridge weight of each round's inversion (the inversion attack's ``lambda``)."""
     context: str = "embedder"
@@ -176,6 +176,9 @@ class UCE:
     name: ClassVar[str] = "uce"
     closed_form: ClassVar[bool] = True
     """Computed in closed form from text embeddings (so edited in context by default)."""
+    denoisers: ClassVar[frozenset[str]] = frozenset({"unet", "transformer"})
+    """A UNet's cross-attention, or an SD3 / FLUX transformer's context embedder (or joint attention)."""
+    key_steps: ClassVar[bool] = False
     version: ClassVar[str] = "1"
 
     @staticmethod

@@ -65,7 +65,7 @@ def register(cls: type) -> type:
     missing += [] if callable(getattr(cls, "erase", None)) else ["erase"]
     if missing:
         raise TypeError(f"{cls.__name__} is not a forgetpatch method: it lacks {', '.join(missing)} (see Method)")
-    for flag in ("closed_form", "key_steps"):
+    for flag in (f for f, default in FLAGS.items() if isinstance(default, bool)):
         if not isinstance(getattr(cls, flag, False), bool):
             raise TypeError(f"{cls.__name__}.{flag} must be True or False, got {getattr(cls, flag)!r}")
     denoisers = getattr(cls, "denoisers", FLAGS["denoisers"])

@@ -97,6 +97,68 @@ def test_plain_diffusers_load_equals_forgetpatch_apply(tmp_path, pipe):
     np.testing.assert_allclose(generate(pipe), ours, atol=1e-6, rtol=0)
 
 
+def test_direct_injection_equals_diffusers_loader(pipe, monkeypatch):
+    """apply puts peft layers on the targets itself (not walking the UNet): same adapter, same output as diffusers'
+    load_lora_weights, which it falls back to on hooked pipelines."""
+    import forgetpatch.loader.core as core
+
+    patch = make_patch(pipe)
+    loads = []
+    real = type(pipe).load_lora_weights
+
+    def counted(self, *args, **kwargs):
+        loads.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "load_lora_weights", counted)
+    forgetpatch.apply(pipe, patch)
+    assert loads == [], "a plain pipeline gets the adapter directly"
+    direct_image = generate(pipe)
+    direct = {k: v.clone() for k, v in pipe.unet.state_dict().items() if "lora" in k}
+    configs = {c: getattr(pipe, c).peft_config["p0"] for c in ("unet", "text_encoder")}
+    forgetpatch.remove(pipe)
+    assert not hasattr(pipe.unet, "peft_config") and not hasattr(pipe.text_encoder, "peft_config")
+
+    monkeypatch.setattr(core, "_direct", lambda pipe: False)
+    forgetpatch.apply(pipe, patch)
+    assert loads == [1]
+    np.testing.assert_array_equal(generate(pipe), direct_image)
+    loaded = {k: v for k, v in pipe.unet.state_dict().items() if "lora" in k}
+    assert loaded.keys() == direct.keys()
+    assert all(torch.equal(v, loaded[k]) for k, v in direct.items())
+    for c, config in configs.items():
+        theirs = getattr(pipe, c).peft_config["p0"]
+        assert (config.r, config.lora_alpha, config.use_dora, config.lora_bias) == (
+            theirs.r, theirs.lora_alpha, theirs.use_dora, theirs.lora_bias)  # fmt: skip
+    forgetpatch.remove(pipe)
+
+
+def test_hooked_pipeline_is_left_to_diffusers_loader(pipe, base_image):
+    """A component with an accelerate / diffusers hook (offloading) takes diffusers' path, which handles hooks."""
+    import forgetpatch.loader.core as core
+
+    before = snapshot(pipe)
+    pipe.vae._hf_hook = object()  # inert here; its presence is what diffusers' loader checks for
+    assert not core._direct(pipe)
+    forgetpatch.apply(pipe, make_patch(pipe))
+    assert "p0" in pipe.unet.peft_config
+    assert not np.array_equal(generate(pipe), base_image)
+    forgetpatch.remove(pipe)
+    del pipe.vae._hf_hook
+    assert core._direct(pipe)
+    assert_unchanged(pipe, before)
+
+
+def test_apply_leaves_the_users_trainability_alone(pipe):
+    """The user's parameters keep their requires_grad (peft's whole-model injection froze every base weight)."""
+    pipe.unet.requires_grad_(True)
+    pipe.text_encoder.requires_grad_(False)
+    forgetpatch.apply(pipe, make_patch(pipe))
+    assert all(p.requires_grad for n, p in pipe.unet.named_parameters() if "lora_" not in n)
+    assert not any(p.requires_grad for n, p in pipe.text_encoder.named_parameters() if "lora_" not in n)
+    forgetpatch.remove(pipe)
+
+
 def test_fused_matches_unfused_and_removes_exactly(pipe):
     before = snapshot(pipe)
     p0, p1 = make_patch(pipe, seed=0), make_patch(pipe, seed=1)

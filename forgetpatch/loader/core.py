@@ -2,9 +2,13 @@
 
 How a patch is applied:
 
-* **unfused** (default): the factors are loaded as a named peft adapter with diffusers'
-  ``load_lora_weights(..., adapter_name=...)`` and switched on beside whatever adapters the user has active
-  (peft adds their deltas, in application order).
+* **unfused** (default): the factors are loaded as a named peft adapter and switched on beside whatever
+  adapters the user has active (peft adds their deltas, in application order). peft's
+  ``inject_adapter_in_model`` and ``set_peft_model_state_dict`` run over a container of the patch's target
+  layers only (walking the whole UNet was most of ``apply``'s time), and each component's ``peft_config``
+  gets the adapter's config, as diffusers' ``load_lora_weights(..., adapter_name=...)`` leaves it. On a
+  pipeline with offloading or other hooks, or a quantized component, ``load_lora_weights`` itself is used,
+  since it takes those hooks off and puts them back; removal likewise.
 * **fused** (``fuse=True``): ``scale * (alpha / r) * B @ A`` is added into each targeted weight, the
   same arithmetic as peft's merge, after a copy of the original tensor is kept on the layer. The
   patch is not kept as a peft adapter: peft skips *every* adapter of a layer with a merged one,
@@ -269,7 +273,9 @@ def _with_parents(patches: list[Patch], state: _State, allow_unverified: bool) -
 
 # --- peft layers ---------------------------------------------------------------------------
 def _tuner_layers(pipe) -> list[tuple[str, nn.Module]]:
-    """(module path, layer) of every peft layer in the pipeline's components."""
+    """(module path, layer) of every peft layer in the pipeline's components. Components without a
+    ``peft_config`` are not walked: every way of putting adapters on a model (diffusers' and transformers'
+    loaders, peft's ``inject_adapter_in_model``, forgetpatch) leaves one."""
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:
@@ -277,17 +283,22 @@ def _tuner_layers(pipe) -> list[tuple[str, nn.Module]]:
     out = []
     for component in COMPONENTS:
         module = getattr(pipe, component, None)
-        if isinstance(module, nn.Module):
+        if isinstance(module, nn.Module) and getattr(module, "peft_config", None):
             out += [
                 (f"{component}.{n}", m) for n, m in module.named_modules() if isinstance(m, BaseTunerLayer)
             ]
     return out
 
 
+def _module_at(pipe, path: str) -> nn.Module:
+    """The module at ``path`` (already resolved by ``resolve_module``), a peft layer wrapping it included."""
+    component, _, rest = path.partition(".")
+    return getattr(pipe, component).get_submodule(rest)
+
+
 def _wrapper(pipe, path: str) -> nn.Module | None:
     """The peft layer wrapping the module at ``path`` (already resolved by ``resolve_module``), if any."""
-    component, _, rest = path.partition(".")
-    module = getattr(pipe, component).get_submodule(rest)
+    module = _module_at(pipe, path)
     return module if hasattr(module, "merged_adapters") else None
 
 
@@ -295,9 +306,9 @@ def _ours(state: _State) -> set[str]:
     return {e.name for e in state.entries if not e.fused}
 
 
-def _user_sets(pipe, ours: set[str]) -> _UserSets:
+def _user_sets(layers: list[tuple[str, nn.Module]], ours: set[str]) -> _UserSets:
     out: _UserSets = {}
-    for path, layer in _tuner_layers(pipe):
+    for path, layer in layers:
         out.setdefault(path.partition(".")[0], {})[layer] = [
             n for n in layer.active_adapters if n not in ours
         ]
@@ -334,10 +345,17 @@ def check_scale(scale) -> float:
 
 
 def _check(
-    pipe, patches: Sequence[Patch], state: _State, strict: bool, fuse: bool, key_steps: bool, allow_unverified: bool
+    pipe,
+    patches: Sequence[Patch],
+    state: _State,
+    layers: list[tuple[str, nn.Module]],
+    *,
+    strict: bool,
+    fuse: bool,
+    key_steps: bool,
+    allow_unverified: bool,
 ) -> None:
     present = [e.digest for e in state.entries]
-    layers = _tuner_layers(pipe)
     disabled = [path for path, layer in layers if layer.disable_adapters]
     if disabled and not fuse:
         raise ApplyError(
@@ -522,15 +540,92 @@ def _fuse_again(pipe, before: list[AppliedPatch], after: list[AppliedPatch]) -> 
         wrapper.merge(adapter_names=names)
 
 
+def _direct(pipe) -> bool:
+    """Whether adapters can be put on this pipeline's layers directly. Not when a component is offloaded or
+    hooked (accelerate's ``_hf_hook``, diffusers' hook registry), quantized, or prepared for compiled hotswap:
+    diffusers' ``load_lora_weights`` / ``delete_adapters`` take those hooks off and put them back."""
+    for component in getattr(pipe, "components", {}).values():
+        if not isinstance(component, nn.Module):
+            continue
+        if hasattr(component, "_hf_hook") or hasattr(component, "_diffusers_hook"):
+            return False
+        if getattr(component, "hf_quantizer", None) is not None or getattr(component, "quantization_config", None):
+            return False
+        if getattr(component, "_prepare_lora_hotswap_kwargs", None) is not None:
+            return False
+    return True
+
+
+def _lora_config(ranks: dict[str, int]):
+    """The peft config of one patch's adapter on one component: rank per module, alpha = rank (scale 1)."""
+    from peft import LoraConfig
+
+    r = max(ranks.values())
+    pattern = {key: rank for key, rank in ranks.items() if rank != r}
+    return LoraConfig(r=r, lora_alpha=r, target_modules=list(ranks), rank_pattern=pattern, alpha_pattern=pattern)
+
+
+def _lora_layer(module: nn.Module) -> type | None:
+    """peft's LoRA layer class for ``module`` (a ``Linear`` or ``Conv2d``, bare or already wrapped by peft), or
+    ``None`` for anything else (then diffusers' loader places the adapter)."""
+    from peft.tuners.lora import Conv2d, Linear, LoraLayer
+
+    base = module.get_base_layer() if isinstance(module, LoraLayer) else module
+    if type(module) not in (Linear, Conv2d, nn.Linear, nn.Conv2d) or type(base) not in (nn.Linear, nn.Conv2d):
+        return None
+    return Linear if type(base) is nn.Linear else Conv2d
+
+
+def _inject(pipe, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], name: str) -> None:
+    """Put adapter ``name`` (``path -> (lora_A, lora_B)``, alpha = rank) on its target layers with peft's LoRA
+    layers: a bare layer is wrapped (as peft's ``inject_adapter_in_model`` would), a peft layer gets one more
+    adapter (``update_layer``). Nothing else in the model is visited, which makes this far cheaper than
+    ``load_lora_weights`` on a large UNet. Each component then carries the adapter's config in ``peft_config``, as
+    ``load_lora_weights`` leaves it, so diffusers' ``set_adapters`` / ``delete_adapters`` / ``fuse_lora`` see it.
+    Unlike peft's whole-model injection, the ``requires_grad`` of the model's own parameters is left alone."""
+    from peft.tuners.lora import LoraLayer
+
+    by_component: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for path, pair in factors.items():
+        component, _, rest = path.partition(".")
+        by_component.setdefault(component, {})[rest] = pair
+    for component, modules in by_component.items():
+        model = getattr(pipe, component)
+        ranks = {rest: A.shape[0] for rest, (A, _) in modules.items()}
+        config = _lora_config(ranks)
+        for rest, (A, B) in modules.items():
+            target, r = model.get_submodule(rest), ranks[rest]
+            if isinstance(target, LoraLayer):
+                target.update_layer(name, r, lora_alpha=r, config=config)
+                layer = target
+            else:
+                layer = _lora_layer(target)(target, name, config=config, r=r, lora_alpha=r)
+                parent, _, child = rest.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, layer)
+            with torch.no_grad():
+                layer.lora_A[name].weight.copy_(A)
+                layer.lora_B[name].weight.copy_(B)
+        if getattr(model, "peft_config", None) is None:
+            model.peft_config = {}
+        model.peft_config[name] = config
+        model._hf_peft_config_loaded = True
+
+
 def _load_adapter(pipe, patch: Patch, name: str) -> None:
     if not hasattr(pipe, "load_lora_weights"):
         raise ApplyError(f"{type(pipe).__name__} cannot load LoRA adapters (no load_lora_weights)")
-    # Fold alpha / r into B so diffusers' inferred config (alpha = r per module) gives the exact delta.
-    state_dict = {}
+    # Fold alpha / r into B so the config (alpha = r per module) gives the exact delta.
+    factors = {}
     for path, (A, B) in patch.factors().items():
         s = patch.scale_of(path)
+        factors[path] = (A, B if s == 1.0 else B * s)
+    if _direct(pipe) and all(_lora_layer(_module_at(pipe, path)) for path in factors):
+        _inject(pipe, factors, name)
+        return
+    state_dict = {}
+    for path, (A, B) in factors.items():
         state_dict[f"{path}.lora_A.weight"] = A
-        state_dict[f"{path}.lora_B.weight"] = B if s == 1.0 else B * s
+        state_dict[f"{path}.lora_B.weight"] = B
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -553,19 +648,34 @@ def _load_adapter(pipe, patch: Patch, name: str) -> None:
 
 
 def _delete_adapters(pipe, names: list[str]) -> None:
-    """Delete adapters, then unwrap the peft layers left with none (all of them when no adapter is left)."""
-    # peft makes another adapter active when an active one is deleted; _sync sets the active sets right after
-    with _QUIET_LOCK, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
-        pipe.delete_adapters(names)
-    if not _adapter_names(pipe):
-        pipe.unload_lora_weights()  # unwrap peft layers: the original modules come back
-        return
-    for path, layer in _tuner_layers(pipe):
+    """Delete adapters, then unwrap the peft layers left with none."""
+    layers = _tuner_layers(pipe)
+    if _direct(pipe):
+        gone = set(names)
+        # peft makes another adapter active when an active one is deleted; _sync sets the active sets right after
+        with _QUIET_LOCK, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+            for _, layer in layers:
+                for name in gone & set(layer.lora_A):
+                    layer.delete_adapter(name)
+        for component in COMPONENTS:
+            config = getattr(getattr(pipe, component, None), "peft_config", None)
+            for name in gone & set(config or {}):
+                del config[name]
+    else:
+        with _QUIET_LOCK, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+            pipe.delete_adapters(names)
+        if not _adapter_names(pipe):
+            pipe.unload_lora_weights()  # unwrap peft layers: the original modules come back
+            return
+        layers = _tuner_layers(pipe)
+    for path, layer in layers:
         if not any(len(getattr(layer, attr)) for attr in layer.adapter_layer_names):
             component, _, rest = path.partition(".")
             parent, _, child = rest.rpartition(".")
-            setattr(getattr(pipe, component).get_submodule(parent), child, layer.get_base_layer())
+            owner = getattr(pipe, component)
+            setattr(owner.get_submodule(parent) if parent else owner, child, layer.get_base_layer())
     for component in COMPONENTS:
         module = getattr(pipe, component, None)
         if getattr(module, "peft_config", None) == {}:
@@ -642,14 +752,15 @@ def _sync(pipe, state: _State, user: _UserSets) -> None:
     unfused patches at their scales; then the bookkeeping of their layers and the hooks that guard them."""
     unfused = [e for e in state.entries if not e.fused]
     on = [e.name for e in unfused]
-    for path, layer in _tuner_layers(pipe):
+    layers = _tuner_layers(pipe)
+    for path, layer in layers:
         known = user.get(path.partition(".")[0], {})
         layer.set_adapter(known.get(layer, next(iter(known.values()), [])) + on)
         for e in unfused:
             if e.name in getattr(layer, "scaling", {}):
                 layer.set_scale(e.name, e.scale)
     state.active = tuple(on)
-    _rescan(pipe, state)
+    _rescan(pipe, state, layers)
     for handle in state.hooks:
         handle.remove()
     state.hooks = []
@@ -661,10 +772,10 @@ def _sync(pipe, state: _State, user: _UserSets) -> None:
         )
 
 
-def _rescan(pipe, state: _State) -> None:
+def _rescan(pipe, state: _State, layers: list[tuple[str, nn.Module]]) -> None:
     ours = [e.name for e in state.entries if not e.fused]
     state.layers, state.held = [], {}
-    for path, layer in _tuner_layers(pipe):
+    for path, layer in layers:
         names = tuple(n for n in ours if n in getattr(layer, "lora_A", {}))
         if names:
             state.layers.append((path, layer, names))
@@ -676,7 +787,7 @@ def _rescan(pipe, state: _State) -> None:
 
 
 def _take_off(pipe, state: _State, leaving: list[AppliedPatch], user: _UserSets | None = None) -> None:
-    user = _user_sets(pipe, _ours(state)) if user is None else user
+    user = _user_sets(_tuner_layers(pipe), _ours(state)) if user is None else user
     leaving_names = {e.name for e in leaving}
     remaining = [e for e in state.entries if e.name not in leaving_names]
     if any(e.fused for e in leaving):
@@ -731,8 +842,10 @@ def apply(
         _verify(state, [pipe])
         if with_lineage:
             patches = _with_parents(patches, state, allow_unverified)
-        _check(pipe, patches, state, strict, fuse, key_steps, allow_unverified)
-        user = _user_sets(pipe, _ours(state))
+        layers = _tuner_layers(pipe)
+        _check(pipe, patches, state, layers, strict=strict, fuse=fuse, key_steps=key_steps,
+               allow_unverified=allow_unverified)  # fmt: skip
+        user = _user_sets(layers, _ours(state))
         added: list[AppliedPatch] = []
         before = _adapter_names(pipe)
         try:
@@ -852,7 +965,7 @@ def unpatched(pipe):
             num_train_timesteps=state.num_train_timesteps,
             active=state.active,
         )
-        _rescan(clone, clone_state)
+        _rescan(clone, clone_state, _tuner_layers(clone))
         with _STATES_LOCK:
             _STATES[clone_unet] = clone_state
     return remove(clone)

@@ -3,7 +3,9 @@
 * :func:`factorize`: the exact SVD (float64), rank given, by energy, or the numerical rank;
 * :func:`factorize_sketched`: a randomized SVD (float32) for large changes, rank by energy;
 * :func:`factorize_in_span`: a change known as coordinates in an orthonormal row basis plus a small remainder
-  outside it (no ``out x in`` product needed).
+  outside it (no ``out x in`` product needed);
+* :func:`truncate`: a change already given as factors ``B @ A``, cut to a smaller rank (no ``out x in`` product
+  needed either).
 
 All three return a :class:`LowRank` and split the kept singular values evenly between ``A`` and ``B``.
 
@@ -177,6 +179,36 @@ def factorize_in_span(
     A, B = _split(U, S, Vh, reached)
     dropped = float(squares[reached:].sum()) + max(0.0, outside_sq)
     return LowRank(A=A @ basis.T.to(Vh), B=B, rank=reached, rel_error=(dropped / total) ** 0.5)
+
+
+def truncate(A: torch.Tensor, B: torch.Tensor, *, max_rank: int) -> LowRank:
+    """The best rank-``max_rank`` approximation of ``B @ A`` (``B`` ``out x k``, ``A`` ``k x in``), from the factors.
+
+    ``B = Q_b R_b`` and ``A^T = Q_a R_a`` (thin QR), so ``B A = Q_b (R_b R_a^T) Q_a^T`` and the SVD of the
+    ``k x k`` core gives the singular values of the product exactly. The relative error is exact too:
+    ``sqrt(sum of the dropped S_i^2) / |B A|_F``. Factors with rank ``<= max_rank`` come back as they are
+    (error 0). Runs in float64, returns ``A``'s dtype.
+
+    Example:
+        >>> B, A = torch.randn(64, 6), torch.randn(6, 32)
+        >>> low = truncate(A, B, max_rank=6)
+        >>> low.rank, low.rel_error
+        (6, 0.0)
+        >>> truncate(A, B, max_rank=2).rank
+        2
+    """
+    if max_rank < 1:
+        raise MethodError(f"max_rank must be >= 1, got {max_rank}")
+    if A.shape[0] <= max_rank:
+        return LowRank(A=A, B=B, rank=A.shape[0], rel_error=0.0)
+    Qb, Rb = torch.linalg.qr(B.double())
+    Qa, Ra = torch.linalg.qr(A.double().T)
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
+    squares = S.square()
+    total = float(squares.sum())
+    new_A, new_B = _split(Qb @ U, S, Vh @ Qa.T, max_rank)
+    error = (float(squares[max_rank:].sum()) / total) ** 0.5 if total > 0 else 0.0
+    return LowRank(A=new_A.to(A.dtype), B=new_B.to(A.dtype), rank=max_rank, rel_error=error)
 
 
 def _check_energy(energy: float) -> None:

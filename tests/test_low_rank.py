@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from forgetpatch.lowrank import LowRank, factorize, factorize_in_span, factorize_sketched
+from forgetpatch.lowrank import LowRank, factorize, factorize_in_span, factorize_sketched, truncate
 
 
 def _change(outside: float, seed: int = 0):
@@ -80,3 +80,18 @@ def test_the_randomized_sketch_finds_the_rank_the_exact_svd_keeps():
     assert sketched.rel_error == pytest.approx(measured, rel=1e-3) and exact.rel_error <= measured < (1 - 0.999) ** 0.5
     zero = factorize_sketched(torch.zeros(5, 4))
     assert (zero.rank, zero.rel_error, zero.A.shape, zero.B.shape) == (1, 0.0, (1, 4), (5, 1))
+
+
+@pytest.mark.parametrize("rank", [1, 3, 5])
+def test_truncating_factors_equals_the_truncated_svd_of_their_product(rank):
+    g = torch.Generator().manual_seed(rank)
+    B, A = torch.randn(40, 7, generator=g), torch.randn(7, 30, generator=g)
+    low = truncate(A, B, max_rank=rank)
+    product = (B @ A).double()
+    U, S, Vh = torch.linalg.svd(product, full_matrices=False)
+    best = (U[:, :rank] * S[:rank]) @ Vh[:rank]
+    assert low.rank == rank and low.A.shape == (rank, 30) and low.B.shape == (40, rank)
+    torch.testing.assert_close((low.B @ low.A).double(), best, rtol=1e-4, atol=1e-4)
+    assert low.rel_error == pytest.approx(float((best - product).norm() / product.norm()), rel=1e-6)
+    same = truncate(A, B, max_rank=7)
+    assert same.rel_error == 0.0 and same.A is A

@@ -100,6 +100,25 @@ def test_change_has_rank_of_erased_embeddings_and_is_stored_exactly(sd):
         torch.testing.assert_close(patch.delta(path), delta, rtol=1e-5, atol=1e-6)
 
 
+def test_max_rank_stores_the_best_low_rank_change_and_records_its_error(sd):
+    """max_rank cuts each layer's exact change to its best rank-k approximation (Eckart-Young) and records the
+    error, measured against the exact change."""
+    params = {"tokens": "trailing", "templates": ["a red {concept} on a dots background", "a {concept}"]}
+    exact = UCE.compute_deltas(sd, [Concept("circle")], **params)
+    patch = forgetpatch.erase(sd, ["circle"], method="uce", max_rank=3, **params)
+    lora = patch.manifest.lora
+    assert lora.rank == 3 and patch.manifest.method.params["max_rank"] == 3
+    for path, delta in exact.items():
+        U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
+        best = (U[:, :3] * S[:3]) @ Vh[:3]
+        torch.testing.assert_close(patch.delta(path).double(), best, rtol=1e-4, atol=1e-5 * float(S[0]))
+        measured = float((patch.delta(path).double() - delta.double()).norm() / delta.double().norm())
+        assert measured <= lora.reconstruction_errors[path] + 1e-5
+        assert lora.reconstruction_errors[path] == pytest.approx(measured, abs=1e-4)
+    with pytest.raises(forgetpatch.errors.MethodError, match="max_rank"):
+        forgetpatch.erase(sd, ["circle"], method="uce", max_rank=0)
+
+
 def test_preserve_terms_keep_preserved_outputs(sd):
     """With the preserve term, the preserved embedding's outputs move less than without it."""
     p = token_embedding(sd, "ellipse").float()

@@ -246,6 +246,27 @@ def test_failure_while_applying_is_rolled_back(pipe, monkeypatch):
     assert_unchanged(pipe, before)
 
 
+def test_failure_half_way_through_putting_layers_on_is_rolled_back(pipe, monkeypatch):
+    """A layer failing after others got the adapter: the ones done are unwrapped again, nothing is left."""
+    import forgetpatch.loader.core as core
+
+    before = snapshot(pipe)
+    real, calls = core._lora_layer, []
+
+    def failing_third_wrap(module):
+        calls.append(module)
+        if len(calls) == len(SD_PATHS) + 3:  # after apply's check of every target: the third layer wrapped
+            raise RuntimeError("out of memory")
+        return real(module)
+
+    monkeypatch.setattr(core, "_lora_layer", failing_third_wrap)
+    with pytest.raises(ApplyError, match="out of memory"):
+        forgetpatch.apply(pipe, make_patch(pipe))
+    assert len(calls) == len(SD_PATHS) + 3
+    assert not any(hasattr(getattr(pipe, c), "peft_config") for c in ("unet", "text_encoder"))
+    assert_unchanged(pipe, before)
+
+
 def test_lineage(pipe):
     parent = make_patch(pipe, seed=0, name="parent")
     child = make_patch(pipe, seed=1, name="child", lineage=[parent.digest])

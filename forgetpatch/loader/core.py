@@ -3,12 +3,12 @@
 How a patch is applied:
 
 * **unfused** (default): the factors are loaded as a named peft adapter and switched on beside whatever
-  adapters the user has active (peft adds their deltas, in application order). peft's
-  ``inject_adapter_in_model`` and ``set_peft_model_state_dict`` run over a container of the patch's target
-  layers only (walking the whole UNet was most of ``apply``'s time), and each component's ``peft_config``
-  gets the adapter's config, as diffusers' ``load_lora_weights(..., adapter_name=...)`` leaves it. On a
-  pipeline with offloading or other hooks, or a quantized component, ``load_lora_weights`` itself is used,
-  since it takes those hooks off and puts them back; removal likewise.
+  adapters the user has active (peft adds their deltas, in application order). peft's LoRA layers are put on
+  the patch's target layers only (diffusers' ``load_lora_weights`` walks the whole UNet several times, which was
+  most of ``apply``'s time), and each component's ``peft_config`` gets the adapter's config, as
+  ``load_lora_weights(..., adapter_name=...)`` leaves it. On a pipeline with offloading or other hooks, or a
+  quantized component, ``load_lora_weights`` itself is used, since it takes those hooks off and puts them back;
+  removal likewise.
 * **fused** (``fuse=True``): ``scale * (alpha / r) * B @ A`` is added into each targeted weight, the
   same arithmetic as peft's merge, after a copy of the original tensor is kept on the layer. The
   patch is not kept as a peft adapter: peft skips *every* adapter of a layer with a merged one,
@@ -593,6 +593,11 @@ def _inject(pipe, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], name: s
         model = getattr(pipe, component)
         ranks = {rest: A.shape[0] for rest, (A, _) in modules.items()}
         config = _lora_config(ranks)
+        # registered first: if a layer fails half-way, apply's rollback finds the adapter by name and deletes it
+        if getattr(model, "peft_config", None) is None:
+            model.peft_config = {}
+        model.peft_config[name] = config
+        model._hf_peft_config_loaded = True
         for rest, (A, B) in modules.items():
             target, r = model.get_submodule(rest), ranks[rest]
             if isinstance(target, LoraLayer):
@@ -605,10 +610,6 @@ def _inject(pipe, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], name: s
             with torch.no_grad():
                 layer.lora_A[name].weight.copy_(A)
                 layer.lora_B[name].weight.copy_(B)
-        if getattr(model, "peft_config", None) is None:
-            model.peft_config = {}
-        model.peft_config[name] = config
-        model._hf_peft_config_loaded = True
 
 
 def _load_adapter(pipe, patch: Patch, name: str) -> None:
@@ -656,7 +657,7 @@ def _delete_adapters(pipe, names: list[str]) -> None:
         with _QUIET_LOCK, warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
             for _, layer in layers:
-                for name in gone & set(layer.lora_A):
+                for name in gone & set(getattr(layer, "lora_A", {})):
                     layer.delete_adapter(name)
         for component in COMPONENTS:
             config = getattr(getattr(pipe, component, None), "peft_config", None)

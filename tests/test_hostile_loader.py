@@ -234,9 +234,9 @@ def test_failed_apply_leaves_the_user_lora_as_it_was(toy_base, toy_pipe, monkeyp
     pipe.enable_lora()
     assert peft_state(pipe) == user_before
     # a failure half-way through loading is rolled back to the user's adapters too
-    import forgetpatch.loader.core as core
+    from forgetpatch.loader import adapters
 
-    real, calls = core._load_adapter, []
+    real, calls = adapters.load_adapter, []
 
     def flaky(pipe, patch, name):
         calls.append(name)
@@ -244,7 +244,7 @@ def test_failed_apply_leaves_the_user_lora_as_it_was(toy_base, toy_pipe, monkeyp
             raise RuntimeError("out of memory")
         real(pipe, patch, name)
 
-    monkeypatch.setattr(core, "_load_adapter", flaky)
+    monkeypatch.setattr(adapters, "load_adapter", flaky)
     with pytest.raises(ApplyError, match="out of memory"):
         forgetpatch.apply(pipe, [good, make_patch(toy_base, (SHARED, USER_ONLY), seed=1, name="p1")])
     assert peft_state(pipe) == user_before and forgetpatch.applied(pipe) == []

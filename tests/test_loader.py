@@ -100,7 +100,7 @@ def test_plain_diffusers_load_equals_forgetpatch_apply(tmp_path, pipe):
 def test_direct_injection_equals_diffusers_loader(pipe, monkeypatch):
     """apply puts peft layers on the targets itself (not walking the UNet): same adapter, same output as diffusers'
     load_lora_weights, which it falls back to on hooked pipelines."""
-    import forgetpatch.loader.core as core
+    from forgetpatch.loader import adapters
 
     patch = make_patch(pipe)
     loads = []
@@ -119,7 +119,7 @@ def test_direct_injection_equals_diffusers_loader(pipe, monkeypatch):
     forgetpatch.remove(pipe)
     assert not hasattr(pipe.unet, "peft_config") and not hasattr(pipe.text_encoder, "peft_config")
 
-    monkeypatch.setattr(core, "_direct", lambda pipe: False)
+    monkeypatch.setattr(adapters, "direct", lambda pipe: False)
     forgetpatch.apply(pipe, patch)
     assert loads == [1]
     np.testing.assert_array_equal(generate(pipe), direct_image)
@@ -135,17 +135,17 @@ def test_direct_injection_equals_diffusers_loader(pipe, monkeypatch):
 
 def test_hooked_pipeline_is_left_to_diffusers_loader(pipe, base_image):
     """A component with an accelerate / diffusers hook (offloading) takes diffusers' path, which handles hooks."""
-    import forgetpatch.loader.core as core
+    from forgetpatch.loader import adapters
 
     before = snapshot(pipe)
     pipe.vae._hf_hook = object()  # inert here; its presence is what diffusers' loader checks for
-    assert not core._direct(pipe)
+    assert not adapters.direct(pipe)
     forgetpatch.apply(pipe, make_patch(pipe))
     assert "p0" in pipe.unet.peft_config
     assert not np.array_equal(generate(pipe), base_image)
     forgetpatch.remove(pipe)
     del pipe.vae._hf_hook
-    assert core._direct(pipe)
+    assert adapters.direct(pipe)
     assert_unchanged(pipe, before)
 
 
@@ -224,11 +224,11 @@ def test_refusals_leave_the_pipeline_untouched(pipe):
 
 
 def test_failure_while_applying_is_rolled_back(pipe, monkeypatch):
-    import forgetpatch.loader.core as core
+    from forgetpatch.loader import adapters
 
     before = snapshot(pipe)
     patches = [make_patch(pipe, seed=s) for s in range(3)]
-    real = core._load_adapter
+    real = adapters.load_adapter
     calls = []
 
     def flaky(pipe, patch, name):
@@ -237,7 +237,7 @@ def test_failure_while_applying_is_rolled_back(pipe, monkeypatch):
             raise RuntimeError("out of memory")
         real(pipe, patch, name)
 
-    monkeypatch.setattr(core, "_load_adapter", flaky)
+    monkeypatch.setattr(adapters, "load_adapter", flaky)
     forgetpatch.apply(pipe, patches[0], fuse=True)
     with pytest.raises(ApplyError, match="out of memory"):
         forgetpatch.apply(pipe, patches[1:])
@@ -248,10 +248,10 @@ def test_failure_while_applying_is_rolled_back(pipe, monkeypatch):
 
 def test_failure_half_way_through_putting_layers_on_is_rolled_back(pipe, monkeypatch):
     """A layer failing after others got the adapter: the ones done are unwrapped again, nothing is left."""
-    import forgetpatch.loader.core as core
+    from forgetpatch.loader import adapters
 
     before = snapshot(pipe)
-    real, calls = core._lora_layer, []
+    real, calls = adapters.lora_layer, []
 
     def failing_third_wrap(module):
         calls.append(module)
@@ -259,7 +259,7 @@ def test_failure_half_way_through_putting_layers_on_is_rolled_back(pipe, monkeyp
             raise RuntimeError("out of memory")
         return real(module)
 
-    monkeypatch.setattr(core, "_lora_layer", failing_third_wrap)
+    monkeypatch.setattr(adapters, "lora_layer", failing_third_wrap)
     with pytest.raises(ApplyError, match="out of memory"):
         forgetpatch.apply(pipe, make_patch(pipe))
     assert len(calls) == len(SD_PATHS) + 3

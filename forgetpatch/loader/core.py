@@ -2,13 +2,9 @@
 
 How a patch is applied:
 
-* **unfused** (default): the factors are loaded as a named peft adapter and switched on beside whatever
-  adapters the user has active (peft adds their deltas, in application order). peft's LoRA layers are put on
-  the patch's target layers only (diffusers' ``load_lora_weights`` walks the whole UNet several times, which was
-  most of ``apply``'s time), and each component's ``peft_config`` gets the adapter's config, as
-  ``load_lora_weights(..., adapter_name=...)`` leaves it. On a pipeline with offloading or other hooks, or a
-  quantized component, ``load_lora_weights`` itself is used, since it takes those hooks off and puts them back;
-  removal likewise.
+* **unfused** (default): the factors are loaded as a named peft adapter (:mod:`forgetpatch.loader.adapters`:
+  peft's LoRA layers on the patch's target layers, registered where diffusers keeps its adapters) and switched
+  on beside whatever adapters the user has active (peft adds their deltas, in application order).
 * **fused** (``fuse=True``): ``scale * (alpha / r) * B @ A`` is added into each targeted weight, the
   same arithmetic as peft's merge, after a copy of the original tensor is kept on the layer. The
   patch is not kept as a peft adapter: peft skips *every* adapter of a layer with a merged one,
@@ -67,8 +63,7 @@ import re
 import threading
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,6 +92,7 @@ from forgetpatch.format import (
     require_verifiable,
     resolve_module,
 )
+from forgetpatch.loader import adapters
 from forgetpatch.loader.families import (
     check_family,
     check_key_steps,
@@ -158,8 +154,6 @@ class _State:
 # components (e.g. an img2img pipeline made from a txt2img one's components) share it.
 _STATES: weakref.WeakKeyDictionary[nn.Module, _State] = weakref.WeakKeyDictionary()
 _STATES_LOCK = threading.Lock()
-# Loading and deleting adapters quiet log levels and warning filters, which are process-wide.
-_QUIET_LOCK = threading.Lock()
 # A user's peft layer -> the adapters active on it that are not forgetpatch's, per component.
 _UserSets = dict[str, dict[nn.Module, list[str]]]
 
@@ -271,37 +265,7 @@ def _with_parents(patches: list[Patch], state: _State, allow_unverified: bool) -
     return out
 
 
-# --- peft layers ---------------------------------------------------------------------------
-def _tuner_layers(pipe) -> list[tuple[str, nn.Module]]:
-    """(module path, layer) of every peft layer in the pipeline's components. Components without a
-    ``peft_config`` are not walked: every way of putting adapters on a model (diffusers' and transformers'
-    loaders, peft's ``inject_adapter_in_model``, forgetpatch) leaves one."""
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:
-        return []
-    out = []
-    for component in COMPONENTS:
-        module = getattr(pipe, component, None)
-        if isinstance(module, nn.Module) and getattr(module, "peft_config", None):
-            out += [
-                (f"{component}.{n}", m) for n, m in module.named_modules() if isinstance(m, BaseTunerLayer)
-            ]
-    return out
-
-
-def _module_at(pipe, path: str) -> nn.Module:
-    """The module at ``path`` (already resolved by ``resolve_module``), a peft layer wrapping it included."""
-    component, _, rest = path.partition(".")
-    return getattr(pipe, component).get_submodule(rest)
-
-
-def _wrapper(pipe, path: str) -> nn.Module | None:
-    """The peft layer wrapping the module at ``path`` (already resolved by ``resolve_module``), if any."""
-    module = _module_at(pipe, path)
-    return module if hasattr(module, "merged_adapters") else None
-
-
+# --- the user's adapters ------------------------------------------------------------------
 def _ours(state: _State) -> set[str]:
     return {e.name for e in state.entries if not e.fused}
 
@@ -313,20 +277,6 @@ def _user_sets(layers: list[tuple[str, nn.Module]], ours: set[str]) -> _UserSets
             n for n in layer.active_adapters if n not in ours
         ]
     return out
-
-
-@contextmanager
-def _merges_kept(pipe) -> Iterator[None]:
-    """peft unmerges every fused LoRA of a model it injects a new adapter into; hide the merges meanwhile, so a
-    user's fused LoRA stays fused, bit for bit."""
-    merged = [(layer, layer.merged_adapters) for _, layer in _tuner_layers(pipe) if layer.merged_adapters]
-    for layer, _ in merged:
-        layer.merged_adapters = []
-    try:
-        yield
-    finally:
-        for layer, names in merged:
-            layer.merged_adapters = names
 
 
 # --- checks (before anything is changed) ---------------------------------------------------
@@ -384,7 +334,7 @@ def _check(
                     f"patch {patch.name!r} changes {path} with shape {patch.delta_shape(path)}, but the "
                     f"pipeline's module has shape {tuple(module.weight.shape)}: it was made for another architecture"
                 )
-            wrapper = _wrapper(pipe, path)
+            wrapper = adapters.wrapper(pipe, path)
             if wrapper is not None and wrapper.merged_adapters:
                 raise ApplyError(
                     f"patch {patch.name!r} changes {path}, where LoRA {', '.join(wrapper.merged_adapters)} is "
@@ -474,17 +424,9 @@ def _verify(state: _State, pipes: Iterable) -> None:
 
 
 # --- mutation ------------------------------------------------------------------------------
-def _adapter_names(pipe) -> set[str]:
-    names: set[str] = set()
-    for component in COMPONENTS:
-        config = getattr(getattr(pipe, component, None), "peft_config", None)
-        names.update(config or {})
-    return names
-
-
 def _unique_name(pipe, state: _State, wanted: str) -> str:
     base = re.sub(r"[^A-Za-z0-9_-]", "_", wanted) or "patch"
-    taken = _adapter_names(pipe) | {e.name for e in state.entries}
+    taken = adapters.adapter_names(pipe) | {e.name for e in state.entries}
     name, i = base, 2
     while name in taken:
         name, i = f"{base}_{i}", i + 1
@@ -529,7 +471,7 @@ def _restore_fused(pipe, entries: Iterable[AppliedPatch]) -> None:
 def _fuse_again(pipe, before: list[AppliedPatch], after: list[AppliedPatch]) -> None:
     """Restore every fused weight exactly, then fuse ``after`` again, in order. A user's LoRA merged into one of
     those layers meanwhile (``fuse_lora()`` after ``apply``) is merged again on top, as ``fuse_lora`` would have."""
-    wrappers = {_wrapper(pipe, path) for e in before for path in e.patch.target_modules}
+    wrappers = {adapters.wrapper(pipe, path) for e in before for path in e.patch.target_modules}
     merged = [(w, w.merged_adapters) for w in wrappers if w is not None and w.merged_adapters]
     for wrapper, _ in merged:
         wrapper.merged_adapters = []
@@ -538,150 +480,6 @@ def _fuse_again(pipe, before: list[AppliedPatch], after: list[AppliedPatch]) -> 
         _fuse(pipe, e.patch, e.scale)
     for wrapper, names in merged:
         wrapper.merge(adapter_names=names)
-
-
-def _direct(pipe) -> bool:
-    """Whether adapters can be put on this pipeline's layers directly. Not when a component is offloaded or
-    hooked (accelerate's ``_hf_hook``, diffusers' hook registry), quantized, or prepared for compiled hotswap:
-    diffusers' ``load_lora_weights`` / ``delete_adapters`` take those hooks off and put them back."""
-    for component in getattr(pipe, "components", {}).values():
-        if not isinstance(component, nn.Module):
-            continue
-        if hasattr(component, "_hf_hook") or hasattr(component, "_diffusers_hook"):
-            return False
-        if getattr(component, "hf_quantizer", None) is not None or getattr(component, "quantization_config", None):
-            return False
-        if getattr(component, "_prepare_lora_hotswap_kwargs", None) is not None:
-            return False
-    return True
-
-
-def _lora_config(ranks: dict[str, int]):
-    """The peft config of one patch's adapter on one component: rank per module, alpha = rank (scale 1)."""
-    from peft import LoraConfig
-
-    r = max(ranks.values())
-    pattern = {key: rank for key, rank in ranks.items() if rank != r}
-    return LoraConfig(r=r, lora_alpha=r, target_modules=list(ranks), rank_pattern=pattern, alpha_pattern=pattern)
-
-
-def _lora_layer(module: nn.Module) -> type | None:
-    """peft's LoRA layer class for ``module`` (a ``Linear`` or ``Conv2d``, bare or already wrapped by peft), or
-    ``None`` for anything else (then diffusers' loader places the adapter)."""
-    from peft.tuners.lora import Conv2d, Linear, LoraLayer
-
-    base = module.get_base_layer() if isinstance(module, LoraLayer) else module
-    if type(module) not in (Linear, Conv2d, nn.Linear, nn.Conv2d) or type(base) not in (nn.Linear, nn.Conv2d):
-        return None
-    return Linear if type(base) is nn.Linear else Conv2d
-
-
-def _inject(pipe, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], name: str) -> None:
-    """Put adapter ``name`` (``path -> (lora_A, lora_B)``, alpha = rank) on its target layers with peft's LoRA
-    layers: a bare layer is wrapped (as peft's ``inject_adapter_in_model`` would), a peft layer gets one more
-    adapter (``update_layer``). Nothing else in the model is visited, which makes this far cheaper than
-    ``load_lora_weights`` on a large UNet. Each component then carries the adapter's config in ``peft_config``, as
-    ``load_lora_weights`` leaves it, so diffusers' ``set_adapters`` / ``delete_adapters`` / ``fuse_lora`` see it.
-    Unlike peft's whole-model injection, the ``requires_grad`` of the model's own parameters is left alone."""
-    from peft.tuners.lora import LoraLayer
-
-    by_component: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
-    for path, pair in factors.items():
-        component, _, rest = path.partition(".")
-        by_component.setdefault(component, {})[rest] = pair
-    for component, modules in by_component.items():
-        model = getattr(pipe, component)
-        ranks = {rest: A.shape[0] for rest, (A, _) in modules.items()}
-        config = _lora_config(ranks)
-        # registered first: if a layer fails half-way, apply's rollback finds the adapter by name and deletes it
-        if getattr(model, "peft_config", None) is None:
-            model.peft_config = {}
-        model.peft_config[name] = config
-        model._hf_peft_config_loaded = True
-        for rest, (A, B) in modules.items():
-            target, r = model.get_submodule(rest), ranks[rest]
-            if isinstance(target, LoraLayer):
-                target.update_layer(name, r, lora_alpha=r, config=config)
-                layer = target
-            else:
-                layer = _lora_layer(target)(target, name, config=config, r=r, lora_alpha=r)
-                parent, _, child = rest.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, layer)
-            with torch.no_grad():
-                layer.lora_A[name].weight.copy_(A)
-                layer.lora_B[name].weight.copy_(B)
-
-
-def _load_adapter(pipe, patch: Patch, name: str) -> None:
-    if not hasattr(pipe, "load_lora_weights"):
-        raise ApplyError(f"{type(pipe).__name__} cannot load LoRA adapters (no load_lora_weights)")
-    # Fold alpha / r into B so the config (alpha = r per module) gives the exact delta.
-    factors = {}
-    for path, (A, B) in patch.factors().items():
-        s = patch.scale_of(path)
-        factors[path] = (A, B if s == 1.0 else B * s)
-    if _direct(pipe) and all(_lora_layer(_module_at(pipe, path)) for path in factors):
-        _inject(pipe, factors, name)
-        return
-    state_dict = {}
-    for path, (A, B) in factors.items():
-        state_dict[f"{path}.lora_A.weight"] = A
-        state_dict[f"{path}.lora_B.weight"] = B
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    # Quiet expected chatter: transformers' load report lists the *other* adapters' keys as "missing",
-    # diffusers warns about components the patch does not touch. Log levels and warning filters are
-    # process-wide, hence the global lock. low_cpu_mem_usage=False: peft's low-memory path patches
-    # nn.Module.register_parameter process-wide (models built meanwhile in other threads got meta weights).
-    loggers = (transformers_logging, diffusers_logging)
-    with _QUIET_LOCK, _merges_kept(pipe):
-        verbosity = [lib.get_verbosity() for lib in loggers]
-        try:
-            for lib in loggers:
-                lib.set_verbosity_error()
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                pipe.load_lora_weights(state_dict, adapter_name=name, low_cpu_mem_usage=False)
-        finally:
-            for lib, level in zip(loggers, verbosity, strict=True):
-                lib.set_verbosity(level)
-
-
-def _delete_adapters(pipe, names: list[str]) -> None:
-    """Delete adapters, then unwrap the peft layers left with none."""
-    layers = _tuner_layers(pipe)
-    if _direct(pipe):
-        gone = set(names)
-        # peft makes another adapter active when an active one is deleted; _sync sets the active sets right after
-        with _QUIET_LOCK, warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
-            for _, layer in layers:
-                for name in gone & set(getattr(layer, "lora_A", {})):
-                    layer.delete_adapter(name)
-        for component in COMPONENTS:
-            config = getattr(getattr(pipe, component, None), "peft_config", None)
-            for name in gone & set(config or {}):
-                del config[name]
-    else:
-        with _QUIET_LOCK, warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
-            pipe.delete_adapters(names)
-        if not _adapter_names(pipe):
-            pipe.unload_lora_weights()  # unwrap peft layers: the original modules come back
-            return
-        layers = _tuner_layers(pipe)
-    for path, layer in layers:
-        if not any(len(getattr(layer, attr)) for attr in layer.adapter_layer_names):
-            component, _, rest = path.partition(".")
-            parent, _, child = rest.rpartition(".")
-            owner = getattr(pipe, component)
-            setattr(owner.get_submodule(parent) if parent else owner, child, layer.get_base_layer())
-    for component in COMPONENTS:
-        module = getattr(pipe, component, None)
-        if getattr(module, "peft_config", None) == {}:
-            del module.peft_config
-            module._hf_peft_config_loaded = None
 
 
 def _is_active(entry: AppliedPatch, fraction: float) -> bool:
@@ -753,7 +551,7 @@ def _sync(pipe, state: _State, user: _UserSets) -> None:
     unfused patches at their scales; then the bookkeeping of their layers and the hooks that guard them."""
     unfused = [e for e in state.entries if not e.fused]
     on = [e.name for e in unfused]
-    layers = _tuner_layers(pipe)
+    layers = adapters.tuner_layers(pipe)
     for path, layer in layers:
         known = user.get(path.partition(".")[0], {})
         layer.set_adapter(known.get(layer, next(iter(known.values()), [])) + on)
@@ -788,14 +586,14 @@ def _rescan(pipe, state: _State, layers: list[tuple[str, nn.Module]]) -> None:
 
 
 def _take_off(pipe, state: _State, leaving: list[AppliedPatch], user: _UserSets | None = None) -> None:
-    user = _user_sets(_tuner_layers(pipe), _ours(state)) if user is None else user
+    user = _user_sets(adapters.tuner_layers(pipe), _ours(state)) if user is None else user
     leaving_names = {e.name for e in leaving}
     remaining = [e for e in state.entries if e.name not in leaving_names]
     if any(e.fused for e in leaving):
         _fuse_again(pipe, [e for e in state.entries if e.fused], [e for e in remaining if e.fused])
-    adapters = [e.name for e in leaving if not e.fused and e.name in _adapter_names(pipe)]
-    if adapters:
-        _delete_adapters(pipe, adapters)
+    names = [e.name for e in leaving if not e.fused and e.name in adapters.adapter_names(pipe)]
+    if names:
+        adapters.delete_adapters(pipe, names)
     state.entries = remaining
     _sync(pipe, state, user)
 
@@ -843,12 +641,12 @@ def apply(
         _verify(state, [pipe])
         if with_lineage:
             patches = _with_parents(patches, state, allow_unverified)
-        layers = _tuner_layers(pipe)
+        layers = adapters.tuner_layers(pipe)
         _check(pipe, patches, state, layers, strict=strict, fuse=fuse, key_steps=key_steps,
                allow_unverified=allow_unverified)  # fmt: skip
         user = _user_sets(layers, _ours(state))
         added: list[AppliedPatch] = []
-        before = _adapter_names(pipe)
+        before = adapters.adapter_names(pipe)
         try:
             for patch in patches:
                 entry = AppliedPatch(
@@ -861,14 +659,14 @@ def apply(
                 if fuse:
                     _fuse(pipe, patch, scale)
                 else:
-                    _load_adapter(pipe, patch, entry.name)
+                    adapters.load_adapter(pipe, patch, entry.name)
                 state.entries.append(entry)
                 added.append(entry)
             _sync(pipe, state, user)
         except BaseException as exc:
-            stray = sorted(_adapter_names(pipe) - before - {e.name for e in added})  # loading failed half-way
+            stray = sorted(adapters.adapter_names(pipe) - before - {e.name for e in added})  # loading failed half-way
             if stray:
-                _delete_adapters(pipe, stray)
+                adapters.delete_adapters(pipe, stray)
             _take_off(pipe, state, added, user)
             if isinstance(exc, ForgetPatchError) or not isinstance(exc, Exception):
                 raise
@@ -966,7 +764,7 @@ def unpatched(pipe):
             num_train_timesteps=state.num_train_timesteps,
             active=state.active,
         )
-        _rescan(clone, clone_state, _tuner_layers(clone))
+        _rescan(clone, clone_state, adapters.tuner_layers(clone))
         with _STATES_LOCK:
             _STATES[clone_unet] = clone_state
     return remove(clone)

@@ -287,6 +287,19 @@ class Patch:
             product = product.reshape(B.shape[0], *A.shape[1:])
         return product * self.scale_of(module_path)
 
+    @torch.no_grad()
+    def add_delta(self, module_path: str, weight: torch.Tensor, *, scale: float = 1.0) -> None:
+        """Add ``scale`` times the change of one module into ``weight`` (float32, shaped like the module's weight), in
+        place: one multiply-add (``addmm_``), no ``out x in`` change formed first (which, allocated afresh per
+        module, was most of a fused ``apply``'s time)."""
+        A, B = self.state_dict[module_path + _SUFFIXES[0]], self.state_dict[module_path + _SUFFIXES[1]]
+        alpha = scale * self.scale_of(module_path)
+        if not weight.is_contiguous():
+            weight.add_(self.delta(module_path).to(weight.device) * scale)
+            return
+        flat = weight.view(weight.shape[0], -1)
+        flat.addmm_(B.reshape(B.shape[0], -1).to(weight), A.reshape(A.shape[0], -1).to(weight), alpha=alpha)
+
     # --- files ----------------------------------------------------------------------------
     def diffusers_lora_metadata(self) -> dict[str, Any]:
         """What goes under ``lora_adapter_metadata``: per component r, lora_alpha, target_modules, patterns."""

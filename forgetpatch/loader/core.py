@@ -440,16 +440,14 @@ def _fuse(pipe, patch: Patch, scale: float) -> None:
         for path in patch.target_modules:
             layer = resolve_module(pipe, path)
             w = layer.weight
-            delta = patch.delta(path).to(w.device)
-            if scale != 1.0:
-                delta.mul_(scale)
             if getattr(layer, ORIGINAL_WEIGHT_ATTR, None) is None:
                 setattr(layer, ORIGINAL_WEIGHT_ATTR, w.detach().clone())
                 stashed.append(layer)
             if w.dtype == torch.float32:
-                w.add_(delta)
+                patch.add_delta(path, w.data, scale=scale)
             else:  # add in float32, round once
-                w.copy_((w.float() + delta).to(w.dtype))
+                delta = patch.delta(path).to(w.device)
+                w.copy_((w.float() + delta * scale).to(w.dtype))
     except BaseException:
         for layer in stashed:  # undo this patch's fresh stashes; older ones are restored by the caller
             layer.weight.copy_(getattr(layer, ORIGINAL_WEIGHT_ATTR))

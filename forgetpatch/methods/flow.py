@@ -171,7 +171,7 @@ def transformer_kwargs(
         "pooled_projections": cond.added["pooled_projections"] if cond.added else None,
         "return_dict": False,
     }
-    if TRANSFORMERS[type(transformer).__name__] == "flux":
+    if denoiser_family(transformer) == "flux":
         side = latent_size // 2
         ids = torch.zeros(side, side, 3)
         ids[..., 1] += torch.arange(side)[:, None]
@@ -189,7 +189,7 @@ def transformer_kwargs(
 def latent_shape(transformer: nn.Module, latent_size: int, batch: int = 1) -> tuple[int, ...]:
     """Shape of a batch of latents in the transformer's layout (FLUX: packed 2 x 2)."""
     channels = int(transformer.config.in_channels)
-    if TRANSFORMERS[type(transformer).__name__] == "flux":
+    if denoiser_family(transformer) == "flux":
         if latent_size % 2:
             raise MethodError(f"FLUX packs latents 2 x 2: latent_size must be even, got {latent_size}")
         return (batch, (latent_size // 2) ** 2, channels)

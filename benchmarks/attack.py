@@ -18,6 +18,7 @@ Run:
     python benchmarks/attack.py --only uce-guided --budget tiny
     python benchmarks/attack.py --only esd esd-adversarial --retention   # the robust row beside the plain one
     python benchmarks/attack.py --only kscu kscu-adversarial --retention
+    python benchmarks/attack.py --only dynamic-mask dynamic-mask-adversarial --retention
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ PATCHES: dict[str, tuple[list[str], Callable[[], Any]]] = {
     "scapre-guided-rece2": (["circle"], in_context("scapre", ["circle"], "cross", erase_scale=12, robust=2)),
     "esd-adversarial": (["circle"], from_recipe("toy-no-circle-robust-esd")),
     "kscu-adversarial": (["circle"], from_recipe("toy-no-circle-robust-kscu")),
+    "dynamic-mask-adversarial": (["circle"], from_recipe("toy-no-circle-robust-dynamic-mask")),
 }
 #: Images per retained concept of the retention evaluation (as the RECE figures in the README).
 RETAIN_IMAGES = 8

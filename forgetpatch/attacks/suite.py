@@ -32,8 +32,15 @@ from forgetpatch.attacks.text import (
     unet_eps,
 )
 from forgetpatch.eval import PipelineGenerator, ScoringPrompt, forgotten
-from forgetpatch.methods import PLACEHOLDER, at_prefix, prefix_search, token_vectors
-from forgetpatch.methods.closed_form import cross_attention_layers, current_weight, inversion_map
+from forgetpatch.methods import (
+    PLACEHOLDER,
+    at_prefix,
+    cross_attention_layers,
+    current_weight,
+    inversion_map,
+    prefix_search,
+    token_vectors,
+)
 from forgetpatch.toy import vocab
 
 

@@ -27,7 +27,7 @@ def _cache_dir() -> Path:
 def _base_key(pipe: Any, concepts: list[str], settings: dict[str, Any]) -> str:
     """Digest of the base weights, the judge, the erased concepts and the settings: names a cached base report
     (a report judged by another judge is never reused)."""
-    from forgetpatch.toy.judge import JUDGE_WEIGHTS
+    from forgetpatch.toy import JUDGE_WEIGHTS
 
     digest = hashlib.sha256(json.dumps([sorted(concepts), settings], sort_keys=True).encode())
     for judge_file in (JUDGE_WEIGHTS, JUDGE_WEIGHTS.with_suffix(".json")):

@@ -38,8 +38,8 @@ def keysteps_command(
     seed: Annotated[int, typer.Option(help="Seed of the first image.")] = 0,
 ) -> None:
     """Switch the prompt from the concept to the guide at each step k; plot how often the concept survives."""
-    from forgetpatch.eval.keysteps import analyze, compare_with_preset, toy_detector, toy_prompts
-    from forgetpatch.methods.kscu import PRESETS
+    from forgetpatch.eval import analyze, compare_with_preset, toy_detector, toy_prompts
+    from forgetpatch.methods import KSCU_PRESETS
 
     try:
         if base != "toy":
@@ -68,12 +68,12 @@ def keysteps_command(
         _err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
     task = "object" if kind == "shape" else "style"
-    preset = compare_with_preset(curve, PRESETS[task].start)
+    preset = compare_with_preset(curve, KSCU_PRESETS[task].start)
     _out.print(curve.table())
     low, high = curve.rise()
     _out.print(
         f"presence rises past 10% of its top at k={low} and 90% at k={high} (of {steps}); "
-        f"KSCU {task} preset starts at {PRESETS[task].start}/50 = {preset['preset_start_fraction']:.2f}, "
+        f"KSCU {task} preset starts at {KSCU_PRESETS[task].start}/50 = {preset['preset_start_fraction']:.2f}, "
         f"where switching already leaves the concept in {preset['presence_switching_at_preset_start']:.0%} "
         f"of images (top {preset['max_presence']:.0%})"
     )

@@ -21,9 +21,8 @@ def train(
     export: Annotated[bool, typer.Option("--export", help="Afterwards, ship the EMA weights into the package.")] = False,
 ) -> None:
     """Train (or resume training) the toy pipeline; --export ships it as the package's weights."""
-    from forgetpatch.toy import PIPELINE_DIR
-    from forgetpatch.toy.train import TrainConfig
-    from forgetpatch.toy.train import train as run
+    from forgetpatch.toy import PIPELINE_DIR, TrainConfig
+    from forgetpatch.toy import train_pipeline as run
 
     trainer = run(out, TrainConfig(steps=steps), resume=resume, device=device)
     if export:
@@ -41,7 +40,7 @@ def export_(
 ) -> None:
     """Export a run's weights as a pipeline (by default, ship them as the package's toy pipeline)."""
     from forgetpatch.toy import PIPELINE_DIR
-    from forgetpatch.toy.train import main
+    from forgetpatch.toy import train_main as main
 
     main(["--export", str(run), str(to or PIPELINE_DIR), *(["--raw"] if raw else [])])
 
@@ -58,8 +57,7 @@ def grid(
     ] = None,
 ) -> None:
     """Draw ``n`` images per prompt with the shipped toy pipeline into one PNG (a row per prompt)."""
-    from forgetpatch.toy import pipeline
-    from forgetpatch.toy.fidelity import generate, save_sheet
+    from forgetpatch.toy import generate, pipeline, save_sheet
 
     prompts = [p for p in prompt for _ in range(n)]
     seeds = [s for _ in prompt for s in range(n)]
@@ -79,8 +77,7 @@ def fidelity(
     grid_png: Annotated[Path | None, typer.Option("--grid", help="Also save the images as a PNG.")] = None,
 ) -> None:
     """Judge accuracy (shape / colour / texture) of the shipped pipeline on held-out combinations."""
-    from forgetpatch.toy import load_judge, pipeline
-    from forgetpatch.toy.fidelity import fidelity_with_images, save_sheet
+    from forgetpatch.toy import fidelity_with_images, load_judge, pipeline, save_sheet
 
     scores, images = fidelity_with_images(
         pipeline(path=weights), load_judge(), n=n, steps=steps, guidance=guidance, templates=templates

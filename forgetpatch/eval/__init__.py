@@ -15,7 +15,13 @@ and returns the same kind of report.
 
 UA is strict (:mod:`forgetpatch.eval.report`): an image counts as forgotten only when the judge
 confidently names another concept or sees no shape; every rate carries its sample size and 95% interval.
+
+Key-step analysis (:mod:`forgetpatch.eval.keysteps`: ``analyze``, ``KeyStepCurve``, ``compare_with_preset``,
+``toy_detector``, ``toy_prompts``) is imported on first use: it needs diffusers and the methods.
 """
+
+import importlib
+from typing import Any
 
 from forgetpatch.eval.blindfold import blindfold
 from forgetpatch.eval.ceiling import guide_ceiling
@@ -52,6 +58,24 @@ from forgetpatch.eval.suites import (
 )
 from forgetpatch.eval.suites import record as record_suite
 
+#: Names imported on first use (their module is heavy to import) -> the submodule that defines them.
+_LAZY = {
+    "KeyStepCurve": "keysteps",
+    "analyze": "keysteps",
+    "compare_with_preset": "keysteps",
+    "toy_detector": "keysteps",
+    "toy_prompts": "keysteps",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"forgetpatch.eval.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'forgetpatch.eval' has no attribute {name!r}")
+
+
 __all__ = [
     "DEFAULT_GUIDANCE_SCALE",
     "SUITES",
@@ -61,6 +85,7 @@ __all__ = [
     "ConceptReport",
     "EvalReport",
     "FeatureNet",
+    "KeyStepCurve",
     "Generator",
     "Judge",
     "NudeNetDetector",
@@ -71,10 +96,12 @@ __all__ = [
     "SuitePrompt",
     "SuiteReport",
     "Verdict",
+    "analyze",
     "as_generator",
     "blindfold",
     "check_clip_folder",
     "check_inception",
+    "compare_with_preset",
     "evaluate",
     "evaluate_suite",
     "forgotten",
@@ -93,5 +120,7 @@ __all__ = [
     "save_rows",
     "score_concept",
     "scoring_prompts",
+    "toy_detector",
+    "toy_prompts",
     "wilson",
 ]

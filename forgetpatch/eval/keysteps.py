@@ -27,7 +27,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from forgetpatch.errors import MethodError
-from forgetpatch.methods import preset_check, rise_steps
+from forgetpatch.methods import Cond, encode_prompt, preset_check, rise_steps
 from forgetpatch.progress import bar as progress_bar
 
 #: Judges a batch of ``(N, H, W, 3)`` uint8 images: does each show the concept?
@@ -168,8 +168,6 @@ def analyze(
         >>> curve.switch_steps
         [0, 1, 2, 3, 4]
     """
-    from forgetpatch.methods.finetune import Cond, encode_prompt
-
     if hasattr(pipe, "text_encoder_2"):
         raise MethodError("key-step analysis supports SD 1.x/2.x-style pipelines; SDXL is not supported yet")
     if num_images < 1 or num_inference_steps < 1:

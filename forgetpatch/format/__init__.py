@@ -9,7 +9,7 @@ Example:
     True
 """
 
-from forgetpatch.format.build import build_patch
+from forgetpatch.format.build import LineageSource, build_patch, set_lineage_source
 from forgetpatch.format.concept import Concept, ConceptKind, ConceptLike, as_concepts
 from forgetpatch.format.fingerprint import (
     COMPONENTS,
@@ -83,6 +83,7 @@ __all__ = [
     "Family",
     "KeyStepConvention",
     "KeyStepRange",
+    "LineageSource",
     "LoraInfo",
     "LowRank",
     "Manifest",
@@ -101,6 +102,7 @@ __all__ = [
     "read_patch",
     "require_verifiable",
     "resolve_module",
+    "set_lineage_source",
     "sha256_file",
     "split_path",
     "upgrade",

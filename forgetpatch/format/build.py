@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -19,6 +19,30 @@ from forgetpatch.format.manifest import (
     MethodInfo,
 )
 from forgetpatch.format.patch import Patch
+
+#: ``pipe -> digests`` of the patches applied on ``pipe``: a patch built there records them as its lineage. The
+#: loader, which sits above this package, registers its own at import (:func:`set_lineage_source`); until then
+#: nothing is applied anywhere.
+LineageSource = Callable[[Any], list[str]]
+
+
+def _nothing_applied(pipe: Any) -> list[str]:
+    return []
+
+
+_lineage_source: LineageSource = _nothing_applied
+
+
+def set_lineage_source(source: LineageSource | None) -> LineageSource:
+    """Make ``source(pipe)`` give the lineage that :func:`build_patch` records when none is passed (the digests of
+    the patches applied on ``pipe``, oldest first); ``None`` restores the default (none). Returns the previous one.
+
+    :mod:`forgetpatch.loader` registers ``lambda pipe: [e.digest for e in applied(pipe)]`` when it is imported, so
+    that this package never imports the loader.
+    """
+    global _lineage_source
+    previous, _lineage_source = _lineage_source, source or _nothing_applied
+    return previous
 
 
 def _peft_layout(
@@ -81,7 +105,9 @@ def build_patch(
     ``delta W = B @ A`` (``A``: ``r x in``, ``B``: ``out x r``; conv factors may be flattened, they are
     reshaped to peft's layout). Every module gets ``alpha = r`` (scale 1). The manifest records the
     fingerprint of the base weights, ranks, the architecture family, and as lineage (unless given)
-    the digests of the patches currently applied to ``pipe``. Key-step ranges that do not name their
+    the digests of the patches currently applied to ``pipe``: it asks the source registered with
+    :func:`set_lineage_source` (the loader registers one when imported; without it, the lineage is empty, as
+    nothing can have been applied). Key-step ranges that do not name their
     convention get the pipeline's (``"sigma"`` on a flow-matching scheduler, see :class:`KeyStepRange`).
 
     Example:
@@ -105,9 +131,7 @@ def build_patch(
     if params:
         method_info = method_info.model_copy(update={"params": {**method_info.params, **params}})
     if lineage is None:
-        from forgetpatch.loader import applied  # lazy: the loader imports this package
-
-        lineage = [entry.digest for entry in applied(pipe)]
+        lineage = _lineage_source(pipe)
     errors = dict(reconstruction_errors or {})
     manifest = Manifest(
         name=name,

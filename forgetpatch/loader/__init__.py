@@ -8,6 +8,7 @@ Example:
     >>> forgetpatch.remove(pipe)          # bit-identical to before
 """
 
+from forgetpatch.format import set_lineage_source
 from forgetpatch.loader.core import (
     AppliedPatch,
     PatchRef,
@@ -18,5 +19,9 @@ from forgetpatch.loader.core import (
     remove,
     unpatched,
 )
+
+# A patch built on a pipeline records the patches applied there as its lineage (format.build_patch); format sits
+# below the loader, so the loader hands it the way to read them instead of being imported by it.
+set_lineage_source(lambda pipe: [entry.digest for entry in applied(pipe)])
 
 __all__ = ["AppliedPatch", "PatchRef", "applied", "apply", "check_scale", "load", "remove", "unpatched"]

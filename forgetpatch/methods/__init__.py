@@ -18,6 +18,8 @@ from forgetpatch.methods.base import (
     register,
     registered,
 )
+from forgetpatch.methods.closed_form import cross_attention_layers, current_weight, inversion_map
+from forgetpatch.methods.finetune import Cond, encode_prompt
 
 # Method modules register themselves on import; a new method is one module plus its name here.
 _METHOD_MODULES = ("uce", "scapre", "esd", "kscu", "dynamic_mask")
@@ -85,19 +87,26 @@ def erase(
 
 
 from forgetpatch.methods.chain import erase_chain  # noqa: E402  (it calls erase, defined above)
+from forgetpatch.methods.kscu import PRESETS as KSCU_PRESETS  # noqa: E402
 from forgetpatch.methods.kscu import preset_check, rise_steps  # noqa: E402
 
 __all__ = [
+    "KSCU_PRESETS",
     "PLACEHOLDER",
     "Adversarial",
     "Concept",
     "ConceptLike",
+    "Cond",
     "Method",
     "as_concepts",
     "available_methods",
+    "cross_attention_layers",
+    "current_weight",
+    "encode_prompt",
     "erase_chain",
     "erase",
     "get_method",
+    "inversion_map",
     "at_prefix",
     "prefix_search",
     "preset_check",

@@ -46,7 +46,6 @@ Example:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -58,7 +57,7 @@ from torch import nn
 
 from forgetpatch import distributed, progress
 from forgetpatch.errors import MethodError
-from forgetpatch.methods import flow
+from forgetpatch.methods import checkpoint, flow
 from forgetpatch.methods.base import patch_name
 
 P = TypeVar("P")
@@ -69,7 +68,6 @@ Objective = Callable[["FinetuneEngine", int], torch.Tensor]
 #: peft ``target_modules`` regex of the ESD-x scope (full match against the module name).
 XATTN_REGEX = r".*attn2\.(to_q|to_k|to_v|to_out\.0)"
 _ADAPTER = "forgetpatch_train"
-_CHECKPOINT = "engine_state.pt"
 
 
 def scope_modules(unet: nn.Module, scope: Scope) -> list[str]:
@@ -554,7 +552,7 @@ class FinetuneEngine:
             return self.passes
         return Passes(**{k: int(v) for k, v in distributed.sum_values(asdict(self.passes)).items()})
 
-    # --- checkpoints -------------------------------------------------------------------------
+    # --- checkpoints (file layout, atomic write, settings check: methods/checkpoint.py) ---------
     def _cpu_caches(self) -> dict[int, dict[str, Any]]:
         """The trajectory caches this process holds, by sample, latents on the CPU."""
         caches = {**self._caches, self.sample: self._cache}
@@ -568,9 +566,7 @@ class FinetuneEngine:
             "caches": self._cpu_caches(),
             "losses": list(self.losses),
             "passes": asdict(self.passes),
-            "config": {
-                k: v for k, v in asdict(self.config).items() if k not in ("progress", "checkpoint_dir")
-            },
+            "config": checkpoint.settings(asdict(self.config)),
         }
 
     def save_checkpoint(self) -> Path | None:
@@ -584,36 +580,24 @@ class FinetuneEngine:
             shared["passes"] = asdict(self.total_passes())
         if not self.accelerator.is_main_process:
             return None
-        folder = Path(self.config.checkpoint_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / (_CHECKPOINT + ".tmp")
-        torch.save({**self._state(), **shared}, tmp)
-        os.replace(tmp, folder / _CHECKPOINT)
-        return folder / _CHECKPOINT
+        return checkpoint.save(self.config.checkpoint_dir, {**self._state(), **shared})
 
     def _maybe_resume(self) -> None:
         if not self.config.checkpoint_dir or self.iteration:
             return
-        path = Path(self.config.checkpoint_dir) / _CHECKPOINT
-        if not path.exists():
+        state = checkpoint.load(self.config.checkpoint_dir, checkpoint.settings(asdict(self.config)))
+        if state is None:
             return
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        mine = {k: v for k, v in asdict(self.config).items() if k not in ("progress", "checkpoint_dir")}
-        if state["config"] != mine:
-            diff = sorted(k for k in mine if state["config"].get(k) != mine[k])
-            raise MethodError(
-                f"checkpoint {path} was written with other settings ({', '.join(diff)}); "
-                "use another checkpoint_dir or the same settings"
-            )
         with torch.no_grad():
             params = self.trainable()
             for name, value in state["trainable"].items():
                 params[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
-        caches = state.get("caches", {0: state.get("cache")})  # one "cache" before batches
         mine = set(distributed.share(self.config.batch_size))  # the samples this process trains
         self._caches = {
-            s: {**c, "latent": c["latent"].to(self.device)} for s, c in caches.items() if c is not None and s in mine
+            s: {**c, "latent": c["latent"].to(self.device)}
+            for s, c in state["caches"].items()
+            if c is not None and s in mine
         }
         self._cache = self._caches.pop(self.sample, None)
         self.losses = list(state["losses"])

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,12 +60,36 @@ if TYPE_CHECKING:
 #: Where the shipped pipeline lives (``save_pretrained`` layout).
 PIPELINE_DIR = Path(__file__).parent / "weights" / "pipeline"
 
+#: Names imported on first use -> (submodule, its name for it): training, fidelity and the judge need diffusers or
+#: the judge's network, which ``import forgetpatch.toy`` does not load. ``train_pipeline`` is
+#: :func:`forgetpatch.toy.train.train` and ``train_main`` its command line (``python -m forgetpatch.toy.train``).
+_LAZY = {
+    "JUDGE_WEIGHTS": ("judge", "JUDGE_WEIGHTS"),
+    "TrainConfig": ("train", "TrainConfig"),
+    "train_pipeline": ("train", "train"),
+    "train_main": ("train", "main"),
+    "generate": ("fidelity", "generate"),
+    "fidelity_with_images": ("fidelity", "fidelity_with_images"),
+    "save_sheet": ("fidelity", "save_sheet"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f"forgetpatch.toy.{module}"), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'forgetpatch.toy' has no attribute {name!r}")
+
+
 __all__ = [
     "COLOURS",
     "ERASE_TEMPLATES",
     "FILLER_WORDS",
     "HELDOUT_TEMPLATES",
     "IMAGE_SIZE",
+    "JUDGE_WEIGHTS",
     "NEAR_NEIGHBOURS",
     "NO_SHAPE",
     "PARTIAL_TEMPLATES",
@@ -75,6 +100,7 @@ __all__ = [
     "TEXTURES",
     "ORDER_TEMPLATES",
     "TRAIN_TEMPLATES",
+    "TrainConfig",
     "UNCLEAR",
     "Verdict",
     "Kind",
@@ -83,6 +109,8 @@ __all__ = [
     "all_words",
     "concepts_of",
     "erase_defaults",
+    "fidelity_with_images",
+    "generate",
     "heldout_scenes",
     "in_context_params",
     "is_heldout",
@@ -92,7 +120,10 @@ __all__ = [
     "prompt",
     "render",
     "render_batch",
+    "save_sheet",
     "shape_mask",
+    "train_main",
+    "train_pipeline",
     "train_scenes",
 ]
 

@@ -11,7 +11,8 @@ Writing ``K`` for the right-hand matrix, the numerator is ``W K + s_e W (G - C)^
 
 exactly rank ``|E|``. ``A`` is the same for every layer (it only involves embeddings), so a call costs one
 ``D x D`` solve plus one thin matmul per layer, and the patch stores ``B``, ``A`` as they are: an exact
-LoRA whose only error is float32 rounding (measured against the float64 closed form and recorded).
+LoRA whose only error is float32 rounding (measured against the float64 closed form and recorded). With
+``max_rank`` each layer keeps the best rank-``max_rank`` part of ``B A`` instead, its error recorded too.
 
 On SD3 / FLUX (no ``attn2``) the same closed form edits ``transformer.context_embedder`` on the text encoders' rows
 (``context="embedder"``, exact: the only layer linear in the prompt), or each joint block's ``add_k_proj`` /
@@ -72,12 +73,12 @@ class UCEParams:
     robust: int = 0
     """RECE rounds (arXiv 2407.12383): invert the edit in closed form, erase the inverted embeddings too, solve
     again (:func:`~forgetpatch.methods.closed_form.robust_rounds`). 0 = plain UCE."""
+    robust_lambda: float = 0.1
+    """Ridge weight of each round's inversion (the inversion attack's ``lambda``)."""
     max_rank: int | None = None
     """Cut each layer's change to its best rank-``max_rank`` approximation (:func:`forgetpatch.lowrank.truncate`;
     the relative error is recorded per layer). ``None`` = exact: rank = edited rows, which in context is up to the
     text width (an 80 MB patch for one concept on SD 1.5)."""
-    robust_lambda: float = 0.1
-    """Ridge weight of each round's inversion (the inversion attack's ``lambda``)."""
     context: str = "embedder"
     """SD3 / FLUX only: ``"embedder"`` edits ``context_embedder`` (exact), ``"joint"`` every joint block's
     ``add_k_proj`` / ``add_v_proj`` on the rows it receives (:mod:`forgetpatch.methods.joint`)."""
@@ -240,7 +241,7 @@ class UCE:
     def erase(self, pipe, concepts: list[Concept], *, preserve: list[Concept], **params: Any):
         """Erase ``concepts`` (keeping ``preserve``) and return the change as an exact-LoRA Patch.
 
-        Params: ``lam`` (0.5), ``erase_scale`` (1), ``preserve_scale`` (1), ``name``, ``progress``; ``seed`` is
+        Params: ``lam`` (0.5), ``erase_scale`` (1), ``preserve_scale`` (1), ``max_rank`` (exact), ``name``, ``progress``; ``seed`` is
         accepted for a uniform interface (UCE draws no noise).
         """
         from forgetpatch.format import build_patch

@@ -149,6 +149,27 @@ def test_hooked_pipeline_is_left_to_diffusers_loader(pipe, base_image):
     assert_unchanged(pipe, before)
 
 
+def test_a_peft_without_config_taking_layers_is_left_to_diffusers_loader(pipe, base_image, monkeypatch):
+    """peft releases whose LoRA layers take their settings one by one: every adapter goes through diffusers."""
+    from forgetpatch.loader import adapters
+
+    assert adapters.peft_takes_config()  # the pinned peft: the direct path is the one the other tests run
+    monkeypatch.setattr(adapters, "peft_takes_config", lambda: False)
+    loads = []
+    real = type(pipe).load_lora_weights
+
+    def counted(self, *args, **kwargs):
+        loads.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "load_lora_weights", counted)
+    before = snapshot(pipe)
+    forgetpatch.apply(pipe, make_patch(pipe))
+    assert loads == [1] and not np.array_equal(generate(pipe), base_image)
+    forgetpatch.remove(pipe)
+    assert_unchanged(pipe, before)
+
+
 def test_apply_leaves_the_users_trainability_alone(pipe):
     """The user's parameters keep their requires_grad (peft's whole-model injection froze every base weight)."""
     pipe.unet.requires_grad_(True)

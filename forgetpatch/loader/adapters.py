@@ -13,6 +13,8 @@ put them back. Which adapters are active is :mod:`forgetpatch.loader.core`'s bus
 
 from __future__ import annotations
 
+import functools
+import inspect
 import threading
 import warnings
 from collections.abc import Iterator
@@ -105,11 +107,24 @@ def lora_config(ranks: dict[str, int]):
     return LoraConfig(r=r, lora_alpha=r, target_modules=list(ranks), rank_pattern=pattern, alpha_pattern=pattern)
 
 
+@functools.cache
+def peft_takes_config() -> bool:
+    """Whether this peft's LoRA layers take their settings as one ``LoraConfig`` (``config=``), as :func:`inject`
+    builds them; older peft releases (the package allows >= 0.12) take them one by one, and then diffusers' loader
+    places every adapter."""
+    from peft.tuners.lora import Linear, LoraLayer
+
+    return all("config" in inspect.signature(f).parameters for f in (LoraLayer.update_layer, Linear.__init__))
+
+
 def lora_layer(module: nn.Module) -> type | None:
     """peft's LoRA layer class for ``module`` (a ``Linear`` or ``Conv2d``, bare or already wrapped by peft), or
-    ``None`` for anything else (then diffusers' loader places the adapter)."""
+    ``None`` for anything else, or with a peft whose layers :func:`inject` cannot build (then diffusers' loader
+    places the adapter)."""
     from peft.tuners.lora import Conv2d, Linear, LoraLayer
 
+    if not peft_takes_config():
+        return None
     base = module.get_base_layer() if isinstance(module, LoraLayer) else module
     if type(module) not in (Linear, Conv2d, nn.Linear, nn.Conv2d) or type(base) not in (nn.Linear, nn.Conv2d):
         return None

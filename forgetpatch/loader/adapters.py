@@ -8,7 +8,8 @@ it loads, so diffusers' ``set_adapters`` / ``delete_adapters`` / ``fuse_lora`` a
 UNet several times, which was most of ``apply``'s time on SD 1.5 (``benchmarks/apply.py``). On a pipeline whose
 components carry offloading or other hooks, or are quantized (:func:`direct` is false), ``load_adapter`` and
 ``delete_adapters`` use diffusers' ``load_lora_weights`` / ``delete_adapters``, which take those hooks off and
-put them back. Which adapters are active is :mod:`forgetpatch.loader.core`'s business, not this module's.
+put them back; so does ``load_adapter`` with a peft whose LoRA layers :func:`inject` cannot build
+(:func:`peft_takes_config`). Which adapters are active is :mod:`forgetpatch.loader.core`'s business, not this module's.
 """
 
 from __future__ import annotations

@@ -20,9 +20,6 @@ Key-step analysis (:mod:`forgetpatch.eval.keysteps`: ``analyze``, ``KeyStepCurve
 ``toy_detector``, ``toy_prompts``) is imported on first use: it needs diffusers and the methods.
 """
 
-import importlib
-from typing import Any
-
 from forgetpatch.eval.blindfold import blindfold
 from forgetpatch.eval.ceiling import guide_ceiling
 from forgetpatch.eval.generate import DEFAULT_GUIDANCE_SCALE, Generator, PipelineGenerator, as_generator
@@ -57,24 +54,17 @@ from forgetpatch.eval.suites import (
     read_prompt_csv,
 )
 from forgetpatch.eval.suites import record as record_suite
+from forgetpatch.lazy import lazy_exports
 
-#: Names imported on first use (their module is heavy to import) -> the submodule that defines them.
+#: Names imported on first use (their module is heavy to import) -> (submodule, its name for it).
 _LAZY = {
-    "KeyStepCurve": "keysteps",
-    "analyze": "keysteps",
-    "compare_with_preset": "keysteps",
-    "toy_detector": "keysteps",
-    "toy_prompts": "keysteps",
+    "KeyStepCurve": ("keysteps", "KeyStepCurve"),
+    "analyze": ("keysteps", "analyze"),
+    "compare_with_preset": ("keysteps", "compare_with_preset"),
+    "toy_detector": ("keysteps", "toy_detector"),
+    "toy_prompts": ("keysteps", "toy_prompts"),
 }
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f"forgetpatch.eval.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'forgetpatch.eval' has no attribute {name!r}")
-
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 __all__ = [
     "DEFAULT_GUIDANCE_SCALE",

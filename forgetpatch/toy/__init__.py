@@ -16,13 +16,13 @@ Example:
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from forgetpatch.errors import ForgetPatchError
+from forgetpatch.lazy import lazy_exports
 from forgetpatch.toy.defaults import erase_defaults
 from forgetpatch.toy.degrade import NO_SHAPE, UNCLEAR, Verdict
 from forgetpatch.toy.render import IMAGE_SIZE, render, render_batch, shape_mask
@@ -72,16 +72,7 @@ _LAZY = {
     "fidelity_with_images": ("fidelity", "fidelity_with_images"),
     "save_sheet": ("fidelity", "save_sheet"),
 }
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        module, attr = _LAZY[name]
-        value = getattr(importlib.import_module(f"forgetpatch.toy.{module}"), attr)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'forgetpatch.toy' has no attribute {name!r}")
-
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 __all__ = [
     "COLOURS",

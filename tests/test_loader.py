@@ -97,12 +97,9 @@ def test_plain_diffusers_load_equals_forgetpatch_apply(tmp_path, pipe):
     np.testing.assert_allclose(generate(pipe), ours, atol=1e-6, rtol=0)
 
 
-def test_direct_injection_equals_diffusers_loader(pipe, monkeypatch):
-    """apply puts peft layers on the targets itself (not walking the UNet): same adapter, same output as diffusers'
-    load_lora_weights, which it falls back to on hooked pipelines."""
-    from forgetpatch.loader import adapters
-
-    patch = make_patch(pipe)
+@pytest.fixture
+def diffusers_loads(pipe, monkeypatch) -> list[int]:
+    """One entry per call of diffusers' ``load_lora_weights`` on ``pipe``'s class during the test."""
     loads = []
     real = type(pipe).load_lora_weights
 
@@ -111,8 +108,17 @@ def test_direct_injection_equals_diffusers_loader(pipe, monkeypatch):
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(type(pipe), "load_lora_weights", counted)
+    return loads
+
+
+def test_direct_injection_equals_diffusers_loader(pipe, monkeypatch, diffusers_loads):
+    """apply puts peft layers on the targets itself (not walking the UNet): same adapter, same output as diffusers'
+    load_lora_weights, which it falls back to on hooked pipelines."""
+    from forgetpatch.loader import adapters
+
+    patch = make_patch(pipe)
     forgetpatch.apply(pipe, patch)
-    assert loads == [], "a plain pipeline gets the adapter directly"
+    assert diffusers_loads == [], "a plain pipeline gets the adapter directly"
     direct_image = generate(pipe)
     direct = {k: v.clone() for k, v in pipe.unet.state_dict().items() if "lora" in k}
     configs = {c: getattr(pipe, c).peft_config["p0"] for c in ("unet", "text_encoder")}
@@ -121,7 +127,7 @@ def test_direct_injection_equals_diffusers_loader(pipe, monkeypatch):
 
     monkeypatch.setattr(adapters, "direct", lambda pipe: False)
     forgetpatch.apply(pipe, patch)
-    assert loads == [1]
+    assert diffusers_loads == [1]
     np.testing.assert_array_equal(generate(pipe), direct_image)
     loaded = {k: v for k, v in pipe.unet.state_dict().items() if "lora" in k}
     assert loaded.keys() == direct.keys()
@@ -149,23 +155,15 @@ def test_hooked_pipeline_is_left_to_diffusers_loader(pipe, base_image):
     assert_unchanged(pipe, before)
 
 
-def test_a_peft_without_config_taking_layers_is_left_to_diffusers_loader(pipe, base_image, monkeypatch):
+def test_a_peft_without_config_taking_layers_is_left_to_diffusers_loader(pipe, base_image, monkeypatch, diffusers_loads):
     """peft releases whose LoRA layers take their settings one by one: every adapter goes through diffusers."""
     from forgetpatch.loader import adapters
 
     assert adapters.peft_takes_config()  # the pinned peft: the direct path is the one the other tests run
     monkeypatch.setattr(adapters, "peft_takes_config", lambda: False)
-    loads = []
-    real = type(pipe).load_lora_weights
-
-    def counted(self, *args, **kwargs):
-        loads.append(1)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(pipe), "load_lora_weights", counted)
     before = snapshot(pipe)
     forgetpatch.apply(pipe, make_patch(pipe))
-    assert loads == [1] and not np.array_equal(generate(pipe), base_image)
+    assert diffusers_loads == [1] and not np.array_equal(generate(pipe), base_image)
     forgetpatch.remove(pipe)
     assert_unchanged(pipe, before)
 

@@ -42,6 +42,28 @@ def test_each_step_is_computed_on_the_ones_before_and_the_pipeline_comes_back(tm
     assert forgetpatch.applied(pipe) == []
 
 
+def test_a_later_patch_holds_what_the_patches_before_it_erased():
+    """erase on a patched pipeline preserves the concepts its patches erased (hold), so the new patch leaves
+    their edited outputs almost as they are; hold=False leaves them out, and a concept erased again is not held."""
+    from forgetpatch.methods import erased_on
+    from forgetpatch.methods.closed_form import encode_trailing, last_token_index
+
+    pipe = tiny_sd_pipeline(seed=0)
+    forgetpatch.apply(pipe, forgetpatch.erase(pipe, ["circle"], method="uce", erase_scale=20.0))
+    assert [c.target for c in erased_on(pipe)] == ["circle"]
+    held = forgetpatch.erase(pipe, ["star"], method="uce", erase_scale=20.0)
+    free = forgetpatch.erase(pipe, ["star"], method="uce", erase_scale=20.0, hold=False)
+    again = forgetpatch.erase(pipe, ["circle", "star"], method="uce")
+    assert [c.target for c in held.manifest.preserved] == ["circle"]
+    assert free.manifest.preserved == [] and again.manifest.preserved == []
+
+    # the circle's rows the first patch edited: its token and every later one (the default in-context edit)
+    (circle,) = encode_trailing(pipe, ["circle"], last_token_index(pipe, ["circle"]).tolist())
+    for path in held.target_modules:
+        moved = {which: (circle @ patch.delta(path).T).norm() for which, patch in (("held", held), ("free", free))}
+        assert moved["held"] < 0.5 * moved["free"], (path, moved)
+
+
 def test_cli_chain_writes_steps_and_a_report_after_each(tmp_path):
     from forgetpatch.cli import app
 

@@ -168,6 +168,9 @@ def naive_layer(W, emb, mu, mask, params: ScaPreParams):
     eye = torch.eye(D, dtype=torch.float64)
     S = C.T @ C
     uce_sum = params.erase_scale * C.T @ C + params.preserve_scale * P.T @ P
+    H = emb.held if emb.held is not None else P[:0]  # concepts an applied patch erased, kept with weight s_h
+    s_h = params.erase_scale if params.hold_scale is None else params.hold_scale
+    uce_sum = uce_sum + s_h * H.T @ H
     ridge = params.pi_eps * float((C * C).sum()) / n
     Pi = C.T @ torch.linalg.inv(C @ C.T + ridge * torch.eye(n, dtype=torch.float64)) @ C
     R = torch.zeros(D, D, dtype=torch.float64)
@@ -176,7 +179,7 @@ def naive_layer(W, emb, mu, mask, params: ScaPreParams):
         median = sigma.median()
         gate = torch.sigmoid((sigma - median) / (params.gate_temperature * median)) ** params.p
         R = vh.T @ torch.diag((1 - gate) * mu) @ vh
-    V = params.erase_scale * (W @ G.T) @ C + params.preserve_scale * (W @ P.T) @ P
+    V = params.erase_scale * (W @ G.T) @ C + params.preserve_scale * (W @ P.T) @ P + s_h * (W @ H.T) @ H
     lam_p = params.lam + mu
     solved, final = [], []
     for i in range(W.shape[0]):
@@ -187,18 +190,35 @@ def naive_layer(W, emb, mu, mask, params: ScaPreParams):
     return torch.stack(solved), torch.stack(final) - W
 
 
-@pytest.mark.parametrize("preset", ["object", "style"])
-def test_layer_edit_equals_naive_per_row_solve(sd, preset):
-    concepts = [Concept("circle"), Concept("star", guide="shape"), Concept("vangogh", kind="style")]
-    params = {"preset": preset}
-    settings, shared, layers = ScaPre.prepare(sd, concepts, [Concept("ellipse"), Concept("monet")], params)
-    assert settings.spectral_gate is (preset == "style")
+def assert_layers_match_naive_solve(layers, shared, settings) -> None:
+    """The first layers' edits (the solved rows and the change) equal :func:`naive_layer`'s."""
     for path in list(layers)[:3]:
         W = current_weight(layers[path])
         edit = edit_layer(W, shared, settings, keep_solved=True)
         solved, delta = naive_layer(W, shared.emb, edit.mu, edit.mask, settings)
         torch.testing.assert_close(edit.solved.double(), solved, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(edit.delta.double(), delta, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["object", "style"])
+def test_layer_edit_equals_naive_per_row_solve(sd, preset):
+    concepts = [Concept("circle"), Concept("star", guide="shape"), Concept("vangogh", kind="style")]
+    params = {"preset": preset}
+    settings, shared, layers = ScaPre.prepare(sd, concepts, [Concept("ellipse"), Concept("monet")], params)
+    assert settings.spectral_gate is (preset == "style")
+    assert_layers_match_naive_solve(layers, shared, settings)
+
+
+@pytest.mark.parametrize("hold_scale", [None, 6.0])
+def test_concepts_an_applied_patch_erased_are_held_in_the_row_solve(hold_scale):
+    """A preserved concept that a patch on the pipeline erased enters the solve like a preserved one, with weight
+    hold_scale (default: the erase scale), on the weights as patched."""
+    pipe = tiny_sd_pipeline(seed=0)
+    forgetpatch.apply(pipe, forgetpatch.erase(pipe, ["circle"], method="scapre", paper=True))
+    params = {"hold_scale": hold_scale, "erase_scale": 2.0}
+    settings, shared, layers = ScaPre.prepare(pipe, [Concept("star")], [Concept("ellipse"), Concept("circle")], params)
+    assert shared.emb.held.shape[0] == 1 and shared.emb.preserve.shape[0] == 1
+    assert_layers_match_naive_solve(layers, shared, settings)
 
 
 def test_entropy_and_mask_come_from_the_seeded_noisy_activations(sd):

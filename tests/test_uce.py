@@ -8,7 +8,7 @@ from reference import token_embedding
 
 import forgetpatch
 from forgetpatch.methods import Concept
-from forgetpatch.methods.closed_form import cross_attention_layers, embed_concepts
+from forgetpatch.methods.closed_form import cross_attention_layers, current_weight, embed_concepts
 from forgetpatch.methods.uce import UCE
 from forgetpatch.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
@@ -23,8 +23,8 @@ def sdxl():
     return tiny_sdxl_pipeline(seed=0)
 
 
-def reference_weight(W, erase, guides, preserve, lam=0.5, s_e=1.0, s_p=1.0):
-    """methods.md's formula, written term by term in float64."""
+def reference_weight(W, erase, guides, preserve, lam=0.5, s_e=1.0, s_p=1.0, held=(), s_h=1.0):
+    """methods.md's formula, written term by term in float64 (``held`` rows kept like preserved ones, weight s_h)."""
     W = W.double()
     D = W.shape[1]
     left = lam * W
@@ -32,9 +32,10 @@ def reference_weight(W, erase, guides, preserve, lam=0.5, s_e=1.0, s_p=1.0):
     for c, g in zip(erase, guides, strict=True):
         left = left + s_e * torch.outer(W @ g, c)
         right = right + s_e * torch.outer(c, c)
-    for p in preserve:
-        left = left + s_p * torch.outer(W @ p, p)
-        right = right + s_p * torch.outer(p, p)
+    for scale, rows in ((s_p, preserve), (s_h, held)):
+        for p in rows:
+            left = left + scale * torch.outer(W @ p, p)
+            right = right + scale * torch.outer(p, p)
     return left @ torch.linalg.inv(right)
 
 
@@ -126,6 +127,23 @@ def test_preserve_terms_keep_preserved_outputs(sd):
     kept = UCE.compute_deltas(sd, [Concept("circle")], preserve=[Concept("ellipse")])
     for path in free:
         assert (kept[path] @ p).norm() < 0.5 * (free[path] @ p).norm()
+
+
+def test_concepts_an_applied_patch_erased_are_held_with_their_own_weight():
+    """On a pipeline carrying a patch, a preserved concept that patch erased is kept as the patched layers map it,
+    weighted by hold_scale instead of preserve_scale: the formula with those rows at s_h, on the current weights."""
+    pipe = tiny_sd_pipeline(seed=0)
+    forgetpatch.apply(pipe, forgetpatch.erase(pipe, ["circle"], method="uce", paper=True))
+    deltas = UCE.compute_deltas(
+        pipe, [Concept("star")], preserve=[Concept("ellipse"), Concept("circle")], erase_scale=2.0, hold_scale=7.0
+    )
+    star, ellipse, circle, blank = (token_embedding(pipe, w) for w in ("star", "ellipse", "circle", ""))
+    for path, module in cross_attention_layers(pipe).items():
+        W = current_weight(module)  # with the circle patch on
+        expected = reference_weight(W, [star], [blank], [ellipse], s_e=2.0, held=[circle], s_h=7.0) - W.double()
+        torch.testing.assert_close(
+            deltas[path].double(), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max())
+        )
 
 
 def test_erased_embedding_moves_towards_its_guide(sd):

@@ -14,6 +14,7 @@ from forgetpatch.methods.base import (
     Method,
     as_concepts,
     available_methods,
+    erased_on,
     get_method,
     register,
     registered,
@@ -56,6 +57,7 @@ def erase(
     method: str = "scapre",
     preserve: ConceptLike | Sequence[ConceptLike] | None = None,
     paper: bool = False,
+    hold: bool = True,
     **params: Any,
 ):
     """Make ``pipe`` forget ``concepts`` with ``method`` and return the change as a Patch.
@@ -64,6 +66,11 @@ def erase(
     left unset come from the base model when it supplies them (the toy world does), else closed-form methods
     edit each concept in the prompts of its kind; ``paper=True`` runs the method exactly as published
     instead (:mod:`forgetpatch.methods.defaults`).
+
+    On a pipeline that already carries patches (sequential unlearning), the concepts they erased are added to
+    ``preserve`` (:func:`~forgetpatch.methods.base.erased_on`): the new patch keeps them as the pipeline draws them
+    now, that is, still erased, and closed-form methods weight them as strongly as the concepts they erase
+    (``hold_scale``). ``hold=False`` leaves them out.
 
     Example:
         >>> patch = forgetpatch.erase(pipe, ["circle", "star"], method="scapre")
@@ -83,6 +90,9 @@ def erase(
             f"concepts both erased and preserved: {sorted(overlap)}; remove them from one list"
         )
     erased, kept, params = with_defaults(pipe, method, erased, kept, params, paper=paper)
+    if hold:
+        named = {c.target.strip().lower() for c in [*erased, *kept]}
+        kept = [*kept, *(c for c in erased_on(pipe) if c.target.strip().lower() not in named)]
     return get_method(method).erase(pipe, erased, preserve=kept, **params)
 
 
@@ -105,6 +115,7 @@ __all__ = [
     "encode_prompt",
     "erase_chain",
     "erase",
+    "erased_on",
     "get_method",
     "inversion_map",
     "at_prefix",

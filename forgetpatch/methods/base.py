@@ -100,6 +100,26 @@ def registered() -> list[type]:
     return list(_REGISTRY.values())
 
 
+def erased_on(pipe: Any) -> list[Concept]:
+    """The concepts that the forgetpatch patches on ``pipe`` erased (target and kind), in the order the patches went
+    on, each once.
+
+    :func:`forgetpatch.erase` keeps them as they are (still erased) in the patch it makes: it adds them to
+    ``preserve`` (``hold=False`` does not), and closed-form methods weight them like the erased concepts
+    (``hold_scale``), so that a later patch does not undo an earlier one.
+
+    Example:
+        >>> [c.target for c in erased_on(forgetpatch.apply(pipe, ["./no-circle", "./no-star"]))]
+        ['circle', 'star']
+    """
+    from forgetpatch.loader import applied
+
+    seen: dict[str, Concept] = {}
+    for entry in applied(pipe):
+        for concept in entry.patch.manifest.concepts:
+            seen.setdefault(concept.target.strip().lower(), Concept(concept.target, kind=concept.kind))
+    return list(seen.values())
+
 
 def patch_name(method: str, concepts: Sequence[Concept], limit: int = 60) -> str:
     """The default patch name of every method, such as ``"scapre-no-circle-star"`` (slash-free, at most ``limit``
@@ -116,6 +136,6 @@ def patch_name(method: str, concepts: Sequence[Concept], limit: int = 60) -> str
 
 # Concepts are defined with the manifest (forgetpatch.format) and used here under the same names.
 __all__ = [
-    "FLAGS", "Concept", "ConceptKind", "ConceptLike", "Method", "as_concepts", "available_methods", "get_method",
-    "patch_name", "register", "registered",
+    "FLAGS", "Concept", "ConceptKind", "ConceptLike", "Method", "as_concepts", "available_methods", "erased_on",
+    "get_method", "patch_name", "register", "registered",
 ]

@@ -1,7 +1,9 @@
 """Sequential unlearning as a chain of patches: forget one concept, then the next on top of it, and so on.
 
 Step ``k`` is computed on the pipeline carrying steps ``1..k-1`` (fused, so a fine-tuning method's teacher is the
-patched model and Dynamic Mask's distillation keeps their concepts forgotten); its lineage names them, so
+patched model and Dynamic Mask's distillation keeps their concepts forgotten), and :func:`~forgetpatch.methods.erase`
+preserves their concepts as the patched model draws them (``hold``: closed-form methods weight them as strongly as
+they erase, ``hold_scale``); its lineage names them, so
 ``forgetpatch.apply(pipe, step_k)`` refuses without its parents and ``apply(..., with_lineage=True)`` puts them on
 first. The pipeline is given back as it came.
 

@@ -22,14 +22,14 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from forgetpatch.errors import ConceptError, MethodError
-from forgetpatch.methods.base import Concept, registered
+from forgetpatch.methods.base import Concept, erased_on, registered
 
 #: The projections closed-form methods edit in every cross-attention block.
 KEY_VALUE = ("to_k", "to_v")
@@ -199,6 +199,14 @@ def encode_tokens(pipe, prompts: Sequence[str], *, allow_empty: bool = False) ->
     return rows if where is None else rows[where]
 
 
+def split_held(pipe, preserve: Sequence[Concept]) -> tuple[list[Concept], list[Concept]]:
+    """``preserve`` split into plain concepts and held ones: those that patches already on ``pipe`` erased
+    (:func:`~forgetpatch.methods.base.erased_on`), which a closed-form edit keeps with their own weight."""
+    on = {c.target.strip().lower() for c in erased_on(pipe)}
+    held = [c for c in preserve if c.target.strip().lower() in on]
+    return [c for c in preserve if c not in held], held
+
+
 def check_concepts(concepts: Sequence[Concept], preserve: Sequence[Concept]) -> None:
     """Refuse an empty erase list or a concept that is both erased and preserved."""
     if not concepts:
@@ -220,6 +228,17 @@ class Embeddings:
     """``(n, D)``: what each erased embedding is steered to."""
     preserve: torch.Tensor
     """``(m, D)``: embeddings whose outputs are kept (``m`` may be 0)."""
+    held: torch.Tensor | None = None
+    """``(h, D)``: embeddings of concepts that patches already on the pipeline erased, kept as they are now (that
+    is, still erased) with their own weight (:meth:`kept`); ``None``: none."""
+
+    def kept(self, preserve_scale: float, hold_scale: float) -> torch.Tensor:
+        """The kept rows, each scaled by the square root of its weight: ``[sqrt(s_p) P; sqrt(s_h) H]``, so that
+        ``kept^T kept = s_p P^T P + s_h H^T H`` (the preservation sums of UCE's and ScaPre's solves)."""
+        rows = [preserve_scale**0.5 * self.preserve]
+        if self.held is not None:
+            rows.append(hold_scale**0.5 * self.held)
+        return torch.cat(rows)
 
 
 def guide_prompt(concept: Concept, defaults: dict[str, str] | None = None) -> str:
@@ -291,6 +310,7 @@ def embed_concepts(
     *,
     tokens: str = "last",
     templates: Sequence[str] = (),
+    held: Sequence[str] = (),
 ) -> tuple[Embeddings, torch.Tensor]:
     """Encode erase targets, their guides, preserved prompts and ``extra`` prompts.
 
@@ -301,7 +321,8 @@ def embed_concepts(
     add, per erased and preserved concept, the concept inside each template, paired with the template
     filled with its guide (:func:`in_templates`): its own token (``"last"``), or its token and every
     later position of the filled template (``"trailing"``). Returns the :class:`Embeddings` and the ``extra``
-    rows. Guides and extras may be blank (``""`` = BOS).
+    rows. Guides and extras may be blank (``""`` = BOS). ``held`` concepts are encoded as preserved ones, into
+    :attr:`Embeddings.held` (concepts erased by patches already on the pipeline).
 
     Raises:
         ConceptError: an erased or preserved prompt tokenizes to nothing.
@@ -312,32 +333,36 @@ def embed_concepts(
         >>> emb.erase.shape, emb.preserve.shape
         (torch.Size([1, 32]), torch.Size([1, 32]))
     """
-    erase, guides, preserve, extra = list(erase), list(guides), list(preserve), list(extra)
+    erase, guides, preserve, extra, held = list(erase), list(guides), list(preserve), list(extra), list(held)
     if len(guides) != len(erase):
         raise MethodError(f"{len(erase)} concepts but {len(guides)} guides; give one guide per concept")
     if tokens not in TOKEN_MODES:
         raise MethodError(f"unknown tokens mode {tokens!r}; choose one of {list(TOKEN_MODES)}")
-    named = erase + preserve
+    named = erase + preserve + held
     _refuse_empty(named, last_token_index(pipe, named))
     if tokens == "trailing":
-        erase_rows, guide_rows, keep_rows = (
+        erase_rows, guide_rows, keep_rows, held_rows = (
             _rows(pipe, [pair for word in words for pair in in_templates(word, templates)])
-            for words in (erase, guides, preserve)
+            for words in (erase, guides, preserve, held)
         )
         C, G = _aligned(erase_rows, guide_rows)
         P = torch.cat(keep_rows) if keep_rows else C.new_zeros(0, C.shape[1])
-        found = Embeddings(erase=C.double(), guide=G.double(), preserve=P.double())
+        H = torch.cat(held_rows).double() if held_rows else None
+        found = Embeddings(erase=C.double(), guide=G.double(), preserve=P.double(), held=H)
         more = encode_tokens(pipe, extra, allow_empty=True) if extra else C.new_zeros(0, C.shape[1])
         return found, more.double()
     if templates:  # the concept's own token inside each template (the last word token of its prefix)
-        erase, guides, preserve = (
+        erase, guides, preserve, held = (
             [prefix for word in words for _, prefix in in_templates(word, templates)]
-            for words in (erase, guides, preserve)
+            for words in (erase, guides, preserve, held)
         )
-    rows = encode_tokens(pipe, erase + guides + preserve + extra, allow_empty=True).double()
-    n, m = len(erase), len(preserve)
-    found = Embeddings(erase=rows[:n], guide=rows[n : 2 * n], preserve=rows[2 * n : 2 * n + m])
-    return found, rows[2 * n + m :]
+    rows = encode_tokens(pipe, erase + guides + preserve + held + extra, allow_empty=True).double()
+    n, m, h = len(erase), len(preserve), len(held)
+    found = Embeddings(
+        erase=rows[:n], guide=rows[n : 2 * n], preserve=rows[2 * n : 2 * n + m],
+        held=rows[2 * n + m : 2 * n + m + h] if held else None,
+    )
+    return found, rows[2 * n + m + h :]
 
 
 # --- robustness: the closed-form inversion --------------------------------------------------------
@@ -377,11 +402,7 @@ def with_adversarial(emb: Embeddings, concept_rows: torch.Tensor, guide_rows: to
     """``emb`` with the inverted concept rows ``concept_rows @ M^T`` added to the erased set, each steered to the
     guide row of the row it came from (RECE's round); the preserved set is unchanged."""
     adversarial = concept_rows @ M.T.to(concept_rows)
-    found = Embeddings(
-        erase=torch.cat([emb.erase, adversarial]),
-        guide=torch.cat([emb.guide, guide_rows]),
-        preserve=emb.preserve,
-    )
+    found = replace(emb, erase=torch.cat([emb.erase, adversarial]), guide=torch.cat([emb.guide, guide_rows]))
     return found, adversarial
 
 
@@ -461,5 +482,6 @@ __all__ = [
     "require_unet",
     "robust_record",
     "robust_rounds",
+    "split_held",
     "with_adversarial",
 ]

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from forgetpatch.errors import MethodError
 from forgetpatch.methods.adversarial import Adversary, adversary_for
-from forgetpatch.methods.base import Concept, patch_name, register
+from forgetpatch.methods.base import Concept, erased_on, patch_name, register
 from forgetpatch.methods.closed_form import check_concepts, require_unet
 from forgetpatch.methods.finetune import Cond, FinetuneEngine, make_config
 
@@ -217,13 +217,6 @@ class GradientMask:
             hook.remove()
 
 
-def earlier_concepts(pipe: Any) -> list[str]:
-    """Concepts forgotten by the patches already on ``pipe`` (the distillation keeps them forgotten)."""
-    from forgetpatch.loader import applied
-
-    return [c.target for entry in applied(pipe) for c in entry.patch.manifest.concepts]
-
-
 def _noised(engine: FinetuneEngine, latents: torch.Tensor, t: torch.Tensor, generator: torch.Generator):
     noise = torch.randn(latents.shape, generator=generator)
     x_t = engine.scheduler.add_noise(latents, noise, t)
@@ -370,7 +363,7 @@ class DynamicMask:
         """Train the sequence; ``(factors, errors, records)``, or ``(deltas, {}, records)`` with ``raw``."""
         check_concepts(concepts, preserve)
         supers = [superclass_of(c) for c in concepts]
-        earlier = earlier_concepts(pipe)
+        earlier = [c.target for c in erased_on(pipe)]  # the distillation keeps them forgotten
         data = [
             ConceptData.make(pipe, c.target, s, settings, settings.seed + 1000 * i)
             for i, (c, s) in enumerate(zip(concepts, supers, strict=True))

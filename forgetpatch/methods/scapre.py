@@ -13,7 +13,9 @@ embeddings ``g_k`` and preserved embeddings ``p_j``, per layer:
    max over concepts;
 4. UCE-style sums with erase scale ``s_e``; ``Pi_C = C^T (C C^T + eps I)^-1 C`` (the target subspace);
 5. **row solve** ``w_i = M_i^-1 b_i`` with ``M_i = (lam + mu) I + R + [s_e C^T C + s_p P^T P] + S + s_e m_i Pi_C``,
-   ``S = C^T C``, ``b_i = (lam + mu) W_i + V_i``, ``V = s_e (W G^T) C + s_p (W P^T) P``;
+   ``S = C^T C``, ``b_i = (lam + mu) W_i + V_i``, ``V = s_e (W G^T) C + s_p (W P^T) P``; concepts that patches
+   already on the pipeline erased (held, ``H``) are kept like ``P`` with weight ``s_h``: ``+ s_h H^T H`` and
+   ``+ s_h (W H^T) H`` (``hold_scale``, by default ``s_e``);
 6. **Bures proximal step** per row (``bures_iters``), pulling each row's norm and direction towards the old row.
 
 Fast solve: every matrix except ``(lam + mu) I`` lives in the span of the erased and preserved embeddings
@@ -64,6 +66,7 @@ from forgetpatch.methods.closed_form import (
     guide_prompt,
     robust_record,
     robust_rounds,
+    split_held,
 )
 
 #: The published settings per concept kind (identity / other use the object preset).
@@ -86,6 +89,9 @@ class ScaPreParams:
     """``s_e``: weight of steering erased embeddings to their guides, and of the Informax confinement."""
     preserve_scale: float = 1.0
     """``s_p``: weight of keeping preserved embeddings' outputs."""
+    hold_scale: float | None = None
+    """``s_h``: weight of keeping the outputs of preserved concepts that patches already on the pipeline erased
+    (:func:`~forgetpatch.methods.base.erased_on`), so that this patch does not undo theirs. ``None`` = ``s_e``."""
     p: float = 5.0
     """Sharpness exponent of the spectral gate and of the MI soft mask."""
     spectral_gate: bool = False
@@ -144,8 +150,8 @@ class ScaPreParams:
         values = cls(preset=kind, **PRESETS[kind])
         values = replace(values, **{k: v for k, v in params.items() if k in known})
         values = replace(values, templates=tuple(values.templates))
-        if values.lam <= 0 or values.erase_scale < 0 or values.preserve_scale < 0:
-            raise MethodError("ScaPre needs lam > 0 and non-negative erase/preserve scales")
+        if values.lam <= 0 or values.erase_scale < 0 or values.preserve_scale < 0 or (values.hold_scale or 0) < 0:
+            raise MethodError("ScaPre needs lam > 0 and non-negative erase/preserve/hold scales")
         if values.entropy_samples < 2 or values.mi_samples < 1 or values.entropy_bins < 2:
             raise MethodError("ScaPre needs entropy_samples >= 2, entropy_bins >= 2 and mi_samples >= 1")
         if values.robust < 0 or values.robust_lambda < 0:
@@ -315,29 +321,32 @@ class Shared:
     basis: torch.Tensor
     """``(D, k)`` orthonormal basis of the erased and preserved embeddings' span."""
     probes: torch.Tensor
-    """``(cols, D)`` float32 rows every layer is applied to: C, distinct guides, P, basis^T, noise, blank."""
+    """``(cols, D)`` float32 rows every layer is applied to: C, distinct guides, kept rows, basis^T, noise, blank."""
     splits: list[int]
     H: torch.Tensor
-    """``s_e C^T C + s_p P^T P + S`` in the basis (``k x k``)."""
+    """``s_e C^T C + s_p P^T P + s_h H^T H + S`` in the basis (``k x k``)."""
     Pi: torch.Tensor
     R1: torch.Tensor | None
     """``V diag(1 - gate) V^T`` in the basis (times ``mu`` per layer), or ``None`` without gating."""
     G_b: torch.Tensor
     """``(guides, k)``: per distinct guide, the sum of the basis coordinates of the concepts it guides."""
     P_b: torch.Tensor
+    """``(m + h, k)``: the kept rows (preserved and held, each scaled by the root of its weight) in the basis."""
     blank: torch.Tensor
     """The blank prompt's embedding (the MI mask's negatives)."""
 
 
 def prepare_shared(emb: Embeddings, blank: torch.Tensor, params: ScaPreParams) -> Shared:
     """Build the basis, the shared ``k x k`` terms and the seeded probe embeddings."""
-    C, G, P = emb.erase, emb.guide, emb.preserve
+    C, G = emb.erase, emb.guide
+    hold = params.erase_scale if params.hold_scale is None else params.hold_scale
+    P = emb.kept(params.preserve_scale, hold)  # preserved and held rows, each scaled by the root of its weight
     n, width = C.shape
     _, s, vh = torch.linalg.svd(torch.cat([C, P]), full_matrices=False)
     basis = vh[s > s[0] * 1e-9].T  # (D, k)
     C_b, P_b = C @ basis, P @ basis
     S = C_b.T @ C_b
-    H = params.erase_scale * S + params.preserve_scale * P_b.T @ P_b + S
+    H = params.erase_scale * S + P_b.T @ P_b + S
     ridge = params.pi_eps * float(C.square().sum()) / n
     if n <= width:
         Pi = C_b.T @ torch.linalg.solve(C @ C.T + ridge * torch.eye(n, dtype=C.dtype), C_b)
@@ -412,7 +421,7 @@ def edit_layer(W: torch.Tensor, shared: Shared, params: ScaPreParams, keep_solve
         M0 = M0 + mu * shared.R1.to(WU.device)
     beta = (params.lam + mu) * WU
     beta = beta + params.erase_scale * WG @ shared.G_b.to(WU.device)
-    beta = beta + params.preserve_scale * WP @ shared.P_b.to(WU.device)
+    beta = beta + WP @ shared.P_b.to(WU.device)  # P_b: the weighted kept rows
     X = solve_rows(M0, shared.Pi.to(WU.device), params.erase_scale * mask, beta)
     step = X - WU  # solved row = W + step @ basis^T
     # 6. Bures proximal step, from per-row inner products
@@ -489,14 +498,16 @@ class ScaPre:
         check_concepts(concepts, preserve)
         settings = ScaPreParams.for_concepts(concepts, params)
         targets = cls.targets(concepts, settings)
+        plain, held = split_held(pipe, preserve)
         emb, blank = embed_concepts(
             pipe,
             [c.target for c in targets],
             [guide_prompt(c) for c in targets],
-            [c.target for c in preserve],
+            [c.target for c in plain],
             extra=[""],
             tokens=settings.tokens,
             templates=settings.templates,
+            held=[c.target for c in held],
         )
         layers = cross_attention_layers(pipe)
         return settings, prepare_shared(emb, blank[0], settings), layers

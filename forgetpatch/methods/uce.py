@@ -14,6 +14,11 @@ exactly rank ``|E|``. ``A`` is the same for every layer (it only involves embedd
 LoRA whose only error is float32 rounding (measured against the float64 closed form and recorded). With
 ``max_rank`` each layer keeps the best rank-``max_rank`` part of ``B A`` instead, its error recorded too.
 
+Concepts that patches already on the pipeline erased (:func:`~forgetpatch.methods.base.erased_on`), when
+preserved, are held: kept as the pipeline maps them now (still erased) like the other preserved ones, but with
+weight ``s_h`` (``hold_scale``, by default ``s_e``), i.e. ``+ s_h sum_h (W h) h^T`` and ``+ s_h sum_h h h^T``.
+That only changes ``K``. On SD3 / FLUX they are preserved with ``s_p``.
+
 On SD3 / FLUX (no ``attn2``) the same closed form edits ``transformer.context_embedder`` on the text encoders' rows
 (``context="embedder"``, exact: the only layer linear in the prompt), or each joint block's ``add_k_proj`` /
 ``add_v_proj`` on the rows it receives (``context="joint"``); :mod:`forgetpatch.methods.joint` gives the maths and
@@ -48,6 +53,7 @@ from forgetpatch.methods.closed_form import (
     refuse_empty,
     robust_record,
     robust_rounds,
+    split_held,
 )
 
 #: Guide prompt per concept kind when a concept names none (UCE maps styles to generic "art").
@@ -64,6 +70,10 @@ class UCEParams:
     """``s_e``: weight of mapping each erased embedding to its guide."""
     preserve_scale: float = 1.0
     """``s_p``: weight of keeping preserved embeddings' outputs."""
+    hold_scale: float | None = None
+    """``s_h``: weight of keeping the outputs of preserved concepts that patches already on the pipeline erased
+    (:func:`~forgetpatch.methods.base.erased_on`), so that this patch does not undo theirs. ``None`` = ``s_e``:
+    held as strongly as this patch erases."""
     tokens: str = "last"
     """Edited positions: the concept's ``"last"`` word token, or ``"trailing"`` (it and every EOS /
     padding position after it, as the authors' release does)."""
@@ -96,6 +106,8 @@ class UCEParams:
         values = cls(**{k: _param_value(k, v) for k, v in params.items() if k in known})
         if values.lam <= 0:
             raise MethodError(f"UCE needs lam > 0 (the solve is singular otherwise), got {values.lam}")
+        if values.hold_scale is not None and values.hold_scale < 0:
+            raise MethodError(f"hold_scale must be >= 0 (or None for erase_scale), got {values.hold_scale}")
         if values.max_rank is not None and values.max_rank < 1:
             raise MethodError(f"max_rank must be >= 1 (or None for the exact change), got {values.max_rank}")
         if values.robust < 0 or values.robust_lambda < 0:
@@ -110,6 +122,8 @@ def _param_value(key: str, value: Any) -> Any:
         return int(value)
     if key == "max_rank":
         return None if value is None else int(value)
+    if key == "hold_scale":
+        return None if value is None else float(value)
     if key == "templates":
         return tuple(value)
     return float(value)
@@ -119,12 +133,12 @@ def uce_factors(
     weights: dict[str, torch.Tensor], emb: Embeddings, params: UCEParams, *, progress: bool = True
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """``{path: (A, B, rel_error)}`` with ``W' - W = B @ A`` per layer (float32; error vs float64 formula)."""
-    C, G, P = emb.erase, emb.guide, emb.preserve
+    C, G = emb.erase, emb.guide
     width = C.shape[1]
-    # A = C K^-1 with K = lam I + Z^T Z, Z = [sqrt(s_e) C; sqrt(s_p) P], shared by every layer. With fewer
-    # rows than the width, by Woodbury an (n+m)-sized solve: K^-1 C^T = (C^T - Z^T (lam I + Z Z^T)^-1 Z C^T)
+    # A = C K^-1 with K = lam I + Z^T Z, Z = [sqrt(s_e) C; sqrt(s_p) P; sqrt(s_h) H], shared by every layer. With
+    # fewer rows than the width, by Woodbury an (n+m)-sized solve: K^-1 C^T = (C^T - Z^T (lam I + Z Z^T)^-1 Z C^T)
     # / lam; with more (edits in many templates), the width-sized solve is the smaller one.
-    Z = torch.cat([params.erase_scale**0.5 * C, params.preserve_scale**0.5 * P])
+    Z = torch.cat([params.erase_scale**0.5 * C, emb.kept(params.preserve_scale, hold_scale(params))])
     if Z.shape[0] <= width:
         small = params.lam * torch.eye(Z.shape[0], dtype=torch.float64) + Z @ Z.T
         A64 = ((C.T - Z.T @ torch.linalg.solve(small, Z @ C.T)) / params.lam).T
@@ -144,6 +158,11 @@ def uce_factors(
         B = B64.float()
         out[path] = (A.clone(), B, _product_error(B, A, B64, A64))  # a tensor per layer: no shared storage
     return out
+
+
+def hold_scale(params: UCEParams) -> float:
+    """``s_h``: the weight of held concepts (``hold_scale``, else ``erase_scale``)."""
+    return params.erase_scale if params.hold_scale is None else params.hold_scale
 
 
 def _product_error(B: torch.Tensor, A: torch.Tensor, B64: torch.Tensor, A64: torch.Tensor) -> float:
@@ -219,13 +238,15 @@ class UCE:
             return _truncated(factors, settings.max_rank), rounds
         if (settings.context, settings.joint_sigmas, settings.latent_size) != ("embedder", 4, 0):
             raise MethodError("context / joint_sigmas / latent_size apply to SD3 and FLUX pipelines; leave them unset on a UNet")
+        plain, held = split_held(pipe, preserve)
         emb, _ = embed_concepts(
             pipe,
             [c.target for c in concepts],
             [guide_prompt(c, DEFAULT_GUIDES) for c in concepts],
-            [c.target for c in preserve],
+            [c.target for c in plain],
             tokens=settings.tokens,
             templates=settings.templates,
+            held=[c.target for c in held],
         )
         weights = {path: current_weight(m) for path, m in cross_attention_layers(pipe).items()}
 

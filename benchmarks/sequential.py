@@ -3,13 +3,17 @@ each step (does an earlier one come back?), in-domain and cross-domain retention
 
 Chains (``forgetpatch.methods.chain.erase_chain``, each step computed on the model carrying the steps before it):
 Dynamic Mask with and without its distillation term (the ablation), with the world's superclass "shape" and with
-"cross" named as the superclass (see recipes/toy-no-circle-dynamic-mask.yaml), UCE steered to "cross" in context, stacked
-KSCU and ESD (their recipes' settings), and, as the non-sequential reference, one UCE patch of all shapes at once.
+"cross" named as the superclass (see recipes/toy-no-circle-dynamic-mask.yaml), stacked UCE and ScaPre on the toy world's
+settings, holding the shapes the steps before erased as strongly as they erase (the default), only as strongly as
+any preserved shape (``hold_scale=1``, what forgetpatch did on the toy world before holding), or not at all
+(``hold=False`` and a preserve list without them, as on a base that preserves nothing), stacked KSCU and
+ESD (their recipes' settings), and, as the non-sequential reference, one UCE patch of all shapes at once.
 Figures per chain go to ``OUT/<chain>.json``; a rerun skips chains already measured.
 
 Run:
     python benchmarks/sequential.py                                      # 5 shapes, every chain
     python benchmarks/sequential.py --shapes circle star triangle --only dm dm-no-distill
+    python benchmarks/sequential.py --only uce uce-hold-1 uce-no-hold scapre scapre-hold-1 uce-at-once --images 4 --ua-images 32
 """
 
 from __future__ import annotations
@@ -40,8 +44,7 @@ def recipe_params(name: str) -> dict[str, Any]:
 
 
 def chains(shapes: list[str]) -> dict[str, tuple[list[Concept], dict[str, Any]]]:
-    cross = [Concept(s, guide="cross") for s in shapes]
-    steered = {**toy.in_context_params(shapes), "erase_scale": 20, "paper": True}  # exactly these settings
+    plain = [Concept(s) for s in shapes]  # the toy world's settings (forgetpatch.toy.defaults)
     shape = [Concept(s, superclass="shape") for s in shapes]
     return {
         "dm": (shape, {"method": "dynamic_mask"}),
@@ -50,26 +53,40 @@ def chains(shapes: list[str]) -> dict[str, tuple[list[Concept], dict[str, Any]]]
         "dm-cross-no-distill": (
             [Concept(s, superclass="cross") for s in shapes], {"method": "dynamic_mask", "distill_weight": 0.0}
         ),
-        "uce-guided": (cross, {"method": "uce", **steered}),
-        "kscu": ([Concept(s) for s in shapes], recipe_params("toy-no-circle-kscu")),
-        "esd": ([Concept(s) for s in shapes], recipe_params("toy-no-circle-esd")),
-        "uce-guided-at-once": (cross, {"method": "uce", **steered}),
+        "uce": (plain, {"method": "uce"}),
+        "uce-hold-1": (plain, {"method": "uce", "hold_scale": 1.0}),
+        # nothing keeps the shapes the steps before erased (as on a base whose defaults preserve nothing)
+        "uce-no-hold": (plain, {"method": "uce", "hold": False, "preserve": [s for s in toy.SHAPES if s not in shapes]}),
+        "scapre": (plain, {"method": "scapre"}),
+        "scapre-hold-1": (plain, {"method": "scapre", "hold_scale": 1.0}),
+        "kscu": (plain, recipe_params("toy-no-circle-kscu")),
+        "kscu-no-hold": (plain, {**recipe_params("toy-no-circle-kscu"), "hold": False}),
+        "esd": (plain, recipe_params("toy-no-circle-esd")),
+        "uce-at-once": (plain, {"method": "uce"}),
     }
 
 
-def run_chain(name: str, concepts: list[Concept], params: dict[str, Any], base, images: int) -> dict[str, Any]:
+def run_chain(
+    name: str, concepts: list[Concept], params: dict[str, Any], bases: dict, images: int, ua_images: int,
+    last: tuple[int, int] | None = None,
+) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     started = [time.perf_counter()]
 
     def on_step(k: int, patch: Any, chained: Any) -> None:
         seconds = time.perf_counter() - started[0]
         so_far = [c.target for c in concepts[:k]]
-        report = evaluate(chained, so_far, reference=base, images_per_concept=images, progress=False)
+        per_concept, per_erased = last if last and k == len(concepts) else (images, ua_images)
+        report = evaluate(chained, so_far, reference=bases[per_concept, per_erased], images_per_concept=per_concept,
+                          images_per_erased=per_erased, progress=False)
         worst = report.worst()
         passes = (patch.manifest.metrics.get("training") or patch.manifest.metrics.get("dynamic_mask") or {})
         rows.append({
             "step": k,
             "ua": {c: report.concepts[c].scores.ua for c in so_far},
+            "ua_interval": {c: report.concepts[c].scores.interval["ua"] for c in so_far},
+            "images": [per_concept, per_erased],
+            "safe": report.worst(safe=True),
             "ira": worst["ira"],
             "cra": worst["cra"],
             "near": worst["near"],
@@ -87,7 +104,10 @@ def run_chain(name: str, concepts: list[Concept], params: dict[str, Any], base, 
     return {"steps": rows}
 
 
-def at_once(concepts: list[Concept], params: dict[str, Any], base, images: int) -> dict[str, Any]:
+def at_once(
+    concepts: list[Concept], params: dict[str, Any], bases: dict, images: int, ua_images: int,
+    last: tuple[int, int] | None = None,
+) -> dict[str, Any]:
     """The non-sequential reference: one patch of every concept, measured once (reported as the last step)."""
     import forgetpatch
 
@@ -96,10 +116,13 @@ def at_once(concepts: list[Concept], params: dict[str, Any], base, images: int) 
     patch = forgetpatch.erase(toy.pipeline(), concepts, method=method, progress=False, **params)
     seconds = time.perf_counter() - started
     names = [c.target for c in concepts]
-    report = evaluate(forgetpatch.apply(toy.pipeline(), patch), names, reference=base, images_per_concept=images,
-                      progress=False)
+    per_concept, per_erased = last or (images, ua_images)
+    report = evaluate(forgetpatch.apply(toy.pipeline(), patch), names, reference=bases[per_concept, per_erased],
+                      images_per_concept=per_concept, images_per_erased=per_erased, progress=False)
     worst = report.worst()
     row = {"step": len(concepts), "ua": {c: report.concepts[c].scores.ua for c in names},
+           "ua_interval": {c: report.concepts[c].scores.interval["ua"] for c in names},
+           "images": [per_concept, per_erased], "safe": report.worst(safe=True),
            **{k: worst[k] for k in ("ira", "cra", "near")}, "drift": report.drift, "seconds": round(seconds, 1),
            "unet_passes": None}
     return {"steps": [row]}
@@ -110,10 +133,18 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["circle", "star", "triangle", "square", "hexagon"])
     parser.add_argument("--only", nargs="+", default=None)
     parser.add_argument("--images", type=int, default=16, help="images per concept of every report")
+    parser.add_argument("--ua-images", type=int, default=None, help="images per erased concept for UA (default --images)")
+    parser.add_argument("--last", type=int, nargs=2, metavar=("IMAGES", "UA_IMAGES"), default=None,
+                        help="measure the last step with more images (per concept, per erased concept)")
     parser.add_argument("--out", type=Path, default=Path("runs/sequential"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    base = evaluate(toy.pipeline(), args.shapes, images_per_concept=args.images, progress=False)
+    ua_images = args.ua_images or args.images
+    sizes = {(args.images, ua_images), *([tuple(args.last)] if args.last else [])}
+    bases = {
+        size: evaluate(toy.pipeline(), args.shapes, images_per_concept=size[0], images_per_erased=size[1], progress=False)
+        for size in sizes
+    }
     todo = chains(args.shapes)
     results = {}
     for name in args.only or list(todo):
@@ -121,12 +152,14 @@ def main() -> None:
         if not path.exists():
             concepts, params = todo[name]
             run = at_once if name.endswith("-at-once") else run_chain
-            figures = run(concepts, dict(params), base, args.images) if run is at_once else run(
-                name, concepts, dict(params), base, args.images
+            last = tuple(args.last) if args.last else None
+            figures = run(concepts, dict(params), bases, args.images, ua_images, last) if run is at_once else run(
+                name, concepts, dict(params), bases, args.images, ua_images, last
             )
             path.write_text(json.dumps(figures, indent=2))
         results[name] = json.loads(path.read_text())
-    table = Table(title=f"strict UA of each shape erased so far after every step ({args.images} images per concept)")
+    table = Table(title=f"strict UA of each shape erased so far after every step ({ua_images} images per shape; "
+                        f"retention on {args.images} per concept)")
     for col in ("chain", "step", *args.shapes, "IRA/b", "CRA/b", "near/b", "drift", "step s", "UNet passes"):
         table.add_column(col, justify="left" if col == "chain" else "right")
     for name, figures in results.items():

@@ -66,6 +66,23 @@ def chains(shapes: list[str]) -> dict[str, tuple[list[Concept], dict[str, Any]]]
     }
 
 
+def measure(pipe: Any, names: list[str], size: tuple[int, int], bases: dict) -> dict[str, Any]:
+    """Evaluate ``pipe`` on the shapes ``names`` with ``size`` = (images per concept, per erased concept) against the
+    base report of that size: the figures of one row of the table."""
+    per_concept, per_erased = size
+    report = evaluate(pipe, names, reference=bases[size], images_per_concept=per_concept,
+                      images_per_erased=per_erased, progress=False)
+    worst = report.worst()
+    return {
+        "ua": {c: report.concepts[c].scores.ua for c in names},
+        "ua_interval": {c: report.concepts[c].scores.interval["ua"] for c in names},
+        "images": [per_concept, per_erased],
+        "safe": report.worst(safe=True),
+        **{k: worst[k] for k in ("ira", "cra", "near")},
+        "drift": report.drift,
+    }
+
+
 def run_chain(
     name: str, concepts: list[Concept], params: dict[str, Any], bases: dict, images: int, ua_images: int,
     last: tuple[int, int] | None = None,
@@ -75,22 +92,11 @@ def run_chain(
 
     def on_step(k: int, patch: Any, chained: Any) -> None:
         seconds = time.perf_counter() - started[0]
-        so_far = [c.target for c in concepts[:k]]
-        per_concept, per_erased = last if last and k == len(concepts) else (images, ua_images)
-        report = evaluate(chained, so_far, reference=bases[per_concept, per_erased], images_per_concept=per_concept,
-                          images_per_erased=per_erased, progress=False)
-        worst = report.worst()
+        size = last if last and k == len(concepts) else (images, ua_images)
         passes = (patch.manifest.metrics.get("training") or patch.manifest.metrics.get("dynamic_mask") or {})
         rows.append({
             "step": k,
-            "ua": {c: report.concepts[c].scores.ua for c in so_far},
-            "ua_interval": {c: report.concepts[c].scores.interval["ua"] for c in so_far},
-            "images": [per_concept, per_erased],
-            "safe": report.worst(safe=True),
-            "ira": worst["ira"],
-            "cra": worst["cra"],
-            "near": worst["near"],
-            "drift": report.drift,
+            **measure(chained, [c.target for c in concepts[:k]], size, bases),
             "seconds": round(seconds, 1),
             "unet_passes": (passes.get("unet_passes") or {}).get("total"),
         })
@@ -115,17 +121,9 @@ def at_once(
     method = params.pop("method")
     patch = forgetpatch.erase(toy.pipeline(), concepts, method=method, progress=False, **params)
     seconds = time.perf_counter() - started
-    names = [c.target for c in concepts]
-    per_concept, per_erased = last or (images, ua_images)
-    report = evaluate(forgetpatch.apply(toy.pipeline(), patch), names, reference=bases[per_concept, per_erased],
-                      images_per_concept=per_concept, images_per_erased=per_erased, progress=False)
-    worst = report.worst()
-    row = {"step": len(concepts), "ua": {c: report.concepts[c].scores.ua for c in names},
-           "ua_interval": {c: report.concepts[c].scores.interval["ua"] for c in names},
-           "images": [per_concept, per_erased], "safe": report.worst(safe=True),
-           **{k: worst[k] for k in ("ira", "cra", "near")}, "drift": report.drift, "seconds": round(seconds, 1),
-           "unet_passes": None}
-    return {"steps": [row]}
+    figures = measure(forgetpatch.apply(toy.pipeline(), patch), [c.target for c in concepts],
+                      last or (images, ua_images), bases)
+    return {"steps": [{"step": len(concepts), **figures, "seconds": round(seconds, 1), "unet_passes": None}]}
 
 
 def main() -> None:

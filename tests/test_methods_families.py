@@ -172,7 +172,30 @@ def test_wrong_settings_and_wrong_family_are_refused():
         forgetpatch.apply(sd3, forgetpatch.erase(sd, ["circle"], method="uce", progress=False))
 
 
-@pytest.mark.parametrize("method", ["scapre", "dynamic_mask"])
-def test_unet_only_methods_say_which_methods_run_on_a_transformer(method):
-    with pytest.raises(MethodError, match="on SD3 and FLUX use method='uce'"):
-        forgetpatch.erase(tiny_sd3_pipeline(0), [Concept("circle", superclass="shape")], method=method, progress=False)
+def test_unet_only_methods_say_which_methods_run_on_a_transformer():
+    with pytest.raises(MethodError, match="on SD3 and FLUX use method='uce', 'scapre', 'esd' or 'kscu'"):
+        forgetpatch.erase(
+            tiny_sd3_pipeline(0), [Concept("circle", superclass="shape")], method="dynamic_mask", progress=False
+        )
+
+
+def test_uce_holds_what_an_applied_patch_erased_with_its_own_weight(pipe):
+    """On a pipeline carrying a circle patch, UCE on ``context_embedder`` keeps the circle's rows with weight
+    ``s_h`` (its term in the closed form, written out), as on a UNet."""
+    forgetpatch.apply(pipe, forgetpatch.erase(pipe, ["circle"], method="uce", paper=True, progress=False))
+    try:
+        W = current_weight(pipe.transformer.context_embedder).double()
+        deltas = UCE.compute_deltas(
+            pipe, [Concept("star")], preserve=[Concept("ellipse"), Concept("circle")],
+            lam=0.1, tokens="last", hold_scale=7.0, progress=False,
+        )
+        emb, _ = joint.embed_rows(
+            pipe, erase=["star"], guides=[""], preserve=["ellipse"], held=["circle"], tokens="last", templates=()
+        )
+        assert emb.held is not None and emb.held.shape == emb.preserve.shape  # a row per text segment
+        P = torch.cat([emb.preserve, 7.0**0.5 * emb.held])
+        expected = reference_weight(W, emb.erase, emb.guide, P, 0.1) - W
+        delta = deltas["transformer.context_embedder"].double()
+        torch.testing.assert_close(delta, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    finally:
+        forgetpatch.remove(pipe)

@@ -12,7 +12,7 @@ import torch
 
 import forgetpatch
 from forgetpatch.errors import MethodError
-from forgetpatch.methods import Concept
+from forgetpatch.methods import Concept, joint
 from forgetpatch.methods.closed_form import cross_attention_layers, current_weight
 from forgetpatch.methods.scapre import (
     NUDITY_TERMS,
@@ -27,7 +27,13 @@ from forgetpatch.methods.scapre import (
     shared_noise_mi_mask,
     solve_rows,
 )
-from forgetpatch.testing import TEST_WORDS, tiny_sd_pipeline, tiny_sdxl_pipeline
+from forgetpatch.testing import (
+    TEST_WORDS,
+    tiny_flux_pipeline,
+    tiny_sd3_pipeline,
+    tiny_sd_pipeline,
+    tiny_sdxl_pipeline,
+)
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +225,43 @@ def test_concepts_an_applied_patch_erased_are_held_in_the_row_solve(hold_scale):
     settings, shared, layers = ScaPre.prepare(pipe, [Concept("star")], [Concept("ellipse"), Concept("circle")], params)
     assert shared.emb.held.shape[0] == 1 and shared.emb.preserve.shape[0] == 1
     assert_layers_match_naive_solve(layers, shared, settings)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_on_a_transformer_the_context_embedder_gets_the_row_solve_on_the_text_rows(family):
+    """SD3 / FLUX: ScaPre edits ``context_embedder`` (the one layer linear in the prompt) on the rows it takes, with
+    the same row solve; erased rows move towards their guides' outputs, preserved rows' outputs stay; a concept that
+    an applied patch erased is held; the patch says what it edited, applies and comes off exactly."""
+    pipe = {"sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline}[family](seed=0)
+    concepts, kept = [Concept("circle"), Concept("star", guide="square")], [Concept("ellipse")]
+    settings, shared, layers = ScaPre.prepare(pipe, concepts, kept, {"tokens": "last"})
+    assert list(layers) == ["transformer.context_embedder"]
+    prompts, pairs, rows = joint.row_sets(pipe, ["circle", "star"], ["", "square"], ["ellipse"], tokens="last", templates=())
+    hidden, _ = joint.encode(pipe, [*prompts, ""])
+    assert torch.equal(shared.emb.erase, joint.gather(hidden[:-1], pairs, rows).erase)
+    assert torch.equal(shared.blank, hidden[-1, 0].double())
+    assert_layers_match_naive_solve(layers, shared, settings)
+    W = current_weight(layers["transformer.context_embedder"]).double()
+    delta = edit_layer(W.float(), shared, settings).delta.double()
+    for c, g in zip(shared.emb.erase, shared.emb.guide, strict=True):
+        assert ((W + delta) @ c - W @ g).norm() < 0.75 * (W @ c - W @ g).norm()
+    for p in shared.emb.preserve:
+        assert (delta @ p).norm() < 0.05 * (W @ p).norm()
+
+    patch = forgetpatch.erase(pipe, concepts, method="scapre", preserve=kept, progress=False)
+    assert patch.manifest.lora.target_modules == ["transformer.context_embedder"]
+    assert "context_embedder" in patch.manifest.method.params["edited"]
+    before = W.float().clone()
+    forgetpatch.apply(pipe, patch)
+    try:
+        torch.testing.assert_close(
+            current_weight(pipe.transformer.context_embedder), before + patch.delta("transformer.context_embedder")
+        )
+        _, held_shared, _ = ScaPre.prepare(pipe, [Concept("triangle")], [Concept("circle")], {"tokens": "last"})
+        assert held_shared.emb.held is not None and held_shared.emb.preserve.shape[0] == 0
+    finally:
+        forgetpatch.remove(pipe)
+    assert torch.equal(pipe.transformer.context_embedder.weight, before)
 
 
 def test_entropy_and_mask_come_from_the_seeded_noisy_activations(sd):

@@ -49,7 +49,7 @@ from torch import nn
 
 from forgetpatch.errors import MethodError
 from forgetpatch.methods import flow
-from forgetpatch.methods.closed_form import Embeddings, in_templates
+from forgetpatch.methods.closed_form import Embeddings, in_templates, last_token_index, refuse_empty
 
 #: Where a closed-form edit can be made on a flow-matching transformer.
 CONTEXTS = ("embedder", "joint")
@@ -145,37 +145,76 @@ def row_sets(
     *,
     tokens: str,
     templates: Sequence[str],
-) -> tuple[list[str], list[tuple[int, list[int], int, list[int]]], list[tuple[int, list[int]]]]:
+    held: Sequence[str] = (),
+) -> tuple[list[str], list[tuple[int, list[int], int, list[int]]], list[tuple[int, list[int], bool]]]:
     """The prompts to run and which of their rows pair up.
 
     Returns ``(prompts, pairs, kept)``: ``pairs`` = ``(concept prompt index, its rows, guide prompt index, its
-    rows)``, ``kept`` = ``(preserved prompt index, its rows)``.
+    rows)``, ``kept`` = ``(kept prompt index, its rows, held)``: the ``preserve`` words' rows, then the ``held``
+    ones' (concepts that patches on the pipeline erased, kept with their own weight: :class:`Embeddings`).
+    Words that tokenize to nothing are refused.
     """
+    named = [*erase, *preserve, *held]
+    refuse_empty(named, last_token_index(pipe, named))
     erase_pairs = [pair for word in erase for pair in in_templates(word, templates)]
     guide_pairs = [pair for word in guides for pair in in_templates(word, templates)]
-    keep_pairs = [pair for word in preserve for pair in in_templates(word, templates)]
-    prompts = list(dict.fromkeys(p for p, _ in erase_pairs + guide_pairs + keep_pairs))
+    keep_pairs = [(pair, False) for word in preserve for pair in in_templates(word, templates)]
+    keep_pairs += [(pair, True) for word in held for pair in in_templates(word, templates)]
+    prompts = list(dict.fromkeys(p for p, _ in erase_pairs + guide_pairs + [pair for pair, _ in keep_pairs]))
     length = int(flow.encode_prompt(pipe, prompts[0]).hidden.shape[1])
     mode = tokens if tokens in ("last", "trailing") else None
     if mode is None:
         raise MethodError(f"unknown tokens mode {tokens!r}; choose 'last' or 'trailing'")
     c_rows = positions(pipe, erase_pairs, length, mode)
     g_rows = positions(pipe, guide_pairs, length, mode)
-    k_rows = positions(pipe, keep_pairs, length, mode)
+    k_rows = positions(pipe, [pair for pair, _ in keep_pairs], length, mode)
     pairs = []
     for (cp, _), (gp, _), c, g in zip(erase_pairs, guide_pairs, c_rows, g_rows, strict=True):
         ci, gi = _pair(c, g, pipe, length)
         pairs.append((prompts.index(cp), ci, prompts.index(gp), gi))
-    kept = [(prompts.index(kp), k) for (kp, _), k in zip(keep_pairs, k_rows, strict=True)]
+    kept = [(prompts.index(kp), k, is_held) for ((kp, _), is_held), k in zip(keep_pairs, k_rows, strict=True)]
     return prompts, pairs, kept
 
 
 def gather(states: torch.Tensor, pairs, kept) -> Embeddings:
-    """:class:`Embeddings` from per-prompt row states ``(n_prompts, L, D)``."""
+    """:class:`Embeddings` from per-prompt row states ``(n_prompts, L, D)`` (:func:`row_sets`' pairs and kept)."""
     C = torch.cat([states[i, rows] for i, rows, _, _ in pairs])
     G = torch.cat([states[j, rows] for _, _, j, rows in pairs])
-    P = torch.cat([states[i, rows] for i, rows in kept]) if kept else C.new_zeros(0, C.shape[1])
-    return Embeddings(erase=C.double(), guide=G.double(), preserve=P.double())
+
+    def rows_of(held: bool) -> torch.Tensor:
+        found = [states[i, rows] for i, rows, is_held in kept if is_held is held]
+        return torch.cat(found).double() if found else C.new_zeros(0, C.shape[1]).double()
+
+    held = rows_of(True)
+    return Embeddings(erase=C.double(), guide=G.double(), preserve=rows_of(False), held=held if len(held) else None)
+
+
+def embed_rows(
+    pipe: Any,
+    erase: Sequence[str],
+    guides: Sequence[str],
+    preserve: Sequence[str],
+    *,
+    tokens: str,
+    templates: Sequence[str],
+    held: Sequence[str] = (),
+) -> tuple[Embeddings, torch.Tensor]:
+    """The text rows ``context_embedder`` takes for a closed-form edit (:func:`row_sets`), and the blank prompt's
+    first row (CLIP's BOS on SD3, T5's end token on FLUX): ``(Embeddings, blank (D,) float64)``."""
+    prompts, pairs, kept = row_sets(pipe, erase, guides, preserve, tokens=tokens, templates=templates, held=held)
+    hidden, _ = encode(pipe, [*prompts, ""])
+    return gather(hidden[:-1], pairs, kept), hidden[-1, 0].double()
+
+
+def concat(parts: Sequence[Embeddings]) -> Embeddings:
+    """Several :class:`Embeddings` (e.g. one per captured sigma) as one."""
+    held = [e.held for e in parts if e.held is not None]
+    return Embeddings(
+        erase=torch.cat([e.erase for e in parts]),
+        guide=torch.cat([e.guide for e in parts]),
+        preserve=torch.cat([e.preserve for e in parts]),
+        held=torch.cat(held) if held else None,
+    )
 
 
 @torch.no_grad()
@@ -230,7 +269,9 @@ __all__ = [
     "CONTEXTS",
     "EDITED",
     "check_context",
+    "concat",
     "context_layers",
+    "embed_rows",
     "encode",
     "gather",
     "joint_sigmas",

@@ -18,6 +18,11 @@ embeddings ``g_k`` and preserved embeddings ``p_j``, per layer:
    ``+ s_h (W H^T) H`` (``hold_scale``, by default ``s_e``);
 6. **Bures proximal step** per row (``bures_iters``), pulling each row's norm and direction towards the old row.
 
+On SD3 / FLUX (no ``attn2``) the same edit is made on ``transformer.context_embedder``, the one layer linear in
+the prompt, on the text encoders' rows (UCE's ``context="embedder"``; :mod:`forgetpatch.methods.joint`): every joint
+block then reads the edited context. The MI mask's negatives are the blank prompt's first row (CLIP's BOS on SD3,
+T5's end token on FLUX). The manifest's ``params["edited"]`` says so.
+
 Fast solve: every matrix except ``(lam + mu) I`` lives in the span of the erased and preserved embeddings
 (``k <= n + m`` dimensions), so rows are solved in that basis. There ``M_i = M_0 + a_i Pi`` with one scalar
 ``a_i = s_e m_i`` per row; one Cholesky ``M_0 = L L^T`` and one eigendecomposition ``L^-1 Pi L^-T = Q K Q^T``
@@ -56,6 +61,7 @@ from tqdm.auto import tqdm
 
 from forgetpatch.errors import MethodError
 from forgetpatch.lowrank import LowRank, factorize_in_span, factorize_sketched
+from forgetpatch.methods import flow, joint
 from forgetpatch.methods.base import Concept, patch_name, register
 from forgetpatch.methods.closed_form import (
     Embeddings,
@@ -476,8 +482,8 @@ class ScaPre:
     name: ClassVar[str] = "scapre"
     closed_form: ClassVar[bool] = True
     """Computed in closed form from text embeddings (so edited in context by default)."""
-    denoisers: ClassVar[frozenset[str]] = frozenset({"unet"})
-    """A UNet's cross-attention only."""
+    denoisers: ClassVar[frozenset[str]] = frozenset({"unet", "transformer"})
+    """A UNet's cross-attention, or an SD3 / FLUX transformer's context embedder."""
     key_steps: ClassVar[bool] = False
     version: ClassVar[str] = "1"
 
@@ -499,18 +505,18 @@ class ScaPre:
         settings = ScaPreParams.for_concepts(concepts, params)
         targets = cls.targets(concepts, settings)
         plain, held = split_held(pipe, preserve)
-        emb, blank = embed_concepts(
-            pipe,
-            [c.target for c in targets],
-            [guide_prompt(c) for c in targets],
-            [c.target for c in plain],
-            extra=[""],
-            tokens=settings.tokens,
-            templates=settings.templates,
-            held=[c.target for c in held],
+        words = dict(
+            erase=[c.target for c in targets], guides=[guide_prompt(c) for c in targets],
+            preserve=[c.target for c in plain], held=[c.target for c in held],
+            tokens=settings.tokens, templates=settings.templates,
         )
-        layers = cross_attention_layers(pipe)
-        return settings, prepare_shared(emb, blank[0], settings), layers
+        if flow.family(pipe) is not None:  # SD3 / FLUX: the one layer linear in the prompt (methods.joint)
+            emb, blank = joint.embed_rows(pipe, **words)
+            layers = joint.context_layers(pipe, "embedder")
+        else:
+            emb, (blank,) = embed_concepts(pipe, **words, extra=[""])
+            layers = cross_attention_layers(pipe)
+        return settings, prepare_shared(emb, blank, settings), layers
 
     @classmethod
     def compute_deltas(
@@ -554,6 +560,9 @@ class ScaPre:
         metrics: dict[str, Any] = {"entropy_factor": mus}
         if rounds:
             metrics["robust"] = robust_record(rounds)
+        recorded = {**asdict(settings), "default_guide": ""}
+        if flow.family(pipe) is not None:
+            recorded["edited"] = joint.EDITED["embedder"]
         return build_patch(
             pipe,
             factors,
@@ -561,7 +570,7 @@ class ScaPre:
             method=self.name,
             concepts=concepts,
             preserved=preserve,
-            params={**asdict(settings), "default_guide": ""},
+            params=recorded,
             reconstruction_errors=errors,
             metrics=metrics,
         )

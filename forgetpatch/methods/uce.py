@@ -17,7 +17,7 @@ LoRA whose only error is float32 rounding (measured against the float64 closed f
 Concepts that patches already on the pipeline erased (:func:`~forgetpatch.methods.base.erased_on`), when
 preserved, are held: kept as the pipeline maps them now (still erased) like the other preserved ones, but with
 weight ``s_h`` (``hold_scale``, by default ``s_e``), i.e. ``+ s_h sum_h (W h) h^T`` and ``+ s_h sum_h h h^T``.
-That only changes ``K``. On SD3 / FLUX they are preserved with ``s_p``.
+That only changes ``K``.
 
 On SD3 / FLUX (no ``attn2``) the same closed form edits ``transformer.context_embedder`` on the text encoders' rows
 (``context="embedder"``, exact: the only layer linear in the prompt), or each joint block's ``add_k_proj`` /
@@ -49,8 +49,6 @@ from forgetpatch.methods.closed_form import (
     current_weight,
     embed_concepts,
     guide_prompt,
-    last_token_index,
-    refuse_empty,
     robust_record,
     robust_rounds,
     split_held,
@@ -298,19 +296,17 @@ def _transformer_factors(pipe, concepts, preserve, settings: UCEParams, params):
             "RECE rounds (robust) invert the edit in one input space; with context='joint' every layer has its own "
             "inputs: use context='embedder' with robust"
         )
-    named = [c.target for c in [*concepts, *preserve]]
-    refuse_empty(named, last_token_index(pipe, named))
     guides = [guide_prompt(c, DEFAULT_GUIDES) for c in concepts]
-    prompts, pairs, kept = joint.row_sets(
-        pipe, [c.target for c in concepts], guides, [c.target for c in preserve],
-        tokens=settings.tokens, templates=settings.templates,
+    plain, held = split_held(pipe, preserve)
+    words = dict(
+        erase=[c.target for c in concepts], guides=guides, preserve=[c.target for c in plain],
+        held=[c.target for c in held], tokens=settings.tokens, templates=settings.templates,
     )
     layers = joint.context_layers(pipe, settings.context)
     weights = {path: current_weight(m) for path, m in layers.items()}
     progress = params.get("progress", True)
     if settings.context == "embedder":
-        hidden, _ = joint.encode(pipe, prompts)
-        emb = joint.gather(hidden, pairs, kept)
+        emb, _ = joint.embed_rows(pipe, **words)
 
         def solve(emb: Embeddings):
             return uce_factors(weights, emb, settings, progress=progress)
@@ -320,16 +316,12 @@ def _transformer_factors(pipe, concepts, preserve, settings: UCEParams, params):
 
         factors, rounds = robust_rounds(emb, settings.robust, settings.robust_lambda, weights, solve, edited)
         return _compress(factors), rounds
+    prompts, pairs, kept = joint.row_sets(pipe, **words)
     side = settings.latent_size or None
     sigmas = joint.joint_sigmas(pipe, settings.joint_sigmas, side)
     seen = joint.layer_inputs(pipe, prompts, list(layers), sigmas, seed=int(params.get("seed") or 0), latent_size=side)
     factors = {}
     for path in tqdm(layers, desc="uce: editing joint blocks", disable=not progress, leave=False):
-        parts = [joint.gather(states, pairs, kept) for states in seen[path]]
-        emb = Embeddings(
-            erase=torch.cat([e.erase for e in parts]),
-            guide=torch.cat([e.guide for e in parts]),
-            preserve=torch.cat([e.preserve for e in parts]),
-        )
+        emb = joint.concat([joint.gather(states, pairs, kept) for states in seen[path]])
         factors.update(uce_factors({path: weights[path]}, emb, settings, progress=False))
     return _compress(factors), []

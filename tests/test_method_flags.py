@@ -3,6 +3,7 @@ that used to keep lists of method names ask the registered class instead."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import ClassVar
 
 import pytest
@@ -22,7 +23,7 @@ def test_the_shipped_methods_flags_say_what_the_lists_said():
     # methods/closed_form.py's require_unet message (on SD3 and FLUX: uce, esd, kscu), benchmarks/finetune.py (key steps: kscu).
     assert [m.name for m in registered()] == ["uce", "scapre", "esd", "kscu", "dynamic_mask"]
     assert [m.name for m in registered() if m.closed_form] == ["uce", "scapre"]
-    assert [m.name for m in registered() if "transformer" in m.denoisers] == ["uce", "esd", "kscu"]
+    assert [m.name for m in registered() if "transformer" in m.denoisers] == ["uce", "scapre", "esd", "kscu"]
     assert all("unet" in m.denoisers for m in registered())
     assert [m.name for m in registered() if m.key_steps] == ["kscu"]
     for method in registered():
@@ -86,6 +87,20 @@ def test_closed_form_flag_decides_in_context_editing(flagged, closed_form):
 
 
 @pytest.mark.parametrize("closed_form", [True, False])
+def test_the_toy_worlds_settings_follow_the_flag_not_a_list_of_names(flagged, closed_form):
+    """A new closed-form method on the toy world is edited in the world's prompt forms, steered and preserving the
+    other shapes, like UCE and ScaPre; a new fine-tuning method gets none of that."""
+    from forgetpatch.toy import erase_defaults
+    from forgetpatch.toy.vocab import ERASE_TEMPLATES
+
+    flagged(closed_form=closed_form)
+    toy_like = SimpleNamespace(forgetpatch_defaults=erase_defaults)
+    erased, kept, params = with_defaults(toy_like, "flagged", [Concept("circle")], [], {})
+    assert (params.get("templates") == list(ERASE_TEMPLATES)) is closed_form
+    assert (erased[0].guide == "cross" and "star" in [c.target for c in kept]) is closed_form
+
+
+@pytest.mark.parametrize("closed_form", [True, False])
 def test_the_cli_treats_a_method_as_its_flags_say(flagged, tmp_path, closed_form):
     _, received = flagged(closed_form=closed_form)
     folder = tmp_path / "tiny-sd"
@@ -99,5 +114,7 @@ def test_the_cli_treats_a_method_as_its_flags_say(flagged, tmp_path, closed_form
 
 def test_the_methods_that_run_on_a_transformer_are_named_from_their_flags(flagged):
     flagged(denoisers=frozenset({"unet", "transformer"}))
-    with pytest.raises(MethodError, match="on SD3 and FLUX use method='uce', 'esd', 'kscu' or 'flagged'$"):
-        forgetpatch.erase(tiny_sd3_pipeline(0), ["circle"], method="scapre", progress=False)
+    with pytest.raises(MethodError, match="on SD3 and FLUX use method='uce', 'scapre', 'esd', 'kscu' or 'flagged'$"):
+        forgetpatch.erase(
+            tiny_sd3_pipeline(0), [Concept("circle", superclass="shape")], method="dynamic_mask", progress=False
+        )

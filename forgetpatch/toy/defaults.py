@@ -22,7 +22,7 @@ when another shape is confidently seen), so a shape erased with defaults is *rep
 Only toy shapes get settings; other words (colours, textures) get none, so the methods' own apply.
 
 Example:
-    >>> erase_defaults("uce", ["circle"])["guide"]
+    >>> erase_defaults("uce", ["circle"], closed_form=True)["guide"]
     'cross'
 """
 
@@ -48,7 +48,6 @@ METHOD_SETTINGS: dict[str, dict[str, Any]] = {
         "templates": list(ERASE_TEMPLATES), "guidance_scale": 4.0,
     },
 }
-_CLOSED_FORM = ("uce", "scapre")
 
 
 def guide_for(targets: list[str]) -> str:
@@ -56,14 +55,18 @@ def guide_for(targets: list[str]) -> str:
     return next(g for g in GUIDES if g not in targets)
 
 
-def erase_defaults(method: str, targets: list[str]) -> dict[str, Any]:
+def erase_defaults(method: str, targets: list[str], *, closed_form: bool = False) -> dict[str, Any]:
     """Settings for erasing ``targets`` with ``method`` on the toy model: ``guide``, ``superclass``,
-    ``preserve`` and ``params`` (see the module docstring); empty unless every target is a shape."""
-    if not targets or any(t not in SHAPES for t in targets) or method not in METHOD_SETTINGS:
+    ``preserve`` and ``params`` (see the module docstring); empty unless every target is a shape.
+
+    ``closed_form``: the method computes its patch from text embeddings (the method's flag, passed in by
+    :func:`forgetpatch.methods.defaults.with_defaults`): it is edited in the world's prompt forms, any such method.
+    """
+    if not targets or any(t not in SHAPES for t in targets) or (method not in METHOD_SETTINGS and not closed_form):
         return {}
     guide = guide_for(targets)
-    params = dict(METHOD_SETTINGS[method])
-    if method in _CLOSED_FORM:
+    params = dict(METHOD_SETTINGS.get(method, {}))
+    if closed_form:
         params.update(tokens="trailing", templates=list(ERASE_TEMPLATES))
         return {"guide": guide, "preserve": tuple(s for s in SHAPES if s not in targets), "params": params}
     if method == "kscu":

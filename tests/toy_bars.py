@@ -4,7 +4,7 @@ Bars are checked on the safe end of each 95% interval (:meth:`EvalReport.worst` 
 on :data:`UA_IMAGES` images per erased concept, retention on :data:`RETAIN_IMAGES` per concept, in two stages: stage 1
 measures :data:`FIRST_UA_IMAGES` (retention on :data:`FIRST_RETAIN_IMAGES`) and stops there when stage 2 could not
 show the UA bar met (:func:`can_still_meet`), so an unmet bar costs a third of the images. The base
-is evaluated once per test session for every shape the recipes erase and reused as the reference.
+is evaluated once per test session and stage for every shape the recipes erase and reused as the reference.
 """
 
 from __future__ import annotations
@@ -63,15 +63,17 @@ def toy_pipeline():
 
 
 @cache
-def base_report():
-    """The shipped base model's evaluation on every bar-tested shape, made once per session."""
+def base_report(ua_images: int = UA_IMAGES, retain_images: int = RETAIN_IMAGES):
+    """The shipped base model's evaluation on every bar-tested shape at one stage's sizes, made once per session:
+    a stage's images are a subset of the next stage's, so scoring against either gives the same figures, and the
+    full-size base is only made when some recipe reaches stage 2."""
     from forgetpatch.eval import evaluate
 
     return evaluate(
         toy_pipeline(),
         list(BAR_SHAPES),
-        images_per_concept=RETAIN_IMAGES,
-        images_per_erased=UA_IMAGES,
+        images_per_concept=retain_images,
+        images_per_erased=ua_images,
         progress=False,
     )
 
@@ -97,7 +99,6 @@ def measure_recipe(name: str, ua_bar: float = 0.90) -> Measured:
     recipe = load_recipe(RECIPES / f"{name}.yaml")
     erased = [c.target for c in recipe.concepts]
     assert set(erased) <= set(BAR_SHAPES), f"add {erased} to BAR_SHAPES"
-    base = base_report()
     start = time.perf_counter()
     patch = forgetpatch.erase(toy_pipeline(), recipe.erase_concepts(), progress=False, **recipe.erase_kwargs())
     erase_s = time.perf_counter() - start
@@ -106,7 +107,7 @@ def measure_recipe(name: str, ua_bar: float = 0.90) -> Measured:
         report = evaluate(
             pipe,
             erased,
-            reference=base,
+            reference=base_report(ua_images, retain_images),
             images_per_concept=retain_images,
             images_per_erased=ua_images,
             progress=False,

@@ -2,7 +2,7 @@
 
 Patches: one concept (circle) with UCE and ScaPre in context (blank guide, and steered to "cross"), ESD, KSCU and
 Dynamic Mask (their recipes); five shapes at once with ScaPre (its recipe, steered to "cross") and UCE (in context, steered to
-"cross"); the two steered one-shape patches again with two RECE rounds (``robust=2``); ESD again with adversarial
+"cross"); the two steered one-shape patches and the two five-shape ones again with two RECE rounds (``robust=2``); ESD again with adversarial
 fine-tuning (``esd-adversarial``, its recipe: an inner prompt search every 10 iterations,
 :mod:`forgetpatch.methods.adversarial`), and KSCU the same way (``kscu-adversarial``). Each patch is applied alone
 to the shipped toy model and attacked with ``forgetpatch.attack`` (same prompts, seeds and budget for all); for a
@@ -19,6 +19,7 @@ Run:
     python benchmarks/attack.py --only esd esd-adversarial --retention   # the robust row beside the plain one
     python benchmarks/attack.py --only kscu kscu-adversarial --retention
     python benchmarks/attack.py --only dynamic-mask dynamic-mask-adversarial --retention
+    python benchmarks/attack.py --only uce-5-guided uce-5-guided-rece2 --retention   # five shapes, plain and robust
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ PATCHES: dict[str, tuple[list[str], Callable[[], Any]]] = {
     "dynamic-mask": (["circle"], from_recipe("toy-no-circle-dynamic-mask")),
     "scapre-5-guided": (FIVE, from_recipe("toy-no-5-shapes-scapre")),
     "uce-5-guided": (FIVE, in_context("uce", FIVE, "cross", erase_scale=20)),
+    "uce-5-guided-rece2": (FIVE, in_context("uce", FIVE, "cross", erase_scale=20, robust=2)),
+    "scapre-5-guided-rece2": (FIVE, from_recipe_with("toy-no-5-shapes-scapre", robust=2)),
     "uce-guided-rece2": (["circle"], from_recipe("toy-no-circle-robust-uce")),  # uce-guided with robust=2
     "scapre-guided-rece2": (["circle"], in_context("scapre", ["circle"], "cross", erase_scale=12, robust=2)),
     "esd-adversarial": (["circle"], from_recipe("toy-no-circle-robust-esd")),

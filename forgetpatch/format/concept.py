@@ -52,6 +52,11 @@ class Concept:
             if value is not None and not isinstance(value, str):
                 raise ConceptError(f"a concept's {name} is a string or None, got {value!r}")
 
+    @property
+    def key(self) -> str:
+        """What two concepts are compared by: the target, trimmed and lower-cased (``"Circle "`` is ``"circle"``)."""
+        return self.target.strip().lower()
+
     @classmethod
     def from_any(cls, value: str | Concept | Mapping[str, Any], kind: ConceptKind = "object") -> Concept:
         """A concept from a word (of ``kind``), a mapping of its fields, or a concept."""

@@ -14,6 +14,7 @@ from forgetpatch.methods.base import (
     Method,
     as_concepts,
     available_methods,
+    check_concepts,
     erased_on,
     get_method,
     register,
@@ -76,23 +77,16 @@ def erase(
         >>> patch = forgetpatch.erase(pipe, ["circle", "star"], method="scapre")
         >>> patch.save("no-circle-star/")
     """
-    from forgetpatch.errors import ConceptError
     from forgetpatch.methods.defaults import with_defaults
 
     erased = as_concepts(concepts)
     kept = as_concepts(preserve)
     _check_words(pipe, erased, kept)
-    if not erased:
-        raise ConceptError("nothing to erase: pass at least one concept, e.g. erase(pipe, ['circle'])")
-    overlap = {c.target.lower() for c in erased} & {c.target.lower() for c in kept}
-    if overlap:
-        raise ConceptError(
-            f"concepts both erased and preserved: {sorted(overlap)}; remove them from one list"
-        )
+    check_concepts(erased, kept)
     erased, kept, params = with_defaults(pipe, method, erased, kept, params, paper=paper)
     if hold:
-        named = {c.target.strip().lower() for c in [*erased, *kept]}
-        kept = [*kept, *(c for c in erased_on(pipe) if c.target.strip().lower() not in named)]
+        named = {c.key for c in [*erased, *kept]}
+        kept = [*kept, *(c for c in erased_on(pipe) if c.key not in named)]
     return get_method(method).erase(pipe, erased, preserve=kept, **params)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
-from forgetpatch.errors import UnknownMethodError
+from forgetpatch.errors import ConceptError, UnknownMethodError
 from forgetpatch.format import DENOISERS, Concept, ConceptKind, ConceptLike, as_concepts
 
 if TYPE_CHECKING:
@@ -117,15 +117,24 @@ def erased_on(pipe: Any) -> list[Concept]:
     seen: dict[str, Concept] = {}
     for entry in applied(pipe):
         for concept in entry.patch.manifest.concepts:
-            seen.setdefault(concept.target.strip().lower(), Concept(concept.target, kind=concept.kind))
+            seen.setdefault(concept.key, Concept(concept.target, kind=concept.kind))
     return list(seen.values())
+
+
+def check_concepts(concepts: Sequence[Concept], preserve: Sequence[Concept]) -> None:
+    """Refuse an empty erase list or a concept that is both erased and preserved (every method's input check)."""
+    if not concepts:
+        raise ConceptError("nothing to erase: pass at least one concept, e.g. erase(pipe, ['circle'])")
+    overlap = {c.key for c in concepts} & {c.key for c in preserve}
+    if overlap:
+        raise ConceptError(f"concepts both erased and preserved: {sorted(overlap)}; remove them from one list")
 
 
 def patch_name(method: str, concepts: Sequence[Concept], limit: int = 60) -> str:
     """The default patch name of every method, such as ``"scapre-no-circle-star"`` (slash-free, at most ``limit``
     characters; past it, ``"...-and-3-more"``)."""
     words = "-".join(
-        "".join(ch if ch.isalnum() else "_" for ch in c.target.strip().lower()) for c in concepts
+        "".join(ch if ch.isalnum() else "_" for ch in c.key) for c in concepts
     )
     name = f"{method}-no-{words}"
     if len(name) <= limit:

@@ -7,7 +7,6 @@ layers, concept embeddings.
 * :func:`encode_tokens`: the text-encoder output at the last word token of each prompt, exactly as the
   UNet receives it (``encoder_hidden_states``): one encoder for SD 1.x / 2.x, two encoders concatenated
   for SDXL (penultimate hidden states, 768 + 1280 = 2048 wide).
-* :func:`check_concepts`: the input checks every method shares.
 
 Example:
     >>> from forgetpatch.testing import tiny_sd_pipeline
@@ -202,20 +201,9 @@ def encode_tokens(pipe, prompts: Sequence[str], *, allow_empty: bool = False) ->
 def split_held(pipe, preserve: Sequence[Concept]) -> tuple[list[Concept], list[Concept]]:
     """``preserve`` split into plain concepts and held ones: those that patches already on ``pipe`` erased
     (:func:`~forgetpatch.methods.base.erased_on`), which a closed-form edit keeps with their own weight."""
-    on = {c.target.strip().lower() for c in erased_on(pipe)}
-    held = [c for c in preserve if c.target.strip().lower() in on]
+    on = {c.key for c in erased_on(pipe)}
+    held = [c for c in preserve if c.key in on]
     return [c for c in preserve if c not in held], held
-
-
-def check_concepts(concepts: Sequence[Concept], preserve: Sequence[Concept]) -> None:
-    """Refuse an empty erase list or a concept that is both erased and preserved."""
-    if not concepts:
-        raise ConceptError("nothing to erase: pass at least one concept, e.g. erase(pipe, ['circle'])")
-    overlap = {c.target.strip().lower() for c in concepts} & {c.target.strip().lower() for c in preserve}
-    if overlap:
-        raise ConceptError(
-            f"concepts both erased and preserved: {sorted(overlap)}; remove them from one list"
-        )
 
 
 @dataclass(frozen=True)
@@ -469,7 +457,6 @@ __all__ = [
     "TOKEN_MODES",
     "Embeddings",
     "RobustRound",
-    "check_concepts",
     "cross_attention_layers",
     "current_weight",
     "embed_concepts",

@@ -81,6 +81,6 @@ def with_defaults(
                 superclass=c.superclass or base.superclass)
         for c in concepts
     ]
-    erased = {c.target.lower() for c in concepts}
-    kept = preserve or as_concepts([p for p in base.preserve if p.lower() not in erased])
+    erased = {c.key for c in concepts}
+    kept = preserve or [c for c in as_concepts(list(base.preserve)) if c.key not in erased]
     return filled, kept, {**base.params, **params}

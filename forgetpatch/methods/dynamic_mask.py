@@ -47,8 +47,8 @@ from tqdm.auto import tqdm
 
 from forgetpatch.errors import MethodError
 from forgetpatch.methods.adversarial import Adversary, adversary_for
-from forgetpatch.methods.base import Concept, erased_on, patch_name, register
-from forgetpatch.methods.closed_form import check_concepts, require_unet
+from forgetpatch.methods.base import Concept, check_concepts, erased_on, patch_name, register
+from forgetpatch.methods.closed_form import require_unet
 from forgetpatch.methods.finetune import Cond, FinetuneEngine, make_config
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from forgetpatch.errors import MethodError
 from forgetpatch.methods.adversarial import Adversarial, Adversary, adversary_for
-from forgetpatch.methods.base import Concept, register
+from forgetpatch.methods.base import Concept, check_concepts, register
 from forgetpatch.methods.finetune import Cond, FinetuneEngine, Scope, make_config, split_params, train_patch
 
 #: ESD-x for what lives in cross-attention (styles, identities), ESD-u otherwise.
@@ -151,6 +151,7 @@ class ESD:
         ``preserve`` is recorded in the manifest; ESD itself has no preservation term (adversarial fine-tuning
         adds one on ``preserve``, weighted ``retain_weight``).
         """
+        check_concepts(concepts, preserve)
         settings, engine = split_params(ESDParams, params, "ESD")
         if "scope" in engine:
             raise MethodError("ESD picks its layers by variant: pass variant='x' (cross-attention) or 'u', not scope")

@@ -41,7 +41,7 @@ from forgetpatch.errors import MethodError
 from forgetpatch.format import KeyStepRange
 from forgetpatch.methods import flow
 from forgetpatch.methods.adversarial import Adversarial, Adversary, adversary_for
-from forgetpatch.methods.base import Concept, ConceptKind, register
+from forgetpatch.methods.base import Concept, ConceptKind, check_concepts, register
 from forgetpatch.methods.finetune import (
     Cond,
     FinetuneEngine,
@@ -420,6 +420,7 @@ class KSCU:
         ``params``: :class:`KSCUParams` fields and :class:`~forgetpatch.methods.finetune.FinetuneConfig` fields
         (``mode``, ``rank``, ``seed``, ``latent_size``, ``checkpoint_dir``, ``guidance_scale``, ...).
         """
+        check_concepts(concepts, preserve)
         settings, engine = split_params(KSCUParams, params, "KSCU")
         task, iterations, start, scope = resolve_preset(
             concepts,

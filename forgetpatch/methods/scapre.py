@@ -62,10 +62,9 @@ from tqdm.auto import tqdm
 from forgetpatch.errors import MethodError
 from forgetpatch.lowrank import LowRank, factorize_in_span, factorize_sketched
 from forgetpatch.methods import flow, joint
-from forgetpatch.methods.base import Concept, patch_name, register
+from forgetpatch.methods.base import Concept, check_concepts, patch_name, register
 from forgetpatch.methods.closed_form import (
     Embeddings,
-    check_concepts,
     cross_attention_layers,
     current_weight,
     embed_concepts,
@@ -492,7 +491,7 @@ class ScaPre:
         """The concepts whose embeddings are edited (``nudity`` expanded to :data:`NUDITY_TERMS`)."""
         out = []
         for c in concepts:
-            if params.expand_nudity and c.kind == "nudity" and c.target.strip().lower() == "nudity":
+            if params.expand_nudity and c.kind == "nudity" and c.key == "nudity":
                 out += [Concept(target=t, kind="nudity", guide=c.guide) for t in NUDITY_TERMS]
             else:
                 out.append(c)

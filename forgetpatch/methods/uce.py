@@ -41,10 +41,9 @@ from tqdm.auto import tqdm
 from forgetpatch.errors import MethodError
 from forgetpatch.lowrank import truncate
 from forgetpatch.methods import flow, joint
-from forgetpatch.methods.base import Concept, patch_name, register
+from forgetpatch.methods.base import Concept, check_concepts, patch_name, register
 from forgetpatch.methods.closed_form import (
     Embeddings,
-    check_concepts,
     cross_attention_layers,
     current_weight,
     embed_concepts,

@@ -23,7 +23,9 @@ def test_the_shipped_methods_flags_say_what_the_lists_said():
     # methods/closed_form.py's require_unet message (on SD3 and FLUX: uce, esd, kscu), benchmarks/finetune.py (key steps: kscu).
     assert [m.name for m in registered()] == ["uce", "scapre", "esd", "kscu", "dynamic_mask"]
     assert [m.name for m in registered() if m.closed_form] == ["uce", "scapre"]
-    assert [m.name for m in registered() if "transformer" in m.denoisers] == ["uce", "scapre", "esd", "kscu"]
+    assert [m.name for m in registered() if "transformer" in m.denoisers] == [
+        "uce", "scapre", "esd", "kscu", "dynamic_mask"
+    ]
     assert all("unet" in m.denoisers for m in registered())
     assert [m.name for m in registered() if m.key_steps] == ["kscu"]
     for method in registered():
@@ -114,7 +116,8 @@ def test_the_cli_treats_a_method_as_its_flags_say(flagged, tmp_path, closed_form
 
 def test_the_methods_that_run_on_a_transformer_are_named_from_their_flags(flagged):
     flagged(denoisers=frozenset({"unet", "transformer"}))
-    with pytest.raises(MethodError, match="on SD3 and FLUX use method='uce', 'scapre', 'esd', 'kscu' or 'flagged'$"):
-        forgetpatch.erase(
-            tiny_sd3_pipeline(0), [Concept("circle", superclass="shape")], method="dynamic_mask", progress=False
-        )
+    from forgetpatch.methods.closed_form import require_unet
+
+    pattern = "on SD3 and FLUX use method='uce', 'scapre', 'esd', 'kscu', 'dynamic_mask' or 'flagged'$"
+    with pytest.raises(MethodError, match=pattern):
+        require_unet(tiny_sd3_pipeline(0), "a UNet-only method")

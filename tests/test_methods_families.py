@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -172,11 +174,36 @@ def test_wrong_settings_and_wrong_family_are_refused():
         forgetpatch.apply(sd3, forgetpatch.erase(sd, ["circle"], method="uce", progress=False))
 
 
-def test_unet_only_methods_say_which_methods_run_on_a_transformer():
-    with pytest.raises(MethodError, match="on SD3 and FLUX use method='uce', 'scapre', 'esd' or 'kscu'"):
-        forgetpatch.erase(
-            tiny_sd3_pipeline(0), [Concept("circle", superclass="shape")], method="dynamic_mask", progress=False
-        )
+DM_SHORT = {"steps": 12, "epochs": 3, "warmup": 3, "update_every": 4, "images": 4, "num_inference_steps": 4,
+            "batch": 2, "lr": 3e-3, "latent_size": 4, "progress": False}
+
+
+def test_dynamic_mask_trains_masked_joint_attention_with_the_flow_objective(pipe):
+    """Dynamic Mask on SD3 / FLUX: the joint attention's projections under the element-wise mask, trained on latents
+    the pipeline generates, noised along the flow line with the velocity as the denoising target; its patch applies
+    and comes off exactly."""
+    from types import SimpleNamespace
+
+    from forgetpatch.methods.dynamic_mask import DynamicMask, _noised
+
+    circle = Concept("circle", superclass="shape")
+    deltas = DynamicMask.compute_deltas(pipe, [circle], **{**DM_SHORT, "turnover": 0.0, "keep": 0.25})
+    assert deltas and all(re.fullmatch(flow.JOINT_ATTENTION_REGEX, p.removeprefix("transformer.")) for p in deltas)
+    for path, delta in deltas.items():
+        assert 0 < float((delta != 0).float().mean()) <= 0.25 + 1e-6, path
+    # the convention: one Euler step x_t + (0 - sigma) v of the target velocity lands on the clean latents
+    engine = SimpleNamespace(flow=flow.family(pipe), device="cpu", unet=SimpleNamespace(dtype=torch.float32))
+    clean = torch.randn(flow.latent_shape(pipe.transformer, 4, 2), generator=torch.Generator().manual_seed(3))
+    x_t, velocity = _noised(engine, clean, 700.0, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(x_t - 0.7 * velocity, clean, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(x_t, clean)
+
+    patch = forgetpatch.erase(pipe, [circle], method="dynamic_mask", **DM_SHORT)
+    assert patch.manifest.base_model.family == flow.family(pipe)
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    forgetpatch.apply(pipe, patch)
+    forgetpatch.remove(pipe)
+    assert all(torch.equal(before[k], v) for k, v in pipe.transformer.state_dict().items())
 
 
 def test_uce_holds_what_an_applied_patch_erased_with_its_own_weight(pipe):

@@ -275,6 +275,17 @@ def test_cli_erase_writes_a_patch_folder(sd_folder, tmp_path):
     assert patch.manifest.method.name == "scapre" and patch.manifest.method.params["energy"] == 0.99
 
 
+def test_cli_erase_names_the_superclass_dynamic_mask_aligns_with(sd_folder, tmp_path):
+    base = ["erase", "--base", str(sd_folder), "--method", "dynamic_mask", "-c", "circle"]
+    short = ["steps=2", "epochs=1", "warmup=1", "update_every=1", "images=2", "num_inference_steps=2", "batch=1"]
+    params = [arg for p in short for arg in ("--param", p)]
+    missing = CliRunner().invoke(app, [*base, *params, "-o", str(tmp_path / "x")])
+    assert missing.exit_code == 1 and "--superclass" in missing.output and not (tmp_path / "x").exists()
+    result = CliRunner().invoke(app, [*base, "--superclass", "shape", *params, "-o", str(tmp_path / "y")])
+    assert result.exit_code == 0, result.output
+    assert read_patch(tmp_path / "y").manifest.concepts[0].superclass == "shape"
+
+
 def test_cli_erase_from_recipe(sd_folder, tmp_path):
     out = tmp_path / "uce"
     toy_recipe = RECIPES / "toy-no-5-shapes-uce.yaml"

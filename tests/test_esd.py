@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from toy_bars import all_bars_only, measure_recipe
 
 import forgetpatch.methods as methods
 from forgetpatch.errors import MethodError
@@ -46,3 +47,19 @@ def test_esd_variant_errors():
         methods.erase(pipe, ["circle", Concept("vangogh", kind="style")], method="esd", **FAST)
     with pytest.raises(MethodError, match="unknown ESD parameter"):
         methods.erase(pipe, "circle", method="esd", iterations=1, warp_speed=True)
+
+
+#: Issue 17: every method's defaults on the toy world meet the toy bars (KSCU's, the other fine-tuning method's).
+ESD_TOY_BARS = {"ua": 0.90, "ira": 0.85, "cra": 0.90}
+
+
+@pytest.mark.slow
+@all_bars_only
+def test_toy_esd_defaults_erase_one_shape_within_the_bars(competent_toy):
+    """``recipes/toy-no-circle-esd.yaml`` is ESD with its defaults on the toy world (``erase(toy, ["circle"],
+    method="esd")``): below the bars it xfails with the figures."""
+    measured = measure_recipe("toy-no-circle-esd")
+    figures = measured.figures()
+    print(figures)
+    if measured.below(ESD_TOY_BARS):
+        pytest.xfail(f"below the toy bars {ESD_TOY_BARS}: {figures}")

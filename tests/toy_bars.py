@@ -9,6 +9,7 @@ is evaluated once per test session and stage for every shape the recipes erase a
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -25,6 +26,12 @@ UA_IMAGES = 96
 FIRST_UA_IMAGES = 32
 RETAIN_IMAGES = 16
 FIRST_RETAIN_IMAGES = 4
+#: The default run bar-tests UCE, ScaPre and KSCU on their defaults; ESD's and Dynamic Mask's take minutes each more
+#: (200 training iterations) and run with FORGETPATCH_ALL_BARS=1, to keep the suite within its 15 minutes.
+all_bars_only = pytest.mark.skipif(
+    os.environ.get("FORGETPATCH_ALL_BARS", "") in ("", "0"),
+    reason="minutes of training: set FORGETPATCH_ALL_BARS=1 (or python benchmarks/recipes.py)",
+)
 #: Every shape a bar-tested recipe erases: the shared base report covers them all.
 BAR_SHAPES = ("circle", "square", "triangle", "star", "hexagon")
 

@@ -50,6 +50,10 @@ def erase_command(
         str, typer.Option(help="Kind of the --concept concepts: object, style, nudity, identity, other.")
     ] = "object",
     guide: Annotated[str | None, typer.Option(help="Guide prompt for the --concept concepts.")] = None,
+    superclass: Annotated[
+        str | None,
+        typer.Option(help="Superclass of the --concept concepts, e.g. 'fish' (Dynamic Mask aligns each with it)."),
+    ] = None,
     preserve: Annotated[list[str] | None, typer.Option("--preserve", help="A concept to keep (repeat).")] = None,
     recipe: Annotated[
         Path | None, typer.Option(help="Recipe YAML (method, concepts, preserve, params).")
@@ -81,7 +85,7 @@ def erase_command(
     spec = load_recipe(recipe) if recipe else None
     chosen_base = _choose_base(base, spec, recipe)
     if concept:
-        concepts = [Concept(target=c, kind=kind, guide=guide) for c in concept]
+        concepts = [Concept(target=c, kind=kind, guide=guide, superclass=superclass) for c in concept]
     elif spec is not None:
         concepts = spec.erase_concepts()
     else:

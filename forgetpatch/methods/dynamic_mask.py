@@ -115,7 +115,8 @@ def superclass_of(concept: Concept) -> str:
         return concept.superclass
     raise MethodError(
         f"Dynamic Mask aligns {concept.target!r} with its superclass: name it, e.g. "
-        f"Concept({concept.target!r}, superclass='fish')"
+        f"Concept({concept.target!r}, superclass='fish') (on the command line --superclass fish; in a recipe, "
+        "the concept's superclass:)"
     )
 
 

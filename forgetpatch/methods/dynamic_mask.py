@@ -115,8 +115,8 @@ def superclass_of(concept: Concept) -> str:
         return concept.superclass
     raise MethodError(
         f"Dynamic Mask aligns {concept.target!r} with its superclass: name it, e.g. "
-        f"Concept({concept.target!r}, superclass='fish') (on the command line --superclass fish; in a recipe, "
-        "the concept's superclass:)"
+        f"Concept({concept.target!r}, superclass='fish') (command line: --superclass fish; recipe: "
+        "{target: ..., superclass: fish})"
     )
 
 
@@ -230,7 +230,7 @@ class GradientMask:
             hook.remove()
 
 
-def _timestep(engine: FinetuneEngine, generator: torch.Generator) -> float:
+def _timestep(engine: FinetuneEngine, generator: torch.Generator) -> int | float:
     """A training timestep: uniform over the scheduler's ``T`` (UNet), or a step of the pipeline's own sigma grid,
     ``t = 1000 sigma`` (SD3 / FLUX)."""
     if engine.flow is None:
@@ -238,7 +238,7 @@ def _timestep(engine: FinetuneEngine, generator: torch.Generator) -> float:
     return engine.timesteps[int(torch.randint(len(engine.timesteps), (1,), generator=generator))]
 
 
-def _noised(engine: FinetuneEngine, latents: torch.Tensor, t: float, generator: torch.Generator):
+def _noised(engine: FinetuneEngine, latents: torch.Tensor, t: int | float, generator: torch.Generator):
     """``(x_t, target)``: the latents noised to ``t`` and what the denoiser should predict there (the noise for a
     UNet; the velocity ``noise - x_0`` on the flow line ``x_t = (1 - sigma) x_0 + sigma noise`` for SD3 / FLUX)."""
     noise = torch.randn(latents.shape, generator=generator)
@@ -279,7 +279,7 @@ def train_concept(
         """``word`` in the template of each picked image."""
         return Cond.cat(*[engine.encode(fill(templates[int(i) % len(templates)], word)) for i in picks])
 
-    def draw(latents: torch.Tensor, t: float | None = None):
+    def draw(latents: torch.Tensor, t: int | float | None = None):
         picks = torch.randint(len(latents), (settings.batch,), generator=generator)
         if t is None:
             t = _timestep(engine, generator)
@@ -309,23 +309,22 @@ def train_concept(
             epoch = min(step // per_epoch, settings.epochs - 1)
             x_c, _, t, picks_c = draw(data.concept)
             x_s, target_s, _, picks_s = draw(data.superclass, t)  # the same t for both terms
-            tt = t
-            aligned = engine.current(x_c, tt, cond(superclass, picks_c))  # sg[eps*(x_t^c, t, s)]: no gradient
+            aligned = engine.current(x_c, t, cond(superclass, picks_c))  # sg[eps*(x_t^c, t, s)]: no gradient
             engine.passes.student_forward += 1
             found = adversary.conds(engine, index * settings.steps + step, concept) if adversary is not None else []
             if found:
                 expanded = [Cond.cat(*[f] * len(x_c)) for f in found]
-                both = engine.student(torch.cat([x_c] * (1 + len(found))), tt, Cond.cat(cond(concept, picks_c), *expanded))
+                both = engine.student(torch.cat([x_c] * (1 + len(found))), t, Cond.cat(cond(concept, picks_c), *expanded))
                 forget = sum(F.mse_loss(s.float(), aligned.float()) for s in both.chunk(1 + len(found))) / (1 + len(found))
             else:
-                forget = F.mse_loss(engine.student(x_c, tt, cond(concept, picks_c)).float(), aligned.float())
-            denoise = F.mse_loss(engine.student(x_s, tt, cond(superclass, picks_s)).float(), target_s.float())
+                forget = F.mse_loss(engine.student(x_c, t, cond(concept, picks_c)).float(), aligned.float())
+            denoise = F.mse_loss(engine.student(x_s, t, cond(superclass, picks_s)).float(), target_s.float())
             loss = forget + settings.super_weight * denoise
             if settings.distill_weight > 0:  # every kept word on every superclass latent, in its template
                 x_k = torch.cat([x_s] * len(kept))
                 c_k = Cond.cat(*[cond(word, picks_s) for word in kept])
-                wanted = engine.with_weights(teacher, x_k, tt, c_k)
-                distill = F.mse_loss(engine.student(x_k, tt, c_k).float(), wanted.float())
+                wanted = engine.with_weights(teacher, x_k, t, c_k)
+                distill = F.mse_loss(engine.student(x_k, t, c_k).float(), wanted.float())
                 loss = loss + settings.distill_weight * distill
                 distill_last = float(distill.detach())
                 distill_first = distill_last if distill_first is None else distill_first

@@ -154,6 +154,8 @@ def row_sets(
     ones' (concepts that patches on the pipeline erased, kept with their own weight: :class:`Embeddings`).
     Words that tokenize to nothing are refused.
     """
+    if tokens not in ("last", "trailing"):
+        raise MethodError(f"unknown tokens mode {tokens!r}; choose 'last' or 'trailing'")
     named = [*erase, *preserve, *held]
     refuse_empty(named, last_token_index(pipe, named))
     erase_pairs = [pair for word in erase for pair in in_templates(word, templates)]
@@ -162,12 +164,9 @@ def row_sets(
     keep_pairs += [(pair, True) for word in held for pair in in_templates(word, templates)]
     prompts = list(dict.fromkeys(p for p, _ in erase_pairs + guide_pairs + [pair for pair, _ in keep_pairs]))
     length = int(flow.encode_prompt(pipe, prompts[0]).hidden.shape[1])
-    mode = tokens if tokens in ("last", "trailing") else None
-    if mode is None:
-        raise MethodError(f"unknown tokens mode {tokens!r}; choose 'last' or 'trailing'")
-    c_rows = positions(pipe, erase_pairs, length, mode)
-    g_rows = positions(pipe, guide_pairs, length, mode)
-    k_rows = positions(pipe, [pair for pair, _ in keep_pairs], length, mode)
+    c_rows = positions(pipe, erase_pairs, length, tokens)
+    g_rows = positions(pipe, guide_pairs, length, tokens)
+    k_rows = positions(pipe, [pair for pair, _ in keep_pairs], length, tokens)
     pairs = []
     for (cp, _), (gp, _), c, g in zip(erase_pairs, guide_pairs, c_rows, g_rows, strict=True):
         ci, gi = _pair(c, g, pipe, length)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from toy_bars import all_bars_only, measure_recipe
+from toy_bars import measure_recipe
 
 import forgetpatch
 from forgetpatch.errors import MethodError
@@ -100,7 +100,6 @@ DM_TOY_BARS = {"ua": 0.90, "ira": 0.85, "cra": 0.90}
 
 
 @pytest.mark.slow
-@all_bars_only
 def test_toy_dynamic_mask_defaults_erase_one_shape_within_the_bars(competent_toy):
     """``recipes/toy-no-circle-dynamic-mask.yaml`` is Dynamic Mask with its defaults on the toy world (superclass
     "cross"): below the bars it xfails with the figures."""

@@ -26,8 +26,8 @@ UA_IMAGES = 96
 FIRST_UA_IMAGES = 32
 RETAIN_IMAGES = 16
 FIRST_RETAIN_IMAGES = 4
-#: The default run bar-tests UCE, ScaPre and KSCU on their defaults; ESD's and Dynamic Mask's take minutes each more
-#: (200 training iterations) and run with FORGETPATCH_ALL_BARS=1, to keep the suite within its 15 minutes.
+#: The default run bar-tests the defaults of UCE, ScaPre, KSCU and Dynamic Mask; ESD's (the baseline) takes minutes
+#: more (200 training iterations) and runs with FORGETPATCH_ALL_BARS=1, to keep the suite within its 15 minutes.
 all_bars_only = pytest.mark.skipif(
     os.environ.get("FORGETPATCH_ALL_BARS", "") in ("", "0"),
     reason="minutes of training: set FORGETPATCH_ALL_BARS=1 (or python benchmarks/recipes.py)",

@@ -13,6 +13,7 @@ Figures per chain go to ``OUT/<chain>.json``; a rerun skips chains already measu
 Run:
     python benchmarks/sequential.py                                      # 5 shapes, every chain
     python benchmarks/sequential.py --shapes circle star triangle --only dm dm-no-distill
+    python benchmarks/sequential.py --only dm-cross dm-cross-no-distill --images 4 --ua-images 32   # README's table
     python benchmarks/sequential.py --only uce uce-hold-1 uce-no-hold scapre scapre-hold-1 uce-at-once --images 4 --ua-images 32
 """
 

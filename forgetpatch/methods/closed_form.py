@@ -229,6 +229,13 @@ class Embeddings:
         return torch.cat(rows)
 
 
+def kept_rows(emb: Embeddings, params: Any) -> torch.Tensor:
+    """:meth:`Embeddings.kept` with a closed-form method's weights: ``s_p = params.preserve_scale`` and
+    ``s_h = params.hold_scale``, or ``params.erase_scale`` when that is ``None`` (UCE's and ScaPre's rule)."""
+    hold = params.erase_scale if params.hold_scale is None else params.hold_scale
+    return emb.kept(params.preserve_scale, hold)
+
+
 def guide_prompt(concept: Concept, defaults: dict[str, str] | None = None) -> str:
     """The guide prompt of ``concept``: its own, else ``defaults[kind]``, else ``""`` (the blank prompt)."""
     if concept.guide is not None:
@@ -465,6 +472,7 @@ __all__ = [
     "guide_prompt",
     "in_templates",
     "inversion_map",
+    "kept_rows",
     "last_token_index",
     "require_unet",
     "robust_record",

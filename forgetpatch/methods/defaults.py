@@ -5,7 +5,8 @@ First wins:
 1. what the caller passes (params, a concept's own ``guide`` / ``superclass``, a ``preserve`` list);
 2. the base's own defaults: a pipeline may carry ``forgetpatch_defaults``, a function
    ``(method, targets, *, closed_form) -> dict`` of :class:`BaseDefaults` fields with settings measured to forget
-   on that model (``closed_form``: the method's flag) (the toy world's pipeline carries :func:`forgetpatch.toy.defaults.erase_defaults`);
+   on that model, ``closed_form`` being the method's flag (the toy world's pipeline carries
+   :func:`forgetpatch.toy.defaults.erase_defaults`);
 3. for closed-form methods on any other base, editing in context: each concept is also edited inside the
    prompts of its kind (:data:`KIND_TEMPLATES`, after the "image of {concept}" / "painting by {concept}"
    prompts of UCE's code release) at its own token and every later one (``tokens="trailing"``);
@@ -68,9 +69,10 @@ def with_defaults(
     if paper:
         return concepts, preserve, params
     supplied = getattr(pipe, "forgetpatch_defaults", None)
+    closed_form = is_closed_form(method)
     if callable(supplied):
-        base = BaseDefaults(**supplied(method, [c.target for c in concepts], closed_form=is_closed_form(method)))
-    elif is_closed_form(method):
+        base = BaseDefaults(**supplied(method, [c.target for c in concepts], closed_form=closed_form))
+    elif closed_form:
         kinds = {c.kind for c in concepts}
         templates = tuple(t for kind in sorted(kinds) for t in KIND_TEMPLATES.get(kind, ()))
         base = BaseDefaults(params={"tokens": "trailing", "templates": templates})

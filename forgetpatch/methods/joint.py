@@ -49,7 +49,13 @@ from torch import nn
 
 from forgetpatch.errors import MethodError
 from forgetpatch.methods import flow
-from forgetpatch.methods.closed_form import Embeddings, in_templates, last_token_index, refuse_empty
+from forgetpatch.methods.closed_form import (
+    TOKEN_MODES,
+    Embeddings,
+    in_templates,
+    last_token_index,
+    refuse_empty,
+)
 
 #: Where a closed-form edit can be made on a flow-matching transformer.
 CONTEXTS = ("embedder", "joint")
@@ -154,8 +160,8 @@ def row_sets(
     ones' (concepts that patches on the pipeline erased, kept with their own weight: :class:`Embeddings`).
     Words that tokenize to nothing are refused.
     """
-    if tokens not in ("last", "trailing"):
-        raise MethodError(f"unknown tokens mode {tokens!r}; choose 'last' or 'trailing'")
+    if tokens not in TOKEN_MODES:
+        raise MethodError(f"unknown tokens mode {tokens!r}; choose one of {list(TOKEN_MODES)}")
     named = [*erase, *preserve, *held]
     refuse_empty(named, last_token_index(pipe, named))
     erase_pairs = [pair for word in erase for pair in in_templates(word, templates)]

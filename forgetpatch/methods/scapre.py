@@ -69,6 +69,7 @@ from forgetpatch.methods.closed_form import (
     current_weight,
     embed_concepts,
     guide_prompt,
+    kept_rows,
     robust_record,
     robust_rounds,
     split_held,
@@ -344,8 +345,7 @@ class Shared:
 def prepare_shared(emb: Embeddings, blank: torch.Tensor, params: ScaPreParams) -> Shared:
     """Build the basis, the shared ``k x k`` terms and the seeded probe embeddings."""
     C, G = emb.erase, emb.guide
-    hold = params.erase_scale if params.hold_scale is None else params.hold_scale
-    P = emb.kept(params.preserve_scale, hold)  # preserved and held rows, each scaled by the root of its weight
+    P = kept_rows(emb, params)  # preserved and held rows, each scaled by the root of its weight
     n, width = C.shape
     _, s, vh = torch.linalg.svd(torch.cat([C, P]), full_matrices=False)
     basis = vh[s > s[0] * 1e-9].T  # (D, k)

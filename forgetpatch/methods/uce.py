@@ -48,6 +48,7 @@ from forgetpatch.methods.closed_form import (
     current_weight,
     embed_concepts,
     guide_prompt,
+    kept_rows,
     robust_record,
     robust_rounds,
     split_held,
@@ -135,7 +136,7 @@ def uce_factors(
     # A = C K^-1 with K = lam I + Z^T Z, Z = [sqrt(s_e) C; sqrt(s_p) P; sqrt(s_h) H], shared by every layer. With
     # fewer rows than the width, by Woodbury an (n+m)-sized solve: K^-1 C^T = (C^T - Z^T (lam I + Z Z^T)^-1 Z C^T)
     # / lam; with more (edits in many templates), the width-sized solve is the smaller one.
-    Z = torch.cat([params.erase_scale**0.5 * C, emb.kept(params.preserve_scale, hold_scale(params))])
+    Z = torch.cat([params.erase_scale**0.5 * C, kept_rows(emb, params)])
     if Z.shape[0] <= width:
         small = params.lam * torch.eye(Z.shape[0], dtype=torch.float64) + Z @ Z.T
         A64 = ((C.T - Z.T @ torch.linalg.solve(small, Z @ C.T)) / params.lam).T
@@ -155,11 +156,6 @@ def uce_factors(
         B = B64.float()
         out[path] = (A.clone(), B, _product_error(B, A, B64, A64))  # a tensor per layer: no shared storage
     return out
-
-
-def hold_scale(params: UCEParams) -> float:
-    """``s_h``: the weight of held concepts (``hold_scale``, else ``erase_scale``)."""
-    return params.erase_scale if params.hold_scale is None else params.hold_scale
 
 
 def _product_error(B: torch.Tensor, A: torch.Tensor, B64: torch.Tensor, A64: torch.Tensor) -> float:

@@ -2,8 +2,9 @@
 each step (does an earlier one come back?), in-domain and cross-domain retention, and the cost of each step.
 
 Chains (``forgetpatch.methods.chain.erase_chain``, each step computed on the model carrying the steps before it):
-Dynamic Mask with and without its distillation term (the ablation), with the world's superclass "shape" and with
-"cross" named as the superclass (see recipes/toy-no-circle-dynamic-mask.yaml), stacked UCE and ScaPre on the toy world's
+Dynamic Mask with and without its distillation term (the ablation), with the world's superclass "shape", with
+"cross" named as every shape's superclass, and with each shape's own (the toy world's settings, ``dm-toy``; see
+recipes/toy-no-circle-dynamic-mask.yaml), stacked UCE and ScaPre on the toy world's
 settings, holding the shapes the steps before erased as strongly as they erase (the default), only as strongly as
 any preserved shape (``hold_scale=1``, what forgetpatch did on the toy world before holding), or not at all
 (``hold=False`` and a preserve list without them, as on a base that preserves nothing), stacked KSCU and
@@ -13,7 +14,8 @@ Figures per chain go to ``OUT/<chain>.json``; a rerun skips chains already measu
 Run:
     python benchmarks/sequential.py                                      # 5 shapes, every chain
     python benchmarks/sequential.py --shapes circle star triangle --only dm dm-no-distill
-    python benchmarks/sequential.py --only dm-cross dm-cross-no-distill --images 4 --ua-images 32   # README's table
+    python benchmarks/sequential.py --only dm-toy dm-toy-no-distill --images 4 --ua-images 32   # README's table
+    python benchmarks/sequential.py --only dm-cross dm-cross-no-distill --images 4 --ua-images 32
     python benchmarks/sequential.py --only uce uce-hold-1 uce-no-hold scapre scapre-hold-1 uce-at-once --images 4 --ua-images 32
 """
 
@@ -51,6 +53,9 @@ def chains(shapes: list[str]) -> dict[str, tuple[list[Concept], dict[str, Any]]]
         "dm": (shape, {"method": "dynamic_mask"}),
         "dm-no-distill": (shape, {"method": "dynamic_mask", "distill_weight": 0.0}),
         "dm-cross": ([Concept(s, superclass="cross") for s in shapes], {"method": "dynamic_mask"}),
+        # each shape's own superclass from the toy world's settings (toy.defaults.SUPERCLASSES)
+        "dm-toy": (plain, {"method": "dynamic_mask"}),
+        "dm-toy-no-distill": (plain, {"method": "dynamic_mask", "distill_weight": 0.0}),
         "dm-cross-no-distill": (
             [Concept(s, superclass="cross") for s in shapes], {"method": "dynamic_mask", "distill_weight": 0.0}
         ),

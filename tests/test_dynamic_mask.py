@@ -102,7 +102,7 @@ DM_TOY_BARS = {"ua": 0.90, "ira": 0.85, "cra": 0.90}
 @pytest.mark.slow
 def test_toy_dynamic_mask_defaults_erase_one_shape_within_the_bars(competent_toy):
     """``recipes/toy-no-circle-dynamic-mask.yaml`` is Dynamic Mask with its defaults on the toy world (superclass
-    "cross"): below the bars it xfails with the figures."""
+    "square"): below the bars it xfails with the figures."""
     measured = measure_recipe("toy-no-circle-dynamic-mask")
     figures = measured.figures()
     print(figures)

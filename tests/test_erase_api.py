@@ -175,6 +175,15 @@ def test_toy_defaults_edit_in_context_towards_a_kept_shape():
         assert with_defaults(pipe, method, [Concept("circle")], [], {}, paper=True)[2] == {}
     erased, _, _ = with_defaults(pipe, "dynamic_mask", [Concept("circle", superclass="shape")], [], {})
     assert erased[0].superclass == "shape"
+    # Dynamic Mask: each shape's own superclass (toy.defaults.SUPERCLASSES), never one being erased
+    erased, _, _ = with_defaults(pipe, "dynamic_mask", [Concept("circle"), Concept("star"), Concept("ring")], [], {})
+    assert [c.superclass for c in erased] == ["square", "cross", "cross"]
+    erased, _, _ = with_defaults(pipe, "dynamic_mask", [Concept("circle"), Concept("square")], [], {})
+    assert [c.superclass for c in erased] == ["cross", "triangle"]
+    # nor one that a patch on the pipeline erased (a chain): the circle's square is gone, and so is UCE's cross
+    chained = forgetpatch.apply(pipe, forgetpatch.erase(toy.pipeline(), ["square", "cross"], method="uce", progress=False))
+    assert [c.superclass for c in with_defaults(chained, "dynamic_mask", [Concept("circle")], [], {})[0]] == ["triangle"]
+    assert [c.guide for c in with_defaults(chained, "uce", [Concept("circle")], [], {})[0]] == ["triangle"]
 
 
 def test_real_bases_edit_closed_form_concepts_in_the_prompts_of_their_kind(sd):

@@ -4,9 +4,10 @@ First wins:
 
 1. what the caller passes (params, a concept's own ``guide`` / ``superclass``, a ``preserve`` list);
 2. the base's own defaults: a pipeline may carry ``forgetpatch_defaults``, a function
-   ``(method, targets, *, closed_form) -> dict`` of :class:`BaseDefaults` fields with settings measured to forget
-   on that model, ``closed_form`` being the method's flag (the toy world's pipeline carries
-   :func:`forgetpatch.toy.defaults.erase_defaults`);
+   ``(method, targets, *, closed_form, held) -> dict`` of :class:`BaseDefaults` fields with settings measured to
+   forget on that model, ``closed_form`` being the method's flag and ``held`` the concepts patches already on the
+   pipeline erased (:func:`~forgetpatch.methods.base.erased_on`), which a guide or superclass must not be (the toy
+   world's pipeline carries :func:`forgetpatch.toy.defaults.erase_defaults`);
 3. for closed-form methods on any other base, editing in context: each concept is also edited inside the
    prompts of its kind (:data:`KIND_TEMPLATES`, after the "image of {concept}" / "painting by {concept}"
    prompts of UCE's code release) at its own token and every later one (``tokens="trailing"``);
@@ -23,11 +24,11 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from forgetpatch.methods.base import Concept, as_concepts, get_method
+from forgetpatch.methods.base import Concept, as_concepts, erased_on, get_method
 
 #: Prompts a closed-form edit is also made in, per concept kind, unless a base supplies its own.
 KIND_TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -48,8 +49,8 @@ class BaseDefaults:
 
     guide: str | None = None
     """What each erased concept without a guide turns into (closed form: the guide; ESD: the anchor)."""
-    superclass: str | None = None
-    """Each erased concept's superclass when it names none (Dynamic Mask)."""
+    superclass: str | Mapping[str, str] | None = None
+    """The superclass of each erased concept that names none (Dynamic Mask): one for all, or one per target."""
     preserve: Sequence[str] = ()
     """Concepts to keep, used when the caller preserves nothing."""
     params: dict[str, Any] = field(default_factory=dict)
@@ -71,16 +72,18 @@ def with_defaults(
     supplied = getattr(pipe, "forgetpatch_defaults", None)
     closed_form = is_closed_form(method)
     if callable(supplied):
-        base = BaseDefaults(**supplied(method, [c.target for c in concepts], closed_form=closed_form))
+        held = [c.target for c in erased_on(pipe)]
+        base = BaseDefaults(**supplied(method, [c.target for c in concepts], closed_form=closed_form, held=held))
     elif closed_form:
         kinds = {c.kind for c in concepts}
         templates = tuple(t for kind in sorted(kinds) for t in KIND_TEMPLATES.get(kind, ()))
         base = BaseDefaults(params={"tokens": "trailing", "templates": templates})
     else:
         base = BaseDefaults()
+    supers = base.superclass
     filled = [
         replace(c, guide=c.guide if c.guide is not None else base.guide,
-                superclass=c.superclass or base.superclass)
+                superclass=c.superclass or (supers.get(c.target) if isinstance(supers, Mapping) else supers))
         for c in concepts
     ]
     erased = {c.key for c in concepts}

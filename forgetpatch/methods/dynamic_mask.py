@@ -110,7 +110,7 @@ class DynamicMaskParams:
 
 
 def superclass_of(concept: Concept) -> str:
-    """The concept's superclass (a base may supply one: the toy world's shapes get ``cross``)."""
+    """The concept's superclass (a base may supply one: each toy shape gets its own, ``toy.defaults.SUPERCLASSES``)."""
     if concept.superclass:
         return concept.superclass
     raise MethodError(

@@ -36,7 +36,7 @@ from typing import Any
 
 from forgetpatch.toy.vocab import ERASE_TEMPLATES, NEAR_NEIGHBOURS, SHAPES
 
-#: What an erased shape turns into, first one not erased: shapes the toy model draws most reliably.
+#: What an erased shape turns into, the first one neither erased nor held: shapes the toy model draws most reliably.
 GUIDES: tuple[str, ...] = ("cross", "square", "triangle", "rectangle", "star")
 
 #: Dynamic Mask's superclass per shape, first one not erased (then :data:`GUIDES`). Strict UA of the circle recipe's

@@ -3,7 +3,8 @@
 For every pair: erase the shape alone with Dynamic Mask on the toy world's settings (``forgetpatch.toy.defaults``)
 but the given superclass, apply the patch, and measure strict UA on ``--ua-images`` prompts of the shape (the same
 prompts and seeds for every pair) with its 95% interval. The best superclass per shape is what
-``forgetpatch.toy.defaults.SUPERCLASSES`` lists first. About a minute per pair on one CPU thread.
+``forgetpatch.toy.defaults.SUPERCLASSES`` lists first. About a minute per pair on one CPU thread (every pair: half
+an hour).
 
 Run:
     python benchmarks/superclass.py                                   # the pairs SUPERCLASSES was chosen from
@@ -21,12 +22,13 @@ import forgetpatch
 from forgetpatch import Concept, toy
 from forgetpatch.eval import evaluate
 
-#: The pairs measured for ``SUPERCLASSES``: each bar-tested shape against cross, square and triangle (and rectangle
-#: for the circle).
+#: The pairs measured for ``SUPERCLASSES``: every shape against cross and two or three other shapes it could become.
 PAIRS = (
     "circle:square", "circle:cross", "circle:triangle", "circle:rectangle", "hexagon:square", "hexagon:cross",
     "hexagon:triangle", "star:cross", "star:triangle", "triangle:cross", "triangle:square", "square:triangle",
-    "square:cross",
+    "square:cross", "ellipse:rectangle", "ellipse:cross", "ellipse:square", "ring:square", "ring:cross",
+    "ring:triangle", "diamond:triangle", "diamond:cross", "diamond:square", "rectangle:square", "rectangle:cross",
+    "rectangle:triangle", "cross:square", "cross:triangle", "cross:star",
 )
 
 

@@ -383,6 +383,18 @@ def test_model_card(pipe, tmp_path):
     assert f'pipe.load_lora_weights("org/no-vangogh", weight_name="{WEIGHTS_NAME}"' in text
 
 
+def test_model_card_says_what_each_concept_is_steered_to(pipe):
+    g = torch.Generator().manual_seed(0)
+    factors = {path: (torch.randn(2, n_in, generator=g), torch.randn(n_out, 2, generator=g)) for path, (n_out, n_in)
+               in MODULES.items()}  # fmt: skip
+    concepts = [{"target": "circle", "guide": "cross"}, {"target": "star", "superclass": "cross"},
+                {"target": "ring", "guide": ""}, {"target": "cat"}]  # fmt: skip
+    text = render_card(build_patch(pipe, factors, name="x", method="m", concepts=concepts, lineage=[]), "org/x").text
+    for row in ("| circle | object | cross |", "| star | object | its superclass, cross |",
+                "| ring | object | (blank prompt) |", "| cat | object | (method default) |"):  # fmt: skip
+        assert row in text, row
+
+
 def test_model_card_shows_toy_figures_with_intervals(pipe):
     figures = {
         "ua": 0.9375,

@@ -23,7 +23,7 @@ def saved(tmp_path_factory):
     w = resolve_module(pipe, path).weight
     g = torch.Generator().manual_seed(0)
     patch = build_patch(pipe, {path: (torch.randn(2, w.shape[1], generator=g), torch.randn(w.shape[0], 2, generator=g))},
-                        name="no-circle", method="manual", concepts=[{"target": "circle", "guide": "square"}],
+                        name="no-circle", method="manual", concepts=[{"target": "circle", "guide": "square"}, {"target": "star", "superclass": "cross"}],
                         key_steps=[KeyStepRange(start=0.0, end=0.3)], metrics={"forget_acc": 0.02}, lineage=[])  # fmt: skip
     return root, patch.save(root / "no-circle"), patch
 
@@ -34,6 +34,7 @@ def test_inspect(saved):
     assert result.exit_code == 0, result.output
     for text in (
         "circle (object) -> square",
+        "star (object), superclass cross",  # Dynamic Mask's
         "manual",
         "0.00-0.30",
         "rank 2",

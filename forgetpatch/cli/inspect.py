@@ -31,7 +31,12 @@ def patch_table(patch) -> Table:
 
     def concepts(entries) -> str:
         return (
-            "\n".join(f"{c.target} ({c.kind})" + (f" -> {c.guide}" if c.guide else "") for c in entries)
+            "\n".join(
+                f"{c.target} ({c.kind})"
+                + (f" -> {c.guide}" if c.guide else "")
+                + (f", superclass {c.superclass}" if c.superclass else "")
+                for c in entries
+            )
             or "-"
         )
 

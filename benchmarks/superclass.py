@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), help="SHAPE:SUPERCLASS pairs")
     parser.add_argument("--ua-images", type=int, default=64, help="UA images per shape")
     args = parser.parse_args()
+    if bad := [pair for pair in args.pairs if pair.count(":") != 1 or "" in pair.split(":")]:
+        parser.error(f"pairs are SHAPE:SUPERCLASS, e.g. circle:square; got {bad}")
     table = Table("shape", "superclass", "strict UA [95%]", "n", title="Dynamic Mask, one shape, toy settings")
     for pair in args.pairs:
         shape, _, superclass = pair.partition(":")

@@ -6,7 +6,8 @@ are its working recipe on this model, measured under the strict judge (an image 
 when another shape is confidently seen), so a shape erased with defaults is *replaced*, not smudged:
 
 * every erased shape turns into a shape the model draws reliably (:data:`GUIDES`: ``cross`` unless it is
-  erased too), since a blank guide leaves blobs no one can name (``forgetpatch.eval.guide_ceiling``);
+  erased too, here or by a patch already on the pipeline), since a blank guide leaves blobs no one can name
+  (``forgetpatch.eval.guide_ceiling``);
 * closed form (UCE, ScaPre): edited inside the world's prompt forms (:data:`ERASE_TEMPLATES`, never the
   held-out ones) at its own token and every later one, the other shapes preserved in the same prompts;
 * ScaPre without its Bures proximal step (``bures_iters=0``): the step moves every edited row a fixed share

@@ -1,19 +1,23 @@
-"""Which superclass Dynamic Mask should align each toy shape with: strict UA per (shape, superclass).
+"""Which shape a fine-tuning erasure should steer each toy shape to: strict UA per (shape, steered-to shape).
 
-For every pair: erase the shape alone with Dynamic Mask on the toy world's settings (``forgetpatch.toy.defaults``)
-but the given superclass, apply the patch, and measure strict UA on ``--ua-images`` prompts of the shape (the same
-prompts and seeds for every pair) with its 95% interval. The best superclass per shape is what
-``forgetpatch.toy.defaults.SUPERCLASSES`` lists first. About a minute per pair on one CPU thread (every pair: half
-an hour).
+For every pair: erase the shape alone with ``--method`` on the toy world's settings (``forgetpatch.toy.defaults``)
+but the given shape to steer to (Dynamic Mask's superclass, KSCU's and ESD's anchor, the concept's ``guide``), apply
+the patch, and measure strict UA on ``--ua-images`` prompts of the shape (the same prompts and seeds for every pair)
+with its 95% interval. The best shape per erased shape is what ``forgetpatch.toy.defaults.SUPERCLASSES`` lists
+first (chosen with Dynamic Mask). About a minute per pair on one CPU thread with Dynamic Mask, half that with KSCU,
+two with ESD (every pair: half an hour with Dynamic Mask).
 
 Run:
     python benchmarks/superclass.py                                   # the pairs SUPERCLASSES was chosen from
     python benchmarks/superclass.py --pairs circle:square circle:cross --ua-images 96
+    python benchmarks/superclass.py --method kscu --pairs circle:square --param g=0.25 --param g=1 --ua-images 96
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 
 from rich.console import Console
 from rich.table import Table
@@ -32,24 +36,48 @@ PAIRS = (
 )
 
 
+def parse_param(text: str) -> tuple[str, object]:
+    """``KEY=VALUE``, the value read as JSON when it is JSON (``g=0.25``, ``lr=1e-3``), else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(text)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), help="SHAPE:SUPERCLASS pairs")
+    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), help="SHAPE:STEERED_TO pairs")
+    parser.add_argument("--method", choices=["dynamic_mask", "kscu", "esd"], default="dynamic_mask")
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="a method parameter over the toy settings; a key given twice is measured both ways")
     parser.add_argument("--ua-images", type=int, default=64, help="UA images per shape")
     args = parser.parse_args()
     if bad := [pair for pair in args.pairs if pair.count(":") != 1 or "" in pair.split(":")]:
-        parser.error(f"pairs are SHAPE:SUPERCLASS, e.g. circle:square; got {bad}")
-    table = Table("shape", "superclass", "strict UA [95%]", "n", title="Dynamic Mask, one shape, toy settings")
-    for pair in args.pairs:
-        shape, _, superclass = pair.partition(":")
-        patch = forgetpatch.erase(toy.pipeline(), [Concept(shape, superclass=superclass)], method="dynamic_mask",
-                                  progress=False)  # fmt: skip
+        parser.error(f"pairs are SHAPE:STEERED_TO, e.g. circle:square; got {bad}")
+    try:
+        given = [parse_param(p) for p in args.param]
+    except ValueError as exc:
+        parser.error(f"--param takes KEY=VALUE, e.g. g=0.25; got {exc}")
+    by_key: dict[str, list[object]] = {}
+    for key, value in given:
+        by_key.setdefault(key, []).append(value)
+    settings = [dict(zip(by_key, values, strict=True)) for values in itertools.product(*by_key.values())]
+    field = "superclass" if args.method == "dynamic_mask" else "guide"
+    table = Table("shape", field, "params", "strict UA [95%]", "n", title=f"{args.method}, one shape, toy settings")
+    for pair, params in itertools.product(args.pairs, settings):
+        shape, _, steer_to = pair.partition(":")
+        patch = forgetpatch.erase(toy.pipeline(), [Concept(shape, **{field: steer_to})], method=args.method,
+                                  progress=False, **params)  # fmt: skip
         report = evaluate(forgetpatch.apply(toy.pipeline(), patch), [shape], images_per_concept=1,
                           images_per_erased=args.ua_images, progress=False, geometry=False)  # fmt: skip
         scores = report.concepts[shape].scores
         low, high = scores.interval["ua"]
-        table.add_row(shape, superclass, f"{scores.ua:.0%} [{low:.0%}-{high:.0%}]", str(scores.n["ua"]))
-        Console().print(f"{shape} -> {superclass}: {scores.ua:.0%} [{low:.0%}-{high:.0%}]")
+        shown = json.dumps(params) if params else "(toy settings)"
+        table.add_row(shape, steer_to, shown, f"{scores.ua:.0%} [{low:.0%}-{high:.0%}]", str(scores.n["ua"]))
+        Console().print(f"{shape} -> {steer_to} {shown}: {scores.ua:.0%} [{low:.0%}-{high:.0%}]")
     Console().print(table)
 
 

@@ -180,10 +180,18 @@ def test_toy_defaults_edit_in_context_towards_a_kept_shape():
     assert [c.superclass for c in erased] == ["square", "cross", "square"]
     erased, _, _ = with_defaults(pipe, "dynamic_mask", [Concept("circle"), Concept("square")], [], {})
     assert [c.superclass for c in erased] == ["cross", "triangle"]
+    # KSCU: the same shape per target as its anchor (guide), never preserved, guidance 0.25
+    erased, kept, params = with_defaults(pipe, "kscu", [Concept("circle"), Concept("hexagon", guide="ring")], [], {})
+    assert [c.guide for c in erased] == ["square", "ring"] and params["g"] == 0.25
+    assert "square" not in {c.target for c in kept} and "ellipse" in {c.target for c in kept}
+    # ESD: the same anchors, negative guidance 0.25, nothing preserved (ESD preserves only when adversarial)
+    erased, kept, params = with_defaults(pipe, "esd", [Concept("circle"), Concept("star")], [], {})
+    assert [c.guide for c in erased] == ["square", "cross"] and params["eta"] == 0.25 and kept == []
     # nor one that a patch on the pipeline erased (a chain): the circle's square is gone, and so is UCE's cross
     chained = forgetpatch.apply(pipe, forgetpatch.erase(toy.pipeline(), ["square", "cross"], method="uce", progress=False))
     assert [c.superclass for c in with_defaults(chained, "dynamic_mask", [Concept("circle")], [], {})[0]] == ["triangle"]
     assert [c.guide for c in with_defaults(chained, "uce", [Concept("circle")], [], {})[0]] == ["triangle"]
+    assert [c.guide for c in with_defaults(chained, "kscu", [Concept("circle")], [], {})[0]] == ["triangle"]
 
 
 def test_real_bases_edit_closed_form_concepts_in_the_prompts_of_their_kind(sd):

@@ -47,14 +47,20 @@ KIND_TEMPLATES: dict[str, tuple[str, ...]] = {
 class BaseDefaults:
     """A base model's own settings for one method and set of concepts (every field optional)."""
 
-    guide: str | None = None
-    """What each erased concept without a guide turns into (closed form: the guide; ESD: the anchor)."""
+    guide: str | Mapping[str, str] | None = None
+    """What each erased concept without a guide turns into (closed form: the guide; ESD, KSCU: the anchor): one for
+    all, or one per target."""
     superclass: str | Mapping[str, str] | None = None
     """The superclass of each erased concept that names none (Dynamic Mask): one for all, or one per target."""
     preserve: Sequence[str] = ()
     """Concepts to keep, used when the caller preserves nothing."""
     params: dict[str, Any] = field(default_factory=dict)
     """Method parameters the caller did not set."""
+
+
+def _for(setting: str | Mapping[str, str] | None, target: str) -> str | None:
+    """A :class:`BaseDefaults` setting given once for all targets or per target, for ``target``."""
+    return setting.get(target) if isinstance(setting, Mapping) else setting
 
 
 def is_closed_form(method: str) -> bool:
@@ -80,10 +86,9 @@ def with_defaults(
         base = BaseDefaults(params={"tokens": "trailing", "templates": templates})
     else:
         base = BaseDefaults()
-    supers = base.superclass
     filled = [
-        replace(c, guide=c.guide if c.guide is not None else base.guide,
-                superclass=c.superclass or (supers.get(c.target) if isinstance(supers, Mapping) else supers))
+        replace(c, guide=c.guide if c.guide is not None else _for(base.guide, c.target),
+                superclass=c.superclass or _for(base.superclass, c.target))
         for c in concepts
     ]
     erased = {c.key for c in concepts}

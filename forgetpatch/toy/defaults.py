@@ -18,12 +18,15 @@ when another shape is confidently seen), so a shape erased with defaults is *rep
   for full SD weights). KSCU preserves the near neighbours and steers each shape to the shape of
   :data:`SUPERCLASSES` (its anchor prompt) with guidance ``g = 0.25``: the target is then mostly the anchor's own
   prediction, ``eps(anchor) - g (eps(shape) - eps(anchor))``, and the paper's ``g = 1`` pushes so far past it that
-  circles come out as pinched four-pointed blobs no one can name. Strict UA of the circle, 96 images: square with
-  g 0.25 0.91 [0.83-0.95] (g 0 0.86, g 0.5 0.88, g 1 0.62; 400 iterations 0.91); the earlier ``cross`` with g 1
-  0.69 [0.51-0.82] on 32, the paper's empty anchor 0.19 [0.09-0.35]. On 32 images, old (cross, g 1) -> new:
-  hexagon 0.22 -> 0.88, square 0.66 -> 0.88, star 0.81 -> 0.78, triangle 0.62 -> 0.62 (``runs/s28/bars.py``).
+  circles come out as pinched four-pointed blobs no one can name. Strict UA of the circle on 96 images: square with
+  g 0.25 0.91 [0.83-0.95] (g 0 0.86, g 0.5 0.88, g 1 0.62); cross, the earlier default, with g 1 0.68 [0.58-0.76]
+  (g 0.5 0.64, g 0 0.44); the paper's empty anchor 0.19 [0.09-0.35] on 32. Other shapes on 32 images, g 0.25 / g 1:
+  hexagon to square 0.91 / 0.72 (to cross 0.06 / 0.06), square to triangle 0.88 / 0.81, star to cross 0.78 / 0.81,
+  triangle to cross 0.62 / 0.62 (``python benchmarks/superclass.py --method kscu --pairs circle:square ...
+  --param g=0.25 --param g=1``).
   ESD the same way (anchor from :data:`SUPERCLASSES`, ``eta = 0.25``): circle 0.93 [0.86-0.96], in-domain retention
-  0.89 of the base (96 images; the paper's empty anchor with eta 1: 0.88 [0.72-0.95] on 32 at retention 0.68);
+  0.89 of the base (96 images, ``python benchmarks/recipes.py --only toy-no-circle-esd --ua-images 96 --images 16``;
+  the paper's empty anchor with eta 1: 0.88 [0.72-0.95] on 32 at retention 0.68);
 * Dynamic Mask: 200 steps at lr 1e-3, batch 4, 32 generated images per prompt form, guidance 4; each shape's
   superclass is the one its predictions align with best (:data:`SUPERCLASSES`), not one guide for all: the method
   moves the concept's predictions onto the superclass's on the concept's own images, which works when the two

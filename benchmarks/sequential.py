@@ -9,7 +9,8 @@ settings, holding the shapes the steps before erased as strongly as they erase (
 any preserved shape (``hold_scale=1``, what forgetpatch did on the toy world before holding), or not at all
 (``hold=False`` and a preserve list without them, as on a base that preserves nothing), stacked KSCU and
 ESD (their recipes' settings), and, as the non-sequential reference, one UCE patch of all shapes at once.
-Figures per chain go to ``OUT/<chain>.json``; a rerun skips chains already measured.
+Figures per chain go to ``OUT/<chain>.json`` with the sizes and shapes they were measured with; a rerun reuses a chain
+measured with the same ones, and says so (``--fresh`` measures again: after a change of the toy settings, say).
 
 Run:
     python benchmarks/sequential.py                                      # 5 shapes, every chain
@@ -141,6 +142,7 @@ def main() -> None:
     parser.add_argument("--last", type=int, nargs=2, metavar=("IMAGES", "UA_IMAGES"), default=None,
                         help="measure the last step with more images (per concept, per erased concept)")
     parser.add_argument("--out", type=Path, default=Path("runs/sequential"))
+    parser.add_argument("--fresh", action="store_true", help="measure every chain again, even one already in --out")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     ua_images = args.ua_images or args.images
@@ -151,16 +153,20 @@ def main() -> None:
     }
     todo = chains(args.shapes)
     results = {}
+    measured_with = {"shapes": args.shapes, "images": args.images, "ua_images": ua_images, "last": args.last}
     for name in args.only or list(todo):
         path = args.out / f"{name}.json"
-        if not path.exists():
+        kept = json.loads(path.read_text()) if path.exists() and not args.fresh else None
+        if kept is not None and kept.get("measured_with") == measured_with:
+            Console().print(f"{name}: reusing {path} (--fresh to measure again)")
+        else:
             concepts, params = todo[name]
             run = at_once if name.endswith("-at-once") else run_chain
             last = tuple(args.last) if args.last else None
             figures = run(concepts, dict(params), bases, args.images, ua_images, last) if run is at_once else run(
                 name, concepts, dict(params), bases, args.images, ua_images, last
             )
-            path.write_text(json.dumps(figures, indent=2))
+            path.write_text(json.dumps({**figures, "measured_with": measured_with}, indent=2))
         results[name] = json.loads(path.read_text())
     table = Table(title=f"strict UA of each shape erased so far after every step ({ua_images} images per shape; "
                         f"retention on {args.images} per concept)")

@@ -29,8 +29,8 @@ from forgetpatch.eval import evaluate
 #: The pairs measured for ``SUPERCLASSES``: every shape against cross and two or three other shapes it could become.
 PAIRS = (
     "circle:square", "circle:cross", "circle:triangle", "circle:rectangle", "hexagon:square", "hexagon:cross",
-    "hexagon:triangle", "star:cross", "star:triangle", "triangle:cross", "triangle:square", "square:triangle",
-    "square:cross", "ellipse:rectangle", "ellipse:cross", "ellipse:square", "ring:square", "ring:cross",
+    "hexagon:triangle", "star:cross", "star:triangle", "triangle:cross", "triangle:square", "triangle:rectangle",
+    "square:triangle", "square:cross", "ellipse:rectangle", "ellipse:cross", "ellipse:square", "ring:square", "ring:cross",
     "ring:triangle", "diamond:triangle", "diamond:cross", "diamond:square", "rectangle:square", "rectangle:cross",
     "rectangle:triangle", "cross:square", "cross:triangle", "cross:star",
 )

@@ -176,8 +176,9 @@ def test_toy_defaults_edit_in_context_towards_a_kept_shape():
     erased, _, _ = with_defaults(pipe, "dynamic_mask", [Concept("circle", superclass="shape")], [], {})
     assert erased[0].superclass == "shape"
     # Dynamic Mask: each shape's own superclass (toy.defaults.SUPERCLASSES), never one being erased
-    erased, _, _ = with_defaults(pipe, "dynamic_mask", [Concept("circle"), Concept("star"), Concept("ring")], [], {})
-    assert [c.superclass for c in erased] == ["square", "cross", "square"]
+    shapes = [Concept("circle"), Concept("star"), Concept("ring"), Concept("triangle")]
+    erased, _, _ = with_defaults(pipe, "dynamic_mask", shapes, [], {})
+    assert [c.superclass for c in erased] == ["square", "cross", "square", "rectangle"]
     erased, _, _ = with_defaults(pipe, "dynamic_mask", [Concept("circle"), Concept("square")], [], {})
     assert [c.superclass for c in erased] == ["cross", "triangle"]
     # KSCU: the same shape per target as its anchor (guide), never preserved, guidance 0.25

@@ -30,7 +30,7 @@ when another shape is confidently seen), so a shape erased with defaults is *rep
 * Dynamic Mask: 200 steps at lr 1e-3, batch 4, 32 generated images per prompt form, guidance 4; each shape's
   superclass is the one its predictions align with best (:data:`SUPERCLASSES`), not one guide for all: the method
   moves the concept's predictions onto the superclass's on the concept's own images, which works when the two
-  shapes cover similar ground (circle and hexagon to a square, star and triangle to a cross).
+  shapes cover similar ground (circle and hexagon to a square, star to a cross, triangle to a rectangle).
 
 Only toy shapes get settings; other words (colours, textures) get none, so the methods' own apply.
 
@@ -50,17 +50,19 @@ from forgetpatch.toy.vocab import ERASE_TEMPLATES, NEAR_NEIGHBOURS, SHAPES
 GUIDES: tuple[str, ...] = ("cross", "square", "triangle", "rectangle", "star")
 
 #: What a fine-tuning erasure steers each shape to, the first one neither erased nor held (then :data:`GUIDES`):
-#: Dynamic Mask's superclass, KSCU's and ESD's anchor (guide). Strict UA with Dynamic Mask's toy settings, one shape at a
-#: time, 64 images per pair (``python benchmarks/superclass.py``; the circle's square on 96): circle square 0.86 (cross 0.69 on 32, rectangle 0.67, triangle 0.39); hexagon square 0.94 (cross 0.81,
-#: triangle 0.50); star cross 0.92 (triangle 0.89); triangle cross 0.86 (square 0.73); square triangle 0.95 (cross
-#: 0.78); ellipse rectangle 0.91 (cross 0.67, square 0.12); ring square 0.64 (cross 0.61, triangle 0.05); diamond
-#: triangle 0.92 (cross 0.81, square 0.48); rectangle triangle 0.95 (cross 0.39, square 0.20); cross triangle 0.95
-#: (square 0.89, star 0.17).
+#: Dynamic Mask's superclass, KSCU's and ESD's anchor (guide). Strict UA with Dynamic Mask's toy settings, one shape
+#: at a time, 64 images per pair (``python benchmarks/superclass.py``; the circle's square on 96): circle square 0.86
+#: (cross 0.69 on 32, rectangle 0.67, triangle 0.39); hexagon square 0.94 (cross 0.81, triangle 0.50); star cross
+#: 0.92 (triangle 0.89); triangle rectangle 0.92 (cross 0.86, square 0.73; with KSCU on 96 rectangle 0.82 against
+#: cross 0.60, with ESD on 32 0.84 against 0.53: ``--method kscu --param g=0.25``, ``--method esd --param eta=0.25``);
+#: square triangle 0.95 (cross 0.78); ellipse rectangle 0.91 (cross 0.67, square 0.12); ring square 0.64 (cross
+#: 0.61, triangle 0.05); diamond triangle 0.92 (cross 0.81, square 0.48); rectangle triangle 0.95 (cross 0.39,
+#: square 0.20); cross triangle 0.95 (square 0.89, star 0.17).
 SUPERCLASSES: dict[str, tuple[str, ...]] = {
     "circle": ("square", "cross"),
     "hexagon": ("square", "cross"),
     "star": ("cross", "triangle"),
-    "triangle": ("cross", "square"),
+    "triangle": ("rectangle", "cross"),
     "square": ("triangle", "cross"),
     "ellipse": ("rectangle", "cross"),
     "ring": ("square", "cross"),

@@ -181,7 +181,8 @@ def test_toy_defaults_edit_in_context_towards_a_kept_shape():
     assert [c.superclass for c in erased] == ["square", "cross", "square", "rectangle"]
     erased, _, _ = with_defaults(pipe, "dynamic_mask", [Concept("circle"), Concept("square")], [], {})
     assert [c.superclass for c in erased] == ["cross", "triangle"]
-    # KSCU: the same shape per target as its anchor (guide), never preserved, guidance 0.25
+    # KSCU: each target's anchor (guide) from the same table unless the caller names one, the table's anchors never
+    # preserved, guidance 0.25
     erased, kept, params = with_defaults(pipe, "kscu", [Concept("circle"), Concept("hexagon", guide="ring")], [], {})
     assert [c.guide for c in erased] == ["square", "ring"] and params["g"] == 0.25
     assert "square" not in {c.target for c in kept} and "ellipse" in {c.target for c in kept}

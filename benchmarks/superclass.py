@@ -30,7 +30,7 @@ from forgetpatch.eval import evaluate
 PAIRS = (
     "circle:square", "circle:cross", "circle:triangle", "circle:rectangle", "hexagon:square", "hexagon:cross",
     "hexagon:triangle", "star:cross", "star:triangle", "triangle:cross", "triangle:square", "triangle:rectangle",
-    "square:triangle", "square:cross", "ellipse:rectangle", "ellipse:cross", "ellipse:square", "ring:square", "ring:cross",
+    "square:triangle", "square:cross", "square:rectangle", "ellipse:rectangle", "ellipse:cross", "ellipse:square", "ring:square", "ring:cross",
     "ring:triangle", "diamond:triangle", "diamond:cross", "diamond:square", "rectangle:square", "rectangle:cross",
     "rectangle:triangle", "cross:square", "cross:triangle", "cross:star",
 )

@@ -194,6 +194,8 @@ def test_toy_defaults_edit_in_context_towards_a_kept_shape():
     assert [c.superclass for c in with_defaults(chained, "dynamic_mask", [Concept("circle")], [], {})[0]] == ["triangle"]
     assert [c.guide for c in with_defaults(chained, "uce", [Concept("circle")], [], {})[0]] == ["triangle"]
     assert [c.guide for c in with_defaults(chained, "kscu", [Concept("circle")], [], {})[0]] == ["triangle"]
+    # a shape's next choice when its first is held: the square's triangle gone, a rectangle (not the GUIDES' cross)
+    assert toy.erase_defaults("dynamic_mask", ["square"], held=["triangle"])["superclass"] == {"square": "rectangle"}
 
 
 def test_real_bases_edit_closed_form_concepts_in_the_prompts_of_their_kind(sd):

@@ -166,8 +166,9 @@ def main() -> None:
             figures = run(concepts, dict(params), bases, args.images, ua_images, last) if run is at_once else run(
                 name, concepts, dict(params), bases, args.images, ua_images, last
             )
-            path.write_text(json.dumps({**figures, "measured_with": measured_with}, indent=2))
-        results[name] = json.loads(path.read_text())
+            kept = {**figures, "measured_with": measured_with}
+            path.write_text(json.dumps(kept, indent=2))
+        results[name] = kept
     table = Table(title=f"strict UA of each shape erased so far after every step ({ua_images} images per shape; "
                         f"retention on {args.images} per concept)")
     for col in ("chain", "step", *args.shapes, "IRA/b", "CRA/b", "near/b", "drift", "step s", "UNet passes"):

@@ -24,27 +24,18 @@ from rich.table import Table
 
 import forgetpatch
 from forgetpatch import Concept, toy
+from forgetpatch.cli.erase import parse_params
+from forgetpatch.errors import MethodError
 from forgetpatch.eval import evaluate
 
 #: The pairs measured for ``SUPERCLASSES``: every shape against cross and two or three other shapes it could become.
 PAIRS = (
     "circle:square", "circle:cross", "circle:triangle", "circle:rectangle", "hexagon:square", "hexagon:cross",
     "hexagon:triangle", "star:cross", "star:triangle", "triangle:cross", "triangle:square", "triangle:rectangle",
-    "square:triangle", "square:cross", "square:rectangle", "ellipse:rectangle", "ellipse:cross", "ellipse:square", "ring:square", "ring:cross",
-    "ring:triangle", "diamond:triangle", "diamond:cross", "diamond:square", "rectangle:square", "rectangle:cross",
-    "rectangle:triangle", "cross:square", "cross:triangle", "cross:star",
+    "square:triangle", "square:cross", "square:rectangle", "ellipse:rectangle", "ellipse:cross", "ellipse:square",
+    "ring:square", "ring:cross", "ring:triangle", "diamond:triangle", "diamond:cross", "diamond:square",
+    "rectangle:square", "rectangle:cross", "rectangle:triangle", "cross:square", "cross:triangle", "cross:star",
 )
-
-
-def parse_param(text: str) -> tuple[str, object]:
-    """``KEY=VALUE``, the value read as JSON when it is JSON (``g=0.25``, ``lr=1e-3``), else as a string."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise ValueError(text)
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
 
 
 def main() -> None:
@@ -57,13 +48,13 @@ def main() -> None:
     args = parser.parse_args()
     if bad := [pair for pair in args.pairs if pair.count(":") != 1 or "" in pair.split(":")]:
         parser.error(f"pairs are SHAPE:STEERED_TO, e.g. circle:square; got {bad}")
-    try:
-        given = [parse_param(p) for p in args.param]
-    except ValueError as exc:
-        parser.error(f"--param takes KEY=VALUE, e.g. g=0.25; got {exc}")
     by_key: dict[str, list[object]] = {}
-    for key, value in given:
-        by_key.setdefault(key, []).append(value)
+    try:
+        for item in args.param:  # one at a time: a key given twice is two settings, not an overwrite
+            for key, value in parse_params([item]).items():
+                by_key.setdefault(key, []).append(value)
+    except MethodError as exc:
+        parser.error(str(exc))
     settings = [dict(zip(by_key, values, strict=True)) for values in itertools.product(*by_key.values())]
     field = "superclass" if args.method == "dynamic_mask" else "guide"
     table = Table("shape", field, "params", "strict UA [95%]", "n", title=f"{args.method}, one shape, toy settings")

@@ -2,7 +2,7 @@
 each step (does an earlier one come back?), in-domain and cross-domain retention, and the cost of each step.
 
 Chains (``forgetpatch.methods.chain.erase_chain``, each step computed on the model carrying the steps before it):
-Dynamic Mask with and without its distillation term (the ablation), with the world's superclass "shape", with
+Dynamic Mask with and without its distillation term, and without its preservation term too (the ablations), with the world's superclass "shape", with
 "cross" named as every shape's superclass, and with each shape's own (the toy world's settings, ``dm-toy``; see
 recipes/toy-no-circle-dynamic-mask.yaml), stacked UCE and ScaPre on the toy world's
 settings, holding the shapes the steps before erased as strongly as they erase (the default), only as strongly as
@@ -15,7 +15,7 @@ measured with the same ones, and says so (``--fresh`` measures again: after a ch
 Run:
     python benchmarks/sequential.py                                      # 5 shapes, every chain
     python benchmarks/sequential.py --shapes circle star triangle --only dm dm-no-distill
-    python benchmarks/sequential.py --only dm-toy dm-toy-no-distill --images 4 --ua-images 32   # README's table
+    python benchmarks/sequential.py --only dm-toy dm-toy-no-distill dm-toy-release --images 4 --ua-images 32  # README
     python benchmarks/sequential.py --only dm-cross dm-cross-no-distill --images 4 --ua-images 32
     python benchmarks/sequential.py --only uce uce-hold-1 uce-no-hold scapre scapre-hold-1 uce-at-once --images 4 --ua-images 32
 """
@@ -56,7 +56,10 @@ def chains(shapes: list[str]) -> dict[str, tuple[list[Concept], dict[str, Any]]]
         "dm-cross": ([Concept(s, superclass="cross") for s in shapes], {"method": "dynamic_mask"}),
         # each shape's own superclass from the toy world's settings (toy.defaults.SUPERCLASSES)
         "dm-toy": (plain, {"method": "dynamic_mask"}),
+        # the ablations: without distillation (earlier shapes still held by the preservation term, as erase holds
+        # them), and without either (what the authors' release trains: its distillation never acts)
         "dm-toy-no-distill": (plain, {"method": "dynamic_mask", "distill_weight": 0.0}),
+        "dm-toy-release": (plain, {"method": "dynamic_mask", "distill_weight": 0.0, "preserve_weight": 0.0}),
         "dm-cross-no-distill": (
             [Concept(s, superclass="cross") for s in shapes], {"method": "dynamic_mask", "distill_weight": 0.0}
         ),

@@ -177,8 +177,10 @@ def test_toy_defaults_edit_in_context_towards_a_kept_shape():
     assert erased[0].superclass == "shape"
     # Dynamic Mask: each shape's own superclass (toy.defaults.SUPERCLASSES), never one being erased
     shapes = [Concept("circle"), Concept("star"), Concept("ring"), Concept("triangle")]
-    erased, _, _ = with_defaults(pipe, "dynamic_mask", shapes, [], {})
+    erased, kept, _ = with_defaults(pipe, "dynamic_mask", shapes, [], {})
     assert [c.superclass for c in erased] == ["square", "cross", "square", "rectangle"]
+    # ... preserving the near neighbours that are neither erased nor a superclass, as KSCU does
+    assert [c.target for c in kept] == ["ellipse", "diamond"]
     erased, _, _ = with_defaults(pipe, "dynamic_mask", [Concept("circle"), Concept("square")], [], {})
     assert [c.superclass for c in erased] == ["cross", "triangle"]
     # KSCU: each target's anchor (guide) from the same table unless the caller names one, the table's anchors never

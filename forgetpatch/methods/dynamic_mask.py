@@ -23,6 +23,14 @@ For each concept ``c`` with superclass ``s``, in sequence:
    superclass: ``L_distill = mean_p | eps*(x_t^s, t, p) - eps_teacher(x_t^s, t, p) |^2``. The authors' release
    computes this term and then overwrites it, so there it never acts; here it is added to the loss
    (``distill_weight=0`` gives the release's behaviour, the ablation);
+   **preservation** (not in the paper; only with ``preserve``): one preserved word ``q`` per step, in turn (the
+   superclass is never one: it has its own terms), on the concept's ``x_t``, held to the same teacher:
+   ``preserve_weight | eps*(x_t^c, t, q) - eps_teacher(x_t^c, t, q) |^2``, as KSCU's optional term. The forget term
+   moves predictions on the concept's images, and that is where a near neighbour's prompt moves with it (on the toy
+   world, circle -> square took "ellipse" and "ring" along: near-neighbour retention 0.66 of the base without the
+   term, 1.00 with it). On a chain ``forgetpatch.erase`` adds what the patches on the pipeline erased to
+   ``preserve`` (``hold``), so each earlier concept is also held on the new concept's images: where the square's
+   step would otherwise pull the circle, already turned into squares, along with it;
 5. **dynamic mask**: every ``update_every`` steps during the first ``update_until`` of training, the
    ``n = turnover * 0.5 (1 + cos(pi * epoch / epochs)) * active`` active elements with the smallest ``|grad|``
    accumulated since the last update are dropped and the ``n`` inactive ones with the largest are added;
@@ -42,6 +50,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar
 
@@ -74,6 +83,8 @@ class DynamicMaskParams:
     batch: int = 2
     super_weight: float = 0.25
     distill_weight: float = 1.0
+    preserve_weight: float = 0.25
+    """Weight of the optional preservation term, used only when ``preserve`` is given (not in the paper)."""
     images: int = 16
     """Latents generated per prompt (concept and superclass) for training."""
     templates: tuple[str, ...] = ("a photo of {concept}",)
@@ -101,8 +112,8 @@ class DynamicMaskParams:
             raise MethodError(f"latent_size must be >= 0 (0: the pipeline's default), got {values.latent_size}")
         if not 0 < values.keep <= 1 or not 0 <= values.turnover < 1 or values.lr <= 0:
             raise MethodError("Dynamic Mask needs 0 < keep <= 1, 0 <= turnover < 1 and lr > 0")
-        if values.distill_weight < 0 or values.super_weight < 0:
-            raise MethodError("distill_weight and super_weight must be >= 0")
+        if min(values.distill_weight, values.super_weight, values.preserve_weight) < 0:
+            raise MethodError("distill_weight, super_weight and preserve_weight must be >= 0")
         bad = [t for t in values.templates if t.count("{concept}") != 1] if values.templates else ["(none)"]
         if bad:
             raise MethodError(f"every template needs exactly one {{concept}} slot: {bad}")
@@ -261,9 +272,10 @@ def train_concept(
     index: int,
     progress: bool,
     adversary: Adversary | None = None,
+    preserved: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """One concept of the sequence: warm-up, mask, masked training with the concept-aware loss and distillation,
-    best epoch kept. Returns what the manifest records for it.
+    """One concept of the sequence: warm-up, mask, masked training with the concept-aware loss, distillation and
+    (with ``preserved`` words) preservation, best epoch kept. Returns what the manifest records for it.
 
     With an ``adversary`` (adversarial fine-tuning, :mod:`forgetpatch.methods.adversarial`) the forget term also
     aligns the conditionings its inner prompt search finds for the concept word (the term is the mean over the
@@ -273,6 +285,7 @@ def train_concept(
     teacher = engine.snapshot()
     templates = settings.templates
     kept = [*earlier, superclass]
+    held = [w for w in preserved if w not in (superclass, concept)] if settings.preserve_weight > 0 else []
     generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)
 
     def cond(word: str, picks: torch.Tensor) -> Cond:
@@ -304,6 +317,7 @@ def train_concept(
         epoch_losses: list[float] = []
         swaps: list[int] = []
         forget_sum, forget_n, distill_first, distill_last = 0.0, 0, None, None
+        preserve_first, preserve_last = None, None
         bar = tqdm(range(settings.steps), desc=f"dynamic mask: {concept}", disable=not progress, leave=False)
         for step in bar:
             epoch = min(step // per_epoch, settings.epochs - 1)
@@ -328,6 +342,13 @@ def train_concept(
                 loss = loss + settings.distill_weight * distill
                 distill_last = float(distill.detach())
                 distill_first = distill_last if distill_first is None else distill_first
+            if held:  # one preserved word a step, on the concept's x_t, held to the teacher
+                c_q = cond(held[step % len(held)], picks_c)
+                wanted = engine.with_weights(teacher, x_c, t, c_q)
+                kept_q = F.mse_loss(engine.student(x_c, t, c_q).float(), wanted.float())
+                loss = loss + settings.preserve_weight * kept_q
+                preserve_last = float(kept_q.detach())
+                preserve_first = preserve_last if preserve_first is None else preserve_first
             engine.optimizer.zero_grad(set_to_none=True)
             engine.accelerator.backward(loss)
             engine.passes.backward += 1
@@ -358,6 +379,9 @@ def train_concept(
             "turned_over": swaps,
             "distill_loss_first": distill_first,
             "distill_loss_last": distill_last,
+            "preserved_on": held,
+            "preserve_loss_first": preserve_first,
+            "preserve_loss_last": preserve_last,
         }
     finally:
         mask.close()
@@ -403,7 +427,8 @@ class DynamicMask:
             engine.model.train()
             for i, (concept, superclass) in enumerate(zip(concepts, supers, strict=True)):
                 records[concept.target] = train_concept(
-                    engine, concept.target, superclass, earlier, data[i], settings, i, progress, adversary
+                    engine, concept.target, superclass, earlier, data[i], settings, i, progress, adversary,
+                    [p.target for p in preserve],
                 )
                 earlier = [*earlier, concept.target]
             engine.model.eval()

@@ -446,8 +446,10 @@ class DynamicMask:
 
         Params: any :class:`DynamicMaskParams` field (``steps`` per concept, ``lr``, ``distill_weight``...), plus
         ``name``, ``progress`` and ``adversarial`` (adversarial fine-tuning,
-        :class:`~forgetpatch.methods.adversarial.Adversarial`; off by default). On a pipeline carrying fused patches the teacher is that patched model and
-        the distillation also keeps their concepts forgotten; the patch's lineage names them.
+        :class:`~forgetpatch.methods.adversarial.Adversarial`; off by default). ``preserve`` is held by the
+        preservation term (``preserve_weight``; not in the paper). On a pipeline carrying fused patches the teacher
+        is that patched model and the distillation also keeps their concepts forgotten (and, unless
+        ``forgetpatch.erase(..., hold=False)``, so does the preservation term); the patch's lineage names them.
         """
         from forgetpatch.format import MethodInfo, build_patch
 

@@ -2,9 +2,10 @@
 each step (does an earlier one come back?), in-domain and cross-domain retention, and the cost of each step.
 
 Chains (``forgetpatch.methods.chain.erase_chain``, each step computed on the model carrying the steps before it):
-Dynamic Mask with and without its distillation term, and without its preservation term too (the ablations), with the world's superclass "shape", with
-"cross" named as every shape's superclass, and with each shape's own (the toy world's settings, ``dm-toy``; see
-recipes/toy-no-circle-dynamic-mask.yaml), stacked UCE and ScaPre on the toy world's
+Dynamic Mask with and without its distillation term, and without its preservation term too (the ablations), with
+the world's superclass "shape", with "cross" named as every shape's superclass, and with each shape's own (the toy
+world's settings at the chain recipe's rate, ``dm-toy``; see recipes/toy-chain-5.yaml), stacked UCE and ScaPre on the
+toy world's
 settings, holding the shapes the steps before erased as strongly as they erase (the default), only as strongly as
 any preserved shape (``hold_scale=1``, what forgetpatch did on the toy world before holding), or not at all
 (``hold=False`` and a preserve list without them, as on a base that preserves nothing), stacked KSCU and
@@ -55,7 +56,7 @@ def chains(shapes: list[str]) -> dict[str, tuple[list[Concept], dict[str, Any]]]
         "dm-no-distill": (shape, {"method": "dynamic_mask", "distill_weight": 0.0}),
         "dm-cross": ([Concept(s, superclass="cross") for s in shapes], {"method": "dynamic_mask"}),
         # each shape's own superclass from the toy world's settings (toy.defaults.SUPERCLASSES), the chain recipe's
-        # rate (lr 1e-3: the one-shape default 2e-3 disturbs the earlier shapes more)
+        # rate (lr 1e-3: at the one-shape default 2e-3 the triangle and the square end at 50% and 66%)
         "dm-toy": (plain, recipe_params("toy-chain-5")),
         # the ablations: without distillation (earlier shapes still held by the preservation term, as erase holds
         # them), and without either (what the authors' release trains: its distillation never acts)

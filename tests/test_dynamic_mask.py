@@ -85,14 +85,14 @@ def test_distillation_acts_and_keeps_the_earlier_concept_where_it_was(pipe):
 
 def test_preservation_holds_a_preserved_concept_and_is_off_without_preserve(pipe):
     """The optional preservation term (not in the paper): with ``preserve`` the preserved prompt's predictions move
-    less from the base's than with ``preserve_weight`` 0; concepts already distilled are not held twice."""
+    less from the base's than with ``preserve_weight`` 0; the superclass, which has its own terms, is not preserved."""
     before = _prediction(pipe, "a photo of ellipse")
     moved = {}
     for weight in (0.0, 50.0):
         patch = forgetpatch.erase(pipe, [CIRCLE], method="dynamic_mask", preserve=["ellipse", "shape"],
                                   **{**SHORT, "preserve_weight": weight, "lr": 1e-2})
         record = patch.manifest.metrics["dynamic_mask"]["circle"]
-        assert record["preserved_on"] == ([] if weight == 0 else ["ellipse"])  # "shape" is distilled already
+        assert record["preserved_on"] == ([] if weight == 0 else ["ellipse"])  # "shape" is the superclass
         patched = forgetpatch.apply(pipe, patch)
         moved[weight] = float((_prediction(patched, "a photo of ellipse") - before).norm())
         forgetpatch.remove(pipe, patch.name)

@@ -15,9 +15,9 @@ reference model does on the plain prompt:
 latents the teacher draws for the concept prompt (DDIM with the engine's steps and guidance; made once per
 concept). The conditioning the method's erase term applies to is then ``{E(p)} ∪ {E([V*_j; p])}`` over the last
 ``memory`` searches: every member gets the method's own erase target, in one batched student pass, and the erase
-term is their mean. The method's retention term is kept (KSCU's ``preserve_weight``, Dynamic Mask's
-distillation and preservation); ESD, which has none, gets AdvUnlearn's: ``retain_weight * ||eps*(x_t, q) - eps(x_t, q)||^2`` for
-one preserved concept ``q`` in turn, on the same ``x_t``.
+term is their mean. The method's retention terms are kept (KSCU's ``preserve_weight``, Dynamic Mask's
+distillation and preservation); ESD, which has none, gets AdvUnlearn's:
+``retain_weight * ||eps*(x_t, q) - eps(x_t, q)||^2`` for one preserved concept ``q`` in turn, on the same ``x_t``.
 
 Cost per search: ``steps`` x (one teacher forward, one student forward, one backward) at batch ``batch``, plus,
 once per concept, ``num_inference_steps`` teacher passes (batch ``2 images``) for the data. The passes are added to

@@ -285,7 +285,7 @@ def train_concept(
     teacher = engine.snapshot()
     templates = settings.templates
     kept = [*earlier, superclass]
-    held = [w for w in preserved if w not in (superclass, concept)] if settings.preserve_weight > 0 else []
+    guarded = [w for w in preserved if w not in (superclass, concept)] if settings.preserve_weight > 0 else []
     generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)
 
     def cond(word: str, picks: torch.Tensor) -> Cond:
@@ -342,12 +342,12 @@ def train_concept(
                 loss = loss + settings.distill_weight * distill
                 distill_last = float(distill.detach())
                 distill_first = distill_last if distill_first is None else distill_first
-            if held:  # one preserved word a step, on the concept's x_t, held to the teacher
-                c_q = cond(held[step % len(held)], picks_c)
+            if guarded:  # one preserved word a step, on the concept's x_t, held to the teacher
+                c_q = cond(guarded[step % len(guarded)], picks_c)
                 wanted = engine.with_weights(teacher, x_c, t, c_q)
-                kept_q = F.mse_loss(engine.student(x_c, t, c_q).float(), wanted.float())
-                loss = loss + settings.preserve_weight * kept_q
-                preserve_last = float(kept_q.detach())
+                preservation = F.mse_loss(engine.student(x_c, t, c_q).float(), wanted.float())
+                loss = loss + settings.preserve_weight * preservation
+                preserve_last = float(preservation.detach())
                 preserve_first = preserve_last if preserve_first is None else preserve_first
             engine.optimizer.zero_grad(set_to_none=True)
             engine.accelerator.backward(loss)
@@ -379,7 +379,7 @@ def train_concept(
             "turned_over": swaps,
             "distill_loss_first": distill_first,
             "distill_loss_last": distill_last,
-            "preserved_on": held,
+            "preserved_on": guarded,
             "preserve_loss_first": preserve_first,
             "preserve_loss_last": preserve_last,
         }

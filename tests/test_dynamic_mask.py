@@ -66,7 +66,7 @@ def _prediction(pipe, prompt: str) -> torch.Tensor:
 def test_distillation_acts_and_keeps_the_earlier_concept_where_it_was(pipe):
     """A chain: patch 1 forgets the circle; patch 2 (the star) is trained on top of it with and without the
     distillation term. With it, the model's predictions for the circle prompt move less from where patch 1 left
-    them; with distill_weight 0 (what the release effectively trains) they move more."""
+    them; with distill_weight 0 they move more. The circle is also in the preservation term, unless hold=False."""
     first = forgetpatch.erase(pipe, [CIRCLE], method="dynamic_mask", **SHORT)
     chained = forgetpatch.apply(tiny_sd_pipeline(seed=0), first, fuse=True)
     after_first = _prediction(chained, "a photo of circle")
@@ -77,10 +77,13 @@ def test_distillation_acts_and_keeps_the_earlier_concept_where_it_was(pipe):
         assert second.manifest.lineage == [first.digest]
         record = second.manifest.metrics["dynamic_mask"]["star"]
         assert record["distilled_on"] == ["circle", "shape"]  # the patch already on the pipeline, the superclass
+        assert record["preserved_on"] == ["circle"]  # erase holds it (hold=True): preserved on the star's images too
         both = forgetpatch.apply(chained, second)
         moved[weight] = float((_prediction(both, "a photo of circle") - after_first).norm())
         forgetpatch.remove(chained, second.name)
     assert moved[10.0] < 0.7 * moved[0.0], moved
+    unheld = forgetpatch.erase(chained, [Concept("star", superclass="shape")], method="dynamic_mask", hold=False, **SHORT)
+    assert unheld.manifest.metrics["dynamic_mask"]["star"]["preserved_on"] == []
 
 
 def test_preservation_holds_a_preserved_concept_and_is_off_without_preserve(pipe):

@@ -5,9 +5,8 @@ Chains (``forgetpatch.methods.chain.erase_chain``, each step computed on the mod
 Dynamic Mask with and without its distillation term, and without its preservation term too (the ablations), with
 the world's superclass "shape", with "cross" named as every shape's superclass, and with each shape's own (the toy
 world's settings at the chain recipe's rate, ``dm-toy``; see recipes/toy-chain-5.yaml), stacked UCE and ScaPre on the
-toy world's
-settings, holding the shapes the steps before erased as strongly as they erase (the default), only as strongly as
-any preserved shape (``hold_scale=1``, what forgetpatch did on the toy world before holding), or not at all
+toy world's settings, holding the shapes the steps before erased as strongly as they erase (the default), only as
+strongly as any preserved shape (``hold_scale=1``, what forgetpatch did on the toy world before holding), or not at all
 (``hold=False`` and a preserve list without them, as on a base that preserves nothing), stacked KSCU and
 ESD (their recipes' settings), and, as the non-sequential reference, one UCE patch of all shapes at once.
 Figures per chain go to ``OUT/<chain>.json`` with the sizes and shapes they were measured with; a rerun reuses a chain
@@ -51,17 +50,18 @@ def recipe_params(name: str) -> dict[str, Any]:
 def chains(shapes: list[str]) -> dict[str, tuple[list[Concept], dict[str, Any]]]:
     plain = [Concept(s) for s in shapes]  # the toy world's settings (forgetpatch.toy.defaults)
     shape = [Concept(s, superclass="shape") for s in shapes]
+    # the chain recipe's settings (lr 1e-3: at the one-shape default 2e-3 the triangle and the square end at 50% and
+    # 66%); each shape's own superclass from the toy world's settings (toy.defaults.SUPERCLASSES)
+    dm_chain = recipe_params("toy-chain-5")
     return {
         "dm": (shape, {"method": "dynamic_mask"}),
         "dm-no-distill": (shape, {"method": "dynamic_mask", "distill_weight": 0.0}),
         "dm-cross": ([Concept(s, superclass="cross") for s in shapes], {"method": "dynamic_mask"}),
-        # each shape's own superclass from the toy world's settings (toy.defaults.SUPERCLASSES), the chain recipe's
-        # rate (lr 1e-3: at the one-shape default 2e-3 the triangle and the square end at 50% and 66%)
-        "dm-toy": (plain, recipe_params("toy-chain-5")),
+        "dm-toy": (plain, dm_chain),
         # the ablations: without distillation (earlier shapes still held by the preservation term, as erase holds
         # them), and without either (what the authors' release trains: its distillation never acts)
-        "dm-toy-no-distill": (plain, {**recipe_params("toy-chain-5"), "distill_weight": 0.0}),
-        "dm-toy-release": (plain, {**recipe_params("toy-chain-5"), "distill_weight": 0.0, "preserve_weight": 0.0}),
+        "dm-toy-no-distill": (plain, {**dm_chain, "distill_weight": 0.0}),
+        "dm-toy-release": (plain, {**dm_chain, "distill_weight": 0.0, "preserve_weight": 0.0}),
         "dm-toy-lr-2e-3": (plain, {"method": "dynamic_mask"}),  # the one-shape default rate at every step
         "dm-cross-no-distill": (
             [Concept(s, superclass="cross") for s in shapes], {"method": "dynamic_mask", "distill_weight": 0.0}
@@ -162,8 +162,8 @@ def main() -> None:
     measured_with = {"shapes": args.shapes, "images": args.images, "ua_images": ua_images, "last": args.last}
     for name in args.only or list(todo):
         path = args.out / f"{name}.json"
-        kept = json.loads(path.read_text()) if path.exists() and not args.fresh else None
-        if kept is not None and kept.get("measured_with") == measured_with:
+        stored = json.loads(path.read_text()) if path.exists() and not args.fresh else None
+        if stored is not None and stored.get("measured_with") == measured_with:
             Console().print(f"{name}: reusing {path} (--fresh to measure again)")
         else:
             concepts, params = todo[name]
@@ -172,9 +172,9 @@ def main() -> None:
             figures = run(concepts, dict(params), bases, args.images, ua_images, last) if run is at_once else run(
                 name, concepts, dict(params), bases, args.images, ua_images, last
             )
-            kept = {**figures, "measured_with": measured_with}
-            path.write_text(json.dumps(kept, indent=2))
-        results[name] = kept
+            stored = {**figures, "measured_with": measured_with}
+            path.write_text(json.dumps(stored, indent=2))
+        results[name] = stored
     table = Table(title=f"strict UA of each shape erased so far after every step ({ua_images} images per shape; "
                         f"retention on {args.images} per concept)")
     for col in ("chain", "step", *args.shapes, "IRA/b", "CRA/b", "near/b", "drift", "step s", "UNet passes"):

@@ -285,7 +285,7 @@ def train_concept(
     teacher = engine.snapshot()
     templates = settings.templates
     kept = [*earlier, superclass]
-    guarded = [w for w in preserved if w not in (superclass, concept)] if settings.preserve_weight > 0 else []
+    guarded = [w for w in preserved if w != superclass] if settings.preserve_weight > 0 else []
     generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)
 
     def cond(word: str, picks: torch.Tensor) -> Cond:
@@ -422,13 +422,13 @@ class DynamicMask:
                              energy=settings.energy, seed=settings.seed, progress=progress,
                              latent_size=settings.latent_size or None)
         records: dict[str, Any] = {}
+        preserved = [p.target for p in preserve]
         adversary = adversary_for(adversarial, pipe)
         with FinetuneEngine(pipe, config) as engine:
             engine.model.train()
             for i, (concept, superclass) in enumerate(zip(concepts, supers, strict=True)):
                 records[concept.target] = train_concept(
-                    engine, concept.target, superclass, earlier, data[i], settings, i, progress, adversary,
-                    [p.target for p in preserve],
+                    engine, concept.target, superclass, earlier, data[i], settings, i, progress, adversary, preserved
                 )
                 earlier = [*earlier, concept.target]
             engine.model.eval()

@@ -4,7 +4,9 @@ For each ``recipes/toy-*.yaml``: erase on the shipped toy model, apply the patch
 (the same prompts and seeds for every recipe), and print the worst erased concept's strict UA with its 95%
 interval, what became of the concept's images (replaced / empty / unclear), the shipped judge's top-1 UA
 (never abstaining), the first judge's UA (``load_judge("v1")``, how UA was read before), retention as a
-share of the base, and the judge-vs-geometric-fit disagreement.
+share of the base, the judge-vs-geometric-fit disagreement, and the worst concept's ceiling: the strict UA of the
+base when the shape the patch steers it to replaces its word in the same prompts (``forgetpatch.eval.guide_ceiling``:
+what an exact steering would score; a patch can land above it, as the steering need not be exact).
 
 Run:
     python benchmarks/recipes.py                      # UA on 32 images per erased shape, retention on 8
@@ -23,7 +25,7 @@ from rich.table import Table
 
 import forgetpatch
 from forgetpatch import toy
-from forgetpatch.eval import evaluate, rejudge
+from forgetpatch.eval import evaluate, guide_ceiling, rejudge, steered_to
 from forgetpatch.recipes import load_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -47,7 +49,7 @@ def main() -> None:
     v1 = toy.load_judge("v1")
     table = Table(title=f"toy recipes: UA on {args.ua_images} images per erased shape, retention on {args.images}")
     columns = ("recipe", "worst", "UA strict [95%]", "repl/empty/unclear", "UA top-1", "UA v1", "IRA/b", "CRA/b",
-               "near/b", "judge!=fit", "erase s")
+               "near/b", "judge!=fit", "ceiling", "erase s")
     for col in columns:
         table.add_column(col, justify="left" if col in ("recipe", "worst") else "right")
     for name, recipe in recipes.items():
@@ -63,6 +65,8 @@ def main() -> None:
         s, lo_hi = worst.scores, worst.scores.interval["ua"]
         ratios = report.worst()
         d = report.disagreement()
+        to = steered_to(patch.manifest.concepts)[concept]
+        ceiling = guide_ceiling(toy.pipeline(), [concept], {concept: to}, images_per_concept=args.ua_images)[concept]
         table.add_row(
             name,
             concept,
@@ -72,6 +76,7 @@ def main() -> None:
             pct(old.concepts[concept].scores.ua),
             *(pct(ratios[k]) for k in ("ira", "cra", "near")),
             pct(d["rate"]) if d else "-",
+            f"{to or 'blank'} {ceiling:.0%}",
             f"{erase_s:.0f}",
         )
         print(f"{name}: measured", flush=True)

@@ -9,6 +9,8 @@ toy world's settings, holding the shapes the steps before erased as strongly as 
 strongly as any preserved shape (``hold_scale=1``, what forgetpatch did on the toy world before holding), or not at all
 (``hold=False`` and a preserve list without them, as on a base that preserves nothing), stacked KSCU and
 ESD (their recipes' settings), and, as the non-sequential reference, one UCE patch of all shapes at once.
+Under each chain, its ceiling: per shape, the strict UA of the base with the shape that chain steers it to in its
+word's place, on the same prompts (``forgetpatch.eval.guide_ceiling``): what an exact steering would score.
 Figures per chain go to ``OUT/<chain>.json`` with the sizes and shapes they were measured with; a rerun reuses a chain
 measured with the same ones, and says so (``--fresh`` measures again: after a change of the toy settings, say).
 
@@ -33,7 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 from forgetpatch import toy
-from forgetpatch.eval import evaluate
+from forgetpatch.eval import evaluate, guide_ceiling, steered_to
 from forgetpatch.methods import Concept, erase_chain
 from forgetpatch.recipes import load_recipe
 
@@ -96,16 +98,24 @@ def measure(pipe: Any, names: list[str], size: tuple[int, int], bases: dict) -> 
     }
 
 
+def ceiling(targets: dict[str, str], ua_images: int) -> dict[str, Any]:
+    """Per shape, what it is steered to and the strict UA of the base with that shape in its word's place."""
+    found = guide_ceiling(toy.pipeline(), list(targets), targets, images_per_concept=ua_images)
+    return {"steered_to": targets, "ua": found, "images": ua_images}
+
+
 def run_chain(
     name: str, concepts: list[Concept], params: dict[str, Any], bases: dict, images: int, ua_images: int,
     last: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
+    targets: dict[str, str] = {}
     started = [time.perf_counter()]
 
     def on_step(k: int, patch: Any, chained: Any) -> None:
         seconds = time.perf_counter() - started[0]
         size = last if last and k == len(concepts) else (images, ua_images)
+        targets.update(steered_to(patch.manifest.concepts))
         passes = (patch.manifest.metrics.get("training") or patch.manifest.metrics.get("dynamic_mask") or {})
         rows.append({
             "step": k,
@@ -120,7 +130,7 @@ def run_chain(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         erase_chain(toy.pipeline(), concepts, method=method, name=name, on_step=on_step, progress=False, **params)
-    return {"steps": rows}
+    return {"steps": rows, "ceiling": ceiling(targets, (last or (images, ua_images))[1])}
 
 
 def at_once(
@@ -134,9 +144,10 @@ def at_once(
     method = params.pop("method")
     patch = forgetpatch.erase(toy.pipeline(), concepts, method=method, progress=False, **params)
     seconds = time.perf_counter() - started
-    figures = measure(forgetpatch.apply(toy.pipeline(), patch), [c.target for c in concepts],
-                      last or (images, ua_images), bases)
-    return {"steps": [{"step": len(concepts), **figures, "seconds": round(seconds, 1), "unet_passes": None}]}
+    size = last or (images, ua_images)
+    figures = measure(forgetpatch.apply(toy.pipeline(), patch), [c.target for c in concepts], size, bases)
+    row = {"step": len(concepts), **figures, "seconds": round(seconds, 1), "unet_passes": None}
+    return {"steps": [row], "ceiling": ceiling(steered_to(patch.manifest.concepts), size[1])}
 
 
 def main() -> None:
@@ -187,6 +198,10 @@ def main() -> None:
                 *(f"{row[k]:.0%}" if row[k] is not None else "-" for k in ("ira", "cra", "near")),
                 f"{row['drift']:.3f}", f"{row['seconds']:.0f}", str(row["unet_passes"] or "-"),
             )
+        if top := figures.get("ceiling"):
+            to, ua = top["steered_to"], top["ua"]
+            shown = (f"{ua[s]:.0%} {to[s] or 'blank'}" if s in ua else "" for s in args.shapes)
+            table.add_row(f"{name}: ceiling", "", *shown)
     Console(width=200).print(table)
 
 

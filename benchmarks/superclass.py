@@ -3,9 +3,11 @@
 For every pair: erase the shape alone with ``--method`` on the toy world's settings (``forgetpatch.toy.defaults``)
 but the given shape to steer to (Dynamic Mask's superclass, KSCU's and ESD's anchor, the concept's ``guide``), apply
 the patch, and measure strict UA on ``--ua-images`` prompts of the shape (the same prompts and seeds for every pair)
-with its 95% interval. The best shape per erased shape is what ``forgetpatch.toy.defaults.SUPERCLASSES`` lists
-first (chosen with Dynamic Mask). About a minute per pair on one CPU thread with Dynamic Mask, half that with KSCU,
-two with ESD (every pair: half an hour with Dynamic Mask).
+with its 95% interval, beside the pair's ceiling: the strict UA of the base with the steered-to shape in the shape's
+word's place, on the same prompts (``forgetpatch.eval.guide_ceiling``, what an exact steering would score). The best
+shape per erased shape is what ``forgetpatch.toy.defaults.SUPERCLASSES`` lists first (chosen with Dynamic Mask).
+About a minute per pair on one CPU thread with Dynamic Mask, half that with KSCU, two with ESD (every pair: half an
+hour with Dynamic Mask).
 
 Run:
     python benchmarks/superclass.py                                   # the pairs SUPERCLASSES was chosen from
@@ -26,7 +28,7 @@ import forgetpatch
 from forgetpatch import Concept, toy
 from forgetpatch.cli.erase import parse_params
 from forgetpatch.errors import MethodError
-from forgetpatch.eval import evaluate
+from forgetpatch.eval import evaluate, guide_ceiling
 
 #: The pairs measured for ``SUPERCLASSES``: every shape against cross and two or three other shapes it could become.
 PAIRS = (
@@ -57,7 +59,8 @@ def main() -> None:
         parser.error(str(exc))
     settings = [dict(zip(by_key, values, strict=True)) for values in itertools.product(*by_key.values())]
     field = "superclass" if args.method == "dynamic_mask" else "guide"
-    table = Table("shape", field, "params", "strict UA [95%]", "n", title=f"{args.method}, one shape, toy settings")
+    table = Table("shape", field, "params", "strict UA [95%]", "n", "ceiling",
+                  title=f"{args.method}, one shape, toy settings")  # fmt: skip
     for pair, params in itertools.product(args.pairs, settings):
         shape, _, steer_to = pair.partition(":")
         patch = forgetpatch.erase(toy.pipeline(), [Concept(shape, **{field: steer_to})], method=args.method,
@@ -67,7 +70,9 @@ def main() -> None:
         scores = report.concepts[shape].scores
         low, high = scores.interval["ua"]
         shown = json.dumps(params) if params else "(toy settings)"
-        table.add_row(shape, steer_to, shown, f"{scores.ua:.0%} [{low:.0%}-{high:.0%}]", str(scores.n["ua"]))
+        ceiling = guide_ceiling(toy.pipeline(), [shape], steer_to, images_per_concept=args.ua_images)[shape]
+        table.add_row(shape, steer_to, shown, f"{scores.ua:.0%} [{low:.0%}-{high:.0%}]", str(scores.n["ua"]),
+                      f"{ceiling:.0%}")  # fmt: skip
         Console().print(f"{shape} -> {steer_to} {shown}: {scores.ua:.0%} [{low:.0%}-{high:.0%}]")
     Console().print(table)
 

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from forgetpatch import Concept
 from forgetpatch.errors import ConceptError, ForgetPatchError
 from forgetpatch.eval import (
     EvalReport,
@@ -22,6 +23,7 @@ from forgetpatch.eval import (
     paraphrase_prompts,
     save_grid,
     scoring_prompts,
+    steered_to,
     wilson,
 )
 from forgetpatch.testing import tiny_sd_pipeline
@@ -163,6 +165,16 @@ def test_guide_ceiling_is_what_the_guide_prompts_draw():
     assert ceiling("circle", "cross") == {"circle": 1.0}  # the guide's prompts never draw a circle
     assert ceiling("circle", "disc") == {"circle": 0.0}  # a synonym as guide: no erasure towards it helps
     assert ceiling("red", "blue") == {"red": 1.0}
+
+
+def test_guide_ceiling_takes_a_guide_per_concept_as_a_patch_records_them():
+    concepts = [Concept("circle", guide="cross"), Concept("star", superclass="star"), Concept("ring")]
+    assert steered_to(concepts) == {"circle": "cross", "star": "star", "ring": ""}
+    to = steered_to(concepts)
+    found = guide_ceiling(FakeGenerator(), ["circle", "star"], to, judge=FakeJudge(), images_per_concept=N)
+    assert found == {"circle": 1.0, "star": 0.0}  # each concept's own guide: "cross" erases, "star" itself does not
+    with pytest.raises(ConceptError, match="no guide for"):
+        guide_ceiling(FakeGenerator(), ["square"], {"circle": "cross"}, judge=FakeJudge(), images_per_concept=N)
 
 
 def test_synonym_left_out_shows_as_paraphrase_leakage():

@@ -48,15 +48,26 @@ class Measured:
     ua_images: int = UA_IMAGES
     """UA images per erased concept the figures come from (:data:`FIRST_UA_IMAGES` when stage 1 settled it)."""
     retain_images: int = RETAIN_IMAGES
+    ceiling: dict[str, tuple[str, float]] | None = None
+    """Per erased concept: the shape it is steered to and the strict UA the base scores when that shape replaces the
+    word in the same prompts (:func:`forgetpatch.eval.guide_ceiling`): what an exact steering would reach."""
 
     def below(self, bars: dict[str, float]) -> dict[str, float]:
         return {k: round(v, 3) for k, bar in bars.items() if (v := self.worst[k]) is None or v < bar}
 
     def figures(self) -> str:
+        from forgetpatch.eval import wilson
+
         safe = {k: None if v is None else round(v, 3) for k, v in self.worst.items()}
         point = {k: None if v is None else round(v, 3) for k, v in self.point.items()}
-        return (f"safe (95% bound) {safe}; point {point}; UA on {self.ua_images} images, retention on "
-                f"{self.retain_images} per concept; erase {self.erase_s:.0f} s")
+        n = self.ua_images
+        ceiling = {}
+        for concept, (to, v) in (self.ceiling or {}).items():
+            low, high = wilson(round(v * n), n)
+            ceiling[f"{concept}->{to or 'blank'}"] = f"{v:.3f} [{low:.3f}-{high:.3f}]"
+        return (f"safe (95% bound) {safe}; point {point}; UA on {n} images, retention on "
+                f"{self.retain_images} per concept; erase {self.erase_s:.0f} s; ceiling (the base drawing the "
+                f"steered-to shape in the same prompts) {ceiling}")
 
 
 def toy_pipeline():
@@ -100,8 +111,9 @@ def can_still_meet(report, ua_bar: float) -> bool:
 
 
 def measure_recipe(name: str, ua_bar: float = 0.90) -> Measured:
-    """Run ``recipes/<name>.yaml`` on the shipped toy model and score the patch it makes (two stages, above)."""
-    from forgetpatch.eval import evaluate
+    """Run ``recipes/<name>.yaml`` on the shipped toy model and score the patch it makes (two stages, above), and the
+    ceiling of what it steers each concept to, on the same prompts."""
+    from forgetpatch.eval import evaluate, guide_ceiling, steered_to
 
     recipe = load_recipe(RECIPES / f"{name}.yaml")
     erased = [c.target for c in recipe.concepts]
@@ -121,7 +133,9 @@ def measure_recipe(name: str, ua_bar: float = 0.90) -> Measured:
         )
         if ua_images == UA_IMAGES or not can_still_meet(report, ua_bar):
             break
+    targets = steered_to(patch.manifest.concepts)
+    found = guide_ceiling(toy_pipeline(), erased, targets, images_per_concept=ua_images)
     return Measured(
         worst=report.worst(safe=True), point=report.worst(), erase_s=erase_s, report=report, ua_images=ua_images,
-        retain_images=retain_images,
+        retain_images=retain_images, ceiling={c: (targets[c], found[c]) for c in erased},
     )

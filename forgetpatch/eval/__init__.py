@@ -21,7 +21,7 @@ Key-step analysis (:mod:`forgetpatch.eval.keysteps`: ``analyze``, ``KeyStepCurve
 """
 
 from forgetpatch.eval.blindfold import blindfold
-from forgetpatch.eval.ceiling import guide_ceiling
+from forgetpatch.eval.ceiling import guide_ceiling, steered_to
 from forgetpatch.eval.generate import DEFAULT_GUIDANCE_SCALE, Generator, PipelineGenerator, as_generator
 from forgetpatch.eval.grid import save_grid, save_report_grid, save_rows
 from forgetpatch.eval.metrics import Judge, Replay, evaluate, rejudge, scoring_prompts
@@ -110,6 +110,7 @@ __all__ = [
     "save_rows",
     "score_concept",
     "scoring_prompts",
+    "steered_to",
     "toy_detector",
     "toy_prompts",
     "wilson",

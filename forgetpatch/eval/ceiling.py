@@ -6,27 +6,34 @@ shape slot draws *some* shape, sometimes the erased one), an erasure that reache
 score UA ``1 - P(concept | guide prompt)``. A real patch is not that exact replacement and may land above
 or below it; a ceiling far below a bar says the guide, not the method, is what to change.
 
+A fine-tuning erasure steers each concept to a shape of its own (KSCU's and ESD's anchor, Dynamic Mask's superclass):
+``guide`` may then name one per concept, as a patch's manifest records them (:func:`steered_to`).
+
 Example:
     >>> guide_ceiling(forgetpatch.toy.pipeline(), ["circle", "triangle"], guide="")
     {'circle': 0.875, 'triangle': 0.6875}
+    >>> guide_ceiling(forgetpatch.toy.pipeline(), ["circle"], steered_to(patch.manifest.concepts))  # doctest: +SKIP
+    {'circle': 0.917}
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from forgetpatch.errors import ConceptError
 from forgetpatch.eval.generate import DEFAULT_GUIDANCE_SCALE, as_generator
 from forgetpatch.eval.metrics import Judge, _check_concepts, _generate
 from forgetpatch.eval.prompts import main_prompts
 from forgetpatch.eval.report import forgotten
+from forgetpatch.format import Concept
 
 
 def guide_ceiling(
     pipe: Any,
     erased: Sequence[str],
-    guide: str = "",
+    guide: str | Mapping[str, str] = "",
     *,
     images_per_concept: int = 16,
     seed: int = 0,
@@ -41,15 +48,19 @@ def guide_ceiling(
     Args:
         pipe: the base model (a pipeline or a :class:`~forgetpatch.eval.generate.Generator`).
         erased: canonical toy concepts.
-        guide: the word erased concepts are steered to; ``""`` is the UCE/ScaPre default.
+        guide: the word erased concepts are steered to; ``""`` is the UCE/ScaPre default. A mapping gives each
+            erased concept its own.
     """
     erased = _check_concepts(erased)
+    guides = dict(guide) if isinstance(guide, Mapping) else dict.fromkeys(erased, guide)
+    if missing := [c for c in erased if c not in guides]:
+        raise ConceptError(f"no guide for {missing}: name one per erased concept (\"\" for the blank prompt)")
     if judge is None:
         from forgetpatch.toy import load_judge
 
         judge = load_judge()
     pairs = [(c, it) for c in erased for it in main_prompts(images_per_concept, seed) if it.names(c)]
-    items = [replace(it, prompt=_with_guide(it.prompt, concept, guide)) for concept, it in pairs]
+    items = [replace(it, prompt=_with_guide(it.prompt, concept, guides[concept])) for concept, it in pairs]
     generator = as_generator(
         pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, progress=progress
     )
@@ -64,3 +75,9 @@ def guide_ceiling(
 def _with_guide(prompt: str, concept: str, guide: str) -> str:
     """``prompt`` with the word ``concept`` replaced by ``guide`` (dropped when the guide is blank)."""
     return " ".join(" ".join(guide if w == concept else w for w in prompt.split()).split())
+
+
+def steered_to(concepts: Sequence[Concept]) -> dict[str, str]:
+    """What each concept of a patch is steered to, as its manifest records it: its guide, else its superclass (Dynamic
+    Mask), else the blank prompt. The ``guide`` argument of :func:`guide_ceiling` for that patch."""
+    return {c.target: c.guide or c.superclass or "" for c in concepts}

@@ -393,6 +393,7 @@ def test_model_card_says_what_each_concept_is_steered_to(pipe):
     for row in ("| circle | object | cross |", "| star | object | its superclass, cross |",
                 "| ring | object | (blank prompt) |", "| cat | object | (method default) |"):  # fmt: skip
         assert row in text, row
+    assert "(circle -> cross, star -> cross)" in text  # the opening line names Dynamic Mask's superclass too
 
 
 def test_model_card_shows_toy_figures_with_intervals(pipe):

@@ -78,6 +78,6 @@ def _with_guide(prompt: str, concept: str, guide: str) -> str:
 
 
 def steered_to(concepts: Sequence[Concept]) -> dict[str, str]:
-    """What each concept of a patch is steered to, as its manifest records it: its guide, else its superclass (Dynamic
-    Mask), else the blank prompt. The ``guide`` argument of :func:`guide_ceiling` for that patch."""
-    return {c.target: c.guide or c.superclass or "" for c in concepts}
+    """What each concept of a patch is steered to (:attr:`Concept.steered_to`, the blank prompt when it names
+    nothing), as its manifest records it: the ``guide`` argument of :func:`guide_ceiling` for that patch."""
+    return {c.target: c.steered_to or "" for c in concepts}

@@ -53,6 +53,12 @@ class Concept:
                 raise ConceptError(f"a concept's {name} is a string or None, got {value!r}")
 
     @property
+    def steered_to(self) -> str | None:
+        """What erasing it turns it into: its guide, else its superclass (Dynamic Mask aligns it with that); ``None``
+        when neither is named (the method's default: the blank prompt for UCE, ScaPre, ESD and KSCU)."""
+        return self.guide if self.guide is not None else self.superclass
+
+    @property
     def key(self) -> str:
         """What two concepts are compared by: the target, trimmed and lower-cased (``"Circle "`` is ``"circle"``)."""
         return self.target.strip().lower()

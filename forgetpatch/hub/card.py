@@ -242,7 +242,7 @@ def render_card(
         repo_id=repo_id,
         base_id=base_id,
         forgotten=", ".join(f"**{c.target}**" for c in manifest.concepts),
-        steered=", ".join(f"{c.target} -> {c.guide}" for c in manifest.concepts if c.guide),
+        steered=", ".join(f"{c.target} -> {c.steered_to}" for c in manifest.concepts if c.steered_to),
         params=[(k, short_value(v)) for k, v in sorted(manifest.method.params.items())],
         figures=figures,
         per_layer=per_layer,

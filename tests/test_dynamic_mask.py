@@ -41,7 +41,10 @@ def test_gradient_mask_turnover_swaps_weakest_active_for_strongest_inactive():
     mask.score["w"] = torch.tensor([[8.0, 0.1, 6.0, 5.0], [4.0, 3.0, 9.0, 1.0]])
     assert mask.turn_over(0.25) == 1
     assert mask.masks["w"].flatten().tolist() == [True, False, True, True, False, False, True, False]
-    mask.close()
+    weight.grad = torch.tensor([[-1.0, 2.0, -3.0, 4.0], [5.0, -6.0, 7.0, -8.0]])
+    mask.absorb()  # the whole gradient is scored, then only the mask's elements keep theirs
+    assert mask.score["w"].flatten().tolist() == pytest.approx([9.0, 2.1, 9.0, 9.0, 9.0, 9.0, 16.0, 9.0])
+    assert weight.grad.flatten().tolist() == [-1.0, 0.0, -3.0, 4.0, 0.0, 0.0, 7.0, 0.0]
 
 
 def test_the_best_epoch_is_kept_and_recorded(pipe):

@@ -28,6 +28,10 @@ from forgetpatch import distributed
 WORLD = 2
 #: ESD at tiny size; a batch of 2 samples per step, so each of 2 processes trains one.
 ESD = dict(iterations=2, lr=1e-3, num_inference_steps=3, latent_size=8, rank=2, progress=False, batch_size=2)
+#: Dynamic Mask at tiny size, two concepts (distillation acting on the second) and a preserved word; a batch of 2
+#: samples per step and 4 images per prompt, so each of 2 processes trains one sample and generates 2 images.
+DYNAMIC_MASK = dict(steps=4, epochs=2, warmup=2, update_every=2, batch=2, images=4, num_inference_steps=2, lr=1e-3,
+                    latent_size=8, preserve=["square"], progress=False)  # fmt: skip
 #: The toy-world evaluation, very few images (10 main prompts and 1 paraphrase: batches of 4, 4 and 3), few steps.
 EVAL = dict(images_per_concept=1, num_inference_steps=3, batch_size=4, progress=False, geometry=False)
 #: Float summation order differs between 1 and 2 processes (the all-reduce); nothing else may.
@@ -44,11 +48,20 @@ def _trajectory(engine: Any, it: int) -> torch.Tensor:
 def _work(checkpoints: Path) -> dict[str, Any]:
     """What each process (and the single-process reference) computes."""
     import forgetpatch
+    from forgetpatch import Concept
+    from forgetpatch.errors import MethodError
     from forgetpatch.eval import evaluate
     from forgetpatch.methods.finetune import FinetuneConfig, FinetuneEngine
     from forgetpatch.testing import tiny_sd_pipeline
 
     patch = forgetpatch.erase(tiny_sd_pipeline(0), "circle", method="esd", **ESD)
+    shapes = [Concept("circle", superclass="shape"), Concept("star", superclass="shape")]
+    masked = forgetpatch.erase(tiny_sd_pipeline(0), shapes, method="dynamic_mask", **DYNAMIC_MASK)
+    try:
+        forgetpatch.erase(tiny_sd_pipeline(0), shapes, method="dynamic_mask", **(DYNAMIC_MASK | {"batch": 1}))
+        too_small = None
+    except MethodError as exc:
+        too_small = str(exc)
     cfg = FinetuneConfig(iterations=3, lr=1e-3, num_inference_steps=4, latent_size=8, rank=2, progress=False,
                          batch_size=3, checkpoint_dir=str(checkpoints), checkpoint_every=2)
     with FinetuneEngine(tiny_sd_pipeline(0), cfg) as engine:
@@ -63,6 +76,9 @@ def _work(checkpoints: Path) -> dict[str, Any]:
         "world": distributed.world_size(),
         "factors": {k: (a.clone(), b.clone()) for k, (a, b) in _factors(patch).items()},
         "training": patch.manifest.metrics["training"],
+        "masked": {k: b @ a for k, (a, b) in _factors(masked).items()},
+        "masked_record": masked.manifest.metrics["dynamic_mask"],
+        "too_small": too_small,
         "reuse": reuse,
         "reuse_passes": reuse_passes,
         "checkpoint": torch.load(checkpoints / "engine_state.pt", weights_only=False)["passes"]
@@ -163,6 +179,28 @@ def test_two_process_patch_equals_the_one_process_patch(runs):
         assert other["training"]["unet_passes"] == single["training"]["unet_passes"]  # summed over processes
     for k in single["factors"]:  # every process holds the same patch, bit for bit
         assert all(torch.equal(x, y) for x, y in zip(several[0]["factors"][k], several[1]["factors"][k], strict=True))
+
+
+def test_two_process_dynamic_mask_equals_the_one_process_patch(runs):
+    """Dynamic Mask's own loop: each process generates half the images and trains one sample of each batch; the
+    gradient is summed before the mask scores it, so the weight change is the 1-process one up to float order (the
+    images come from batches of another size, hence a looser tolerance than ESD's)."""
+    single, several, _ = runs
+    assert single["too_small"] is None  # one process: batch 1 is fine
+    for other in several:
+        assert other["masked"].keys() == single["masked"].keys()
+        scale = max(float(d.abs().max()) for d in single["masked"].values())
+        worst = max(float((other["masked"][k] - d).abs().max()) for k, d in single["masked"].items())
+        assert scale > 1e-4 and worst <= 1e-3 * scale, f"rank {other['rank']}: changes differ by {worst:.2e} of {scale:.2e}"
+        for concept, record in single["masked_record"].items():
+            if isinstance(record, dict) and "turned_over" in record:
+                theirs = other["masked_record"][concept]
+                assert theirs["turned_over"] == record["turned_over"] and theirs["best_epoch"] == record["best_epoch"]
+                assert np.allclose(theirs["forget_loss_by_epoch"], record["forget_loss_by_epoch"], rtol=1e-3)
+                assert np.isclose(theirs["distill_loss_last"], record["distill_loss_last"], rtol=1e-3)
+        assert "batch and images to at least 2" in other["too_small"]
+    for k in single["masked"]:  # every process holds the same patch, bit for bit
+        assert torch.equal(several[0]["masked"][k], several[1]["masked"][k])
 
 
 def test_trajectory_reuse_and_checkpoints_split_exactly(runs):

@@ -29,9 +29,9 @@ every process takes the same Adam step. The update is therefore the one a single
 times faster per step (``batch_size`` below N leaves processes idle). The recorded losses are the batch means,
 the recorded UNet passes the sum over processes; the weights, the factors and the returned Patch are the same
 on every process, and only process 0 writes checkpoints (a caller writes the patch there:
-``if forgetpatch.distributed.is_main(): patch.save(...)``). A method with its own loop (Dynamic Mask) runs
-whole on every process: the same result, no speed-up. A single process with ``batch_size=1`` is bit-identical
-to the engine before this split.
+``if forgetpatch.distributed.is_main(): patch.save(...)``). A method with its own loop (Dynamic Mask) splits its
+batches the same way and sums its gradients with :meth:`FinetuneEngine.reduce_gradients`. A single process with
+``batch_size=1`` is bit-identical to the engine before this split.
 
 Example:
     >>> cfg = FinetuneConfig(scope="xattn", iterations=100, lr=1e-4)
@@ -520,12 +520,12 @@ class FinetuneEngine:
             if sums["bad"] and bad is None:
                 bad = float("nan")
             if bad is None:
-                self._reduce_gradients()
+                self.reduce_gradients()
         if bad is not None:
             raise MethodError(f"loss became {bad} at iteration {iteration}; lower the learning rate")
         return total / size
 
-    def _reduce_gradients(self) -> None:
+    def reduce_gradients(self) -> None:
         """Sum the trainable gradients over the processes; a tensor no process reached keeps no gradient (as
         in a single process, so Adam skips it alike)."""
         params = list(self.trainable().values())

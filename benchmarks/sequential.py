@@ -17,6 +17,8 @@ measured with the same ones, and says so (``--fresh`` measures again: after a ch
 Run:
     python benchmarks/sequential.py                                      # 5 shapes, every chain
     python benchmarks/sequential.py --shapes circle star triangle --only dm dm-no-distill
+    python benchmarks/sequential.py --only dm-toy --shapes circle star triangle hexagon square --images 4 \
+        --ua-images 32 --last 16 96                                      # the chain recipe's order (README)
     python benchmarks/sequential.py --only dm-toy dm-toy-no-distill dm-toy-release --images 4 --ua-images 32  # README
     python benchmarks/sequential.py --only dm-cross dm-cross-no-distill --images 4 --ua-images 32
     python benchmarks/sequential.py --only uce uce-hold-1 uce-no-hold scapre scapre-hold-1 uce-at-once --images 4 --ua-images 32
@@ -94,6 +96,7 @@ def measure(pipe: Any, names: list[str], size: tuple[int, int], bases: dict) -> 
         "images": [per_concept, per_erased],
         "safe": report.worst(safe=True),
         **{k: worst[k] for k in ("ira", "cra", "near")},
+        "kept": report.concepts[names[0]].scores.ira_by,  # per shape not erased: the share named as itself
         "drift": report.drift,
     }
 
@@ -203,6 +206,12 @@ def main() -> None:
             shown = (f"{ua[s]:.0%} {to[s] or 'blank'}" if s in ua else "" for s in args.shapes)
             table.add_row(f"{name}: ceiling", "", *shown)
     Console(width=200).print(table)
+    for name, figures in results.items():
+        last = figures["steps"][-1]
+        if "kept" in last:  # chains measured before this was recorded have none
+            shown = ", ".join(f"{shape} {share:.0%}" for shape, share in last["kept"].items())
+            Console(width=200).print(f"{name}, after step {last['step']}: each kept shape named as itself ({last['images'][0]} "
+                                     f"images each): {shown}")
 
 
 if __name__ == "__main__":

@@ -334,7 +334,8 @@ def train_concept(
     swaps: list[int] = []
     forget_sum, forget_n, distill_first, distill_last = 0.0, 0, None, None
     preserve_first, preserve_last = None, None
-    bar = tqdm(range(settings.steps), desc=f"dynamic mask: {concept}", disable=not progress, leave=False)
+    shown = progress and distributed.is_main()  # launched: one bar, process 0's
+    bar = tqdm(range(settings.steps), desc=f"dynamic mask: {concept}", disable=not shown, leave=False)
     for step in bar:
         epoch = min(step // per_epoch, settings.epochs - 1)
         x_c, _, t, picks_c = draw(data.concept)

@@ -21,8 +21,10 @@ import forgetpatch
 from forgetpatch.recipes import load_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-#: Images per erased concept for UA: all forgotten gives a lower bound of 0.96, 3 misses still 0.90.
-UA_IMAGES = 96
+#: Images per erased concept for UA: all forgotten gives a lower bound of 0.98, 11 misses still 0.90. (96 until stop 31,
+#: where Dynamic Mask's defaults forgot 92 of 96, lower bound 0.898, a hair under: 192 resolves a rate near the bar;
+#: the first 96 are the same prompts. Only recipes at 31 of 32 or better in stage 1 get here, as with 96.)
+UA_IMAGES = 192
 FIRST_UA_IMAGES = 32
 RETAIN_IMAGES = 16
 FIRST_RETAIN_IMAGES = 4
@@ -81,15 +83,16 @@ def toy_pipeline():
 
 
 @cache
-def base_report(ua_images: int = UA_IMAGES, retain_images: int = RETAIN_IMAGES):
-    """The shipped base model's evaluation on every bar-tested shape at one stage's sizes, made once per session:
-    a stage's images are a subset of the next stage's, so scoring against either gives the same figures, and the
-    full-size base is only made when some recipe reaches stage 2."""
+def base_report(ua_images: int = UA_IMAGES, retain_images: int = RETAIN_IMAGES, shapes: tuple[str, ...] = BAR_SHAPES):
+    """The shipped base model's evaluation, ``shapes`` erased (every bar-tested shape: stage 1's, shared by every
+    recipe), at one stage's sizes, made once per session: a stage's images are a subset of the next stage's, so
+    scoring against either gives the same figures. Stage 2 asks for the recipe's own shapes only (192 UA images of
+    each), and only when the recipe reaches it."""
     from forgetpatch.eval import evaluate
 
     return evaluate(
         toy_pipeline(),
-        list(BAR_SHAPES),
+        list(shapes),
         images_per_concept=retain_images,
         images_per_erased=ua_images,
         progress=False,
@@ -99,7 +102,7 @@ def base_report(ua_images: int = UA_IMAGES, retain_images: int = RETAIN_IMAGES):
 def can_still_meet(report, ua_bar: float) -> bool:
     """After stage 1: whether measuring :data:`UA_IMAGES` images could show the UA bar met. No, when even the upper
     end of some concept's interval is under the bar, or when its rate, kept at :data:`UA_IMAGES` images, would
-    leave the lower end under the bar (to clear 0.90 on 96 images the rate must be about 0.96)."""
+    leave the lower end under the bar (to clear 0.90 on 192 images the rate must be about 0.94)."""
     from forgetpatch.eval import wilson
 
     for concept in report.concepts.values():
@@ -126,7 +129,7 @@ def measure_recipe(name: str, ua_bar: float = 0.90) -> Measured:
         report = evaluate(
             pipe,
             erased,
-            reference=base_report(ua_images, retain_images),
+            reference=base_report(ua_images, retain_images, BAR_SHAPES if ua_images != UA_IMAGES else tuple(erased)),
             images_per_concept=retain_images,
             images_per_erased=ua_images,
             progress=False,

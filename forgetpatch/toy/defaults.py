@@ -33,12 +33,12 @@ when another shape is confidently seen), so a shape erased with defaults is *rep
   shapes cover similar ground (circle and hexagon to a square, star to a cross, triangle to a rectangle). It
   preserves the near neighbours, as KSCU does: without that, circle -> square took the ellipse and the ring along
   (near-neighbour retention 0.66 of the base, 1.00 with it, at lr 1e-3). The circle on 96 images (``python
-  benchmarks/recipes.py --only toy-no-circle-dynamic-mask --ua-images 96 --images 16``): strict UA 0.96
-  [0.898-0.98], in-domain retention 0.96 at lr 2e-3; 0.84 [0.76-0.90], 0.97 at lr 1e-3 (0.86, 0.92 before the
-  preservation term); 0.95, 0.90 at 3e-3; 0.92 with 400 steps at 1e-3. A chain is another matter: five shapes one
-  after another keep every shape at 78-94% at lr 1e-3, but at 2e-3, or with only the first step at 2e-3, the
-  triangle and the square are forgotten on 44-66% only (32 images each; ``python benchmarks/sequential.py --only
-  dm-toy dm-toy-lr-2e-3``), so ``recipes/toy-chain-5.yaml`` sets lr 1e-3.
+  benchmarks/recipes.py --only toy-no-circle-dynamic-mask --ua-images 96 --images 16``): strict UA 0.96 [0.898-0.98]
+  (on 192, the bar test's: 0.97 [0.933-0.986]), in-domain retention 0.96 at lr 2e-3; 0.84 [0.76-0.90], 0.97 at lr
+  1e-3 (0.86, 0.92 before the preservation term); 0.95, 0.90 at 3e-3; 0.92 with 400 steps at 1e-3. A chain is
+  another matter: five shapes one after another keep every shape at 78-94% at lr 1e-3, but at 2e-3, or with only the
+  first step at 2e-3, the triangle and the square are forgotten on 44-66% only (32 images each; ``python
+  benchmarks/sequential.py --only dm-toy dm-toy-lr-2e-3``), so ``recipes/toy-chain-5.yaml`` sets lr 1e-3.
 
 Only toy shapes get settings; other words (colours, textures) get none, so the methods' own apply.
 

@@ -169,8 +169,8 @@ def test_guide_ceiling_is_what_the_guide_prompts_draw():
 
 def test_guide_ceiling_takes_a_guide_per_concept_as_a_patch_records_them():
     concepts = [Concept("circle", guide="cross"), Concept("star", superclass="star"), Concept("ring")]
-    assert steered_to(concepts) == {"circle": "cross", "star": "star", "ring": ""}
     to = steered_to(concepts)
+    assert to == {"circle": "cross", "star": "star", "ring": ""}
     found = guide_ceiling(FakeGenerator(), ["circle", "star"], to, judge=FakeJudge(), images_per_concept=N)
     assert found == {"circle": 1.0, "star": 0.0}  # each concept's own guide: "cross" erases, "star" itself does not
     with pytest.raises(ConceptError, match="no guide for"):

@@ -9,7 +9,10 @@ temporary folder and measures, in one run:
   fingerprints, injecting), unfused and fused, median of ``--repeats``;
 * **switch**: one patch on, ``remove`` it and ``apply`` another, from its folder or already read with
   ``forgetpatch.load`` (what a server swapping safety patches does);
-* **inference** patched / base for: fused, unfused with 1 and 3 patches, key-step gated (1 patch).
+* **inference** patched / base for: fused, unfused with 1 and 3 patches, key-step gated (1 patch);
+* **layer cost** (``--layer-cost``): the time of one call of a bare cross-attention key ``Linear`` (768 -> 320, 2 x 77
+  tokens) against the same layer wrapped by peft's LoRA with 1 and 3 adapters. Where the UNet's run is bound by the
+  host launching its kernels (SD 1.5 in fp16 on a large GPU), this per-call cost is what an unfused patch adds.
 
 Patches are random rank-4 LoRAs on the cross-attention keys/values (``--style xattn``, the shape of
 ESD-x / UCE / MACE patches) or on every Linear/Conv of the UNet (``--style full``, ESD-u-like).
@@ -22,9 +25,13 @@ on this machine. (A fixed order once showed fused / base 1.25x while fused equal
 configuration right after the base run was slowed by the position, not by the patch.) CPU time is the process's
 own (robust to other load); wall time is reported beside it.
 
+On a GPU (``--device cuda``) the load is what a GPU user does, ``from_pretrained(..., torch_dtype=...)`` then
+``.to("cuda")``, and every timing waits for the GPU (``torch.cuda.synchronize``).
+
 Targets: apply <= 5% of load, switch <= 50 ms, fused <= 1.01x, unfused 3 patches <= 1.10x, gated <= 1.05x.
 
     python benchmarks/apply.py --threads 1                 # about 6 minutes on 2 CPU cores
+    python benchmarks/apply.py --device cuda --dtype float16 --size 512 --steps 20 --repeats 15 --layer-cost
     python benchmarks/apply.py --style full --size 128 --steps 4
 """
 
@@ -77,6 +84,40 @@ def _spread(values: list[float], unit: str = "ms", scale: float = 1000.0) -> str
     return f"{_median(values) * scale:.1f} {unit} (min {min(values) * scale:.1f}, max {max(values) * scale:.1f})"
 
 
+def layer_cost(device: str, dtype: torch.dtype, calls: int = 3000) -> dict[str, float]:
+    """Microseconds per call of a bare ``Linear`` and of peft's LoRA ``Linear`` around it with 1 and 3 rank-4
+    adapters (built as :func:`forgetpatch.loader.adapters.inject` builds them)."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from forgetpatch.loader.adapters import lora_config
+
+    x = torch.randn(2, 77, 768, device=device, dtype=dtype)
+
+    def per_call(layer: nn.Module) -> float:
+        for _ in range(200):
+            layer(x)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            layer(x)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / calls * 1e6
+
+    out = {}
+    with torch.inference_mode():
+        out["bare"] = per_call(nn.Linear(768, 320, bias=False).to(device, dtype))
+        config = lora_config({"to_k": 4})
+        for k in (1, 3):
+            layer = LoraLinear(nn.Linear(768, 320, bias=False), "a0", config=config, r=4, lora_alpha=4)
+            for i in range(1, k):
+                layer.update_layer(f"a{i}", 4, lora_alpha=4, config=config)
+            layer.to(device, dtype).set_adapter([f"a{i}" for i in range(k)])
+            out[f"lora x{k}"] = per_call(layer)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -91,9 +132,22 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the configurations' order")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-inference", action="store_true", help="time load, apply and switch only")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    parser.add_argument("--layer-cost", action="store_true", help="also time one LoRA-wrapped layer's call")
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+
+    def sync() -> None:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
     if args.threads:
         torch.set_num_threads(args.threads)  # on a shared machine, 1 avoids OpenMP oversubscription stalls
+
+    if args.layer_cost:
+        cost = layer_cost(args.device, dtype)
+        print(f"one call on {args.device} ({args.dtype}): bare Linear {cost['bare']:.1f} us, with peft's LoRA and "
+              f"1 adapter {cost['lora x1']:.1f} us, 3 adapters {cost['lora x3']:.1f} us", flush=True)  # fmt: skip
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -105,7 +159,9 @@ def main() -> None:
             pipe = None
             gc.collect()
             t0 = time.perf_counter()
-            pipe = StableDiffusionPipeline.from_pretrained(tmp / "sd15", local_files_only=True)
+            pipe = StableDiffusionPipeline.from_pretrained(tmp / "sd15", local_files_only=True, torch_dtype=dtype)
+            pipe.to(args.device)
+            sync()
             loads.append(time.perf_counter() - t0)
             pipe.set_progress_bar_config(disable=True)
         load_s = _median(loads)
@@ -119,8 +175,10 @@ def main() -> None:
 
         def timed(action) -> float:
             gc.collect()
+            sync()
             t0 = time.perf_counter()
             action()
+            sync()
             return time.perf_counter() - t0
 
         read = [forgetpatch.load(f) for f in folders[:2]]  # a server keeps its patches read and verified
@@ -137,7 +195,8 @@ def main() -> None:
             read_switches.append(timed(lambda: (forgetpatch.remove(pipe), forgetpatch.apply(pipe, read[1]))))
             forgetpatch.remove(pipe)
         apply_s = _median(applies)
-        print(f"pipeline load {_spread(loads, 's', 1.0)}, median of {args.loads}; {len(paths)} modules per patch "
+        print(f"pipeline load to {args.device} ({args.dtype}) {_spread(loads, 's', 1.0)}, median of {args.loads}; "
+              f"{len(paths)} modules per patch "
               f"({args.style}, rank {args.rank}); apply / remove / switch: median of {args.apply_repeats}")  # fmt: skip
         print(f"apply unfused  {_spread(applies)}   remove {_spread(removes)}")
         print(f"apply fused    {_spread(fused_applies)}   remove {_spread(fused_removes)}")
@@ -161,12 +220,14 @@ def main() -> None:
                 forgetpatch.apply(pipe, folders[0], key_steps=True)
 
         def run() -> tuple[float, float]:
-            g = torch.Generator().manual_seed(0)
+            g = torch.Generator(args.device).manual_seed(0)
             gc.collect()
+            sync()
             wall, cpu = time.perf_counter(), time.process_time()
             with torch.inference_mode():
                 pipe("a photo of a cat", num_inference_steps=args.steps, height=args.size, width=args.size,
                      output_type="latent", generator=g)  # fmt: skip
+            sync()
             return time.perf_counter() - wall, time.process_time() - cpu
 
         configs = ["base", "base again", "fused", "unfused x1", "unfused x3", "gated x1"]
@@ -181,7 +242,8 @@ def main() -> None:
                 times[c].append(run())
         forgetpatch.remove(pipe)
 
-    print(f"\ninference: {args.size}px, {args.steps} steps, CFG, threads={torch.get_num_threads()}, "
+    print(f"\ninference on {args.device} ({args.dtype}): {args.size}px, {args.steps} steps, CFG, "
+          f"threads={torch.get_num_threads()}, "
           f"{args.repeats} rounds in random order; ratio = time / base time of the same round, "
           "median (min-max) over rounds")  # fmt: skip
     base_cpu = _median([t[1] for t in times["base"]])

@@ -10,6 +10,7 @@ run, never assumed.
 Run:
     python benchmarks/finetune.py toy --concept circle --iterations 400 --lr 5e-4 --scope xattn --images 16
     python benchmarks/finetune.py arch --family sd15 --iterations 3 --latent-size 16
+    python benchmarks/finetune.py arch --method dynamic_mask --iterations 20 --latent-size 64 --images 2
 
 Bars (issue 6): KSCU erasing one shape: UA >= 90%, IRA >= 85% of base, CRA >= 90% of base, in
 <= 15 min on 2 CPU cores; KSCU reaching ESD's UA with at most half of ESD's UNet passes.
@@ -133,7 +134,9 @@ def print_toy(result: dict[str, Any]) -> None:
 
 
 def arch(args: argparse.Namespace) -> dict[str, Any]:
-    """A few KSCU iterations on a random-weight full-size architecture: shapes, scopes, time per iteration."""
+    """A few iterations of KSCU (or Dynamic Mask, ``--method``) on a random-weight full-size architecture:
+    shapes, scopes, time per iteration. Dynamic Mask's ``--iterations`` are its training steps, after it has
+    generated ``--images`` training images with ``--steps`` sampling steps."""
     import torch
 
     from forgetpatch.testing import published_pipeline
@@ -141,30 +144,38 @@ def arch(args: argparse.Namespace) -> dict[str, Any]:
     pipe = published_pipeline(args.family)
     if torch.cuda.is_available():
         pipe.to("cuda")
+    if args.method == "kscu":
+        concept, params = "circle", {"iterations": args.iterations, "rank": args.rank}
+        params |= {"scope": args.scope} if args.scope else {}
+    else:
+        warmup = max(1, args.iterations // 10)
+        concept = methods.Concept("circle", superclass="shape")
+        params = {"steps": args.iterations, "epochs": 2, "warmup": warmup, "update_every": warmup, "batch": 1,
+                  "images": args.images}  # fmt: skip
     start = time.perf_counter()
     patch = methods.erase(
         pipe,
-        "circle",
-        method="kscu",
-        iterations=args.iterations,
+        [concept],
+        method=args.method,
         num_inference_steps=args.steps,
         latent_size=args.latent_size,
-        rank=args.rank,
         lr=args.lr,
         progress=not args.quiet,
-        **({"scope": args.scope} if args.scope else {}),
+        **params,
     )
     total = time.perf_counter() - start
     m = patch.manifest
+    run = m.metrics["training"] if args.method == "kscu" else m.metrics["dynamic_mask"]
     return {
+        "method": args.method,
         "family": args.family,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "latent_size": args.latent_size,
         "iterations": args.iterations,
         "target_modules": len(m.lora.target_modules),
         "lora_rank": m.lora.rank,
-        "unet_passes": m.metrics["training"]["unet_passes"],
-        "train_s": m.metrics["training"]["wall_time_s"],
+        "unet_passes": run["unet_passes"],
+        "train_s": run["wall_time_s"],
         "total_s": round(total, 2),
         "key_steps": m.key_steps[0].model_dump() if m.key_steps else None,
     }
@@ -195,6 +206,8 @@ def main() -> None:
     a.add_argument("--rank", type=int, default=4)
     a.add_argument("--lr", type=float, default=1e-5)
     a.add_argument("--scope", choices=["xattn", "noxattn"], default=None, help="override the object preset")
+    a.add_argument("--method", choices=["kscu", "dynamic_mask"], default="kscu")
+    a.add_argument("--images", type=int, default=2, help="Dynamic Mask's training images")
     for p in (t, a):
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--out", default=None)

@@ -63,3 +63,28 @@ def test_apply_writes_patched_image(saved, tmp_path):
     image = Image.open(out)
     assert image.size == (256, 256) and out.with_suffix(".base.png").exists()  # 32 pixels, enlarged to be seen
     assert image.text["prompt"] == "a red circle" and image.text["patches"] == "no-circle"
+
+
+def _help_pages(group, words: list[str]):
+    """``words + ["--help"]`` for the group and each of its verbs and verb groups, recursively."""
+    yield words
+    for name, command in getattr(group, "commands", {}).items():
+        yield from _help_pages(command, [*words, name])
+
+
+def test_every_help_page_shows_flags_without_a_value():
+    """A flag takes no value, so no help page puts a type beside one (typer 0.29 prints ``--fuse <bool>``); options
+    that take a value keep theirs."""
+    import typer
+
+    pages = list(_help_pages(typer.main.get_command(app), []))
+    assert ["apply"] in pages and ["toy", "train"] in pages
+    for words in pages:
+        if words[:1] == ["bench"] and len(words) > 1:
+            continue
+        result = runner.invoke(app, [*words, "--help"], env={"COLUMNS": "200"}, terminal_width=200)
+        assert result.exit_code == 0, (words, result.output)
+        assert "<bool>" not in result.output, (words, result.output)
+        assert "--help" in result.output
+    page = runner.invoke(app, ["apply", "--help"], env={"COLUMNS": "200"}, terminal_width=200).output
+    assert "<float>" in page and "--fuse" in page

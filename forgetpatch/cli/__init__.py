@@ -13,9 +13,30 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
+
+
+class _FlagsTakeNoValue:
+    """Help without a type beside flags: typer (0.29) prints ``--fuse <bool>``, as if the flag took a value."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        for param in self.get_params(ctx):  # type: ignore[attr-defined]
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        super().format_help(ctx, formatter)  # type: ignore[misc]
+
+
+class Command(_FlagsTakeNoValue, TyperCommand):
+    """Every verb's command class."""
+
+
+class Group(_FlagsTakeNoValue, TyperGroup):
+    """Every verb group's class (``forgetpatch``, ``forgetpatch toy``)."""
+
 
 app = typer.Typer(
     name="forgetpatch",
+    cls=Group,
     help="Make diffusion models forget concepts, as small stackable patches.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
@@ -63,20 +84,17 @@ def _wrap_verbs(group: typer.Typer) -> None:
     for info in group.registered_commands:
         if info.callback is not None:
             info.callback = one_line_errors(info.callback)
+        if info.cls in (None, TyperCommand):
+            info.cls = Command
     for sub in group.registered_groups:
         if sub.typer_instance is not None:
+            sub.typer_instance.info.cls = sub.typer_instance.info.cls or Group
             _wrap_verbs(sub.typer_instance)
 
 
 def _load_verbs() -> None:
     for name in _VERB_MODULES:
-        try:
-            module = importlib.import_module(f"forgetpatch.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"forgetpatch.cli.{name}":
-                continue  # verb group not written yet
-            raise
-        module.register(app)
+        importlib.import_module(f"forgetpatch.cli.{name}").register(app)
     _wrap_verbs(app)
 
 

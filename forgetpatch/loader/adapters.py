@@ -35,10 +35,8 @@ def tuner_layers(pipe) -> list[tuple[str, nn.Module]]:
     """(module path, layer) of every peft layer in the pipeline's components. Components without a
     ``peft_config`` are not walked: every way of putting adapters on a model (diffusers' and transformers'
     loaders, peft's ``inject_adapter_in_model``, forgetpatch) leaves one."""
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:
-        return []
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     out = []
     for component in COMPONENTS:
         module = getattr(pipe, component, None)

@@ -150,8 +150,8 @@ def arch(args: argparse.Namespace) -> dict[str, Any]:
     else:
         warmup = max(1, args.iterations // 10)
         concept = methods.Concept("circle", superclass="shape")
-        params = {"steps": args.iterations, "epochs": 2, "warmup": warmup, "update_every": warmup, "batch": 1,
-                  "images": args.images}  # fmt: skip
+        params = {"steps": args.iterations, "epochs": min(2, args.iterations), "warmup": warmup,
+                  "update_every": warmup, "batch": 1, "images": args.images}  # fmt: skip
     start = time.perf_counter()
     patch = methods.erase(
         pipe,

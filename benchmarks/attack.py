@@ -4,7 +4,8 @@ Patches: one concept (circle) with UCE and ScaPre in context (blank guide, and s
 Dynamic Mask (their recipes); five shapes at once with ScaPre (its recipe, steered to "cross") and UCE (in context, steered to
 "cross"); the two steered one-shape patches and the two five-shape ones again with two RECE rounds (``robust=2``); ESD again with adversarial
 fine-tuning (``esd-adversarial``, its recipe: an inner prompt search every 10 iterations,
-:mod:`forgetpatch.methods.adversarial`), and KSCU the same way (``kscu-adversarial``). Each patch is applied alone
+:mod:`forgetpatch.methods.adversarial`), ESD-u with a longer inner search (``esd-u-adversarial``), and KSCU
+the same way (``kscu-adversarial``). Each patch is applied alone
 to the shipped toy model and attacked with ``forgetpatch.attack`` (same prompts, seeds and budget for all); for a
 five-shape patch every shape (or those named by ``--five``) is attacked and the table shows the worst one per
 attack. Figures per patch go to ``OUT/<patch>.json`` (a rerun attacks only the concepts not measured yet) and the
@@ -18,6 +19,7 @@ Run:
     python benchmarks/attack.py --only uce-guided --budget tiny
     python benchmarks/attack.py --only esd esd-adversarial --retention   # the robust row beside the plain one
     python benchmarks/attack.py --only kscu kscu-adversarial --retention
+    python benchmarks/attack.py --only esd-u-adversarial --retention     # about 15 minutes on 2 cores
     python benchmarks/attack.py --only dynamic-mask dynamic-mask-adversarial --retention
     python benchmarks/attack.py --only uce-5-guided uce-5-guided-rece2 --retention   # five shapes, plain and robust
 """
@@ -91,6 +93,7 @@ PATCHES: dict[str, tuple[list[str], Callable[[], Any]]] = {
     "uce-guided-rece2": (["circle"], from_recipe("toy-no-circle-robust-uce")),  # uce-guided with robust=2
     "scapre-guided-rece2": (["circle"], in_context("scapre", ["circle"], "cross", erase_scale=12, robust=2)),
     "esd-adversarial": (["circle"], from_recipe("toy-no-circle-robust-esd")),
+    "esd-u-adversarial": (["circle"], from_recipe("toy-no-circle-robust-esd-u")),
     "kscu-adversarial": (["circle"], from_recipe("toy-no-circle-robust-kscu")),
     "dynamic-mask-adversarial": (["circle"], from_recipe("toy-no-circle-robust-dynamic-mask")),
 }

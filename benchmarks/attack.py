@@ -41,7 +41,7 @@ from rich.table import Table
 import forgetpatch
 from forgetpatch import toy
 from forgetpatch.attacks import Budget, attack
-from forgetpatch.format import read_patch
+from forgetpatch.format import MANIFEST_NAME, read_patch
 from forgetpatch.methods import Concept
 from forgetpatch.recipes import load_recipe
 
@@ -104,7 +104,7 @@ RETAIN_IMAGES = 8
 def the_patch(name: str, out: Path, figures: dict[str, Any]) -> Any:
     """Patch ``name``: read from ``OUT/<name>/`` when a run saved it, else made (and timed) and saved."""
     folder = out / name
-    if (folder / "manifest.json").exists() and "erase_seconds" in figures:
+    if (folder / MANIFEST_NAME).exists() and "erase_seconds" in figures:
         return read_patch(folder)
     started = time.perf_counter()
     with warnings.catch_warnings():

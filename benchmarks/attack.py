@@ -5,7 +5,7 @@ Dynamic Mask (their recipes); five shapes at once with ScaPre (its recipe, steer
 "cross"); the two steered one-shape patches and the two five-shape ones again with two RECE rounds (``robust=2``); ESD again with adversarial
 fine-tuning (``esd-adversarial``, its recipe: an inner prompt search every 10 iterations,
 :mod:`forgetpatch.methods.adversarial`), ESD-u with a longer inner search (``esd-u-adversarial``), and KSCU
-the same way (``kscu-adversarial``). Each patch is applied alone
+the same way (``kscu-adversarial``, and outside cross-attention with the longer search: ``kscu-noxattn-adversarial``). Each patch is applied alone
 to the shipped toy model and attacked with ``forgetpatch.attack`` (same prompts, seeds and budget for all); for a
 five-shape patch every shape (or those named by ``--five``) is attacked and the table shows the worst one per
 attack. Figures per patch go to ``OUT/<patch>.json`` (a rerun attacks only the concepts not measured yet) and the
@@ -95,6 +95,7 @@ PATCHES: dict[str, tuple[list[str], Callable[[], Any]]] = {
     "esd-adversarial": (["circle"], from_recipe("toy-no-circle-robust-esd")),
     "esd-u-adversarial": (["circle"], from_recipe("toy-no-circle-robust-esd-u")),
     "kscu-adversarial": (["circle"], from_recipe("toy-no-circle-robust-kscu")),
+    "kscu-noxattn-adversarial": (["circle"], from_recipe("toy-no-circle-robust-kscu-noxattn")),
     "dynamic-mask-adversarial": (["circle"], from_recipe("toy-no-circle-robust-dynamic-mask")),
 }
 #: Images per retained concept of the retention evaluation (as the RECE figures in the README).

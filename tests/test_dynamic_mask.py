@@ -55,6 +55,8 @@ def test_the_best_epoch_is_kept_and_recorded(pipe):
     assert record["distilled_on"] == ["shape"]
     assert patch.manifest.lora.reconstruction_error is not None and patch.manifest.lora.rank >= 1
     assert patch.manifest.method.params["steps"] == 12 and patch.name == "dynamic_mask-no-circle"
+    # the training images count: one sampling call per step for the concept's images and one for the superclass's
+    assert patch.manifest.metrics["dynamic_mask"]["unet_passes"]["sample_forward"] == 2 * SHORT["num_inference_steps"]
 
 
 def _prediction(pipe, prompt: str) -> torch.Tensor:

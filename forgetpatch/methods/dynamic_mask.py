@@ -449,6 +449,8 @@ class DynamicMask:
         preserved = [p.target for p in preserve]
         adversary = adversary_for(adversarial, pipe)
         with FinetuneEngine(pipe, config) as engine:
+            # the training images above: one UNet call (guidance batched) per sampling step, concept and superclass
+            engine.passes.sample_forward += 2 * settings.num_inference_steps * len(concepts)
             engine.model.train()
             for i, (concept, superclass) in enumerate(zip(concepts, supers, strict=True)):
                 records[concept.target] = train_concept(

@@ -84,6 +84,12 @@ def _spread(values: list[float], unit: str = "ms", scale: float = 1000.0) -> str
     return f"{_median(values) * scale:.1f} {unit} (min {min(values) * scale:.1f}, max {max(values) * scale:.1f})"
 
 
+def wait(device: str) -> None:
+    """Wait for the GPU's queued work (nothing to wait for on a CPU), so that a timer reads what was done."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def layer_cost(device: str, dtype: torch.dtype, calls: int = 3000) -> dict[str, float]:
     """Microseconds per call of a bare ``Linear`` and of peft's LoRA ``Linear`` around it with 1 and 3 rank-4
     adapters (built as :func:`forgetpatch.loader.adapters.inject` builds them)."""
@@ -96,13 +102,11 @@ def layer_cost(device: str, dtype: torch.dtype, calls: int = 3000) -> dict[str, 
     def per_call(layer: nn.Module) -> float:
         for _ in range(200):
             layer(x)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        wait(device)
         t0 = time.perf_counter()
         for _ in range(calls):
             layer(x)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        wait(device)
         return (time.perf_counter() - t0) / calls * 1e6
 
     out = {}
@@ -137,10 +141,6 @@ def main() -> None:
     parser.add_argument("--layer-cost", action="store_true", help="also time one LoRA-wrapped layer's call")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-
-    def sync() -> None:
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
     if args.threads:
         torch.set_num_threads(args.threads)  # on a shared machine, 1 avoids OpenMP oversubscription stalls
 
@@ -161,7 +161,7 @@ def main() -> None:
             t0 = time.perf_counter()
             pipe = StableDiffusionPipeline.from_pretrained(tmp / "sd15", local_files_only=True, torch_dtype=dtype)
             pipe.to(args.device)
-            sync()
+            wait(args.device)
             loads.append(time.perf_counter() - t0)
             pipe.set_progress_bar_config(disable=True)
         load_s = _median(loads)
@@ -175,10 +175,10 @@ def main() -> None:
 
         def timed(action) -> float:
             gc.collect()
-            sync()
+            wait(args.device)
             t0 = time.perf_counter()
             action()
-            sync()
+            wait(args.device)
             return time.perf_counter() - t0
 
         read = [forgetpatch.load(f) for f in folders[:2]]  # a server keeps its patches read and verified
@@ -222,12 +222,12 @@ def main() -> None:
         def run() -> tuple[float, float]:
             g = torch.Generator(args.device).manual_seed(0)
             gc.collect()
-            sync()
+            wait(args.device)
             wall, cpu = time.perf_counter(), time.process_time()
             with torch.inference_mode():
                 pipe("a photo of a cat", num_inference_steps=args.steps, height=args.size, width=args.size,
                      output_type="latent", generator=g)  # fmt: skip
-            sync()
+            wait(args.device)
             return time.perf_counter() - wall, time.process_time() - cpu
 
         configs = ["base", "base again", "fused", "unfused x1", "unfused x3", "gated x1"]

@@ -146,12 +146,12 @@ def arch(args: argparse.Namespace) -> dict[str, Any]:
         pipe.to("cuda")
     if args.method == "kscu":
         concept, params = "circle", {"iterations": args.iterations, "rank": args.rank}
-        params |= {"scope": args.scope} if args.scope else {}
     else:
         warmup = max(1, args.iterations // 10)
         concept = methods.Concept("circle", superclass="shape")
         params = {"steps": args.iterations, "epochs": min(2, args.iterations), "warmup": warmup,
                   "update_every": warmup, "batch": 1, "images": args.images}  # fmt: skip
+    params |= {"scope": args.scope} if args.scope else {}  # Dynamic Mask refuses it: its layers are fixed
     start = time.perf_counter()
     patch = methods.erase(
         pipe,

@@ -41,3 +41,31 @@ def test_short_runs_and_disabled_bars_print_nothing(monkeypatch):
             b.update(1)
         b.close()
     assert out.getvalue() == ""
+
+
+def test_a_loss_shown_beside_a_bar_does_not_redraw_it_every_step():
+    """A bar redraws at most every ``mininterval``; ``set_postfix`` redraws at once unless told not to (a log of
+    a minutes-long run got a frame per step). Every postfix in the package leaves the redraw to the bar."""
+    import ast
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    def frames(refresh: bool) -> int:
+        out = io.StringIO()
+        with tqdm(total=50, file=out, mininterval=3600, miniters=1) as b:
+            for i in range(50):
+                b.update(1)
+                b.set_postfix(loss=f"{i:.3f}", refresh=refresh)
+        return out.getvalue().count("\r")
+
+    assert frames(refresh=False) <= 3 < 50 <= frames(refresh=True)
+    package = Path(progress.__file__).parent
+    forced = []
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "set_postfix":
+                refresh = next((k.value for k in node.keywords if k.arg == "refresh"), None)
+                if not (isinstance(refresh, ast.Constant) and refresh.value is False):
+                    forced.append(f"{path.relative_to(package)}:{node.lineno}")
+    assert forced == [], f"set_postfix without refresh=False redraws every step: {forced}"

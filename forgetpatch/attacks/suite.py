@@ -134,7 +134,7 @@ def _fit(
         optimizer.step()
         losses.append(float(loss.detach()))
         bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.4g}")
+        bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
     bar.close()
     return {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
 
@@ -279,7 +279,7 @@ def prompt_search(target: Target) -> list[AttackResult]:
 
     def on_step(loss: float) -> None:
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4g}")
+        bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
 
     with PassCounter(pipe.unet, target.base.unet) as passes:
         found = prefix_search(pipe, vectors, b.search_steps, b.search_lr, loss_of, on_step)  # shared with fine-tuning

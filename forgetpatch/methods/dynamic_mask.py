@@ -373,7 +373,7 @@ def train_concept(
         mask.after_step()
         schedule.step()
         forget_sum, forget_n = forget_sum + part * float(forget.detach()), forget_n + 1
-        bar.set_postfix(forget=f"{float(forget.detach()):.4g}")
+        bar.set_postfix(forget=f"{float(forget.detach()):.4g}", refresh=False)
         if (step + 1) % settings.update_every == 0 and step + 1 < settings.update_until * settings.steps:
             rate = settings.turnover * 0.5 * (1 + math.cos(math.pi * epoch / settings.epochs))
             swaps.append(mask.turn_over(rate))

@@ -488,7 +488,7 @@ class FinetuneEngine:
                 self.losses.append(loss)
                 self.iteration += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{self.losses[-1]:.4g}")
+                bar.set_postfix(loss=f"{self.losses[-1]:.4g}", refresh=False)
                 every = self.config.checkpoint_every
                 if self.config.checkpoint_dir and (self.iteration % every == 0 or self.iteration == total):
                     self.save_checkpoint()

@@ -348,7 +348,7 @@ def train_judge(
         loss.backward()
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
     calibrate(judge, *degraded_set(8000, seed=20_000_000 + seed, workers=workers))
     return judge.eval()
 

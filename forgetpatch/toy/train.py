@@ -267,7 +267,7 @@ class Trainer:
             self.vae_opt.step()
             self.vae_step += 1
             bar.update(1)
-            bar.set_postfix(rec=f"{rec.item():.4f}")
+            bar.set_postfix(rec=f"{rec.item():.4f}", refresh=False)
             autosave.maybe(self)
         bar.close()
         self.vae.eval()
@@ -331,7 +331,7 @@ class Trainer:
             self.step += 1
             smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
             bar.update(1)
-            bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{self.lr_at(self.step):.1e}")
+            bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{self.lr_at(self.step):.1e}", refresh=False)
             now = time.time()
             self.elapsed_s += now - t0
             t0 = now

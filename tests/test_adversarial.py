@@ -84,6 +84,36 @@ def test_the_found_conditioning_is_in_the_erase_loss(pipe):
         assert not torch.isclose(loss, plain)
 
 
+def test_the_word_search_relearns_the_concept_word_in_its_place(pipe):
+    """``search="word"``: the inner attack is textual inversion, the concept word's own embedding learned on the
+    student from the word's row; what it finds is the plain prompt encoded with that vector in the word's place."""
+    from forgetpatch.methods.adversarial import at_token, single_token, token_vectors
+    from forgetpatch.methods.finetune import encode_prompt
+
+    with pytest.raises(MethodError, match="search must be one of"):
+        Adversarial(every=1, search="words")
+    word = single_token(pipe, "circle")
+    row = pipe.text_encoder.get_input_embeddings().weight[word].detach().clone()
+    config = make_config(scope="noxattn", seed=0, **FAST)
+    with FinetuneEngine(pipe, config) as engine:
+        with torch.no_grad():  # a student that has moved from its teacher (the word is then no longer its optimum)
+            for i, weight in enumerate(engine.trainable().values()):
+                weight.add_(0.05 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(i)))
+        adversary = Adversary(Adversarial(**{**INNER, "every": 100, "search": "word"}), placeholder_word(pipe))
+        found = adversary.search(engine, 0, "circle")
+        vector = adversary.vectors["circle"]
+        assert vector.shape == (1, row.shape[0]) and not torch.equal(vector[0], row)
+        assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[word], row)  # the table is untouched
+        with torch.no_grad(), token_vectors(pipe, at_token(word, vector)):
+            again = encode_prompt(pipe, "circle", engine.latent_size)
+        assert torch.equal(found.hidden, again.hidden.to(found.hidden.dtype))
+        assert not torch.equal(found.hidden, engine.encode("circle").hidden)
+        assert adversary.record["searches"] == 1 and adversary.record["embedding_norms"][0] > 0
+    # a word the tokenizer splits has no one embedding to relearn: refused before any training
+    with pytest.raises(MethodError, match="splits"):
+        methods.erase(pipe, "and", method="esd", adversarial={**INNER, "search": "word"}, **FAST)
+
+
 def test_teacher_latents_follow_the_teacher(pipe):
     config = make_config(scope="xattn", seed=0, **FAST)
     with FinetuneEngine(pipe, config) as engine:

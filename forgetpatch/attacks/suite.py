@@ -21,7 +21,6 @@ from forgetpatch.attacks.report import AttackResult, Rate
 from forgetpatch.attacks.text import (
     ConceptData,
     PassCounter,
-    at_token,
     concept_data,
     denoising_batch,
     encode,
@@ -35,6 +34,7 @@ from forgetpatch.eval import PipelineGenerator, ScoringPrompt, forgotten
 from forgetpatch.methods import (
     PLACEHOLDER,
     at_prefix,
+    at_token,
     cross_attention_layers,
     current_weight,
     inversion_map,

@@ -2,8 +2,8 @@
 
 * :func:`token_vectors` (from :mod:`forgetpatch.methods.adversarial`, where fine-tuning's inner attack uses it
   too): replaces rows of the text encoder's *input* token embeddings (a learned token in place of the concept's
-  word, or learned prefix tokens, :func:`at_prefix`), so the pipeline's own ``encode_prompt`` and sampling see
-  them.
+  word, :func:`~forgetpatch.methods.adversarial.at_token`, or learned prefix tokens, :func:`at_prefix`), so the
+  pipeline's own ``encode_prompt`` and sampling see them.
 * :func:`hidden_states_map`: maps rows of the text encoder's *output* (what the UNet's cross-attention
   reads), from a concept's token to the end of the prompt.
 * :func:`lora_hooks`: a low-rank update added to linear layers' outputs by forward hooks, so that it
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from forgetpatch.errors import AttackError
+from forgetpatch.methods import single_token
 from forgetpatch.toy import render_batch, vocab
 
 #: ``(input_ids, rows) -> rows`` for a batch of prompts.
@@ -33,10 +34,10 @@ RowMap = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def token_id(pipe, word: str) -> int:
     """The id of ``word`` when the tokenizer spells it as one token (every toy word is one)."""
-    ids = pipe.tokenizer(word).input_ids[1:-1]
-    if len(ids) != 1:
-        raise AttackError(f"{word!r} is {len(ids)} tokens for this tokenizer; attacks need a one-token concept")
-    return int(ids[0])
+    found = single_token(pipe, word)
+    if found is None:
+        raise AttackError(f"{word!r} is several tokens for this tokenizer; attacks need a one-token concept")
+    return found
 
 
 @contextmanager
@@ -55,20 +56,6 @@ def hidden_states_map(pipe, replace: RowMap) -> Iterator[None]:
         yield
     finally:
         handle.remove()
-
-
-def at_token(word_id: int, vector: torch.Tensor) -> RowMap:
-    """Put ``vector`` wherever token ``word_id`` is (a learned token in the word's place)."""
-
-    def replace(ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        where = (ids == word_id).to(rows.device)
-        if not where.any():
-            return rows
-        out = rows.clone()
-        out[where] = vector.to(rows.dtype)
-        return out
-
-    return replace
 
 
 def from_token(word_id: int, matrix: torch.Tensor) -> RowMap:

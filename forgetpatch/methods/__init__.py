@@ -7,7 +7,15 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from forgetpatch.methods.adversarial import PLACEHOLDER, Adversarial, at_prefix, prefix_search, token_vectors
+from forgetpatch.methods.adversarial import (
+    PLACEHOLDER,
+    Adversarial,
+    at_prefix,
+    at_token,
+    prefix_search,
+    single_token,
+    token_vectors,
+)
 from forgetpatch.methods.base import (
     Concept,
     ConceptLike,
@@ -113,10 +121,12 @@ __all__ = [
     "get_method",
     "inversion_map",
     "at_prefix",
+    "at_token",
     "prefix_search",
     "preset_check",
     "register",
     "registered",
     "rise_steps",
+    "single_token",
     "token_vectors",
 ]

@@ -9,12 +9,17 @@ reference model does on the plain prompt:
 
 (``E`` the text encoder, ``x_t`` a latent of the concept noised at timestep ``t``; Adam for ``steps`` steps).
 
+**Textual inversion** (Gal et al.; the attack that circumvents seven erasure methods, Pham et al., ICLR 2024): the
+same loss with the concept word's own input embedding ``w`` learned instead of a prefix, starting from the word's row
+of the embedding table: ``w* = argmin_w E || eps_attacked(x_t, t, E(p[word := w])) - eps_ref(x_t, t, E(p)) ||^2``.
+
 **Adversarial fine-tuning** (:class:`Adversarial`, ``adversarial=`` of ESD, KSCU and Dynamic Mask). Every
-``every`` calls of the objective for a concept, the engine runs that search on its *current student* with the
-*teacher* as reference (``steps`` Adam steps, ``tokens`` tokens, warm-started from the last ``V*``), on ``images``
-latents the teacher draws for the concept prompt (DDIM with the engine's steps and guidance; made once per
-concept). The conditioning the method's erase term applies to is then ``{E(p)} ∪ {E([V*_j; p])}`` over the last
-``memory`` searches: every member gets the method's own erase target, in one batched student pass, and the erase
+``every`` calls of the objective for a concept, the engine runs one of those searches (``search="prefix"``, the
+default, or ``"word"``) on its *current student* with the *teacher* as reference (``steps`` Adam steps, ``tokens``
+prefix tokens or the word's one, warm-started from the last ``V*``), on ``images`` latents the teacher draws for the
+concept prompt (DDIM with the engine's steps and guidance; made once per concept). The conditioning the method's
+erase term applies to is then ``{E(p)} ∪ {E([V*_j; p])}`` (``{E(p[word := w*_j])}``) over the last ``memory``
+searches: every member gets the method's own erase target, in one batched student pass, and the erase
 term is their mean. The method's retention terms are kept (KSCU's ``preserve_weight``, Dynamic Mask's
 distillation and preservation); ESD, which has none, gets AdvUnlearn's:
 ``retain_weight * ||eps*(x_t, q) - eps(x_t, q)||^2`` for one preserved concept ``q`` in turn, on the same ``x_t``.
@@ -106,6 +111,26 @@ def at_prefix(placeholder: int, vectors: torch.Tensor) -> RowMap:
     return replace_rows
 
 
+def single_token(pipe: Any, word: str) -> int | None:
+    """The id of ``word`` when the tokenizer spells it as one token (every toy word is one), else ``None``."""
+    ids = pipe.tokenizer(word).input_ids[1:-1]
+    return int(ids[0]) if len(ids) == 1 else None
+
+
+def at_token(word_id: int, vector: torch.Tensor) -> RowMap:
+    """Put ``vector`` (``D`` or ``1 x D``) wherever token ``word_id`` is (a learned token in the word's place)."""
+
+    def replace_rows(ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        where = (ids == word_id).to(rows.device)
+        if not where.any():
+            return rows
+        out = rows.clone()
+        out[where] = vector.reshape(-1).to(rows.dtype)
+        return out
+
+    return replace_rows
+
+
 def text_states(pipe: Any, prompts: Sequence[str]) -> torch.Tensor:
     """The UNet's text conditioning of ``prompts`` as the pipeline computes it, gradients kept."""
     return pipe.encode_prompt(list(prompts), pipe.text_encoder.device, 1, False)[0]
@@ -120,22 +145,30 @@ def prefix_search(
     loss_of: Callable[[Callable[[Sequence[str]], torch.Tensor]], torch.Tensor],
     on_step: Callable[[float], None] | None = None,
     placeholder: str = PLACEHOLDER,
+    word_id: int | None = None,
 ) -> list[float]:
     """Adam on the prefix ``vectors`` (``k x D``, updated in place) for ``steps`` steps of ``loss_of(encode)``.
 
     ``encode(prompts)`` gives the text states of ``prompts`` with the ``k`` learned vectors in front (gradients
     reach ``vectors`` only); ``loss_of`` draws its batch and compares the attacked model with its reference.
+    ``word_id``: learn that word's embedding in its place instead (textual inversion; ``vectors`` is ``1 x D``).
     Returns the losses.
     """
     k = vectors.shape[0]
-    marker = placeholder_id(pipe, placeholder)
     optimizer = torch.optim.Adam([vectors], lr=lr)
     losses: list[float] = []
+    if word_id is None:
+        rows = at_prefix(placeholder_id(pipe, placeholder), vectors)
 
-    def encode(prompts: Sequence[str]) -> torch.Tensor:
-        return text_states(pipe, [prefixed(k, p, placeholder) for p in prompts])
+        def encode(prompts: Sequence[str]) -> torch.Tensor:
+            return text_states(pipe, [prefixed(k, p, placeholder) for p in prompts])
+    else:
+        rows = at_token(word_id, vectors)
 
-    with token_vectors(pipe, at_prefix(marker, vectors)):
+        def encode(prompts: Sequence[str]) -> torch.Tensor:
+            return text_states(pipe, prompts)
+
+    with token_vectors(pipe, rows):
         for _ in range(steps):
             loss = loss_of(encode)
             (grad,) = torch.autograd.grad(loss, [vectors])
@@ -148,6 +181,10 @@ def prefix_search(
 
 
 # --- adversarial fine-tuning -----------------------------------------------------------------------
+#: The inner attacks adversarial fine-tuning can run.
+SEARCHES = ("prefix", "word")
+
+
 @dataclass(frozen=True)
 class Adversarial:
     """Settings of the inner prompt-search attack of adversarial fine-tuning (``every=0``: off).
@@ -174,6 +211,9 @@ class Adversarial:
     """Found embeddings kept in the erase conditioning (the latest ones)."""
     retain_weight: float = 1.0
     """Weight of the retention term ESD gets on preserved concepts (KSCU and Dynamic Mask keep their own)."""
+    search: str = "prefix"
+    """The inner attack: ``"prefix"`` (soft prompt search, ``tokens`` learned in front of the prompt) or ``"word"``
+    (textual inversion: the concept word's own embedding learned anew; the word must be one token)."""
 
     def __post_init__(self) -> None:
         counts = ("steps", "tokens", "batch", "images", "memory")
@@ -182,6 +222,8 @@ class Adversarial:
                 f"adversarial settings out of range ({self.to_dict()}): every >= 0 (0 = off), "
                 f"{', '.join(counts)} >= 1, lr > 0, retain_weight >= 0"
             )
+        if self.search not in SEARCHES:
+            raise MethodError(f"adversarial search must be one of {SEARCHES}, not {self.search!r}")
 
     @property
     def on(self) -> bool:
@@ -211,8 +253,12 @@ class Adversarial:
         return asdict(self)
 
 
-def adversary_for(value: Adversarial | int | dict[str, Any] | None, pipe: Any) -> Adversary | None:
-    """An :class:`Adversary` when the settings are on, else ``None`` (the method trains exactly as without)."""
+def adversary_for(
+    value: Adversarial | int | dict[str, Any] | None, pipe: Any, words: Sequence[str] = ()
+) -> Adversary | None:
+    """An :class:`Adversary` when the settings are on, else ``None`` (the method trains exactly as without).
+
+    ``words``: the concepts' words, checked before training when the search is ``"word"`` (one token each)."""
     settings = Adversarial.of(value)
     if not settings.on:
         return None
@@ -220,6 +266,12 @@ def adversary_for(value: Adversarial | int | dict[str, Any] | None, pipe: Any) -
         raise MethodError(
             "adversarial fine-tuning needs an SD-style pipeline with one text encoder (SDXL is not supported yet); "
             "leave adversarial unset"
+        )
+    split = [w for w in words if single_token(pipe, w) is None]
+    if settings.search == "word" and split:
+        raise MethodError(
+            f"adversarial search 'word' learns a concept word's one token, and the tokenizer splits {split}; "
+            "use search='prefix'"
         )
     return Adversary(settings, placeholder_word(pipe))
 
@@ -256,10 +308,13 @@ class Adversary:
         if prompt not in self.latents:
             self.latents[prompt] = teacher_latents(engine, prompt, s.images, generator)
         latents, reference = self.latents[prompt], engine.encode(prompt)
+        word = single_token(pipe, prompt) if s.search == "word" else None
+        table = pipe.text_encoder.get_input_embeddings().weight.detach()
         if prompt in self.vectors:
             start = self.vectors[prompt]
+        elif word is not None:
+            start = table[word : word + 1].float()  # textual inversion starts from the word itself
         else:
-            table = pipe.text_encoder.get_input_embeddings().weight.detach()
             start = table[torch.randint(table.shape[0], (s.tokens,), generator=generator)].float()
         vectors = nn.Parameter(start.detach().clone().float())
         steps_total = int(engine.scheduler.config.num_train_timesteps)
@@ -273,12 +328,17 @@ class Adversary:
             hidden = encode([prompt] * s.batch).to(engine.device, engine.unet.dtype)
             return nn.functional.mse_loss(engine.student(x_t, t, Cond(hidden)).float(), wanted.float())
 
-        losses = prefix_search(pipe, vectors, s.steps, s.lr, loss_of, placeholder=self.placeholder)
+        losses = prefix_search(pipe, vectors, s.steps, s.lr, loss_of, placeholder=self.placeholder, word_id=word)
         engine.passes.backward += s.steps  # one backward through the student per step
         self.vectors[prompt] = vectors.detach()
-        marker = placeholder_id(pipe, self.placeholder)
-        with torch.no_grad(), token_vectors(pipe, at_prefix(marker, vectors.detach())):
-            found = encode_prompt(pipe, prefixed(s.tokens, prompt, self.placeholder), engine.latent_size)
+        if word is None:
+            rows, text = at_prefix(placeholder_id(pipe, self.placeholder), vectors.detach()), prefixed(
+                s.tokens, prompt, self.placeholder
+            )
+        else:
+            rows, text = at_token(word, vectors.detach()), prompt
+        with torch.no_grad(), token_vectors(pipe, rows):
+            found = encode_prompt(pipe, text, engine.latent_size)
         cond = found.to(engine.device, dtype=engine.unet.dtype)
         self.found[prompt] = [*self.found.get(prompt, []), cond][-s.memory :]
         after = engine.passes.as_dict()
@@ -306,14 +366,17 @@ def teacher_latents(engine: FinetuneEngine, prompt: str, count: int, generator: 
 __all__ = [
     "PLACEHOLDER",
     "Adversarial",
+    "SEARCHES",
     "Adversary",
     "adversary_for",
     "at_prefix",
+    "at_token",
     "placeholder_id",
     "placeholder_word",
     "prefix_search",
     "prefixed",
     "teacher_latents",
     "text_states",
+    "single_token",
     "token_vectors",
 ]

@@ -438,6 +438,7 @@ class DynamicMask:
                 f"images={settings.images})"
             )
         earlier = [c.target for c in erased_on(pipe)]  # the distillation keeps them forgotten
+        adversary = adversary_for(adversarial, pipe, [c.target for c in concepts])  # checked before the images
         data = [
             ConceptData.make(pipe, c.target, s, settings, settings.seed + 1000 * i)
             for i, (c, s) in enumerate(zip(concepts, supers, strict=True))
@@ -447,7 +448,6 @@ class DynamicMask:
                              latent_size=settings.latent_size or None)
         records: dict[str, Any] = {}
         preserved = [p.target for p in preserve]
-        adversary = adversary_for(adversarial, pipe)
         with FinetuneEngine(pipe, config) as engine:
             # the training images above: one UNet call (guidance batched) per sampling step, concept and superclass
             engine.passes.sample_forward += 2 * settings.num_inference_steps * len(concepts)

@@ -157,7 +157,7 @@ class ESD:
             raise MethodError("ESD picks its layers by variant: pass variant='x' (cross-attention) or 'u', not scope")
         scope = settings.scope(concepts)
         config = make_config(scope=scope, iterations=settings.iterations, lr=settings.lr, **engine)
-        adversary = adversary_for(settings.adversarial, pipe)
+        adversary = adversary_for(settings.adversarial, pipe, [c.target for c in concepts])
         extra = {} if adversary is None else {"adversarial": adversary.settings.to_dict()}
         return train_patch(
             pipe,

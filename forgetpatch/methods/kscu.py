@@ -452,7 +452,7 @@ class KSCU:
             seed=config.seed,
             preserve=preserve,
             preserve_weight=settings.preserve_weight,
-            adversary=(adversary := adversary_for(settings.adversarial, pipe)),
+            adversary=(adversary := adversary_for(settings.adversarial, pipe, [c.target for c in concepts])),
         )
         T = int(pipe.scheduler.config.num_train_timesteps)
         trajectory = None

@@ -36,7 +36,7 @@ def token_id(pipe, word: str) -> int:
     """The id of ``word`` when the tokenizer spells it as one token (every toy word is one)."""
     found = single_token(pipe, word)
     if found is None:
-        raise AttackError(f"{word!r} is several tokens for this tokenizer; attacks need a one-token concept")
+        raise AttackError(f"{word!r} is not one token for this tokenizer; attacks need a one-token concept")
     return found
 
 

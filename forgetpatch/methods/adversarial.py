@@ -309,6 +309,8 @@ class Adversary:
             self.latents[prompt] = teacher_latents(engine, prompt, s.images, generator)
         latents, reference = self.latents[prompt], engine.encode(prompt)
         word = single_token(pipe, prompt) if s.search == "word" else None
+        if s.search == "word" and word is None:  # adversary_for checks the concepts' words before training
+            raise MethodError(f"adversarial search 'word' needs a one-token word, and {prompt!r} is not one")
         table = pipe.text_encoder.get_input_embeddings().weight.detach()
         if prompt in self.vectors:
             start = self.vectors[prompt]

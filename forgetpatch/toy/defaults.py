@@ -83,11 +83,11 @@ SUPERCLASSES: dict[str, tuple[str, ...]] = {
 }
 
 _FINE_TUNING = {"rank": 8, "lr": 5e-4}
-#: KSCU's and ESD's iterations are for the whole patch, so they grow with the shapes erased in it. Five shapes at once
-#: with KSCU (strict UA on 32 images each; circle, square, triangle, star, hexagon): 200 iterations in all leave every
-#: one a shape no one can name or the shape itself (9 / 3 / 3 / 0 / 28%); 1000, 84 / 72 / 69 / 22 / 78% (the star,
-#: steered to the cross, is the weak one). ``erase(toy.pipeline(), shapes, method="kscu", iterations=N)``, then
-#: ``evaluate(..., images_per_erased=32)``.
+#: KSCU's and ESD's iterations are for the whole patch (the concepts share them), so they grow with the shapes erased
+#: in it. Five shapes at once with KSCU (strict UA on 32 images each; circle, square, triangle, star, hexagon): 200
+#: iterations in all forget almost nothing (9 / 3 / 3 / 0 / 28%); 1000, 84 / 72 / 69 / 22 / 78% (the star, steered to
+#: the cross, is the weak one). ``erase(toy.pipeline(), shapes, method="kscu", iterations=N)``, then
+#: ``evaluate(..., images_per_erased=32)``; ESD shares its iterations among the concepts the same way (not measured).
 ITERATIONS_PER_SHAPE = 200
 
 #: Per method: settings that do not depend on the concepts.

@@ -25,7 +25,7 @@ on this machine. (A fixed order once showed fused / base 1.25x while fused equal
 configuration right after the base run was slowed by the position, not by the patch.) CPU time is the process's
 own (robust to other load); wall time is reported beside it.
 
-On a GPU (``--device cuda``) the load is what a GPU user does, ``from_pretrained(..., torch_dtype=...)`` then
+On a GPU (``--device cuda``) the load is what a GPU user does, ``from_pretrained(..., dtype=...)`` then
 ``.to("cuda")``, and every timing waits for the GPU (``torch.cuda.synchronize``).
 
 Targets: apply <= 5% of load, switch <= 50 ms, fused <= 1.01x, unfused 3 patches <= 1.10x, gated <= 1.05x.
@@ -159,7 +159,7 @@ def main() -> None:
             pipe = None
             gc.collect()
             t0 = time.perf_counter()
-            pipe = StableDiffusionPipeline.from_pretrained(tmp / "sd15", local_files_only=True, torch_dtype=dtype)
+            pipe = StableDiffusionPipeline.from_pretrained(tmp / "sd15", local_files_only=True, dtype=dtype)
             pipe.to(args.device)
             wait(args.device)
             loads.append(time.perf_counter() - t0)

@@ -354,7 +354,7 @@ def _check(
                     raise FingerprintMismatchError(
                         f"patch {patch.name!r} cannot be checked against this pipeline's {dtype} weights: base "
                         f"fingerprints sample weights rounded to float16, which a {dtype} copy of the model "
-                        "does not reproduce. Load the pipeline in float16 or float32 (torch_dtype=torch.float16) "
+                        "does not reproduce. Load the pipeline in float16 or float32 (dtype=torch.float16) "
                         "to apply it."
                     )
                 base = patch.manifest.base_model.id or "another model"

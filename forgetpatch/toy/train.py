@@ -214,9 +214,9 @@ class Trainer:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        vae = AutoencoderKL.from_pretrained(directory, subfolder="vae", torch_dtype=torch.float32)
-        text = CLIPTextModel.from_pretrained(directory, subfolder="text_encoder", torch_dtype=torch.float32)
-        unet = UNet2DConditionModel.from_pretrained(directory, subfolder="unet", torch_dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(directory, subfolder="vae", dtype=torch.float32)
+        text = CLIPTextModel.from_pretrained(directory, subfolder="text_encoder", dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(directory, subfolder="unet", dtype=torch.float32)
         self.vae.load_state_dict(vae.state_dict())
         self.text_encoder.load_state_dict(text.state_dict())
         self.unet.load_state_dict(unet.state_dict())

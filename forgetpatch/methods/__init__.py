@@ -15,6 +15,7 @@ from forgetpatch.methods.adversarial import (
     prefix_search,
     single_token,
     token_vectors,
+    word_search,
 )
 from forgetpatch.methods.base import (
     Concept,
@@ -129,4 +130,5 @@ __all__ = [
     "rise_steps",
     "single_token",
     "token_vectors",
+    "word_search",
 ]

@@ -1,6 +1,6 @@
-"""Soft prompt search, and adversarial fine-tuning built on it (AdvUnlearn's inner loop, arXiv 2405.15234).
+"""Soft prompt search, word search, and adversarial fine-tuning built on them (AdvUnlearn's inner loop, arXiv 2405.15234).
 
-**Soft prompt search** (UnlearnDiffAtk-style, arXiv 2310.11868), shared with the attack suite
+**Soft prompt search** (:func:`prefix_search`; UnlearnDiffAtk-style, arXiv 2310.11868), shared with the attack suite
 (:func:`forgetpatch.attacks.suite.prompt_search` calls :func:`prefix_search`). With ``k`` placeholder tokens in
 front of a prompt ``p``, learn their input embeddings ``V = (v_1 .. v_k)`` so the attacked model denoises like a
 reference model does on the plain prompt:
@@ -9,9 +9,9 @@ reference model does on the plain prompt:
 
 (``E`` the text encoder, ``x_t`` a latent of the concept noised at timestep ``t``; Adam for ``steps`` steps).
 
-**Textual inversion** (Gal et al.; the attack that circumvents seven erasure methods, Pham et al., ICLR 2024): the
-same loss with the concept word's own input embedding ``w`` learned instead of a prefix, starting from the word's row
-of the embedding table: ``w* = argmin_w E || eps_attacked(x_t, t, E(p[word := w])) - eps_ref(x_t, t, E(p)) ||^2``.
+**Word search** (:func:`word_search`: textual inversion, Gal et al.; the attack that circumvents seven erasure
+methods, Pham et al., ICLR 2024): the same loss with the concept word's own input embedding ``w`` learned instead of a
+prefix, starting from the word's row of the embedding table: ``w* = argmin_w E || eps_attacked(x_t, t, E(p[word := w])) - eps_ref(x_t, t, E(p)) ||^2``.
 
 **Adversarial fine-tuning** (:class:`Adversarial`, ``adversarial=`` of ESD, KSCU and Dynamic Mask). Every
 ``every`` calls of the objective for a concept, the engine runs one of those searches (``search="prefix"``, the
@@ -145,29 +145,54 @@ def prefix_search(
     loss_of: Callable[[Callable[[Sequence[str]], torch.Tensor]], torch.Tensor],
     on_step: Callable[[float], None] | None = None,
     placeholder: str = PLACEHOLDER,
-    word_id: int | None = None,
 ) -> list[float]:
     """Adam on the prefix ``vectors`` (``k x D``, updated in place) for ``steps`` steps of ``loss_of(encode)``.
 
     ``encode(prompts)`` gives the text states of ``prompts`` with the ``k`` learned vectors in front (gradients
     reach ``vectors`` only); ``loss_of`` draws its batch and compares the attacked model with its reference.
-    ``word_id``: learn that word's embedding in its place instead (textual inversion; ``vectors`` is ``1 x D``).
     Returns the losses.
     """
     k = vectors.shape[0]
+
+    def encode(prompts: Sequence[str]) -> torch.Tensor:
+        return text_states(pipe, [prefixed(k, p, placeholder) for p in prompts])
+
+    rows = at_prefix(placeholder_id(pipe, placeholder), vectors)
+    return _adam(pipe, vectors, rows, encode, steps, lr, loss_of, on_step)
+
+
+def word_search(
+    pipe: Any,
+    vector: nn.Parameter,
+    word_id: int,
+    steps: int,
+    lr: float,
+    loss_of: Callable[[Callable[[Sequence[str]], torch.Tensor]], torch.Tensor],
+    on_step: Callable[[float], None] | None = None,
+) -> list[float]:
+    """Textual inversion: Adam on ``vector`` (``1 x D``, updated in place), the input embedding of token
+    ``word_id`` wherever it occurs, for ``steps`` steps of ``loss_of(encode)``; ``encode(prompts)`` encodes the
+    prompts as they are, the learned vector in the word's place. Returns the losses."""
+
+    def encode(prompts: Sequence[str]) -> torch.Tensor:
+        return text_states(pipe, prompts)
+
+    return _adam(pipe, vector, at_token(word_id, vector), encode, steps, lr, loss_of, on_step)
+
+
+def _adam(
+    pipe: Any,
+    vectors: nn.Parameter,
+    rows: RowMap,
+    encode: Callable[[Sequence[str]], torch.Tensor],
+    steps: int,
+    lr: float,
+    loss_of: Callable[[Callable[[Sequence[str]], torch.Tensor]], torch.Tensor],
+    on_step: Callable[[float], None] | None,
+) -> list[float]:
+    """The searches' loop: input embeddings mapped by ``rows`` while ``vectors`` descend ``loss_of(encode)``."""
     optimizer = torch.optim.Adam([vectors], lr=lr)
     losses: list[float] = []
-    if word_id is None:
-        rows = at_prefix(placeholder_id(pipe, placeholder), vectors)
-
-        def encode(prompts: Sequence[str]) -> torch.Tensor:
-            return text_states(pipe, [prefixed(k, p, placeholder) for p in prompts])
-    else:
-        rows = at_token(word_id, vectors)
-
-        def encode(prompts: Sequence[str]) -> torch.Tensor:
-            return text_states(pipe, prompts)
-
     with token_vectors(pipe, rows):
         for _ in range(steps):
             loss = loss_of(encode)
@@ -330,7 +355,10 @@ class Adversary:
             hidden = encode([prompt] * s.batch).to(engine.device, engine.unet.dtype)
             return nn.functional.mse_loss(engine.student(x_t, t, Cond(hidden)).float(), wanted.float())
 
-        losses = prefix_search(pipe, vectors, s.steps, s.lr, loss_of, placeholder=self.placeholder, word_id=word)
+        if word is None:
+            losses = prefix_search(pipe, vectors, s.steps, s.lr, loss_of, placeholder=self.placeholder)
+        else:
+            losses = word_search(pipe, vectors, word, s.steps, s.lr, loss_of)
         engine.passes.backward += s.steps  # one backward through the student per step
         self.vectors[prompt] = vectors.detach()
         if word is None:
@@ -379,6 +407,7 @@ __all__ = [
     "prefixed",
     "teacher_latents",
     "text_states",
+    "word_search",
     "single_token",
     "token_vectors",
 ]

@@ -292,8 +292,7 @@ def adversary_for(
             "adversarial fine-tuning needs an SD-style pipeline with one text encoder (SDXL is not supported yet); "
             "leave adversarial unset"
         )
-    split = [w for w in words if single_token(pipe, w) is None]
-    if settings.search == "word" and split:
+    if settings.search == "word" and (split := [w for w in words if single_token(pipe, w) is None]):
         raise MethodError(
             f"adversarial search 'word' learns a concept word's one token, and the tokenizer splits {split}; "
             "use search='prefix'"
@@ -357,16 +356,13 @@ class Adversary:
 
         if word is None:
             losses = prefix_search(pipe, vectors, s.steps, s.lr, loss_of, placeholder=self.placeholder)
+            rows = at_prefix(placeholder_id(pipe, self.placeholder), vectors.detach())
+            text = prefixed(s.tokens, prompt, self.placeholder)
         else:
             losses = word_search(pipe, vectors, word, s.steps, s.lr, loss_of)
+            rows, text = at_token(word, vectors.detach()), prompt
         engine.passes.backward += s.steps  # one backward through the student per step
         self.vectors[prompt] = vectors.detach()
-        if word is None:
-            rows, text = at_prefix(placeholder_id(pipe, self.placeholder), vectors.detach()), prefixed(
-                s.tokens, prompt, self.placeholder
-            )
-        else:
-            rows, text = at_token(word, vectors.detach()), prompt
         with torch.no_grad(), token_vectors(pipe, rows):
             found = encode_prompt(pipe, text, engine.latent_size)
         cond = found.to(engine.device, dtype=engine.unet.dtype)
@@ -405,9 +401,9 @@ __all__ = [
     "placeholder_word",
     "prefix_search",
     "prefixed",
+    "single_token",
     "teacher_latents",
     "text_states",
-    "word_search",
-    "single_token",
     "token_vectors",
+    "word_search",
 ]

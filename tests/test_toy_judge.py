@@ -148,3 +148,21 @@ def test_strict_forgetting_counts_against_a_person(judge):
     assert len(off) <= 3 and all(abs(c[2] - c[1]) <= 6 for c in off.values()), counts  # as measured
     if off:
         pytest.xfail(f"strict count more than one image from a person's on {off} (n, person, judge)")
+
+
+def test_temperature_fit_recovers_the_scale_and_warns_nothing():
+    """Labels drawn from ``softmax(z)`` scored with logits ``3 z``: the fitted temperature is about 3, and fitting
+    prints no autograd warning into the judge's training log."""
+    import warnings
+
+    import torch
+
+    from forgetpatch.toy.judge import _fit_temperature
+
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(4000, 6, generator=gen)
+    y = torch.multinomial(torch.softmax(z, dim=1), 1, generator=gen).squeeze(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = _fit_temperature(3 * z, y)
+    assert t == pytest.approx(3.0, rel=0.1)

@@ -378,7 +378,7 @@ def _fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
         return loss
 
     opt.step(nll)
-    return round(float(log_t.exp()), 4)
+    return round(float(log_t.detach().exp()), 4)
 
 
 def calibrate(judge: ToyJudge, images: np.ndarray, labels: dict[str, np.ndarray], risk: float = RISK) -> None:

@@ -351,3 +351,33 @@ def test_pickle_is_never_loaded(tmp_path, patch):
     buffer = tmp_path / "torch.bin"
     torch.save(patch.state_dict, buffer)
     _expect_format_error(tmp_path, buffer.read_bytes())
+
+
+# --- the base model a patch names ---------------------------------------------------------------
+def test_a_patch_names_the_base_model_it_was_loaded_from(tmp_path):
+    """The manifest's ``base_model.id`` / ``revision`` come from the pipeline: a Hugging Face cache snapshot gives the
+    repo id and commit; a plain local folder or a pipeline built in code gives neither (no local path is recorded)."""
+    from diffusers import StableDiffusionPipeline
+
+    from forgetpatch.format import base_model_ref
+
+    pipe = tiny_sd_pipeline(seed=0)
+    factors = {"unet.conv_in": (torch.ones(1, 36), torch.zeros(32, 1))}
+    made = lambda p: build_patch(p, factors, name="x", method="manual", concepts=["cat"]).manifest.base_model  # noqa: E731
+    assert (made(pipe).id, made(pipe).revision) == (None, None)
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "hub" / "models--org--tiny-sd" / "snapshots" / commit
+    pipe.save_pretrained(snapshot)
+    pipe.save_pretrained(tmp_path / "plain")
+    from_snapshot = StableDiffusionPipeline.from_pretrained(snapshot)
+    assert (made(from_snapshot).id, made(from_snapshot).revision) == ("org/tiny-sd", commit)
+    from_folder = StableDiffusionPipeline.from_pretrained(tmp_path / "plain")
+    assert base_model_ref(from_folder) == (None, None)
+    assert str(tmp_path) not in json.dumps(made(from_folder).model_dump())
+
+    # what from_pretrained(id) records
+    from_folder.register_to_config(_name_or_path="runwayml/stable-diffusion-v1-5")
+    assert base_model_ref(from_folder) == ("runwayml/stable-diffusion-v1-5", None)
+    explicit = build_patch(from_folder, factors, name="x", method="m", concepts=["cat"], base_model_id="mine")
+    assert explicit.manifest.base_model.id == "mine"

@@ -445,3 +445,28 @@ def test_test_hub_is_bounded_and_stops_by_itself():
     assert server.join(timeout=5)  # the lifetime timer shut it down
     with pytest.raises(httpx2.ConnectError):
         httpx2.get(f"{server.endpoint}/api/models/org/x", timeout=1)
+
+
+def test_a_patch_made_on_a_hub_model_names_it_on_its_card(tmp_path):
+    """What a user does: load the base by Hub id (offline, from the cache), erase, render the card. The manifest
+    names the base (``base_model.id``) and the card's YAML links to it as an adapter (``base_model``)."""
+    home = tmp_path / "home"
+    commit = hashlib.sha1(b"org/tiny-sd").hexdigest()
+    repo = home / "hub" / "models--org--tiny-sd"
+    tiny_sd_pipeline(seed=0).save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    env |= {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    script = (
+        "import json, forgetpatch\n"
+        "from diffusers import DiffusionPipeline\n"
+        "from forgetpatch.hub import render_card\n"
+        "pipe = DiffusionPipeline.from_pretrained('org/tiny-sd')\n"
+        "patch = forgetpatch.erase(pipe, ['circle'], method='uce', progress=False)\n"
+        "card = render_card(patch, 'me/no-circle')\n"
+        "print(json.dumps([patch.manifest.base_model.id, card.data.base_model, card.data.base_model_relation]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == ["org/tiny-sd", "org/tiny-sd", "adapter"]

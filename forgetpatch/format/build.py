@@ -10,7 +10,13 @@ from torch import nn
 
 from forgetpatch.errors import MethodError
 from forgetpatch.format.concept import ConceptLike, as_concepts
-from forgetpatch.format.fingerprint import detect_family, fingerprint, key_step_convention, resolve_module
+from forgetpatch.format.fingerprint import (
+    base_model_ref,
+    detect_family,
+    fingerprint,
+    key_step_convention,
+    resolve_module,
+)
 from forgetpatch.format.manifest import (
     BaseModelInfo,
     KeyStepRange,
@@ -104,10 +110,11 @@ def build_patch(
     ``factors`` maps module paths (``"unet.down_blocks.0...attn2.to_k"``) to ``(A, B)`` with
     ``delta W = B @ A`` (``A``: ``r x in``, ``B``: ``out x r``; conv factors may be flattened, they are
     reshaped to peft's layout). Every module gets ``alpha = r`` (scale 1). The manifest records the
-    fingerprint of the base weights, ranks, the architecture family, and as lineage (unless given)
-    the digests of the patches currently applied to ``pipe``: it asks the source registered with
-    :func:`set_lineage_source` (the loader registers one when imported; without it, the lineage is empty, as
-    nothing can have been applied). Key-step ranges that do not name their
+    fingerprint of the base weights, ranks, the architecture family, the base model's Hub id and revision as
+    far as the pipeline tells them (:func:`base_model_ref`; ``base_model_id`` overrides), and as lineage
+    (unless given) the digests of the patches currently applied to ``pipe``: it asks the source registered
+    with :func:`set_lineage_source` (the loader registers one when imported; without it, the lineage is
+    empty, as nothing can have been applied). Key-step ranges that do not name their
     convention get the pipeline's (``"sigma"`` on a flow-matching scheduler, see :class:`KeyStepRange`).
 
     Example:
@@ -133,6 +140,7 @@ def build_patch(
     if lineage is None:
         lineage = _lineage_source(pipe)
     errors = dict(reconstruction_errors or {})
+    base_model_id, revision = (base_model_id, None) if base_model_id is not None else base_model_ref(pipe)
     manifest = Manifest(
         name=name,
         method=method_info,
@@ -141,6 +149,7 @@ def build_patch(
         key_steps=None if key_steps is None else _ranges(pipe, key_steps),
         base_model=BaseModelInfo(
             id=base_model_id,
+            revision=revision,
             family=detect_family(pipe, base_model_id),
             fingerprint=fingerprint(pipe, list(factors)),
         ),

@@ -13,7 +13,8 @@ to float16. Why this choice:
   so 256 samples differ with overwhelming probability.
 
 The *base* weights are fingerprinted even while patches are applied: the ``base_layer`` of a
-peft-wrapped module, or the original tensor the loader kept aside before fusing a patch.
+peft-wrapped module, or the original tensor the loader kept aside before fusing a patch. Beside the
+fingerprint the manifest names the base model where the pipeline tells it (:func:`base_model_ref`).
 
 Example:
     >>> from forgetpatch.testing import tiny_sd_pipeline
@@ -25,10 +26,13 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Iterable
 
 import torch
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
 from forgetpatch.errors import MissingModuleError
@@ -147,6 +151,40 @@ def detect_family(pipe, base_model_id: str | None = None) -> Family:
     if tuple(config.get("block_out_channels", ())) == (320, 640, 1280, 1280):
         return {768: "sd1", 1024: "sd2"}.get(config.get("cross_attention_dim"), "other")
     return "other"
+
+
+#: A Hugging Face cache snapshot folder: ``.../models--{org}--{name}/snapshots/{commit}`` (a repo id has no ``--``).
+_SNAPSHOT = re.compile(r"models--(?P<repo>[^/\\]+)[/\\]snapshots[/\\](?P<commit>[0-9a-f]{40})[/\\]*$")
+
+
+def base_model_ref(pipe) -> tuple[str | None, str | None]:
+    """The Hub id and revision ``pipe`` was loaded from, as far as the pipeline tells (its ``name_or_path``).
+
+    ``("toy", None)`` for the toy world's pipeline; ``(id, None)`` for a pipeline loaded by Hub id (diffusers keeps
+    the id, not the revision); ``(id, commit)`` for one loaded from a Hugging Face cache snapshot folder;
+    ``(None, None)`` for any other local folder or a pipeline built in code: a local path means nothing on another
+    machine and says more about this one than a published patch should.
+
+    Example:
+        >>> pipe = StableDiffusionPipeline.from_pretrained("runwayml/stable-diffusion-v1-5")  # doctest: +SKIP
+        >>> base_model_ref(pipe)  # doctest: +SKIP
+        ('runwayml/stable-diffusion-v1-5', None)
+    """
+    if getattr(pipe, "forgetpatch_family", None) == "toy":
+        return "toy", None
+    source = getattr(pipe, "name_or_path", None)
+    source = os.fspath(source) if isinstance(source, os.PathLike) else source
+    if not isinstance(source, str) or not source:
+        return None, None
+    if found := _SNAPSHOT.search(source):
+        return found["repo"].replace("--", "/", 1), found["commit"]
+    if os.path.exists(source):
+        return None, None
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return None, None
+    return source, None
 
 
 def denoiser_name(pipe) -> str | None:

@@ -12,18 +12,22 @@ def quiet_loading() -> Iterator[None]:
     """No loading bars and no third-party notices (e.g. the image processor's torchvision fallback) while a
     pipeline loads; errors still show."""
     from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as transformers_logging
 
     loggers = (diffusers_logging, transformers_logging)
     levels = [lib.get_verbosity() for lib in loggers]
     bars = [lib.is_progress_bar_enabled() for lib in loggers]
+    hub_level = hub_logging.get_verbosity()  # offline, it warns "Could not reach the Hub" on every load by id
     try:
         for lib in loggers:
             lib.set_verbosity_error()
             lib.disable_progress_bar()
+        hub_logging.set_verbosity_error()
         yield
     finally:
         for lib, level, bar in zip(loggers, levels, bars, strict=True):
             lib.set_verbosity(level)
             if bar:
                 lib.enable_progress_bar()
+        hub_logging.set_verbosity(hub_level)

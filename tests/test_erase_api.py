@@ -298,6 +298,12 @@ def test_cli_erase_writes_a_patch_folder(sd_folder, tmp_path):
     assert result.exit_code == 0, result.output
     patch = read_patch(out)
     assert [c.target for c in patch.manifest.concepts] == ["circle", "star"]
+    # the next step it shows measures this model with a real-weight suite, not the toy judge (which cannot read it)
+    assert "--suite objects --clip" in " ".join(result.output.split())
+
+    refused = CliRunner().invoke(app, ["eval", "--base", str(sd_folder), str(out), "--images", "1", "--steps", "1"])
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert "not a toy-world model" in refused.output and "--suite" in " ".join(refused.output.split())
     assert [c.target for c in patch.manifest.preserved] == ["ellipse"]
     assert patch.manifest.method.name == "scapre" and patch.manifest.method.params["energy"] == 0.99
 

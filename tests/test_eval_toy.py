@@ -165,3 +165,26 @@ def test_base_draws_reworded_held_out_prompts_within_the_bars(toy_base_fidelity)
     print(f"held-out combinations, reworded templates: {toy_base_fidelity}")
     if _below(toy_base_fidelity):
         pytest.xfail(f"below the bars {FIDELITY_BARS} under the strict judge: measured {toy_base_fidelity}")
+
+
+def test_the_toy_judge_scores_toy_world_models_only(tmp_path):
+    """A pipeline of another architecture is refused before any image is made (the judge reads the toy world's
+    32-pixel images only); an export of a toy-world model in a folder loads as the toy pipeline."""
+    from forgetpatch.cli._base import load_base
+    from forgetpatch.errors import EvalInputError
+    from forgetpatch.eval import evaluate, guide_ceiling
+    from forgetpatch.testing import tiny_sd_pipeline
+
+    other = tiny_sd_pipeline(seed=0)
+    calls = []
+    other.unet.register_forward_pre_hook(lambda *_: calls.append(1))
+    for measure in (lambda: evaluate(other, ["circle"], images_per_concept=1, progress=False),
+                    lambda: guide_ceiling(other, ["circle"], "cross", images_per_concept=1)):  # fmt: skip
+        with pytest.raises(EvalInputError, match="not a toy-world model"):
+            measure()
+    assert calls == []
+    assert toy.is_toy_model(toy.pipeline()) and not toy.is_toy_model(other)
+
+    toy.pipeline().save_pretrained(tmp_path / "my-toy")
+    assert toy.is_toy_model(tmp_path / "my-toy")
+    assert load_base(str(tmp_path / "my-toy")).forgetpatch_family == "toy"

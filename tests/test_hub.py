@@ -470,3 +470,10 @@ def test_a_patch_made_on_a_hub_model_names_it_on_its_card(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == ["org/tiny-sd", "org/tiny-sd", "adapter"]
+
+    # the same from the command line, without huggingface_hub's "Could not reach the Hub" notice on the way
+    cli = [sys.executable, "-m", "forgetpatch.cli", "erase", "--base", "org/tiny-sd", "-c", "circle", "-o"]
+    out = subprocess.run([*cli, str(tmp_path / "no-circle")], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "Could not reach the Hub" not in out.stdout + out.stderr
+    assert read_patch(tmp_path / "no-circle").manifest.base_model.id == "org/tiny-sd"

@@ -20,17 +20,18 @@ class BaseModelError(ForgetPatchError):
 def load_base(base: str, dtype: str = "float32") -> Any:
     """``"toy"`` -> the shipped toy pipeline; anything else -> ``DiffusionPipeline.from_pretrained(base)``.
 
-    ``base`` may be a local diffusers folder (``save_pretrained`` layout) or a Hub id already in the cache
-    (nothing is downloaded when ``HF_HUB_OFFLINE=1``).
+    ``base`` may be a local diffusers folder (``save_pretrained`` layout; a toy-world export loads as the toy
+    pipeline does, with the world's settings and checks) or a Hub id already in the cache (nothing is downloaded
+    when ``HF_HUB_OFFLINE=1``).
     """
     import torch
 
     torch_dtype = getattr(torch, dtype)
     with quiet_loading():
-        if base == "toy":
-            from forgetpatch import toy
+        from forgetpatch import toy
 
-            return toy.pipeline(dtype=torch_dtype)
+        if base == "toy" or (Path(base).is_dir() and toy.is_toy_model(base)):
+            return toy.pipeline(dtype=torch_dtype, path=None if base == "toy" else base)
         from diffusers import DiffusionPipeline
 
         from forgetpatch.hub import is_hub_id, why_local

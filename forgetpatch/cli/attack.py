@@ -16,7 +16,9 @@ console = Console(width=max(140, Console().width))
 
 def attack_command(
     patches: Annotated[list[str], typer.Argument(help="Patches to attack (folders, files, Hub ids), applied in order.")],
-    base: Annotated[str, typer.Option(help="Base model: 'toy' (attacks are scored by the toy judge).")] = "toy",
+    base: Annotated[
+        str, typer.Option(help="Base model: 'toy' or a toy-world model's folder (attacks are scored by the toy judge).")
+    ] = "toy",
     concept: Annotated[
         list[str] | None,
         typer.Option("--concept", "-c", help="Erased concept to attack (repeatable); default: the patches'."),
@@ -45,9 +47,10 @@ def attack_command(
     from forgetpatch import apply, attacks
     from forgetpatch.errors import AttackError
     from forgetpatch.loader import load
+    from forgetpatch.toy import is_toy_model
 
-    if base != "toy":
-        raise AttackError("attacks are scored by the toy world's judge: use --base toy")
+    if base != "toy" and not (Path(base).is_dir() and is_toy_model(base)):
+        raise AttackError("attacks are scored by the toy world's judge: use --base toy (or a toy-world model's folder)")
     spend = attacks.Budget.of(budget)
     if grid is not None and grid.suffix.lower() != ".png":
         raise AttackError(f"--grid writes a PNG; give a path ending in .png, not {grid}")

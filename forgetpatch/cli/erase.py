@@ -120,11 +120,20 @@ def erase_command(
         f"{size / 1e6:.2f} MB)"
     )
     probe = concepts[0].target
+    if getattr(pipe, "forgetpatch_family", None) == "toy":
+        measure = f"forgetpatch eval --base {chosen_base} {folder} --grid grid.png"
+    else:  # the toy judge cannot read this model's images: a real-weight suite (README: Evaluating on real weights)
+        suite = _SUITES.get(patch.manifest.concepts[0].kind, "objects|styles|nudity")
+        clip = "" if suite == "nudity" else " --clip CLIP_FOLDER"
+        measure = f"forgetpatch eval --base {chosen_base} {folder} --suite {suite}{clip}"
     _out.print(
-        "next: measure it with "
-        f"[bold]forgetpatch eval --base {chosen_base} {folder} --grid grid.png[/bold], "
-        f"or draw with it: [bold]forgetpatch apply --base {chosen_base} {folder} -p \"a {probe}\" -o out.png[/bold]"
+        f"next: measure it with [bold]{measure}[/bold], or draw with it: "
+        f"[bold]forgetpatch apply --base {chosen_base} {folder} -p \"a {probe}\" -o out.png[/bold]"
     )
+
+
+#: The real-weight suite that scores a concept of each kind (``forgetpatch eval --suite``).
+_SUITES = {"object": "objects", "style": "styles", "nudity": "nudity"}
 
 
 def _choose_base(base: str | None, spec: Any, recipe: Path | None) -> str:

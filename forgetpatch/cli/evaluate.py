@@ -105,7 +105,7 @@ def eval_command(
     With --suite it evaluates any diffusers base on real-weight suites instead: nudity (NudeNet), objects and
     styles (CLIP accuracy), quality (CLIP score, FID); see the README's "Evaluating on real weights".
     """
-    from forgetpatch.eval import DEFAULT_GUIDANCE_SCALE, EvalReport, evaluate, save_report_grid
+    from forgetpatch.eval import DEFAULT_GUIDANCE_SCALE, EvalReport, evaluate, save_report_grid, toy_judge
 
     patches = patches or []
     if suite is not None:
@@ -135,6 +135,7 @@ def eval_command(
 
     main = distributed.is_main()  # under `accelerate launch` every process generates its share; one writes
     pipe = _load_base(base)
+    judge = toy_judge(pipe)  # a model the toy judge cannot read is refused here, before any image is made
     cached = _cache_dir() / f"base-{_base_key(pipe, concepts, settings)}.npz" if cache else None
     if cached is not None and cached.exists():
         report = EvalReport.load(cached)
@@ -143,7 +144,7 @@ def eval_command(
     else:
         if main:
             console.print(f"[bold]base[/] {base}: generating and judging")
-        report = evaluate(pipe, concepts, **settings)
+        report = evaluate(pipe, concepts, judge=judge, **settings)
         if cached is not None and main:
             report.save(cached)
     if patches:
@@ -152,7 +153,7 @@ def eval_command(
         pipe = apply(pipe, patches, scale=scale, key_steps=key_steps)
         if main:
             console.print(f"[bold]patched[/] with {', '.join(patches)}")
-        report = evaluate(pipe, concepts, reference=report, **settings)
+        report = evaluate(pipe, concepts, reference=report, judge=judge, **settings)
     if not main:
         return
     console.print(report.table())

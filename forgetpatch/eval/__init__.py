@@ -24,7 +24,7 @@ from forgetpatch.eval.blindfold import blindfold
 from forgetpatch.eval.ceiling import guide_ceiling, steered_to
 from forgetpatch.eval.generate import DEFAULT_GUIDANCE_SCALE, Generator, PipelineGenerator, as_generator
 from forgetpatch.eval.grid import save_grid, save_report_grid, save_rows
-from forgetpatch.eval.metrics import Judge, Replay, evaluate, rejudge, scoring_prompts
+from forgetpatch.eval.metrics import Judge, Replay, evaluate, rejudge, scoring_prompts, toy_judge
 from forgetpatch.eval.prompts import ScoringPrompt, main_prompts, paraphrase_prompts
 from forgetpatch.eval.report import (
     ConceptReport,
@@ -112,6 +112,7 @@ __all__ = [
     "scoring_prompts",
     "steered_to",
     "toy_detector",
+    "toy_judge",
     "toy_prompts",
     "wilson",
 ]

@@ -24,7 +24,7 @@ from typing import Any
 
 from forgetpatch.errors import ConceptError
 from forgetpatch.eval.generate import DEFAULT_GUIDANCE_SCALE, as_generator
-from forgetpatch.eval.metrics import Judge, _check_concepts, _generate
+from forgetpatch.eval.metrics import Judge, _check_concepts, _generate, toy_judge
 from forgetpatch.eval.prompts import main_prompts
 from forgetpatch.eval.report import forgotten
 from forgetpatch.format import Concept
@@ -55,10 +55,7 @@ def guide_ceiling(
     guides = dict(guide) if isinstance(guide, Mapping) else dict.fromkeys(erased, guide)
     if missing := [c for c in erased if c not in guides]:
         raise ConceptError(f"no guide for {missing}: name one per erased concept (\"\" for the blank prompt)")
-    if judge is None:
-        from forgetpatch.toy import load_judge
-
-        judge = load_judge()
+    judge = judge if judge is not None else toy_judge(pipe)
     pairs = [(c, it) for c in erased for it in main_prompts(images_per_concept, seed) if it.names(c)]
     items = [replace(it, prompt=_with_guide(it.prompt, concept, guides[concept])) for concept, it in pairs]
     generator = as_generator(

@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from forgetpatch.errors import ConceptError, ForgetPatchError
+from forgetpatch.errors import ConceptError, EvalInputError, ForgetPatchError
 from forgetpatch.eval.generate import DEFAULT_GUIDANCE_SCALE, Generator, as_generator, generate_sharded
 from forgetpatch.eval.geometry import fit_shapes
 from forgetpatch.eval.prompts import ALL_CONCEPTS, ScoringPrompt, main_prompts, paraphrase_prompts
@@ -77,6 +77,24 @@ def _base_from_report(
     return ours, [where[items[i].key] for i in ours]
 
 
+def toy_judge(model: Any) -> Judge:
+    """The shipped toy judge, once ``model`` is known to draw the toy world: the judge reads 32-pixel images of its
+    shapes, colours and textures, and would give any other model's images confident, meaningless verdicts.
+
+    Raises:
+        EvalInputError: ``model`` is a pipeline of another architecture (a :class:`Generator` is not checked).
+    """
+    from forgetpatch.toy import is_toy_model, load_judge
+
+    if hasattr(model, "set_progress_bar_config") and not is_toy_model(model):
+        raise EvalInputError(
+            "this pipeline is not a toy-world model, and the toy judge reads only the toy world's 32-pixel images "
+            "of shapes: pass judge= a classifier for its images, or measure it with a real-weight suite "
+            "(forgetpatch.eval.evaluate_suite; CLI: forgetpatch eval --suite objects|styles|nudity|quality)"
+        )
+    return load_judge()
+
+
 def evaluate(
     pipe: Any,
     erased: Sequence[str],
@@ -108,7 +126,8 @@ def evaluate(
         images_per_erased: measure UA on this many images of each erased concept (default:
             ``images_per_concept``), for a tighter interval without generating more retention images.
         seed: fixes the prompt design and the generation seeds (same seeds for base and patched).
-        judge: defaults to the shipped toy judge (:func:`forgetpatch.toy.load_judge`).
+        judge: defaults to the shipped toy judge (:func:`toy_judge`, which refuses a pipeline that is not a toy-world
+            model).
         prompts: scoring items to use instead of :func:`scoring_prompts`.
         geometry: also fit every image's outline (:mod:`forgetpatch.eval.geometry`), the second opinion
             the report compares the judge with.
@@ -142,11 +161,7 @@ def evaluate(
         "batch_size": batch_size,
         "progress": progress,
     }
-    if judge is None:
-        from forgetpatch.toy import load_judge
-
-        judge = load_judge()
-
+    judge = judge if judge is not None else toy_judge(pipe)
     generator = as_generator(pipe, **gen_kwargs)
     images = _generate(generator, items, batch_size)
     judged = list(judge.classify(images))

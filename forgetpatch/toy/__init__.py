@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,6 +106,7 @@ __all__ = [
     "heldout_scenes",
     "in_context_params",
     "is_heldout",
+    "is_toy_model",
     "kind_of",
     "load_judge",
     "pipeline",
@@ -150,6 +152,35 @@ def pipeline(
     pipe.forgetpatch_defaults = erase_defaults  # what forgetpatch.erase uses for settings left unset
     pipe.forgetpatch_unknown_concept = why_not_a_concept  # forgetpatch.erase refuses words outside the world
     return pipe.to(device)
+
+
+#: The UNet settings every toy-world model shares: a model with other ones draws images the judge cannot read.
+_ARCHITECTURE = ("sample_size", "in_channels", "block_out_channels", "layers_per_block", "cross_attention_dim")
+
+
+def is_toy_model(model: Any) -> bool:
+    """Whether ``model`` (a pipeline, or a diffusers folder) is a toy-world model: the shipped one, or another of its
+    architecture (an export of ``python -m forgetpatch.toy.train``), whose images the judge can read.
+
+    Example:
+        >>> is_toy_model(pipeline()), is_toy_model(PIPELINE_DIR)
+        (True, True)
+        >>> from forgetpatch.testing import tiny_sd_pipeline
+        >>> is_toy_model(tiny_sd_pipeline())
+        False
+    """
+    if getattr(model, "forgetpatch_family", None) == "toy":
+        return True
+    if isinstance(model, (str, Path)):
+        file = Path(model) / "unet" / "config.json"
+        config = json.loads(file.read_text()) if file.is_file() else None
+    else:
+        config = getattr(getattr(model, "unet", None), "config", None)
+    if config is None:
+        return False
+    shipped = json.loads((PIPELINE_DIR / "unet" / "config.json").read_text())
+    same = lambda v, w: (list(v) if isinstance(v, (list, tuple)) else v) == w  # noqa: E731
+    return all(same(config.get(k), shipped.get(k)) for k in _ARCHITECTURE)
 
 
 def in_context_params(shapes: list[str] | tuple[str, ...]) -> dict[str, Any]:

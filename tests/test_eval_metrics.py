@@ -357,7 +357,7 @@ def test_cli_eval_writes_figures_and_reuses_the_cached_base(tmp_path, monkeypatc
     from forgetpatch.cli import app
 
     monkeypatch.setenv("FORGETPATCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(cli_eval, "_load_base", lambda base: tiny_sd_pipeline(seed=0))
+    monkeypatch.setattr(cli_eval, "_load_base", lambda base: _toy_stand_in())
     monkeypatch.setattr(forgetpatch.toy, "load_judge", lambda: FixedJudge())
     args = [
         "eval",
@@ -401,7 +401,7 @@ def test_cli_eval_of_a_patch_against_the_base(tmp_path, monkeypatch):
         tmp_path / "no-circle"
     )
     monkeypatch.setenv("FORGETPATCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(cli_eval, "_load_base", lambda base: tiny_sd_pipeline(seed=0))
+    monkeypatch.setattr(cli_eval, "_load_base", lambda base: _toy_stand_in())
     monkeypatch.setattr(forgetpatch.toy, "load_judge", lambda: FixedJudge())
     args = ["eval", str(tmp_path / "no-circle"), "--images", "1", "--steps", "1"]
     args += ["--json", str(tmp_path / "r.json"), "--grid", str(tmp_path / "g.png")]
@@ -411,6 +411,14 @@ def test_cli_eval_of_a_patch_against_the_base(tmp_path, monkeypatch):
     assert data["erased"] == ["circle"]  # taken from the patch manifest
     assert data["drift"] > 0 and data["concepts"]["circle"]["base"] is not None
     assert Image.open(tmp_path / "g.png").height >= 2 * 32
+
+
+def _toy_stand_in():
+    """A tiny pipeline standing in for the toy model (the CLI's toy path refuses any other model), judged by a
+    :class:`FixedJudge`."""
+    pipe = tiny_sd_pipeline(seed=0)
+    pipe.forgetpatch_family = "toy"
+    return pipe
 
 
 class FixedJudge:

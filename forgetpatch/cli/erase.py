@@ -21,6 +21,8 @@ from forgetpatch.format import Concept, ConceptKind
 from forgetpatch.recipes import as_number
 
 _out = Console()
+#: The real-weight suite that scores a concept of each kind (``forgetpatch eval --suite``).
+_SUITES = {"object": "objects", "style": "styles", "nudity": "nudity"}
 
 
 def parse_params(items: list[str]) -> dict[str, Any]:
@@ -130,10 +132,6 @@ def erase_command(
         f"next: measure it with [bold]{measure}[/bold], or draw with it: "
         f"[bold]forgetpatch apply --base {chosen_base} {folder} -p \"a {probe}\" -o out.png[/bold]"
     )
-
-
-#: The real-weight suite that scores a concept of each kind (``forgetpatch eval --suite``).
-_SUITES = {"object": "objects", "style": "styles", "nudity": "nudity"}
 
 
 def _choose_base(base: str | None, spec: Any, recipe: Path | None) -> str:

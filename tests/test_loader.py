@@ -438,3 +438,16 @@ def test_full_size_sd15_unet_apply_remove():
     forgetpatch.remove(pipe)
     after = pipe.unet.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_a_patch_for_another_model_names_the_model_it_was_made_for():
+    """A shape mismatch says which base the patch was made for (the id its manifest records) and how to load it."""
+    from forgetpatch import toy
+
+    made_on = tiny_sd_pipeline(seed=0)
+    made_on.register_to_config(_name_or_path="org/tiny-sd")  # what from_pretrained("org/tiny-sd") records
+    patch = make_patch(made_on, name="for-tiny")
+    assert patch.manifest.base_model.id == "org/tiny-sd"
+    hint = r"made for org/tiny-sd; load that model \(CLI: --base org/tiny-sd\)"
+    with pytest.raises(MissingModuleError, match=hint):
+        forgetpatch.apply(toy.pipeline(), patch)

@@ -330,9 +330,11 @@ def _check(
         for path in patch.target_modules:
             module = resolve_module(pipe, path)  # MissingModuleError
             if patch.delta_shape(path) != tuple(module.weight.shape):
+                base = patch.manifest.base_model.id
                 raise MissingModuleError(
                     f"patch {patch.name!r} changes {path} with shape {patch.delta_shape(path)}, but the "
-                    f"pipeline's module has shape {tuple(module.weight.shape)}: it was made for another architecture"
+                    f"pipeline's module has shape {tuple(module.weight.shape)}: it was made for "
+                    + (f"{base}; load that model (CLI: --base {base})" if base else "another architecture")
                 )
             wrapper = adapters.wrapper(pipe, path)
             if wrapper is not None and wrapper.merged_adapters:

@@ -110,7 +110,7 @@ def check_family(pipe, patch: Patch) -> None:
             _FAMILY_NAMES[made_for]
             if made_for in KNOWN_FAMILIES
             else target.get(wrong[0] if wrong else "", "another family")
-        )
+        ) + (f" ({base})" if (base := patch.manifest.base_model.id) else "")
         raise FamilyMismatchError(
             f"patch {patch.name!r} was made for {made} and cannot go on "
             f"{describe(pipe)}: {why}. Apply it to a pipeline of the family it was made for, or make a patch "

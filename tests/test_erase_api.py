@@ -66,6 +66,24 @@ def test_preserving_what_is_erased_is_refused(sd, method):
         get_method(method).erase(sd, [], preserve=[])
 
 
+@pytest.mark.parametrize("method", ["uce", "scapre", "esd", "kscu", "dynamic_mask"])
+def test_steering_to_a_concept_the_same_patch_erases_is_refused(sd, method, monkeypatch, tmp_path):
+    """A concept steered (guide or superclass) to one the same patch erases would draw that erased concept: refused
+    by every method, through erase or its class, and by the CLI before the model loads."""
+    import forgetpatch.cli.erase as cli_erase
+    from forgetpatch.cli import app
+
+    for circle in (Concept("circle", guide="Star "), Concept("circle", superclass="star")):
+        with pytest.raises(ConceptError, match="'circle' is steered to .*which this patch erases too"):
+            forgetpatch.erase(sd, [circle, "star"], method=method)
+        with pytest.raises(ConceptError, match="which this patch erases too"):
+            get_method(method).erase(sd, [circle, Concept("star")], preserve=[])
+    monkeypatch.setattr(cli_erase, "load_base", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    args = ["erase", "-m", method, "-c", "circle", "-c", "star", "--guide", "star", "-o", str(tmp_path / "x")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and "which this patch erases too" in result.output
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_concept_that_tokenizes_to_nothing_is_refused(method):
     pipe = tiny_sd_pipeline(seed=0)

@@ -78,7 +78,7 @@ def erase_command(
     Every setting left unset comes from the base (on the toy world, settings measured to forget) or the
     method's published defaults; --paper runs the method exactly as its paper states it.
     """
-    from forgetpatch.methods import erase, get_method
+    from forgetpatch.methods import check_concepts, erase, get_method
     from forgetpatch.recipes import load_recipe
 
     # Everything is checked before the model loads.
@@ -94,6 +94,7 @@ def erase_command(
         raise MethodError("nothing to erase: give --concept (repeatable) or --recipe")
     kept = [Concept(target=p, kind=kind) for p in preserve] if preserve else (spec.preserved() if spec else [])
     check_toy_concepts(chosen_base, [c.target for c in [*concepts, *kept]])
+    check_concepts(concepts, kept)
     params = {**(spec.params if spec else {}), **parse_params(param or [])}
     if seed is not None:
         params["seed"] = seed

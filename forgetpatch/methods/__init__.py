@@ -113,6 +113,7 @@ __all__ = [
     "Method",
     "as_concepts",
     "available_methods",
+    "check_concepts",
     "cross_attention_layers",
     "current_weight",
     "encode_prompt",

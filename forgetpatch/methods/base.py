@@ -122,12 +122,21 @@ def erased_on(pipe: Any) -> list[Concept]:
 
 
 def check_concepts(concepts: Sequence[Concept], preserve: Sequence[Concept]) -> None:
-    """Refuse an empty erase list or a concept that is both erased and preserved (every method's input check)."""
+    """Refuse an empty erase list, a concept that is both erased and preserved, or one steered to a concept the same
+    patch erases (its prompts would draw that erased concept: every method's input check)."""
     if not concepts:
         raise ConceptError("nothing to erase: pass at least one concept, e.g. erase(pipe, ['circle'])")
-    overlap = {c.key for c in concepts} & {c.key for c in preserve}
+    erased = {c.key for c in concepts}
+    overlap = erased & {c.key for c in preserve}
     if overlap:
         raise ConceptError(f"concepts both erased and preserved: {sorted(overlap)}; remove them from one list")
+    for c in concepts:
+        for role, word in (("guide", c.guide), ("superclass", c.superclass)):
+            if word and word.strip().lower() in erased:
+                raise ConceptError(
+                    f"{c.target!r} is steered to {word!r} (its {role}), which this patch erases too: its prompts "
+                    f"would draw the erased {word.strip()}. Steer it to a concept the patch keeps"
+                )
 
 
 def patch_name(method: str, concepts: Sequence[Concept], limit: int = 60) -> str:

@@ -17,6 +17,13 @@ class BaseModelError(ForgetPatchError):
     """``--base`` names no loadable pipeline."""
 
 
+def is_toy_base(base: str) -> bool:
+    """Whether ``--base`` names a toy-world model: ``"toy"``, or a folder holding an export of one."""
+    from forgetpatch.toy import is_toy_model
+
+    return base == "toy" or (Path(base).is_dir() and is_toy_model(base))
+
+
 def load_base(base: str, dtype: str = "float32") -> Any:
     """``"toy"`` -> the shipped toy pipeline; anything else -> ``DiffusionPipeline.from_pretrained(base)``.
 
@@ -30,7 +37,7 @@ def load_base(base: str, dtype: str = "float32") -> Any:
     with quiet_loading():
         from forgetpatch import toy
 
-        if base == "toy" or (Path(base).is_dir() and toy.is_toy_model(base)):
+        if is_toy_base(base):
             return toy.pipeline(dtype=torch_dtype, path=None if base == "toy" else base)
         from diffusers import DiffusionPipeline
 

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from forgetpatch.cli._base import load_base
+from forgetpatch.cli._base import is_toy_base, load_base
 
 console = Console(width=max(140, Console().width))
 
@@ -47,9 +47,8 @@ def attack_command(
     from forgetpatch import apply, attacks
     from forgetpatch.errors import AttackError
     from forgetpatch.loader import load
-    from forgetpatch.toy import is_toy_model
 
-    if base != "toy" and not (Path(base).is_dir() and is_toy_model(base)):
+    if not is_toy_base(base):
         raise AttackError("attacks are scored by the toy world's judge: use --base toy (or a toy-world model's folder)")
     spend = attacks.Budget.of(budget)
     if grid is not None and grid.suffix.lower() != ".png":

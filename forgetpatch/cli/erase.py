@@ -15,7 +15,7 @@ import typer
 import yaml
 from rich.console import Console
 
-from forgetpatch.cli._base import check_new_patch_folder, check_toy_concepts, load_base
+from forgetpatch.cli._base import check_new_patch_folder, check_toy_concepts, is_toy_base, load_base
 from forgetpatch.errors import MethodError
 from forgetpatch.format import Concept, ConceptKind
 from forgetpatch.recipes import as_number
@@ -123,7 +123,7 @@ def erase_command(
         f"{size / 1e6:.2f} MB)"
     )
     probe = concepts[0].target
-    if getattr(pipe, "forgetpatch_family", None) == "toy":
+    if is_toy_base(chosen_base):
         measure = f"forgetpatch eval --base {chosen_base} {folder} --grid grid.png"
     else:  # the toy judge cannot read this model's images: a real-weight suite (README: Evaluating on real weights)
         suite = _SUITES.get(patch.manifest.concepts[0].kind, "objects|styles|nudity")

@@ -170,7 +170,7 @@ def base_model_ref(pipe) -> tuple[str | None, str | None]:
         >>> base_model_ref(pipe)  # doctest: +SKIP
         ('runwayml/stable-diffusion-v1-5', None)
     """
-    if getattr(pipe, "forgetpatch_family", None) == "toy":
+    if detect_family(pipe) == "toy":
         return "toy", None
     source = getattr(pipe, "name_or_path", None)
     source = os.fspath(source) if isinstance(source, os.PathLike) else source

@@ -510,3 +510,164 @@ def test_two_threads_apply_and_remove_while_a_third_builds_models():
     assert not on_meta, f"{len(on_meta)} nn.Linear built during apply had weights on meta"
     assert forgetpatch.applied(pipe) == []
     assert_same(pipe, before)
+
+
+# --- diffusers and torch calls that bypass, rescale, reactivate or unfreeze a patch (stop 36) ----------------
+def assert_kept(pipe, before: dict[str, torch.Tensor]) -> None:
+    """Every tensor of ``before`` unchanged (modules added meanwhile, like fused projections, are not compared)."""
+    after = snapshot(pipe)
+    changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
+    assert not changed, changed[:3]
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_fused_qkv_projections_never_leave_a_patch_listed_but_off(toy_base, toy_pipe, fuse):
+    """After ``pipe.fuse_qkv_projections()`` attention runs on fused copies of to_q/to_k/to_v that a patch does not
+    reach: applying is refused, a patch applied before is not reported as on, and none is taken off while the copies
+    would keep its change."""
+    pipe, patch = toy_pipe, make_patch(toy_base, (SHARED, PATCH_ONLY))
+    before = snapshot(pipe)
+    pipe.fuse_qkv_projections()
+    with pytest.raises(ApplyError, match="unfuse_qkv_projections"):
+        forgetpatch.apply(pipe, patch, fuse=fuse)
+    assert forgetpatch.applied(pipe) == []
+    pipe.unfuse_qkv_projections()
+    assert_kept(pipe, before)
+    forgetpatch.apply(pipe, patch, fuse=fuse)
+    pipe.fuse_qkv_projections()  # copies what the weights are now: a fused patch is in them, an unfused one not
+    if fuse:
+        assert [e.name for e in forgetpatch.applied(pipe)] == ["p0"]
+    else:
+        with pytest.raises(ApplyError, match="fuse_qkv_projections"):
+            forgetpatch.applied(pipe)
+    with pytest.raises(ApplyError, match="unfuse_qkv_projections"):
+        forgetpatch.remove(pipe)
+    pipe.unfuse_qkv_projections()
+    forgetpatch.remove(pipe)
+    assert forgetpatch.applied(pipe) == []
+    assert_kept(pipe, before)
+
+
+def test_a_patch_on_a_compiled_unet_is_listed_and_comes_off(toy_base, toy_pipe):
+    """``pipe.unet = torch.compile(pipe.unet)`` after apply: the patch is still on (the wrapper runs the same UNet),
+    so it is listed, acts, and ``remove`` takes it off."""
+    pipe, patch = toy_pipe, make_patch(toy_base, (SHARED, PATCH_ONLY))
+    forgetpatch.apply(pipe, patch)
+    pipe.unet = torch.compile(pipe.unet, backend="eager")
+    assert [e.name for e in forgetpatch.applied(pipe)] == ["p0"]
+    assert_unet_matches(toy_base, pipe, 500, {p: [patch.delta(p)] for p in patch.target_modules})
+    forgetpatch.remove(pipe)
+    assert forgetpatch.applied(pipe) == []
+    assert_unet_matches(toy_base, pipe, 500, {})
+
+
+@pytest.mark.parametrize("call", ["delete_adapters", "set_adapters"])
+def test_a_gated_patch_stays_off_outside_its_key_steps_whatever_the_user_activates(toy_base, toy_pipe, call):
+    """peft activates the remaining adapter when the user deletes theirs, and ``set_adapters`` may name the patch:
+    outside its key steps the patch stays off all the same."""
+    pipe = toy_pipe
+    user = load_user_lora(pipe)
+    forgetpatch.apply(pipe, make_patch(toy_base, key_steps=EARLY), key_steps=True)
+    unet_user = {p: [d] for p, d in user.items() if p != TEXT}
+    assert_unet_matches(toy_base, pipe, 100, unet_user)  # fraction 0.9: the patch is off
+    if call == "delete_adapters":
+        pipe.delete_adapters(["mine"])
+        unet_user = {}
+    else:
+        pipe.set_adapters(["mine", "p0"], adapter_weights=[USER_WEIGHT, 1.0])
+    assert_unet_matches(toy_base, pipe, 100, unet_user)
+
+
+def test_a_patch_keeps_its_scale_through_the_users_calls(toy_base, toy_pipe):
+    """``fuse_lora(lora_scale=...)`` scales every active adapter and ``unfuse_lora`` does not scale them back;
+    ``set_adapters`` weights the adapters it names. A patch's scale is the one it was applied with: put back, with
+    a warning, before the next forward or listing."""
+    pipe = toy_pipe
+    patch = make_patch(toy_base, (PATCH_ONLY,))
+    forgetpatch.apply(pipe, patch)
+    load_user_lora(pipe, (USER_ONLY,))
+    with pytest.warns(UserWarning, match="switched back on"):  # set_adapters(["mine"]) left the patch out
+        forgetpatch.applied(pipe)
+    pipe.fuse_lora(lora_scale=0.5, adapter_names=["mine"], components=["unet"])
+    pipe.unfuse_lora(components=["unet"])
+    pipe.delete_adapters(["mine"])
+    with pytest.warns(UserWarning, match="scale"):
+        assert [(e.name, e.scale) for e in forgetpatch.applied(pipe)] == [("p0", 1.0)]
+    expect(toy_base, pipe, {PATCH_ONLY: [patch.delta(PATCH_ONLY)]})
+    pipe.set_adapters(["p0"], adapter_weights=[0.25])
+    with pytest.warns(UserWarning, match="scale"):
+        assert_unet_matches(toy_base, pipe, 500, {PATCH_ONLY: [patch.delta(PATCH_ONLY)]})
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_apply_and_remove_keep_every_requires_grad_and_freeze_the_patch(toy_base, toy_pipe, trainable):
+    """peft makes every adapter it activates trainable; the user's LoRA keeps its requires_grad through apply, the
+    key-step gate and remove, and a patch's own parameters are never trainable."""
+    pipe = toy_pipe
+    load_user_lora(pipe)
+    pipe.unet.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    for component in (pipe.unet, pipe.text_encoder):
+        for name, p in component.named_parameters():
+            p.requires_grad_(trainable and "mine" in name)
+    def params():
+        return [(n, p) for c in (pipe.unet, pipe.text_encoder) for n, p in c.named_parameters()]
+
+    def changed():  # the user's parameters whose requires_grad moved, and any of the patch's that is trainable
+        return [n for n, p in params() if p.requires_grad != flags.get(p, False)]
+
+    flags = {p: p.requires_grad for _, p in params()}
+    forgetpatch.apply(pipe, make_patch(toy_base, key_steps=EARLY), key_steps=True)
+    assert any(".p0." in n for n, _ in params())
+    assert changed() == []
+    sample, timestep, context = unet_inputs(pipe, 100)
+    with torch.no_grad():
+        pipe.unet(sample, timestep, encoder_hidden_states=context)  # the gate switches the patch off
+        pipe.unet(sample, torch.tensor([900]), encoder_hidden_states=context)  # and on again
+    assert changed() == []
+    forgetpatch.remove(pipe)
+    assert changed() == []
+
+
+def test_a_fused_patch_comes_off_exactly_after_the_pipeline_changed_dtype():
+    """p1 fused in float32, the pipeline converted, p2 fused: taking p2 off gives the converted weights with p1 in,
+    bit for bit (p1 is added again in float32, as it was, and rounded once). Random float32 weights: the toy
+    model's are float16 values, which round the same either way."""
+    made_on = tiny_sd_pipeline()
+    attn = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+
+    def big(paths, seed, name):  # changes as large as the weights
+        return build_patch(made_on, factors(made_on, paths, seed, size=0.5), name=name, method="manual",
+                           concepts=["cat"])  # fmt: skip
+
+    pipe = tiny_sd_pipeline()
+    forgetpatch.apply(pipe, big([f"{attn}.to_k", f"{attn}.to_v"], 1, "p1"), fuse=True)
+    pipe.to(torch.float16)
+    before = snapshot(pipe)
+    forgetpatch.apply(pipe, big([f"{attn}.to_k", f"{attn}.to_q"], 2, "p2"), fuse=True)
+    forgetpatch.remove(pipe, "p2")
+    assert_same(pipe, before)
+
+
+def test_a_fused_apply_that_fails_half_way_leaves_earlier_fused_patches_exact(toy_base, toy_pipe, monkeypatch):
+    """A failure while adding a patch to layers that already hold a fused one (out of memory, Ctrl-C) is undone
+    there too, not only in the layers it had just set aside."""
+    from forgetpatch.loader import core
+
+    pipe = toy_pipe
+    forgetpatch.apply(pipe, make_patch(toy_base, (SHARED, PATCH_ONLY)), fuse=True)
+    before = snapshot(pipe)
+    real, calls = core._add, []
+
+    def failing(patch, path, w, scale):
+        calls.append(path)
+        if len(calls) == 2:  # after the shared layer (which holds p0) has been added to
+            raise RuntimeError("out of memory")
+        return real(patch, path, w, scale)
+
+    monkeypatch.setattr(core, "_add", failing)
+    with pytest.raises(ApplyError, match="out of memory"):
+        forgetpatch.apply(pipe, make_patch(toy_base, (SHARED, USER_ONLY), seed=1, name="p1"), fuse=True)
+    assert calls[0] == SHARED
+    assert [e.name for e in forgetpatch.applied(pipe)] == ["p0"]
+    assert_same(pipe, before)

@@ -18,7 +18,7 @@ import functools
 import inspect
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -26,6 +26,7 @@ from torch import nn
 
 from forgetpatch.errors import ApplyError
 from forgetpatch.format import COMPONENTS, Patch
+from forgetpatch.loader.families import unwrap
 
 #: Loading and deleting adapters quiet log levels and warning filters, which are process-wide.
 QUIET_LOCK = threading.Lock()
@@ -39,7 +40,7 @@ def tuner_layers(pipe) -> list[tuple[str, nn.Module]]:
 
     out = []
     for component in COMPONENTS:
-        module = getattr(pipe, component, None)
+        module = unwrap(getattr(pipe, component, None))
         if isinstance(module, nn.Module) and getattr(module, "peft_config", None):
             out += [
                 (f"{component}.{n}", m) for n, m in module.named_modules() if isinstance(m, BaseTunerLayer)
@@ -71,6 +72,62 @@ def merges_kept(pipe) -> Iterator[None]:
     finally:
         for layer, names in merged:
             layer.merged_adapters = names
+
+
+@contextmanager
+def trainability_kept(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Every parameter under ``modules`` keeps its ``requires_grad``; parameters created meanwhile (a patch's
+    adapter) are frozen. peft makes every adapter it activates trainable (``set_adapter``, which ``update_layer``
+    and ``delete_adapter`` call), and its whole-model injection freezes the rest of the model."""
+    modules = [m for m in modules if isinstance(m, nn.Module)]
+    flags = {p: p.requires_grad for m in modules for p in m.parameters()}
+    try:
+        yield
+    finally:
+        for m in modules:
+            for p in m.parameters():
+                if p.requires_grad != flags.get(p, False):
+                    p.requires_grad_(flags.get(p, False))
+
+
+def activate(layer: nn.Module, names: list[str]) -> None:
+    """Make ``names`` the active adapters of one peft layer, every parameter's ``requires_grad`` kept."""
+    with trainability_kept([layer]):
+        layer.set_adapter(names)
+
+
+def projection_owner(pipe, path: str) -> nn.Module | None:
+    """The attention module whose query/key/value projection is at ``path``, or ``None`` for another layer."""
+    parent, _, leaf = path.rpartition(".")
+    if leaf not in FUSED_PROJECTIONS:
+        return None
+    component, _, rest = parent.partition(".")
+    try:
+        owner = unwrap(getattr(pipe, component)).get_submodule(rest)
+    except AttributeError:
+        return None
+    return owner if hasattr(owner, "fused_projections") else None
+
+
+def runs_fused(attention: nn.Module) -> bool:
+    """Whether ``attention`` runs on fused copies of its projections (``pipe.fuse_qkv_projections()``: ``to_qkv``,
+    ``to_kv``), so that a change to ``to_q`` / ``to_k`` / ``to_v`` themselves does nothing."""
+    if not getattr(attention, "fused_projections", False):
+        return False
+    if hasattr(attention, "unfuse_projections"):  # diffusers' attention mixin: the flag says what runs
+        return True
+    # the older ``Attention`` keeps the flag after unfuse_qkv_projections(); its processor says what runs
+    return type(getattr(attention, "processor", None)).__name__.startswith("Fused")
+
+
+def bypassed(pipe, path: str) -> bool:
+    """Whether a change to the layer at ``path`` does nothing because its attention runs on fused copies."""
+    owner = projection_owner(pipe, path)
+    return owner is not None and runs_fused(owner)
+
+
+#: Projections that diffusers' ``fuse_qkv_projections`` copies into fused layers.
+FUSED_PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 
 
 def adapter_names(pipe) -> set[str]:

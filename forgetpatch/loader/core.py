@@ -20,7 +20,9 @@ How a patch is applied:
   parts of a patch are not gated (the text encoder runs once).
 
 Removal deletes the adapters (unwrapping peft layers that carry no adapter any more) and copies the kept
-originals back into fused weights, so parameters are bit-identical to before ``apply``.
+originals back into fused weights, so parameters are bit-identical to before ``apply``; fused patches that stay
+are added again from the originals with the arithmetic (dtype) of their first fusing, so that holds after a
+``pipe.to(torch.float16)`` in between too. A fused ``apply`` that fails half-way is undone the same way.
 
 Coexistence with the user's own LoRAs (loaded with diffusers' ``load_lora_weights``):
 
@@ -42,9 +44,20 @@ Coexistence with the user's own LoRAs (loaded with diffusers' ``load_lora_weight
   ``fuse_lora()`` (or a layer carrying one merged, so peft skips it), an adapter deleted by
   ``unload_lora_weights()`` / ``delete_adapters()`` (``remove`` then clears it), or a patched component
   replaced on the pipeline. For a safety patch, running silently without it is the worst outcome.
+  A gated patch that a user call switched on outside its key steps (peft activates the remaining adapter
+  when the active one is deleted; ``set_adapters`` may name it) is switched off again.
 * ``lora_scale`` / ``cross_attention_kwargs={"scale": ...}`` at call time scale every adapter, the
-  patches' included, as diffusers documents; weights given to forgetpatch's adapters by name in the
-  user's own ``set_adapters`` hold until the next ``apply`` / ``remove``.
+  patches' included, for that call, as diffusers documents. A scale a user call leaves on a patch's adapter
+  (``fuse_lora(lora_scale=...)`` scales every active adapter and ``unfuse_lora`` does not scale back;
+  ``set_adapters`` weights) is put back to the scale it was applied with, with a warning: a patch is weakened
+  with ``apply(..., scale=)``, where ``applied()`` reports it.
+* ``pipe.fuse_qkv_projections()`` makes attention run on fused copies of ``to_q`` / ``to_k`` / ``to_v``, which
+  an adapter does not reach: applying onto them is refused, an unfused patch under them raises
+  :class:`ApplyError` as a switched-off one does, and no patch is taken off while the copies would keep its change.
+* ``pipe.unet = torch.compile(pipe.unet)`` (before or after ``apply``): the compiled wrapper runs the same
+  UNet, hooks included, so the patches on it are listed, gated and taken off as before.
+* ``requires_grad`` of every parameter is left as it was by ``apply``, ``remove`` and the gate (peft makes each
+  adapter it activates trainable); a patch's own adapter parameters are never trainable.
 
 Threads: ``apply``, ``remove``, ``applied``, ``unpatched`` and the hooks' bookkeeping are serialized per
 UNet (a lock kept with its state); adapters are loaded with ``low_cpu_mem_usage=False`` (peft's
@@ -100,6 +113,7 @@ from forgetpatch.loader.families import (
     denoiser,
     noise_fraction,
     timestep_of,
+    unwrap,
 )
 
 logger = logging.getLogger(__name__)
@@ -120,6 +134,9 @@ class AppliedPatch:
     fused: bool = False
     ranges: list[KeyStepRange] | None = None
     """Key-step ranges the patch is gated to, or ``None`` when it is always on."""
+    fused_dtypes: dict[str, torch.dtype] = field(default_factory=dict, repr=False)
+    """Fused: each weight's dtype when the patch was added to it, so that taking off another patch fuses this one
+    again with the same arithmetic (a pipeline converted with ``.to(dtype)`` in between stays bit-exact)."""
 
     @property
     def digest(self) -> str:
@@ -147,6 +164,9 @@ class _State:
     """Component name -> the forgetpatch adapters in it (from ``layers``)."""
     components: dict[str, weakref.ref] = field(default_factory=dict)
     """The component modules the patches were put on, to notice one replaced on the pipeline."""
+    attentions: list[tuple[str, str, nn.Module]] = field(default_factory=list)
+    """(patch name, module path, attention module) of every query/key/value projection a patch changes, to notice
+    ``pipe.fuse_qkv_projections()``, after which the attention runs on fused copies a patch does not reach."""
     hooks: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
 
 
@@ -156,6 +176,11 @@ _STATES: weakref.WeakKeyDictionary[nn.Module, _State] = weakref.WeakKeyDictionar
 _STATES_LOCK = threading.Lock()
 # A user's peft layer -> the adapters active on it that are not forgetpatch's, per component.
 _UserSets = dict[str, dict[nn.Module, list[str]]]
+
+
+def _components(pipe) -> list[nn.Module]:
+    """The pipeline's components that patches can change (its denoiser and text encoders)."""
+    return [unwrap(m) for c in COMPONENTS if isinstance(m := getattr(pipe, c, None), nn.Module)]
 
 
 def _unet(pipe) -> nn.Module:
@@ -175,7 +200,7 @@ def _state(pipe) -> _State:
 
 
 def _existing_state(pipe) -> _State | None:
-    unet = next((getattr(pipe, n) for n in DENOISERS if isinstance(getattr(pipe, n, None), nn.Module)), None)
+    unet = next((unwrap(getattr(pipe, n)) for n in DENOISERS if isinstance(getattr(pipe, n, None), nn.Module)), None)
     if unet is None:
         return None
     with _STATES_LOCK:
@@ -336,6 +361,13 @@ def _check(
                     f"pipeline's module has shape {tuple(module.weight.shape)}: it was made for "
                     + (f"{base}; load that model (CLI: --base {base})" if base else "another architecture")
                 )
+            if adapters.bypassed(pipe, path):
+                raise ApplyError(
+                    f"patch {patch.name!r} changes {path}, but pipe.fuse_qkv_projections() is on: that attention "
+                    "runs on fused copies of its projections, which a patch does not reach. Call "
+                    "pipe.unfuse_qkv_projections() first; to fuse them with the patch in, apply it with fuse=True "
+                    "and then call pipe.fuse_qkv_projections()."
+                )
             wrapper = adapters.wrapper(pipe, path)
             if wrapper is not None and wrapper.merged_adapters:
                 raise ApplyError(
@@ -375,11 +407,14 @@ def _check(
         present.append(patch.digest)
 
 
-def _verify(state: _State, pipes: Iterable) -> None:
+def _verify(state: _State, pipes: Iterable, *, scales: bool = True) -> None:
     """Raise :class:`ApplyError` where an applied patch is not live and cannot be made so without overriding the
-    user; switch back on (with a warning) forgetpatch adapters that a user call left out of the active set."""
+    user; switch back on (with a warning) forgetpatch adapters that a user call left out of the active set, put
+    back (with a warning) the scale of one that a user call changed (``scales``: not inside a text encoder's call,
+    which the pipeline scales by its ``lora_scale`` meanwhile), and switch off a gated one that a user call switched
+    on outside its key steps (peft activates another adapter when one is deleted)."""
     for pipe in pipes:
-        replaced = [c for c, ref in state.components.items() if getattr(pipe, c, None) is not ref()]
+        replaced = [c for c, ref in state.components.items() if unwrap(getattr(pipe, c, None)) is not ref()]
         if replaced:
             raise ApplyError(
                 f"pipe.{replaced[0]} was replaced after patches were applied to it: the patches "
@@ -396,7 +431,17 @@ def _verify(state: _State, pipes: Iterable) -> None:
                 "by unload_lora_weights() or delete_adapters()), so the patch is off. Call forgetpatch.remove(pipe) "
                 "to clear it, then apply it again."
             )
-    on, switched_on = set(state.active), []
+    unfused = {e.name for e in state.entries if not e.fused}
+    bypassed = [(name, path) for name, path, attention in state.attentions
+                if name in unfused and adapters.runs_fused(attention)]  # fmt: skip
+    if bypassed:
+        raise ApplyError(
+            f"pipe.fuse_qkv_projections() was called after patch {bypassed[0][0]!r} was applied: the attention now "
+            f"runs on fused copies of its projections (e.g. {bypassed[0][1]}), which the patch does not reach, so it "
+            "is off. Call pipe.unfuse_qkv_projections(); to fuse them with a patch in, apply it with fuse=True first."
+        )
+    scale_of = {e.name: e.scale for e in state.entries}
+    on, switched_on, rescaled = set(state.active), [], []
     for path, layer, names in state.layers:
         if layer.merged_adapters:
             raise ApplyError(
@@ -411,10 +456,25 @@ def _verify(state: _State, pipes: Iterable) -> None:
                 "to run without patches."
             )
         active, gated = layer.active_adapters, path.startswith(state.denoiser + ".")
-        missing = [n for n in names if n not in active and (n in on or not gated)]
-        if missing:
-            layer.set_adapter([*layer.active_adapters, *missing])
+        wanted = [n for n in names if n in on or not gated]
+        missing = [n for n in wanted if n not in active]
+        if missing or any(n in active and n not in wanted for n in names):
+            adapters.activate(layer, [n for n in active if n not in names or n in wanted] + missing)
             switched_on += [n for n in missing if n not in switched_on]
+        for n in names if scales else ():
+            expected = scale_of[n] * layer.lora_alpha[n] / layer.r[n]
+            if not math.isclose(layer.scaling[n], expected, rel_tol=1e-6):
+                layer.set_scale(n, scale_of[n])
+                rescaled += [n] if n not in rescaled else []
+    if rescaled:
+        warnings.warn(
+            f"the scale of forgetpatch's adapter(s) {', '.join(rescaled)} had been changed by a call on the "
+            "pipeline (fuse_lora(lora_scale=...) scales every active adapter, set_adapters(..., adapter_weights=...) "
+            "the ones it names); it was put back to the scale they were applied with. To weaken a patch, remove "
+            "it and apply it with scale=.",
+            UserWarning,
+            stacklevel=3,
+        )
     if switched_on:
         warnings.warn(
             f"forgetpatch's adapter(s) {', '.join(switched_on)} had been left out of the active adapters (a later "
@@ -435,9 +495,21 @@ def _unique_name(pipe, state: _State, wanted: str) -> str:
     return name
 
 
+def _add(patch: Patch, path: str, w: torch.Tensor, scale: float) -> torch.Tensor:
+    """``w`` plus the patch's change at ``path``: in place in float32, else added in float32 and rounded once."""
+    if w.dtype == torch.float32:
+        patch.add_delta(path, w, scale=scale)
+        return w
+    return (w.float() + patch.delta(path).to(w.device) * scale).to(w.dtype)
+
+
 @torch.no_grad()
-def _fuse(pipe, patch: Patch, scale: float) -> None:
+def _fuse(pipe, patch: Patch, scale: float) -> dict[str, torch.dtype]:
+    """Add the patch into its layers' weights (the original kept on each layer first); returns each weight's dtype
+    (:attr:`AppliedPatch.fused_dtypes`). On failure the layers this call stashed are restored; a layer that already
+    held a fused patch is the caller's to fuse again (:func:`_fuse_again`)."""
     stashed: list[nn.Module] = []
+    dtypes: dict[str, torch.dtype] = {}
     try:
         for path in patch.target_modules:
             layer = resolve_module(pipe, path)
@@ -445,22 +517,22 @@ def _fuse(pipe, patch: Patch, scale: float) -> None:
             if getattr(layer, ORIGINAL_WEIGHT_ATTR, None) is None:
                 setattr(layer, ORIGINAL_WEIGHT_ATTR, w.detach().clone())
                 stashed.append(layer)
-            if w.dtype == torch.float32:
-                patch.add_delta(path, w.data, scale=scale)
-            else:  # add in float32, round once
-                delta = patch.delta(path).to(w.device)
-                w.copy_((w.float() + delta * scale).to(w.dtype))
+            dtypes[path] = w.dtype
+            added = _add(patch, path, w.data, scale)
+            if added is not w.data:
+                w.copy_(added)
     except BaseException:
         for layer in stashed:  # undo this patch's fresh stashes; older ones are restored by the caller
             layer.weight.copy_(getattr(layer, ORIGINAL_WEIGHT_ATTR))
             delattr(layer, ORIGINAL_WEIGHT_ATTR)
         raise
+    return dtypes
 
 
 @torch.no_grad()
-def _restore_fused(pipe, entries: Iterable[AppliedPatch]) -> None:
+def _restore_fused(pipe, entries: Iterable[AppliedPatch], skip: set[str] = frozenset()) -> None:
     for entry in entries:
-        for path in entry.patch.target_modules:
+        for path in set(entry.patch.target_modules) - skip:
             layer = resolve_module(pipe, path)
             original = getattr(layer, ORIGINAL_WEIGHT_ATTR, None)
             if original is not None:
@@ -468,16 +540,26 @@ def _restore_fused(pipe, entries: Iterable[AppliedPatch]) -> None:
                 delattr(layer, ORIGINAL_WEIGHT_ATTR)
 
 
+@torch.no_grad()
 def _fuse_again(pipe, before: list[AppliedPatch], after: list[AppliedPatch]) -> None:
-    """Restore every fused weight exactly, then fuse ``after`` again, in order. A user's LoRA merged into one of
-    those layers meanwhile (``fuse_lora()`` after ``apply``) is merged again on top, as ``fuse_lora`` would have."""
+    """Make every weight fused by ``before`` what fusing ``after`` alone would have made it: from the kept original,
+    each patch of ``after`` added again in order, in the dtype the weight had when it was first added (so a
+    pipeline converted with ``.to(dtype)`` in between gets the same bits), then put into the weight as it is now.
+    Layers ``after`` does not touch get their original back. A user's LoRA merged into one of those layers meanwhile
+    (``fuse_lora()`` after ``apply``) is merged again on top, as ``fuse_lora`` would have."""
     wrappers = {adapters.wrapper(pipe, path) for e in before for path in e.patch.target_modules}
     merged = [(w, w.merged_adapters) for w in wrappers if w is not None and w.merged_adapters]
     for wrapper, _ in merged:
         wrapper.merged_adapters = []
-    _restore_fused(pipe, before)
-    for e in after:
-        _fuse(pipe, e.patch, e.scale)
+    kept = {path for e in after for path in e.patch.target_modules}
+    _restore_fused(pipe, [e for e in before if set(e.patch.target_modules) - kept], skip=kept)
+    for path in kept:
+        layer = resolve_module(pipe, path)
+        w = getattr(layer, ORIGINAL_WEIGHT_ATTR).clone()
+        for e in after:
+            if path in e.patch.target_modules:
+                w = _add(e.patch, path, w.to(e.fused_dtypes.get(path, w.dtype)), e.scale)
+        layer.weight.copy_(w)
     for wrapper, names in merged:
         wrapper.merge(adapter_names=names)
 
@@ -491,7 +573,7 @@ def _switch(state: _State, names: tuple[str, ...]) -> None:
     ours = _ours(state)
     for path, layer, _ in state.layers:
         if path.startswith(state.denoiser + "."):
-            layer.set_adapter([n for n in layer.active_adapters if n not in ours] + list(names))
+            adapters.activate(layer, [n for n in layer.active_adapters if n not in ours] + list(names))
     state.active = names
 
 
@@ -540,7 +622,7 @@ def _component_hook(state: _State, component: str):
         if ref is None or module is not ref():
             return None
         with state.lock:
-            _verify(state, list(state.pipes))
+            _verify(state, list(state.pipes), scales=False)
         return None
 
     return hook
@@ -554,7 +636,7 @@ def _sync(pipe, state: _State, user: _UserSets) -> None:
     layers = adapters.tuner_layers(pipe)
     for path, layer in layers:
         known = user.get(path.partition(".")[0], {})
-        layer.set_adapter(known.get(layer, next(iter(known.values()), [])) + on)
+        adapters.activate(layer, known.get(layer, next(iter(known.values()), [])) + on)
         for e in unfused:
             if e.name in getattr(layer, "scaling", {}):
                 layer.set_scale(e.name, e.scale)
@@ -567,7 +649,7 @@ def _sync(pipe, state: _State, user: _UserSets) -> None:
         state.hooks.append(_unet(pipe).register_forward_pre_hook(_unet_hook(state), with_kwargs=True))
     for component in sorted({path.partition(".")[0] for path, _, _ in state.layers} - {state.denoiser}):
         state.hooks.append(
-            getattr(pipe, component).register_forward_pre_hook(_component_hook(state, component))
+            unwrap(getattr(pipe, component)).register_forward_pre_hook(_component_hook(state, component))
         )
 
 
@@ -581,8 +663,12 @@ def _rescan(pipe, state: _State, layers: list[tuple[str, nn.Module]]) -> None:
             state.held.setdefault(path.partition(".")[0], set()).update(names)
     touched = {path.partition(".")[0] for e in state.entries for path in e.patch.target_modules}
     state.components = {
-        c: weakref.ref(getattr(pipe, c)) for c in sorted(touched) if getattr(pipe, c, None) is not None
+        c: weakref.ref(unwrap(getattr(pipe, c))) for c in sorted(touched) if getattr(pipe, c, None) is not None
     }
+    state.attentions = [
+        (e.name, path, owner) for e in state.entries for path in e.patch.target_modules
+        if (owner := adapters.projection_owner(pipe, path)) is not None
+    ]  # fmt: skip
 
 
 def _take_off(pipe, state: _State, leaving: list[AppliedPatch], user: _UserSets | None = None) -> None:
@@ -647,31 +733,51 @@ def apply(
         user = _user_sets(layers, _ours(state))
         added: list[AppliedPatch] = []
         before = adapters.adapter_names(pipe)
-        try:
-            for patch in patches:
-                entry = AppliedPatch(
-                    name=_unique_name(pipe, state, patch.name),
-                    patch=patch,
-                    scale=scale,
-                    fused=fuse,
-                    ranges=list(patch.manifest.key_steps) if key_steps and patch.manifest.key_steps else None,
-                )
-                if fuse:
-                    _fuse(pipe, patch, scale)
-                else:
-                    adapters.load_adapter(pipe, patch, entry.name)
-                state.entries.append(entry)
-                added.append(entry)
-            _sync(pipe, state, user)
-        except BaseException as exc:
-            stray = sorted(adapters.adapter_names(pipe) - before - {e.name for e in added})  # loading failed half-way
-            if stray:
-                adapters.delete_adapters(pipe, stray)
-            _take_off(pipe, state, added, user)
-            if isinstance(exc, ForgetPatchError) or not isinstance(exc, Exception):
-                raise
-            raise ApplyError(f"applying patches failed and was undone: {exc}") from exc
+        with adapters.trainability_kept(_components(pipe)):
+            _put_on(pipe, state, patches, added, user, before, scale=scale, fuse=fuse, key_steps=key_steps)
     return pipe
+
+
+def _put_on(
+    pipe,
+    state: _State,
+    patches: list[Patch],
+    added: list[AppliedPatch],
+    user: _UserSets,
+    before: set[str],
+    *,
+    scale: float,
+    fuse: bool,
+    key_steps: bool,
+) -> None:
+    """:func:`apply`'s changes, after every check passed; on any failure the pipeline is put back as it was."""
+    try:
+        for patch in patches:
+            entry = AppliedPatch(
+                name=_unique_name(pipe, state, patch.name),
+                patch=patch,
+                scale=scale,
+                fused=fuse,
+                ranges=list(patch.manifest.key_steps) if key_steps and patch.manifest.key_steps else None,
+            )
+            if fuse:
+                entry.fused_dtypes = _fuse(pipe, patch, scale)
+            else:
+                adapters.load_adapter(pipe, patch, entry.name)
+            state.entries.append(entry)
+            added.append(entry)
+        _sync(pipe, state, user)
+    except BaseException as exc:
+        stray = sorted(adapters.adapter_names(pipe) - before - {e.name for e in added})  # loading failed half-way
+        if stray:
+            adapters.delete_adapters(pipe, stray)
+        if fuse:  # a patch that failed half-way may have added to layers that held fused patches already
+            fused = [e for e in state.entries if e.fused]
+            _fuse_again(pipe, fused, fused)
+        _take_off(pipe, state, added, user)
+        if isinstance(exc, ForgetPatchError) or not isinstance(exc, Exception):
+            raise
+        raise ApplyError(f"applying patches failed and was undone: {exc}") from exc
 
 
 def remove(pipe, names: str | Patch | Iterable[str | Patch] | None = None):
@@ -700,6 +806,14 @@ def remove(pipe, names: str | Patch | Iterable[str | Patch] | None = None):
                     raise NotAppliedError(f"no applied patch named {key!r} (applied: {on})")
                 leaving.extend(m for m in match if m not in leaving)
         leaving_names = {e.name for e in leaving}
+        bypassed = [path for name, path, attention in state.attentions
+                    if name in leaving_names and adapters.runs_fused(attention)]  # fmt: skip
+        if bypassed:
+            raise ApplyError(
+                f"pipe.fuse_qkv_projections() is on: the attention runs on fused copies of its projections (e.g. "
+                f"{bypassed[0]}), which taking a patch off would leave as they are. Call "
+                "pipe.unfuse_qkv_projections() first (and fuse them again afterwards)."
+            )
         for path, layer, held in state.layers:
             merged = [n for n in held if n in leaving_names and n in layer.merged_adapters]
             if merged:
@@ -708,7 +822,8 @@ def remove(pipe, names: str | Patch | Iterable[str | Patch] | None = None):
                     "patch cannot be taken off exactly. Call pipe.unfuse_lora() first."
                 )
         if leaving:
-            _take_off(pipe, state, leaving)
+            with adapters.trainability_kept(_components(pipe)):
+                _take_off(pipe, state, leaving)
     return pipe
 
 

@@ -61,7 +61,13 @@ def denoiser(pipe) -> tuple[str, nn.Module]:
             f"{type(pipe).__name__} has neither a `unet` nor a `transformer`; forgetpatch patches diffusers "
             "pipelines of SD 1.x/2.x/SDXL (UNet), SD3 and FLUX (transformer)"
         )
-    return name, getattr(pipe, name)
+    return name, unwrap(getattr(pipe, name))
+
+
+def unwrap(module):
+    """The module itself under ``torch.compile``'s wrapper (``pipe.unet = torch.compile(pipe.unet)``): adapters, hooks
+    and forgetpatch's bookkeeping live on it, and the wrapper runs it, hooks included."""
+    return getattr(module, "_orig_mod", module) if isinstance(module, nn.Module) else module
 
 
 def describe(pipe) -> str:

@@ -167,7 +167,7 @@ def test_patch_manifest_records_method_and_params(sd):
 def test_one_hundred_concepts_in_one_call(sd):
     from forgetpatch.testing import TEST_WORDS
 
-    words = (TEST_WORDS * 3)[:100]
+    words = [f"{a} {b}" for a in TEST_WORDS for b in TEST_WORDS if a != b][:100]  # 100 distinct concepts
     patch = forgetpatch.erase(sd, words, method="uce", progress=False)
     # 100 edited embeddings exceed the 32-wide layers: stored at the layer's numerical rank, still exact
     assert patch.manifest.lora.rank <= 32

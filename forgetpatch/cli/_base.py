@@ -17,19 +17,37 @@ class BaseModelError(ForgetPatchError):
     """``--base`` names no loadable pipeline."""
 
 
+def base_folder(base: str) -> Path | None:
+    """The local folder ``--base`` names: a folder, or the cached snapshot of a Hub id (``org/name[@revision]``);
+    ``None`` for anything else (nothing is downloaded)."""
+    if Path(base).is_dir():
+        return Path(base)
+    from forgetpatch.hub import is_hub_id, split_ref, why_local
+
+    if why_local(base) or not is_hub_id(base):
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        repo_id, revision = split_ref(base)
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except (OSError, ValueError, ForgetPatchError):  # not in the cache, or not a valid id / revision
+        return None
+
+
 def is_toy_base(base: str) -> bool:
-    """Whether ``--base`` names a toy-world model: ``"toy"``, or a folder holding an export of one."""
+    """Whether ``--base`` names a toy-world model: ``"toy"``, or a folder or cached Hub id holding an export of one."""
     from forgetpatch.toy import is_toy_model
 
-    return base == "toy" or (Path(base).is_dir() and is_toy_model(base))
+    return base == "toy" or ((folder := base_folder(base)) is not None and is_toy_model(folder))
 
 
 def load_base(base: str, dtype: str = "float32") -> Any:
     """``"toy"`` -> the shipped toy pipeline; anything else -> ``DiffusionPipeline.from_pretrained(base)``.
 
-    ``base`` may be a local diffusers folder (``save_pretrained`` layout; a toy-world export loads as the toy
-    pipeline does, with the world's settings and checks) or a Hub id already in the cache (nothing is downloaded
-    when ``HF_HUB_OFFLINE=1``).
+    ``base`` may be a local diffusers folder (``save_pretrained`` layout) or a Hub id already in the cache, with
+    ``@revision`` to pin one (nothing is downloaded when ``HF_HUB_OFFLINE=1``); a toy-world export, in a folder or
+    the cache, loads as the toy pipeline does, with the world's settings and checks.
     """
     import torch
 
@@ -38,10 +56,10 @@ def load_base(base: str, dtype: str = "float32") -> Any:
         from forgetpatch import toy
 
         if is_toy_base(base):
-            return toy.pipeline(dtype=torch_dtype, path=None if base == "toy" else base)
+            return toy.pipeline(dtype=torch_dtype, path=None if base == "toy" else base_folder(base))
         from diffusers import DiffusionPipeline
 
-        from forgetpatch.hub import is_hub_id, why_local
+        from forgetpatch.hub import is_hub_id, split_ref, why_local
 
         if not Path(base).exists() and (why_local(base) or not is_hub_id(base)):
             raise BaseModelError(
@@ -50,7 +68,8 @@ def load_base(base: str, dtype: str = "float32") -> Any:
                 "a Hub id (org/name) must be in the cache already; or use --base toy"
             )
         try:
-            pipe = DiffusionPipeline.from_pretrained(base, dtype=torch_dtype)
+            repo_id, revision = (base, None) if Path(base).exists() else split_ref(base)
+            pipe = DiffusionPipeline.from_pretrained(repo_id, revision=revision, dtype=torch_dtype)
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             first = first if len(first) <= 160 else first[:157] + "..."
@@ -64,8 +83,8 @@ def load_base(base: str, dtype: str = "float32") -> Any:
 
 
 def check_toy_concepts(base: str, concepts: Sequence[str]) -> None:
-    """On the toy base, every concept must be a word of its world (a shape, colour or texture)."""
-    if base != "toy":
+    """On a toy-world base, every concept must be a word of its world (a shape, colour or texture)."""
+    if not is_toy_base(base):
         return
     from forgetpatch.toy import vocab
 
@@ -75,15 +94,49 @@ def check_toy_concepts(base: str, concepts: Sequence[str]) -> None:
 
 
 def check_image_path(path: Path, option: str = "--output") -> None:
-    """An image to write must end in an image extension."""
+    """An image to write must end in an image extension, and be writable (:func:`check_writable`)."""
+    check_writable(path, folder=False)
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise ForgetPatchError(
             f"{option} {str(path)!r} is not an image file name: end it in {' / '.join(IMAGE_SUFFIXES)}"
         )
 
 
+def check_patches_flags(loaded: Sequence[Any], *, key_steps: bool, fuse: bool = False) -> None:
+    """The patches given to one command, against its flags: each once, ``--key-steps`` only with patches that
+    record key steps, and not together with ``--fuse``."""
+    from forgetpatch.errors import ApplyError
+
+    seen: dict[str, str] = {}
+    for patch in loaded:
+        if patch.digest in seen:
+            raise ApplyError(f"patch {patch.name!r} is given twice (as {seen[patch.digest]!r} too): give it once")
+        seen[patch.digest] = patch.name
+    if key_steps and fuse:
+        raise ApplyError("--key-steps gates patches step by step, which a fused patch cannot be: drop --fuse or --key-steps")
+    if key_steps and not any(p.manifest.key_steps for p in loaded):
+        names = ", ".join(p.name for p in loaded) or "no patch"
+        raise ApplyError(f"--key-steps: {names} record no key-step ranges (only KSCU patches do); drop --key-steps")
+
+
+def check_writable(path: Path, *, folder: bool = True) -> None:
+    """Refuse, before anything slow, an output path that cannot be written: one under an existing file, or (with
+    ``folder=False``, a file to write) an existing folder."""
+    for parent in path.parents:
+        if parent.is_file():
+            raise ForgetPatchError(f"cannot write {str(path)!r}: {str(parent)!r} is a file, not a folder")
+    if not folder and path.is_dir():
+        raise ForgetPatchError(f"cannot write {str(path)!r}: it is a folder; give a file name")
+
+
 def check_new_patch_folder(path: Path, force: bool) -> None:
-    """Refuse to overwrite an existing patch without ``--force`` (other files in the folder are kept either way)."""
+    """Refuse to overwrite an existing patch without ``--force`` (other files in the folder are kept either way), and
+    an output that cannot be a patch: a file that is not ``.safetensors``, or a path under a file."""
+    check_writable(path)
+    if path.is_file() and path.suffix != ".safetensors":
+        raise ForgetPatchError(
+            f"{str(path)!r} is a file, not a patch: --output is a folder to create, or a .safetensors file"
+        )
     existing = path.is_file() or (path / "forgetpatch.json").exists()
     if existing and not force:
         raise ForgetPatchError(f"{str(path)!r} already holds a patch: pick another --output, or pass --force to replace it")

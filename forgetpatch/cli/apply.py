@@ -8,8 +8,7 @@ from typing import Annotated
 
 import typer
 
-from forgetpatch.cli._base import check_image_path, load_base
-from forgetpatch.errors import ApplyError
+from forgetpatch.cli._base import check_image_path, check_patches_flags, load_base
 
 #: Smallest side of a written image: the toy world's 32-pixel images are enlarged (nearest) to be seen.
 MIN_SIDE = 256
@@ -28,7 +27,7 @@ def apply(
     fuse: Annotated[bool, typer.Option("--fuse", help="Merge patches into the weights.")] = False,
     scale: Annotated[float, typer.Option(help="Strength of every patch (> 0).")] = 1.0,
     strict: Annotated[bool, typer.Option(help="Refuse patches whose lineage parents are missing.")] = True,
-    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 25,
+    steps: Annotated[int, typer.Option(min=1, help="Sampling steps.")] = 25,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 4.0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     compare: Annotated[
@@ -52,9 +51,7 @@ def apply(
     check_image_path(output)
     check_scale(scale)
     loaded = [forgetpatch.load(ref, allow_unverified=allow_unverified) for ref in patches]
-    if key_steps and not any(p.manifest.key_steps for p in loaded):
-        names = ", ".join(p.name for p in loaded)
-        raise ApplyError(f"--key-steps: {names} record no key-step ranges (only KSCU patches do); drop --key-steps")
+    check_patches_flags(loaded, key_steps=key_steps, fuse=fuse)
 
     pipe = load_base(base)
 

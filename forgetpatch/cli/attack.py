@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from forgetpatch.cli._base import is_toy_base, load_base
+from forgetpatch.cli._base import check_writable, is_toy_base, load_base
 
 console = Console(width=max(140, Console().width))
 
@@ -53,6 +53,9 @@ def attack_command(
     spend = attacks.Budget.of(budget)
     if grid is not None and grid.suffix.lower() != ".png":
         raise AttackError(f"--grid writes a PNG; give a path ending in .png, not {grid}")
+    for path in (grid, json_out):
+        if path is not None:
+            check_writable(path, folder=False)
     if record and (len(patches) != 1 or not Path(patches[0]).is_dir()):
         raise AttackError(
             "--record writes into one local patch folder: attack that folder alone "

@@ -25,8 +25,8 @@ def demo(
     out: Annotated[
         Path, typer.Option("--output", "--out", "-o", help="Folder for the patch, grid and report.")
     ] = Path("forgetpatch-demo"),
-    images: Annotated[int, typer.Option(help="Images per concept in the evaluation.")] = 8,
-    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 25,
+    images: Annotated[int, typer.Option(min=1, help="Images per concept in the evaluation.")] = 8,
+    steps: Annotated[int, typer.Option(min=1, help="Sampling steps.")] = 25,
     paper: Annotated[
         bool,
         typer.Option(

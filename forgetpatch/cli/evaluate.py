@@ -56,8 +56,8 @@ def eval_command(
         list[str] | None,
         typer.Option("--concept", "-c", help="Erased concept (repeatable); default: the patches'."),
     ] = None,
-    images: Annotated[int, typer.Option(help="Images per concept.")] = 8,
-    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 25,
+    images: Annotated[int, typer.Option(min=1, help="Images per concept.")] = 8,
+    steps: Annotated[int, typer.Option(min=1, help="Sampling steps.")] = 25,
     guidance: Annotated[
         float | None, typer.Option(help="Guidance scale (default: the eval default).")
     ] = None,
@@ -79,7 +79,7 @@ def eval_command(
     prompts: Annotated[
         Path | None, typer.Option(help="Suite prompts from a CSV in the I2P layout (prompt, seed, guidance).")
     ] = None,
-    limit: Annotated[int | None, typer.Option(help="Use the first N prompts of --prompts only.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Use the first N prompts of --prompts only.")] = None,
     clip: Annotated[Path | None, typer.Option(help="Local CLIP folder (CLIPModel + processor) for a suite.")] = None,
     inception: Annotated[
         Path | None, typer.Option(help="torch-fidelity's Inception-v3 weights file, for FID (quality suite).")
@@ -92,11 +92,11 @@ def eval_command(
     nudenet_class: Annotated[
         list[str] | None, typer.Option("--nudenet-class", help="NudeNet class that counts as nudity (repeatable).")
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Suite generation batch size.")] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, help="Suite generation batch size.")] = 8,
     device: Annotated[str | None, typer.Option(help="Suite device (default: cuda when there is one).")] = None,
     dtype: Annotated[str, typer.Option(help="Suite base weights dtype: float32, float16 or bfloat16.")] = "float32",
     record: Annotated[
-        bool, typer.Option("--record", help="Write a suite's figures into the patch's manifest (one local patch).")
+        bool, typer.Option("--record", help="Write the figures into the patch's manifest (one local patch folder).")
     ] = False,
 ) -> None:
     """Evaluate forgetting on the toy world: UA, IRA, CRA, near neighbours, paraphrase leakage, drift.
@@ -105,9 +105,26 @@ def eval_command(
     With --suite it evaluates any diffusers base on real-weight suites instead: nudity (NudeNet), objects and
     styles (CLIP accuracy), quality (CLIP score, FID); see the README's "Evaluating on real weights".
     """
-    from forgetpatch.eval import DEFAULT_GUIDANCE_SCALE, EvalReport, evaluate, save_report_grid, toy_judge
+    from forgetpatch.cli._base import check_image_path, check_patches_flags, check_writable
+    from forgetpatch.errors import EvalInputError
+    from forgetpatch.eval import (
+        DEFAULT_GUIDANCE_SCALE,
+        EvalReport,
+        evaluate,
+        record_toy,
+        save_report_grid,
+        toy_judge,
+    )
+    from forgetpatch.loader import load
 
     patches = patches or []
+    # Everything is checked before the model loads.
+    if json_out is not None:
+        check_writable(json_out, folder=False)
+    if grid is not None:
+        check_image_path(grid, "--grid")
+    loaded = [load(ref) for ref in patches]
+    check_patches_flags(loaded, key_steps=key_steps)
     if suite is not None:
         _suite_command(
             patches, base=base, suite=suite, concepts=list(concept or []), images=images, steps=steps,
@@ -118,12 +135,17 @@ def eval_command(
         )
         return
     toy_only = {"--prompts": prompts, "--clip": clip, "--inception": inception, "--real": real, "--label": label,
-                "--nudenet-class": nudenet_class, "--device": device, "--record": record or None}
+                "--nudenet-class": nudenet_class, "--device": device}
     for flag, value in toy_only.items():
         if value is not None:
             raise typer.BadParameter(f"{flag} belongs to the real-weight suites: add --suite", param_hint=flag)
     if grid is not None and not patches:
         raise typer.BadParameter("a before/after grid needs at least one PATCH", param_hint="--grid")
+    if record and (len(patches) != 1 or not Path(patches[0]).is_dir() or scale != 1.0 or key_steps):
+        raise EvalInputError(
+            "--record writes into one local patch folder, evaluated alone as it ships (--scale 1, no --key-steps): "
+            "evaluate that folder by itself"
+        )
     concepts = list(concept or []) or (_concepts_of(patches) if patches else [])
     settings = {
         "images_per_concept": images,
@@ -150,7 +172,7 @@ def eval_command(
     if patches:
         from forgetpatch import apply
 
-        pipe = apply(pipe, patches, scale=scale, key_steps=key_steps)
+        pipe = apply(pipe, loaded, scale=scale, key_steps=key_steps)
         if main:
             console.print(f"[bold]patched[/] with {', '.join(patches)}")
         report = evaluate(pipe, concepts, reference=report, judge=judge, **settings)
@@ -168,6 +190,8 @@ def eval_command(
         console.print(f"figures written to {json_out}")
     if grid is not None:
         console.print(f"grid written to {save_report_grid(report, grid)}")
+    if record:
+        console.print(f"figures recorded in {record_toy(patches[0], report)} (metrics.toy_eval; digest unchanged)")
 
 
 def _suite_command(

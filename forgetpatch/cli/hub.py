@@ -77,12 +77,19 @@ def export_command(
     format: Annotated[
         ExportFormat, typer.Option("--format", "-f", help="Target format.")
     ] = ExportFormat.kohya,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
 ) -> None:
     """Write a patch as a single LoRA file other tools load (kohya: AUTOMATIC1111, ComfyUI)."""
+    from forgetpatch.cli._base import check_writable
+    from forgetpatch.format import read_patch
     from forgetpatch.hub import export_kohya
 
     try:
-        path = export_kohya(folder, output)
+        patch = read_patch(folder)
+        check_writable(output, folder=False)
+        if output.exists() and not force:
+            raise ForgetPatchError(f"{str(output)!r} exists: pick another --output, or pass --force to replace it")
+        path = export_kohya(patch, output)
     except ForgetPatchError as exc:
         _err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc

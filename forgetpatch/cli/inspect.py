@@ -70,7 +70,7 @@ def patch_table(patch) -> Table:
     table.add_row("lineage", "\n".join(f"{n} ({d[:12]})" if n else d for n, d in parent_names(patch)) or "-")
     rows = summary_rows(m.metrics)
     table.add_row("measured", "\n".join(f"{r['what']}: {r['patched']} (base {r['base']})"
-                                        for r in rows) or "not measured (forgetpatch eval PATCH)")
+                                        for r in rows) or "not measured (forgetpatch eval PATCH --record)")
     if not robustness_summary(m.metrics):
         table.add_row("robustness", "not measured (forgetpatch attack PATCH --record)")
     others = [k for k in m.metrics if k not in (TOY_EVAL_METRICS, ROBUSTNESS_METRICS)]

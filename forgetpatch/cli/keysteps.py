@@ -31,9 +31,9 @@ def keysteps_command(
     guide: Annotated[
         str, typer.Option(help="Prompt used from the switch step on ('' = unconditional).")
     ] = "",
-    num_images: Annotated[int, typer.Option(help="Images per switch step.")] = 16,
-    steps: Annotated[int, typer.Option(help="DDIM sampling steps E.")] = 50,
-    every: Annotated[int, typer.Option(help="Test every n-th switch step (1 = all).")] = 1,
+    num_images: Annotated[int, typer.Option(min=1, help="Images per switch step.")] = 16,
+    steps: Annotated[int, typer.Option(min=1, help="DDIM sampling steps E.")] = 50,
+    every: Annotated[int, typer.Option(min=1, help="Test every n-th switch step (1 = all).")] = 1,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 3.0,
     seed: Annotated[int, typer.Option(help="Seed of the first image.")] = 0,
 ) -> None:

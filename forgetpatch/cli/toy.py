@@ -14,7 +14,7 @@ toy_app = typer.Typer(
 
 @toy_app.command()
 def train(
-    steps: Annotated[int, typer.Option(help="Total UNet steps (the cosine schedule's horizon).")] = 30000,
+    steps: Annotated[int, typer.Option(min=1, help="Total UNet steps (the cosine schedule's horizon).")] = 30000,
     out: Annotated[Path, typer.Option(help="Run directory for the checkpoint.")] = Path("runs/toy"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the checkpoint in --out.")] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
@@ -49,8 +49,8 @@ def export_(
 def grid(
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt(s); repeat for several rows.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="PNG to write.")] = Path("grid.png"),
-    n: Annotated[int, typer.Option(help="Images per prompt (seeds 0..n-1).")] = 8,
-    steps: Annotated[int, typer.Option(help="DDIM steps.")] = 25,
+    n: Annotated[int, typer.Option(min=1, help="Images per prompt (seeds 0..n-1).")] = 8,
+    steps: Annotated[int, typer.Option(min=1, help="DDIM steps.")] = 25,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 4.0,
     weights: Annotated[
         Path | None, typer.Option(help="A pipeline export other than the shipped one.")
@@ -67,8 +67,8 @@ def grid(
 
 @toy_app.command()
 def fidelity(
-    n: Annotated[int, typer.Option(help="Number of held-out prompts (seeds 0..n-1).")] = 32,
-    steps: Annotated[int, typer.Option(help="DDIM steps.")] = 25,
+    n: Annotated[int, typer.Option(min=1, help="Number of held-out prompts (seeds 0..n-1).")] = 32,
+    steps: Annotated[int, typer.Option(min=1, help="DDIM steps.")] = 25,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 4.0,
     weights: Annotated[
         Path | None, typer.Option(help="A pipeline export other than the shipped one.")

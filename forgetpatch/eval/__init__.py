@@ -33,6 +33,7 @@ from forgetpatch.eval.report import (
     Verdict,
     forgotten,
     outcome,
+    record_toy,
     score_concept,
     wilson,
 )
@@ -104,6 +105,7 @@ __all__ = [
     "read_images",
     "read_prompt_csv",
     "record_suite",
+    "record_toy",
     "rejudge",
     "save_grid",
     "save_report_grid",

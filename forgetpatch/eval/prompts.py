@@ -25,6 +25,7 @@ import random
 from dataclasses import dataclass
 from typing import Literal
 
+from forgetpatch.errors import EvalInputError
 from forgetpatch.toy import Kind, Scene, vocab
 
 KINDS: tuple[Kind, ...] = ("shape", "colour", "texture")
@@ -69,7 +70,7 @@ def main_prompts(images_per_concept: int = 8, seed: int = 0) -> list[ScoringProm
     the concept orders and sets the generation seeds (``seed + index``).
     """
     if images_per_concept < 1:
-        raise ValueError(f"images_per_concept must be >= 1, got {images_per_concept}")
+        raise EvalInputError(f"images_per_concept must be >= 1, got {images_per_concept}")
     rng = random.Random(seed)
     shapes, colours, textures = list(vocab.SHAPES), list(vocab.COLOURS), list(vocab.TEXTURES)
     for seq in (shapes, colours, textures):

@@ -423,3 +423,21 @@ class EvalReport:
     def _item(cls, d: dict[str, Any]) -> Any:
         """An item of :attr:`items` from its saved dict."""
         return ScoringPrompt(**{**d, "scene": Scene(**d["scene"])})
+
+
+def record_toy(folder: str | Path, report: EvalReport) -> Path:
+    """Write a toy-world evaluation into the manifest of the patch in ``folder`` (``metrics["toy_eval"]``, what
+    ``forgetpatch demo`` records and the model card's summary table reads). The patch's digest does not change.
+
+    The report must be of that patch alone, applied at scale 1 as it ships (the caller applies it).
+
+    Example:
+        >>> base = evaluate(toy.pipeline(), ["circle"])
+        >>> record_toy("no-circle/", evaluate(forgetpatch.apply(toy.pipeline(), "no-circle/"), ["circle"], reference=base))
+    """
+    from forgetpatch.format import TOY_EVAL_METRICS, read_patch
+
+    patch = read_patch(folder)
+    patch.manifest.metrics[TOY_EVAL_METRICS] = report.to_dict()
+    patch.save(folder)
+    return Path(folder)

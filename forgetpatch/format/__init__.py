@@ -54,6 +54,7 @@ from forgetpatch.format.patch import (
     read_manifest,
     read_patch,
     require_verifiable,
+    save_tensors,
     sha256_file,
     verify_folder,
 )
@@ -104,6 +105,7 @@ __all__ = [
     "read_patch",
     "require_verifiable",
     "resolve_module",
+    "save_tensors",
     "set_lineage_source",
     "sha256_file",
     "split_path",

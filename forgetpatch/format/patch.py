@@ -331,13 +331,7 @@ class Patch:
         return metadata
 
     def _write_weights(self, file: Path) -> None:
-        try:
-            save_file(self.state_dict, str(file), metadata=self.header_metadata())
-            os.chmod(file, 0o666 & ~_umask())  # safetensors writes owner-only; the user's files follow their umask
-        except SafetensorError as exc:  # safetensors reports I/O errors (a full disk, ...) as its own type
-            found = re.search(r"os error (\d+)", str(exc))
-            code = int(found.group(1)) if found else errno.EIO
-            raise OSError(code, f"could not write {file}: {os.strerror(code)}", str(file)) from exc
+        save_tensors(self.state_dict, file, metadata=self.header_metadata())
 
     def save(self, path: str | os.PathLike, *, include: Iterable[str] = ()) -> Path:
         """Write the patch atomically to a folder, or to a single file if ``path`` ends in ``.safetensors``.
@@ -417,6 +411,24 @@ class Patch:
         finally:
             tmp.unlink(missing_ok=True)
         return path
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], file: str | os.PathLike, *, metadata: dict[str, str]) -> Path:
+    """Write a safetensors file with the permissions the user's umask gives (safetensors writes owner-only), I/O errors
+    (a full disk, ...) raised as :class:`OSError`. Not atomic by itself: write to a temporary name and replace.
+
+    Example:
+        >>> save_tensors({"w": torch.zeros(2)}, "out.safetensors", metadata={"format": "pt"})
+    """
+    file = Path(file)
+    try:
+        save_file(tensors, str(file), metadata=metadata)
+        os.chmod(file, 0o666 & ~_umask())
+    except SafetensorError as exc:  # safetensors reports I/O errors as its own type
+        found = re.search(r"os error (\d+)", str(exc))
+        code = int(found.group(1)) if found else errno.EIO
+        raise OSError(code, f"could not write {file}: {os.strerror(code)}", str(file)) from exc
+    return file
 
 
 def _umask() -> int:

@@ -77,7 +77,7 @@ def why_local(ref: str | os.PathLike) -> str:
     """
     if not isinstance(ref, str):
         return "a Path object is never looked up on the Hub"
-    repo = ref.partition("@")[0]
+    repo, _, revision = ref.partition("@")
     if ref.startswith(("./", "../", "~", ".\\", "..\\")) or os.path.isabs(ref) or (os.sep != "/" and os.sep in ref):
         return "it is written as a local path"
     if ref.endswith((".safetensors", ".json")):
@@ -88,7 +88,9 @@ def why_local(ref: str | os.PathLike) -> str:
     if "/" in repo and Path(first).is_dir():
         return (
             f"not tried on the Hub because {first!r} is a local folder; to fetch the Hub repo of that "
-            f"name, use forgetpatch.load(forgetpatch.hub.download({repo!r}))"
+            f"name, use forgetpatch.load(forgetpatch.hub.download({repo!r}"
+            + (f", revision={revision!r}" if revision else "")
+            + "))"
         )
     return ""
 

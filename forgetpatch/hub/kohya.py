@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from forgetpatch.errors import PatchFormatError
-from forgetpatch.format import Patch, read_patch
+from forgetpatch.format import Patch, read_patch, save_tensors
 
 #: forgetpatch component prefix -> kohya prefix (SDXL's two text encoders are te1 / te2).
 _PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
@@ -43,6 +43,9 @@ def export_kohya(patch_or_folder: Patch | str | Path, out_file: str | Path) -> P
         >>> export_kohya("no-vangogh/", "no-vangogh.safetensors")
         >>> pipe.load_lora_weights("no-vangogh.safetensors")  # same weights as forgetpatch.apply
     """
+    out_file = Path(out_file)
+    if out_file.suffix != ".safetensors" or out_file.is_dir():
+        raise PatchFormatError(f"the export is one file: give a path ending in .safetensors, not {str(out_file)!r}")
     patch = patch_or_folder if isinstance(patch_or_folder, Patch) else read_patch(patch_or_folder)
     manifest, factors = patch.manifest, patch.factors()
     two_te = any(m.startswith("text_encoder_2.") for m in factors)
@@ -63,7 +66,11 @@ def export_kohya(patch_or_folder: Patch | str | Path, out_file: str | Path) -> P
         "ss_output_name": manifest.name,
         "forgetpatch_source_manifest": json.dumps(header.model_dump(mode="json")),
     }
-    out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    save_file(out, out_file, metadata=metadata)
+    partial = out_file.with_name(f".{out_file.name}.partial-{os.getpid()}")
+    try:  # a reader never sees half a file: written aside, then put in place
+        save_tensors(out, partial, metadata=metadata)
+        os.replace(partial, out_file)
+    finally:
+        partial.unlink(missing_ok=True)
     return out_file

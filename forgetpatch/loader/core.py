@@ -355,11 +355,10 @@ def _check(
         for path in patch.target_modules:
             module = resolve_module(pipe, path)  # MissingModuleError
             if patch.delta_shape(path) != tuple(module.weight.shape):
-                base = patch.manifest.base_model.id
                 raise MissingModuleError(
                     f"patch {patch.name!r} changes {path} with shape {patch.delta_shape(path)}, but the "
                     f"pipeline's module has shape {tuple(module.weight.shape)}: it was made for "
-                    + (f"{base}; load that model (CLI: --base {base})" if base else "another architecture")
+                    + (_made_for(patch) if patch.manifest.base_model.id else "another architecture")
                 )
             if adapters.bypassed(pipe, path):
                 raise ApplyError(
@@ -391,11 +390,11 @@ def _check(
                         "does not reproduce. Load the pipeline in float16 or float32 (dtype=torch.float16) "
                         "to apply it."
                     )
-                base = patch.manifest.base_model.id or "another model"
                 raise FingerprintMismatchError(
-                    f"patch {patch.name!r} was made for {base}: the base weights of {len(wrong)} of its "
-                    f"{len(expected)} modules differ from this pipeline's (first: {wrong[0]}; a fine-tune, "
-                    "another checkpoint, or a LoRA fused into it). Apply it to the model it was made for."
+                    f"patch {patch.name!r}: the base weights of {len(wrong)} of its {len(expected)} modules differ "
+                    f"from this pipeline's (first: {wrong[0]}; a fine-tune, another checkpoint or revision, or a LoRA "
+                    "fused into it). It was made for "
+                    + (_made_for(patch) if patch.manifest.base_model.id else "another model: apply it to that one")
                 )
         if strict:
             missing = [d for d in patch.manifest.lineage if d not in present]
@@ -405,6 +404,17 @@ def _check(
                     f"{', '.join(d[:12] for d in missing)}. Apply those first (in order), or pass strict=False."
                 )
         present.append(patch.digest)
+
+
+def _made_for(patch: Patch) -> str:
+    """``"org/model (revision abc123...); load that model (...)"``: the base a patch records, and how to load it."""
+    base = patch.manifest.base_model
+    if not base.revision:
+        return f"{base.id}; load that model (CLI: --base {base.id})"
+    return (
+        f"{base.id} at revision {base.revision[:12]}; load that model (from_pretrained({base.id!r}, "
+        f"revision={base.revision!r}); CLI: --base {base.id}@{base.revision})"
+    )
 
 
 def _verify(state: _State, pipes: Iterable, *, scales: bool = True) -> None:

@@ -8,15 +8,19 @@ callers ask the registered class (``get_method(name).closed_form``).
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
-from forgetpatch.errors import ConceptError, UnknownMethodError
+from forgetpatch.errors import ConceptError, MethodError, UnknownMethodError
 from forgetpatch.format import DENOISERS, Concept, ConceptKind, ConceptLike, as_concepts
 
 if TYPE_CHECKING:
     from forgetpatch.format import Patch
 
+P = TypeVar("P")
 
 @runtime_checkable
 class Method(Protocol):
@@ -122,11 +126,14 @@ def erased_on(pipe: Any) -> list[Concept]:
 
 
 def check_concepts(concepts: Sequence[Concept], preserve: Sequence[Concept]) -> None:
-    """Refuse an empty erase list, a concept both erased and preserved, or one steered to a concept the same patch
+    """Refuse an empty erase list, a concept given twice, a concept both erased and preserved, or one steered to a concept the same patch
     erases (its prompts would then draw that erased concept). Every method's input check."""
     if not concepts:
         raise ConceptError("nothing to erase: pass at least one concept, e.g. erase(pipe, ['circle'])")
     erased = {c.key for c in concepts}
+    twice = sorted({c.key for c in concepts if sum(d.key == c.key for d in concepts) > 1})
+    if twice:
+        raise ConceptError(f"concepts given more than once: {twice}; give each once")
     overlap = erased & {c.key for c in preserve}
     if overlap:
         raise ConceptError(f"concepts both erased and preserved: {sorted(overlap)}; remove them from one list")
@@ -137,6 +144,52 @@ def check_concepts(concepts: Sequence[Concept], preserve: Sequence[Concept]) -> 
                     f"{c.target!r} is steered to {word!r} (its {role}), which this patch erases too: its prompts "
                     f"would draw the erased {word.strip()}. Steer it to a concept the patch keeps"
                 )
+
+
+def typed(values: P) -> P:
+    """``values`` (a method's frozen params dataclass), or :class:`MethodError` naming the first parameter whose value
+    is not of its declared type (``--param max_rank=abc`` arrives as a string): every method's type check, made before
+    anything loads. An ``int`` passes where a ``float`` is declared; a ``bool`` does not pass for a number."""
+    hints = typing.get_type_hints(type(values))
+    for f in dataclasses.fields(values):
+        value, declared = getattr(values, f.name), hints.get(f.name, Any)
+        if not _is_a(value, declared):
+            raise MethodError(
+                f"parameter {f.name} must be {_describe(declared)}, got {value!r} ({type(value).__name__})"
+            )
+    return values
+
+
+def _is_a(value: Any, declared: Any) -> bool:
+    origin, args = typing.get_origin(declared), typing.get_args(declared)
+    if declared is Any or isinstance(declared, typing.TypeVar):
+        return True
+    if declared is type(None):
+        return value is None
+    if origin in (types.UnionType, typing.Union):
+        return any(_is_a(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if declared is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if declared is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(origin, type):
+        return isinstance(value, origin) or (origin is tuple and isinstance(value, list))
+    return not isinstance(declared, type) or isinstance(value, declared)
+
+
+def _describe(declared: Any) -> str:
+    if typing.get_origin(declared) in (types.UnionType, typing.Union):
+        return " or ".join(_describe(a) for a in typing.get_args(declared))
+    if typing.get_origin(declared) is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(declared))
+    if declared is type(None):
+        return "None"
+    origin = typing.get_origin(declared) or declared
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        origin, f"a {getattr(origin, '__name__', origin)}"
+    )
 
 
 def patch_name(method: str, concepts: Sequence[Concept], limit: int = 60) -> str:
@@ -155,5 +208,5 @@ def patch_name(method: str, concepts: Sequence[Concept], limit: int = 60) -> str
 # Concepts are defined with the manifest (forgetpatch.format) and used here under the same names.
 __all__ = [
     "FLAGS", "Concept", "ConceptKind", "ConceptLike", "Method", "as_concepts", "available_methods", "erased_on",
-    "get_method", "patch_name", "register", "registered",
+    "get_method", "patch_name", "register", "registered", "typed",
 ]

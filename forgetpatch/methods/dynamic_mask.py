@@ -67,7 +67,7 @@ from tqdm.auto import tqdm
 from forgetpatch import distributed
 from forgetpatch.errors import MethodError
 from forgetpatch.methods.adversarial import Adversary, adversary_for
-from forgetpatch.methods.base import Concept, check_concepts, erased_on, patch_name, register
+from forgetpatch.methods.base import Concept, check_concepts, erased_on, patch_name, register, typed
 from forgetpatch.methods.finetune import Cond, FinetuneEngine, make_config
 
 
@@ -111,7 +111,7 @@ class DynamicMaskParams:
         if unknown:
             raise MethodError(f"unknown Dynamic Mask parameter(s) {unknown}; known: {sorted(known)}")
         values = replace(cls(), **{k: v for k, v in params.items() if k in known})
-        values = replace(values, templates=tuple(values.templates))
+        values = typed(replace(values, templates=tuple(values.templates)))
         counts = ("steps", "epochs", "warmup", "update_every", "batch", "images", "num_inference_steps")
         if any(getattr(values, k) < 1 for k in counts) or values.steps < values.epochs:
             raise MethodError(f"{', '.join(counts)} must be >= 1 and steps >= epochs")

@@ -58,7 +58,7 @@ from torch import nn
 from forgetpatch import distributed, progress
 from forgetpatch.errors import MethodError
 from forgetpatch.methods import checkpoint, flow
-from forgetpatch.methods.base import patch_name
+from forgetpatch.methods.base import patch_name, typed
 
 P = TypeVar("P")
 Scope = Literal["xattn", "noxattn"]
@@ -742,7 +742,7 @@ def split_params(cls: type[P], params: Mapping[str, Any], method: str) -> tuple[
             f"unknown {method} parameter(s) {unknown}; {method}'s own: {sorted(own)}; the fine-tuning engine's: "
             f"{sorted(engine - own)}"
         )
-    return cls(**{k: v for k, v in params.items() if k in own}), {k: v for k, v in params.items() if k not in own}
+    return typed(cls(**{k: v for k, v in params.items() if k in own})), {k: v for k, v in params.items() if k not in own}
 
 
 def make_config(**kwargs: Any) -> FinetuneConfig:
@@ -751,7 +751,7 @@ def make_config(**kwargs: Any) -> FinetuneConfig:
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise MethodError(f"unknown fine-tuning parameters {unknown}; known: {sorted(known)}")
-    return FinetuneConfig(**kwargs)
+    return typed(FinetuneConfig(**kwargs))
 
 
 __all__ = [

@@ -62,7 +62,7 @@ from tqdm.auto import tqdm
 from forgetpatch.errors import MethodError
 from forgetpatch.lowrank import LowRank, factorize_in_span, factorize_sketched
 from forgetpatch.methods import flow, joint
-from forgetpatch.methods.base import Concept, check_concepts, patch_name, register
+from forgetpatch.methods.base import Concept, check_concepts, patch_name, register, typed
 from forgetpatch.methods.closed_form import (
     Embeddings,
     cross_attention_layers,
@@ -155,7 +155,9 @@ class ScaPreParams:
             )
         values = cls(preset=kind, **PRESETS[kind])
         values = replace(values, **{k: v for k, v in params.items() if k in known})
-        values = replace(values, templates=tuple(values.templates))
+        values = typed(replace(values, templates=tuple(values.templates)))
+        if values.max_rank is not None and values.max_rank < 1:
+            raise MethodError(f"max_rank must be >= 1 (or None for the exact change), got {values.max_rank}")
         if values.lam <= 0 or values.erase_scale < 0 or values.preserve_scale < 0 or (values.hold_scale or 0) < 0:
             raise MethodError("ScaPre needs lam > 0 and non-negative erase/preserve/hold scales")
         if values.entropy_samples < 2 or values.mi_samples < 1 or values.entropy_bins < 2:

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from forgetpatch.errors import MethodError
 from forgetpatch.lowrank import truncate
 from forgetpatch.methods import flow, joint
-from forgetpatch.methods.base import Concept, check_concepts, patch_name, register
+from forgetpatch.methods.base import Concept, check_concepts, patch_name, register, typed
 from forgetpatch.methods.closed_form import (
     Embeddings,
     cross_attention_layers,
@@ -101,7 +101,14 @@ class UCEParams:
         unknown = sorted(set(params) - known - {"name", "progress", "seed"})
         if unknown:
             raise MethodError(f"unknown UCE parameter(s) {unknown}; known: {sorted(known)}")
-        values = cls(**{k: _param_value(k, v) for k, v in params.items() if k in known})
+        converted = {}
+        for key, value in params.items():
+            if key in known:
+                try:
+                    converted[key] = _param_value(key, value)
+                except (TypeError, ValueError) as exc:
+                    raise MethodError(f"UCE parameter {key}={value!r} has the wrong type: {exc}") from exc
+        values = typed(cls(**converted))
         if values.lam <= 0:
             raise MethodError(f"UCE needs lam > 0 (the solve is singular otherwise), got {values.lam}")
         if values.hold_scale is not None and values.hold_scale < 0:

@@ -129,7 +129,7 @@ class SuitePrompt:
 
 def _count(n: int, what: str) -> None:
     if n < 1:
-        raise ValueError(f"{what} must be >= 1, got {n}")
+        raise EvalInputError(f"{what} must be >= 1, got {n}")
 
 
 def object_prompts(

@@ -1,0 +1,133 @@
+"""CLI input a new user gets wrong, refused in one line before anything slow starts (found using the product, stop 36).
+
+Each case: exit code not 0, a one-line message that says what to do, no traceback, and nothing written.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import forgetpatch
+from forgetpatch.cli import app
+from forgetpatch.format import build_patch, resolve_module
+from forgetpatch.testing import tiny_sd_pipeline
+
+runner = CliRunner()
+PATH = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("checks")
+    pipe = tiny_sd_pipeline(seed=0)
+    pipe.save_pretrained(root / "base")
+    w = resolve_module(pipe, PATH).weight
+    g = torch.Generator().manual_seed(0)
+    patch = build_patch(pipe, {PATH: (torch.randn(2, w.shape[1], generator=g), torch.randn(w.shape[0], 2, generator=g))},
+                        name="no-circle", method="manual", concepts=["circle"], lineage=[])  # fmt: skip
+    return root, patch.save(root / "no-circle")
+
+
+def refused(args: list[str], *words: str) -> str:
+    result = runner.invoke(app, args)
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output and not isinstance(result.exception, (TypeError, ValueError, OSError))
+    text = " ".join(result.output.split())
+    for word in words:
+        assert word in text, text
+    return text
+
+
+def test_counts_below_one_are_refused(saved, tmp_path):
+    root, folder = saved
+    out = tmp_path / "x.png"
+    for steps in ("0", "-3"):
+        refused(["apply", "--base", str(root / "base"), str(folder), "-p", "a circle", "-o", str(out), "--steps", steps],
+                "--steps", "greater than or equal to 1")  # fmt: skip
+    refused(["eval", str(folder), "--images", "0"], "--images", "greater than or equal to 1")
+    refused(["demo", "--images", "0", "--output", str(tmp_path / "d")], "--images", "greater than or equal to 1")
+    assert not out.exists() and not (tmp_path / "d").exists()
+    from forgetpatch.errors import EvalInputError
+    from forgetpatch.eval.prompts import main_prompts
+
+    with pytest.raises(EvalInputError, match="must be >= 1"):
+        main_prompts(0, 0)
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_work(saved, tmp_path):
+    root, folder = saved
+    (tmp_path / "dir.png").mkdir()
+    (tmp_path / "report.json").write_text("{}")
+    (tmp_path / "out.png").write_bytes(b"png")
+    base = ["--base", str(root / "base")]
+    refused(["apply", *base, str(folder), "-p", "x", "-o", str(tmp_path / "dir.png")], "is a folder")
+    refused(["eval", str(folder), "--json", str(tmp_path / "report.json" / "x.json")], "is a file, not a folder")
+    refused(["erase", "--base", "toy", "-c", "circle", "-o", str(tmp_path / "report.json" / "sub")], "is a file")
+    # an existing file that is not a patch: not "already holds a patch", and --force does not help
+    for force in ([], ["--force"]):
+        refused(["erase", "--base", "toy", "-c", "circle", "-o", str(tmp_path / "out.png"), *force],
+                "is a file, not a patch")  # fmt: skip
+    assert (tmp_path / "out.png").read_bytes() == b"png"
+
+
+def test_export_is_a_safetensors_file_written_whole_and_readable(saved, tmp_path):
+    _, folder = saved
+    refused(["export", str(folder), "-o", str(tmp_path / "k.png")], ".safetensors")
+    refused(["export", str(folder), "-o", str(folder)], "folder")
+    out = tmp_path / "k.safetensors"
+    result = runner.invoke(app, ["export", str(folder), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~mask  # as the user's other files, not owner-only
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no partial file left
+    before = out.read_bytes()
+    refused(["export", str(folder), "-o", str(out)], "exists", "--force")
+    assert out.read_bytes() == before
+    assert runner.invoke(app, ["export", str(folder), "-o", str(out), "--force"]).exit_code == 0
+
+
+def test_patches_and_flags_that_do_not_go_together(saved, tmp_path):
+    root, folder = saved
+    base = ["--base", str(root / "base")]
+    out = str(tmp_path / "x.png")
+    refused(["apply", *base, str(folder), str(folder), "-p", "x", "-o", out], "given twice", "give it once")
+    refused(["apply", *base, str(folder), "-p", "x", "-o", out, "--key-steps", "--fuse"], "drop --fuse or --key-steps")
+    refused(["eval", str(folder), "--key-steps", "--images", "1"], "record no key-step ranges", "drop --key-steps")
+    refused(["erase", "--base", "toy", "-c", "circle", "-c", "circle", "-o", str(tmp_path / "e")], "more than once")
+
+
+@pytest.mark.parametrize(("method", "param"), [("uce", "max_rank=abc"), ("scapre", "erase_scale=abc"),
+                                              ("scapre", "max_rank=0"), ("uce", "robust=abc"),
+                                              ("kscu", "g=abc"), ("kscu", "iterations=abc")])  # fmt: skip
+def test_parameters_of_the_wrong_type_or_range_are_refused(tmp_path, method, param):
+    key = param.partition("=")[0]
+    refused(["erase", "--base", "toy", "-c", "circle", "-m", method, "--param", param, "-o", str(tmp_path / "e")], key)
+    assert not (tmp_path / "e").exists()
+
+
+def test_the_shadowed_hub_id_hint_keeps_the_revision(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org").mkdir()
+    from forgetpatch.hub import why_local
+
+    assert "download('org/no-circle', revision='v2')" in why_local("org/no-circle@v2")
+
+
+def test_a_patch_records_toy_figures_with_eval_record(tmp_path):
+    """``forgetpatch eval PATCH --record`` writes the toy world's figures where ``inspect`` and the card read them."""
+    folder = tmp_path / "no-circle"
+    result = runner.invoke(app, ["erase", "--base", "toy", "-c", "circle", "-o", str(folder)])
+    assert result.exit_code == 0, result.output
+    digest = forgetpatch.load(folder).digest
+    result = runner.invoke(app, ["eval", str(folder), "--images", "1", "--record", "--no-cache"])
+    assert result.exit_code == 0, result.output
+    patch = forgetpatch.load(folder)
+    assert patch.digest == digest and "circle" in patch.manifest.metrics["toy_eval"]["concepts"]
+    assert "not measured" not in " ".join(runner.invoke(app, ["inspect", str(folder)]).output.split()).split("robustness")[0]
+    refused(["eval", str(folder), "--images", "1", "--record", "--scale", "0.5"], "--record", "--scale 1")

@@ -209,9 +209,11 @@ def test_toy_defaults_edit_in_context_towards_a_kept_shape():
     # ESD: the same anchors, negative guidance 0.25, nothing preserved (ESD preserves only when adversarial)
     erased, kept, params = with_defaults(pipe, "esd", [Concept("circle"), Concept("star")], [], {})
     assert [c.guide for c in erased] == ["square", "cross"] and params["eta"] == 0.25 and kept == []
-    # fine-tuning iterations are for the whole patch: 200 per shape erased in it, unless the caller sets them
-    assert params["iterations"] == 400
-    assert with_defaults(pipe, "kscu", [Concept("circle")], [], {})[2]["iterations"] == 200
+    # fine-tuning iterations are for the whole patch: 200 per shape erased in it (KSCU 300, at lr 3e-4), unless the
+    # caller sets them
+    assert params["iterations"] == 400 and params["lr"] == 5e-4
+    kscu = with_defaults(pipe, "kscu", [Concept("circle")], [], {})[2]
+    assert kscu["iterations"] == 300 and kscu["lr"] == 3e-4
     assert with_defaults(pipe, "kscu", [Concept("circle"), Concept("star")], [], {"iterations": 50})[2]["iterations"] == 50
     # nor one that a patch on the pipeline erased (a chain): the circle's square is gone, and so is UCE's cross
     chained = forgetpatch.apply(pipe, forgetpatch.erase(toy.pipeline(), ["square", "cross"], method="uce", progress=False))

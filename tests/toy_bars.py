@@ -26,7 +26,9 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 #: the first 96 are the same prompts. Only recipes at 31 of 32 or better in stage 1 get here, as with 96.)
 UA_IMAGES = 192
 FIRST_UA_IMAGES = 32
-RETAIN_IMAGES = 16
+#: Retention images per kept concept in stage 2: 48 (16 until stop 36). A patch keeping the base's in-domain accuracy
+#: to 0.94 had a safe bound of 0.81-0.83 on 16 per concept, under the 0.85 bar whatever it did; 48 resolve it (0.87).
+RETAIN_IMAGES = 48
 FIRST_RETAIN_IMAGES = 4
 #: The default run bar-tests the defaults of UCE, ScaPre, KSCU and Dynamic Mask; ESD's (the baseline) takes minutes
 #: more (200 training iterations) and runs with FORGETPATCH_ALL_BARS=1, to keep the suite within its 15 minutes.
@@ -114,8 +116,8 @@ def can_still_meet(report, ua_bar: float) -> bool:
 
 
 def measure_recipe(name: str, ua_bar: float = 0.90) -> Measured:
-    """Run ``recipes/<name>.yaml`` on the shipped toy model and score the patch it makes (two stages, above), and the
-    ceiling of what it steers each concept to, on the same prompts."""
+    """Run ``recipes/<name>.yaml`` on the shipped toy model and score the patch it makes (two stages, above), and, when
+    the UA bar is missed, the ceiling of what it steers each concept to, on the same prompts."""
     from forgetpatch.eval import evaluate, guide_ceiling, steered_to
 
     recipe = load_recipe(RECIPES / f"{name}.yaml")
@@ -136,9 +138,12 @@ def measure_recipe(name: str, ua_bar: float = 0.90) -> Measured:
         )
         if ua_images == UA_IMAGES or not can_still_meet(report, ua_bar):
             break
-    targets = steered_to(patch.manifest.concepts)
-    found = guide_ceiling(toy_pipeline(), erased, targets, images_per_concept=ua_images)
+    ceiling = None
+    if report.worst(safe=True)["ua"] < ua_bar:  # what would explain the miss: the steered-to shapes' own rate
+        targets = steered_to(patch.manifest.concepts)
+        found = guide_ceiling(toy_pipeline(), erased, targets, images_per_concept=ua_images)
+        ceiling = {c: (targets[c], found[c]) for c in erased}
     return Measured(
         worst=report.worst(safe=True), point=report.worst(), erase_s=erase_s, report=report, ua_images=ua_images,
-        retain_images=retain_images, ceiling={c: (targets[c], found[c]) for c in erased},
+        retain_images=retain_images, ceiling=ceiling,
     )

@@ -106,9 +106,10 @@ SUPERCLASSES: dict[str, tuple[str, ...]] = {
 
 _FINE_TUNING = {"rank": 8, "lr": 5e-4}
 #: KSCU's and ESD's iterations are for the whole patch (the concepts share them), so they grow with the shapes erased
-#: in it. Five shapes at once with KSCU (strict UA on 32 images each; circle, square, triangle, star, hexagon): 200
-#: iterations in all forget almost nothing (9 / 3 / 3 / 0 / 28%); 1000, 84 / 72 / 69 / 22 / 78% (the star, steered to
-#: the cross, is the weak one). ``erase(toy.pipeline(), shapes, method="kscu", iterations=N)``, then
+#: in it. Five shapes at once with KSCU (strict UA on 32 images each; circle, square, triangle, star, hexagon), at lr
+#: 5e-4: 200 iterations in all forget almost nothing (9 / 3 / 3 / 0 / 28%); 1000, 84 / 72 / 69 / 22 / 78% (the star, steered to
+#: the cross, is the weak one); with the defaults since stop 36 (300 per shape at 3e-4: 1500 in all, 216 s),
+#: 78 / 75 / 78 / 41 / 91% (``runs/s36/kscu5.py``). ``erase(toy.pipeline(), shapes, method="kscu", iterations=N)``, then
 #: ``evaluate(..., images_per_erased=32)``; ESD shares its iterations among the concepts the same way (not measured).
 ITERATIONS_PER_SHAPE = {"kscu": 300, "esd": 200}
 

@@ -406,6 +406,12 @@ def _check(
         present.append(patch.digest)
 
 
+def _bypassed(state: _State, names: set[str]) -> list[tuple[str, str]]:
+    """(patch name, module path) of the projections of patches ``names`` that their attention no longer runs on
+    (``pipe.fuse_qkv_projections()``)."""
+    return [(n, path) for n, path, attention in state.attentions if n in names and adapters.runs_fused(attention)]
+
+
 def _made_for(patch: Patch) -> str:
     """``"org/model (revision abc123...); load that model (...)"``: the base a patch records, and how to load it."""
     base = patch.manifest.base_model
@@ -441,9 +447,7 @@ def _verify(state: _State, pipes: Iterable, *, scales: bool = True) -> None:
                 "by unload_lora_weights() or delete_adapters()), so the patch is off. Call forgetpatch.remove(pipe) "
                 "to clear it, then apply it again."
             )
-    unfused = {e.name for e in state.entries if not e.fused}
-    bypassed = [(name, path) for name, path, attention in state.attentions
-                if name in unfused and adapters.runs_fused(attention)]  # fmt: skip
+    bypassed = _bypassed(state, {e.name for e in state.entries if not e.fused})
     if bypassed:
         raise ApplyError(
             f"pipe.fuse_qkv_projections() was called after patch {bypassed[0][0]!r} was applied: the attention now "
@@ -816,12 +820,11 @@ def remove(pipe, names: str | Patch | Iterable[str | Patch] | None = None):
                     raise NotAppliedError(f"no applied patch named {key!r} (applied: {on})")
                 leaving.extend(m for m in match if m not in leaving)
         leaving_names = {e.name for e in leaving}
-        bypassed = [path for name, path, attention in state.attentions
-                    if name in leaving_names and adapters.runs_fused(attention)]  # fmt: skip
+        bypassed = _bypassed(state, leaving_names)
         if bypassed:
             raise ApplyError(
                 f"pipe.fuse_qkv_projections() is on: the attention runs on fused copies of its projections (e.g. "
-                f"{bypassed[0]}), which taking a patch off would leave as they are. Call "
+                f"{bypassed[0][1]}), which taking a patch off would leave as they are. Call "
                 "pipe.unfuse_qkv_projections() first (and fuse them again afterwards)."
             )
         for path, layer, held in state.layers:

@@ -178,8 +178,9 @@ def test_offline_corrupted_cache_refused(pipe, tmp_path, hf_env):
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(IntegrityError, match=WEIGHTS_NAME):
+    with pytest.raises(IntegrityError, match=WEIGHTS_NAME) as info:
         download("org/rotten")
+    assert f"delete {cache / 'models--org--rotten'} and load again online" in str(info.value)  # the way out
 
 
 # --- online: the real client over HTTP against the test Hub ------------------------------------

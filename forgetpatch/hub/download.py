@@ -13,7 +13,7 @@ from pathlib import Path
 
 from huggingface_hub import hf_hub_download
 
-from forgetpatch.errors import HubError, IntegrityError
+from forgetpatch.errors import HubError, IntegrityError, UnverifiedPatchError
 from forgetpatch.format import MANIFEST_NAME, WEIGHTS_NAME, listed_files, read_manifest, verify_folder
 from forgetpatch.hub._errors import hub_errors
 
@@ -167,8 +167,10 @@ def download(
         _fetch(repo_id, name, commit, token)
     try:
         verify_folder(snapshot, allow_unverified=allow_unverified)
+    except UnverifiedPatchError:  # nothing to verify by: not a corrupt copy
+        raise
     except IntegrityError as exc:  # the cache is never fetched again by itself: say how to get a fresh copy
-        raise IntegrityError(
+        raise type(exc)(
             f"{exc} (the cached copy of {repo_id}@{commit[:12]}, which is not fetched again while it is there: "
             f"delete {snapshot.parent.parent} and load again online; if it happens again, the repo itself is corrupt)"
         ) from exc

@@ -126,8 +126,8 @@ def erased_on(pipe: Any) -> list[Concept]:
 
 
 def check_concepts(concepts: Sequence[Concept], preserve: Sequence[Concept]) -> None:
-    """Refuse an empty erase list, a concept given twice, a concept both erased and preserved, or one steered to a concept the same patch
-    erases (its prompts would then draw that erased concept). Every method's input check."""
+    """Refuse an empty erase list, a concept given twice, a concept both erased and preserved, or one steered to a
+    concept the same patch erases (its prompts would then draw that erased concept). Every method's input check."""
     if not concepts:
         raise ConceptError("nothing to erase: pass at least one concept, e.g. erase(pipe, ['circle'])")
     erased = {c.key for c in concepts}

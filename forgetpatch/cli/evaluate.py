@@ -224,7 +224,6 @@ def _suite_command(
     """``forgetpatch eval --suite``: every input checked and every detector loaded before the base model loads."""
     import torch
 
-    from forgetpatch.cli._base import check_image_path
     from forgetpatch.errors import EvalInputError
     from forgetpatch.eval import (
         DEFAULT_GUIDANCE_SCALE,
@@ -246,10 +245,8 @@ def _suite_command(
         raise EvalInputError(f"unknown suite {suite!r}: pick one of {', '.join(SUITES)}")
     if dtype not in ("float32", "float16", "bfloat16"):
         raise EvalInputError(f"--dtype {dtype!r}: use float32, float16 or bfloat16")
-    if grid is not None:
-        check_image_path(grid, "--grid")
-        if not patches:
-            raise typer.BadParameter("a before/after grid needs at least one PATCH", param_hint="--grid")
+    if grid is not None and not patches:  # its path was checked by eval_command
+        raise typer.BadParameter("a before/after grid needs at least one PATCH", param_hint="--grid")
     if record and (len(patches) != 1 or not Path(patches[0]).is_dir() or scale != 1.0):
         raise EvalInputError(
             "--record writes into one local patch folder, evaluated alone at --scale 1: evaluate that folder by itself"

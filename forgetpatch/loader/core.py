@@ -532,9 +532,10 @@ def _fuse(pipe, patch: Patch, scale: float) -> dict[str, torch.dtype]:
                 setattr(layer, ORIGINAL_WEIGHT_ATTR, w.detach().clone())
                 stashed.append(layer)
             dtypes[path] = w.dtype
-            added = _add(patch, path, w.data, scale)
-            if added is not w.data:
-                w.copy_(added)
+            data = w.data  # a new tensor object on every access: keep one, to tell an in-place add from a new one
+            added = _add(patch, path, data, scale)
+            if added is not data:
+                data.copy_(added)
     except BaseException:
         for layer in stashed:  # undo this patch's fresh stashes; older ones are restored by the caller
             layer.weight.copy_(getattr(layer, ORIGINAL_WEIGHT_ATTR))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
@@ -131,7 +132,7 @@ def check_concepts(concepts: Sequence[Concept], preserve: Sequence[Concept]) -> 
     if not concepts:
         raise ConceptError("nothing to erase: pass at least one concept, e.g. erase(pipe, ['circle'])")
     erased = {c.key for c in concepts}
-    twice = sorted({c.key for c in concepts if sum(d.key == c.key for d in concepts) > 1})
+    twice = sorted(key for key, n in Counter(c.key for c in concepts).items() if n > 1)
     if twice:
         raise ConceptError(f"concepts given more than once: {twice}; give each once")
     overlap = erased & {c.key for c in preserve}

@@ -28,6 +28,9 @@ own (robust to other load); wall time is reported beside it.
 On a GPU (``--device cuda``) the load is what a GPU user does, ``from_pretrained(..., dtype=...)`` then
 ``.to("cuda")``, and every timing waits for the GPU (``torch.cuda.synchronize``).
 
+After the apply figures it prints what peft alone takes to build the patch's LoRA layers (``--style xattn``): on a
+CPU that is above 5% of a hot load by itself, so there the apply target cannot be met while patches are peft adapters.
+
 Targets: apply <= 5% of load, switch <= 50 ms, fused <= 1.01x, unfused 3 patches <= 1.10x, gated <= 1.05x.
 
     python benchmarks/apply.py --threads 1                 # about 6 minutes on 2 CPU cores
@@ -122,6 +125,25 @@ def layer_cost(device: str, dtype: torch.dtype, calls: int = 3000) -> dict[str, 
     return out
 
 
+def peft_layers_ms(pipe, paths: list[str], rank: int, repeats: int = 5) -> float:
+    """Milliseconds peft takes to build its LoRA layers around ``paths`` alone (what :func:`inject` asks of it, nothing
+    attached to the pipeline), median of ``repeats``: the part of ``apply`` forgetpatch cannot make cheaper while a
+    patch's adapter is a peft adapter."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from forgetpatch.loader.adapters import lora_config
+
+    bases = [pipe.unet.get_submodule(path.removeprefix("unet.")) for path in paths]
+    config = lora_config({path: rank for path in paths})
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for base in bases:
+            LoraLinear(base, "a0", config=config, r=rank, lora_alpha=rank)
+        times.append(time.perf_counter() - t0)
+    return _median(times) * 1000
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -205,6 +227,10 @@ def main() -> None:
                   f"{'meets' if _median(times_s) <= 0.050 else 'misses'} the target (<= 50 ms)")  # fmt: skip
         print(f"apply / load   {apply_s / load_s:.2%} unfused, {_median(fused_applies) / load_s:.2%} fused   "
               f"{'meets' if apply_s / load_s <= 0.05 else 'misses'} the target (<= 5%)", flush=True)  # fmt: skip
+        if args.style == "xattn":  # every target a Linear
+            floor = peft_layers_ms(pipe, paths, args.rank)
+            print(f"of an unfused apply, peft building its {len(paths)} LoRA layers alone: {floor:.1f} ms, "
+                  f"{floor / 1000 / load_s:.2%} of load", flush=True)  # fmt: skip
         if args.no_inference:
             return
 

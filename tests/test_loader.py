@@ -168,14 +168,25 @@ def test_a_peft_without_config_taking_layers_is_left_to_diffusers_loader(pipe, b
     assert_unchanged(pipe, before)
 
 
-def test_apply_leaves_the_users_trainability_alone(pipe):
-    """The user's parameters keep their requires_grad (peft's whole-model injection froze every base weight)."""
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "diffusers-loader"])
+def test_apply_leaves_the_users_trainability_alone(pipe, monkeypatch, diffusers_loads, direct):
+    """The user's parameters keep their requires_grad, with adapters put on directly (where only the patched layers
+    are looked at) and with diffusers' loader (whose whole-model injection freezes every base weight); the patch's
+    own are frozen."""
+    from forgetpatch.loader import adapters
+
+    if not direct:
+        monkeypatch.setattr(adapters, "direct", lambda pipe: False)
     pipe.unet.requires_grad_(True)
     pipe.text_encoder.requires_grad_(False)
     forgetpatch.apply(pipe, make_patch(pipe))
+    assert diffusers_loads == ([] if direct else [1])
     assert all(p.requires_grad for n, p in pipe.unet.named_parameters() if "lora_" not in n)
     assert not any(p.requires_grad for n, p in pipe.text_encoder.named_parameters() if "lora_" not in n)
+    assert not any(p.requires_grad for n, p in pipe.unet.named_parameters() if "lora_" in n)
     forgetpatch.remove(pipe)
+    assert all(p.requires_grad for p in pipe.unet.parameters())
+    assert not any(p.requires_grad for p in pipe.text_encoder.parameters())
 
 
 def test_fused_matches_unfused_and_removes_exactly(pipe):

@@ -80,14 +80,34 @@ def trainability_kept(modules: Iterable[nn.Module]) -> Iterator[None]:
     adapter) are frozen. peft makes every adapter it activates trainable (``set_adapter``, which ``update_layer``
     and ``delete_adapter`` call), and its whole-model injection freezes the rest of the model."""
     modules = [m for m in modules if isinstance(m, nn.Module)]
-    flags = {p: p.requires_grad for m in modules for p in m.parameters()}
+    params = [p for m in modules for p in m.parameters()]  # held, so that no id is reused meanwhile
+    flags = {id(p): p.requires_grad for p in params}  # by id: hashing a tensor is slower
     try:
         yield
     finally:
         for m in modules:
             for p in m.parameters():
-                if p.requires_grad != flags.get(p, False):
-                    p.requires_grad_(flags.get(p, False))
+                if p.requires_grad != flags.get(id(p), False):
+                    p.requires_grad_(flags.get(id(p), False))
+
+
+def reach(pipe, layers: list[tuple[str, nn.Module]], paths: Iterable[str]) -> list[nn.Module]:
+    """The modules whose parameters putting adapters on ``paths``, or taking adapters off, may change the
+    ``requires_grad`` of (for :func:`trainability_kept`): when :func:`inject` puts them on and adapters are deleted
+    directly, the peft layers ``layers`` and the modules holding ``paths`` (where a layer wrapped meanwhile is
+    found); otherwise every component, since peft's whole-model injection freezes the rest of the model. Walking
+    only these keeps the cost of ``apply`` and ``remove`` independent of the model's size."""
+    paths = list(paths)
+    if not injects(pipe, paths):
+        return [unwrap(m) for c in COMPONENTS if isinstance(m := getattr(pipe, c, None), nn.Module)]
+    holders = {}
+    for path in paths:
+        component, _, rest = path.partition(".")
+        parent = rest.rpartition(".")[0]
+        model = unwrap(getattr(pipe, component))
+        holder = model.get_submodule(parent) if parent else model
+        holders[id(holder)] = holder
+    return [layer for _, layer in layers] + list(holders.values())
 
 
 def activate(layer: nn.Module, names: list[str]) -> None:
@@ -152,6 +172,12 @@ def direct(pipe) -> bool:
         if getattr(component, "_prepare_lora_hotswap_kwargs", None) is not None:
             return False
     return True
+
+
+def injects(pipe, paths: Iterable[str]) -> bool:
+    """Whether :func:`load_adapter` puts an adapter on ``paths`` with :func:`inject`, and :func:`delete_adapters`
+    deletes adapters directly (not with diffusers' loader)."""
+    return direct(pipe) and all(lora_layer(module_at(pipe, path)) for path in paths)
 
 
 def lora_config(ranks: dict[str, int]):
@@ -231,7 +257,7 @@ def load_adapter(pipe, patch: Patch, name: str) -> None:
     for path, (A, B) in patch.factors().items():
         s = patch.scale_of(path)
         factors[path] = (A, B if s == 1.0 else B * s)
-    if direct(pipe) and all(lora_layer(module_at(pipe, path)) for path in factors):
+    if injects(pipe, factors):
         inject(pipe, factors, name)
         return
     state_dict = {}

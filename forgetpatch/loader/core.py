@@ -178,11 +178,6 @@ _STATES_LOCK = threading.Lock()
 _UserSets = dict[str, dict[nn.Module, list[str]]]
 
 
-def _components(pipe) -> list[nn.Module]:
-    """The pipeline's components that patches can change (its denoiser and text encoders)."""
-    return [unwrap(m) for c in COMPONENTS if isinstance(m := getattr(pipe, c, None), nn.Module)]
-
-
 def _unet(pipe) -> nn.Module:
     """The pipeline's denoiser: its UNet, or its SD3 / FLUX transformer (:class:`ApplyError` without one)."""
     return denoiser(pipe)[1]
@@ -748,7 +743,8 @@ def apply(
         user = _user_sets(layers, _ours(state))
         added: list[AppliedPatch] = []
         before = adapters.adapter_names(pipe)
-        with adapters.trainability_kept(_components(pipe)):
+        targets = [] if fuse else [path for patch in patches for path in patch.target_modules]
+        with adapters.trainability_kept(adapters.reach(pipe, layers, targets)):
             _put_on(pipe, state, patches, added, user, before, scale=scale, fuse=fuse, key_steps=key_steps)
     return pipe
 
@@ -836,8 +832,9 @@ def remove(pipe, names: str | Patch | Iterable[str | Patch] | None = None):
                     "patch cannot be taken off exactly. Call pipe.unfuse_lora() first."
                 )
         if leaving:
-            with adapters.trainability_kept(_components(pipe)):
-                _take_off(pipe, state, leaving)
+            layers = adapters.tuner_layers(pipe)
+            with adapters.trainability_kept(adapters.reach(pipe, layers, [])):
+                _take_off(pipe, state, leaving, _user_sets(layers, _ours(state)))
     return pipe
 
 

@@ -131,3 +131,31 @@ def test_a_patch_records_toy_figures_with_eval_record(tmp_path):
     assert patch.digest == digest and "circle" in patch.manifest.metrics["toy_eval"]["concepts"]
     assert "not measured" not in " ".join(runner.invoke(app, ["inspect", str(folder)]).output.split()).split("robustness")[0]
     refused(["eval", str(folder), "--images", "1", "--record", "--scale", "0.5"], "--record", "--scale 1")
+    recorded = patch.manifest.metrics["toy_eval"]
+    assert recorded["settings"]["patches"] == [
+        {"name": patch.name, "digest": digest, "scale": 1.0, "fused": False, "key_steps": False}
+    ]
+
+
+def test_record_toy_refuses_a_report_of_anything_but_the_patch_alone(tmp_path):
+    """``record_toy`` writes a report into a patch only when the report measured that patch alone at scale 1: the
+    base's figures, another patch's or a weakened patch's never land in its manifest, which stays as it was."""
+    from forgetpatch import toy
+    from forgetpatch.errors import EvalError
+    from forgetpatch.eval import evaluate, record_toy
+
+    folder = forgetpatch.erase(toy.pipeline(), ["circle"], method="uce").save(tmp_path / "no-circle")
+    other = forgetpatch.erase(toy.pipeline(), ["star"], method="uce")
+    before = (folder / "forgetpatch.json").read_bytes()
+    small = {"images_per_concept": 1, "num_inference_steps": 2, "progress": False, "geometry": False}
+    for pipe, match in [
+        (toy.pipeline(), "measured no patch"),
+        (forgetpatch.apply(toy.pipeline(), other), "measured uce-no-star"),
+        (forgetpatch.apply(toy.pipeline(), [folder, other]), "not 'uce-no-circle'"),
+        (forgetpatch.apply(toy.pipeline(), folder, scale=0.5), "at scale 0.5"),
+    ]:
+        with pytest.raises(EvalError, match=match):
+            record_toy(folder, evaluate(pipe, ["circle"], **small))
+        assert (folder / "forgetpatch.json").read_bytes() == before
+    assert "toy_eval" in forgetpatch.load(record_toy(folder, evaluate(forgetpatch.apply(toy.pipeline(), folder),
+                                                                      ["circle"], **small))).manifest.metrics  # fmt: skip

@@ -77,6 +77,19 @@ def _base_from_report(
     return ours, [where[items[i].key] for i in ours]
 
 
+def patches_on(model: Any) -> list[dict[str, Any]] | None:
+    """The forgetpatch patches on ``model`` as a report records them (name, digest, scale, fused, gated to key
+    steps), in application order; ``None`` for a :class:`Generator`, which does not say."""
+    if isinstance(model, Generator) or not hasattr(model, "set_progress_bar_config"):
+        return None
+    from forgetpatch.loader import applied
+
+    return [
+        {"name": e.patch.name, "digest": e.digest, "scale": e.scale, "fused": e.fused, "key_steps": e.ranges is not None}
+        for e in applied(model)
+    ]
+
+
 def toy_judge(model: Any) -> Judge:
     """The shipped toy judge, once ``model`` is known to draw the toy world: the judge reads 32-pixel images of its
     shapes, colours and textures, and would give any other model's images confident, meaningless verdicts.
@@ -154,6 +167,7 @@ def evaluate(
         "seed": seed,
         "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale,
+        "patches": patches_on(pipe),
     }
     gen_kwargs = {
         "num_inference_steps": num_inference_steps,

@@ -429,7 +429,9 @@ def record_toy(folder: str | Path, report: EvalReport) -> Path:
     """Write a toy-world evaluation into the manifest of the patch in ``folder`` (``metrics["toy_eval"]``, what
     ``forgetpatch demo`` records and the model card's summary table reads). The patch's digest does not change.
 
-    The report must be of that patch alone, applied at scale 1 as it ships (the caller applies it).
+    The report must be of that patch alone, applied as it ships (scale 1, not gated to key steps; the caller
+    applies it): the patches :func:`~forgetpatch.eval.evaluate` found on the pipeline (``settings["patches"]``) are
+    checked before anything is written, and :class:`~forgetpatch.errors.EvalError` says what to evaluate instead.
 
     Example:
         >>> base = evaluate(toy.pipeline(), ["circle"])
@@ -438,6 +440,24 @@ def record_toy(folder: str | Path, report: EvalReport) -> Path:
     from forgetpatch.format import TOY_EVAL_METRICS, read_patch
 
     patch = read_patch(folder)
+    on = report.settings.get("patches")
+    if on is None:
+        raise EvalError(
+            "this report does not say which patches were on the model it measured (made from a Generator, or by an "
+            f"older forgetpatch): evaluate the pipeline with {patch.name!r} applied alone, then record that report"
+        )
+    if [p["digest"] for p in on] != [patch.digest]:
+        measured = ", ".join(p["name"] for p in on) or "no patch"
+        raise EvalError(
+            f"this report measured {measured}, not {patch.name!r} ({patch.digest[:12]}) alone: evaluate the "
+            "pipeline with that patch applied by itself to record its figures"
+        )
+    if on[0]["scale"] != 1.0 or on[0]["key_steps"]:
+        how = f"at scale {on[0]['scale']}" if on[0]["scale"] != 1.0 else "gated to its key steps"
+        raise EvalError(
+            f"this report measured {patch.name!r} {how}; record figures measured as the patch ships (applied at "
+            "scale 1, without key_steps=True)"
+        )
     patch.manifest.metrics[TOY_EVAL_METRICS] = report.to_dict()
     patch.save(folder)
     return Path(folder)

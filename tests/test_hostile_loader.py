@@ -671,3 +671,71 @@ def test_a_fused_apply_that_fails_half_way_leaves_earlier_fused_patches_exact(to
     assert calls[0] == SHARED
     assert [e.name for e in forgetpatch.applied(pipe)] == ["p0"]
     assert_same(pipe, before)
+
+
+# --- threads and components shared between pipelines ---------------------------------------------------------------
+def test_the_gate_holds_for_each_step_when_two_threads_run_one_unet():
+    """Two pipelines sharing the UNet (different schedulers and step counts) run at once in two threads: at every
+    forward of a patched layer the gated patch is on exactly when that call's step is inside its key steps (before,
+    the other thread's gate could switch the shared adapters between the switch and the forward)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    pipe1 = tiny_sd_pipeline(0)
+    # its own tokenizer: transformers' tokenizers are not thread-safe themselves
+    pipe2 = StableDiffusionPipeline(**{**pipe1.components, "tokenizer": copy.deepcopy(pipe1.tokenizer)})
+    pipe2.scheduler = EulerDiscreteScheduler.from_config(pipe1.scheduler.config)
+    for pipe in (pipe1, pipe2):
+        pipe.set_progress_bar_config(disable=True)
+    path = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    patch = build_patch(pipe1, factors(pipe1, [path], 3), name="early", method="manual", concepts=["cat"],
+                        key_steps=EARLY)  # fmt: skip
+    forgetpatch.apply(pipe1, patch, key_steps=True)
+    forgetpatch.applied(pipe2)
+    local, wrong, checked = threading.local(), [], []
+
+    def step(module, args, kwargs):  # registered after the gate: the fraction of the call that runs now
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        local.fraction = 1 - float(t.flatten()[0] if torch.is_tensor(t) else t) / 1000
+
+    def layer_runs(module, args):
+        on = "early" in module.active_adapters
+        checked.append(1)
+        if on != (local.fraction <= 0.5):
+            wrong.append((threading.current_thread().name, round(local.fraction, 3), on))
+
+    pipe1.unet.register_forward_pre_hook(step, with_kwargs=True)
+    pipe1.unet.get_submodule(path.removeprefix("unet.")).register_forward_pre_hook(layer_runs)
+
+    def run(pipe, steps):
+        pipe("a red circle", num_inference_steps=steps, height=32, width=32, output_type="np",
+             generator=torch.Generator().manual_seed(0))  # fmt: skip
+
+    for _ in range(6):
+        threads = [threading.Thread(target=run, args=(pipe1, 10), name="ddim-10"),
+                   threading.Thread(target=run, args=(pipe2, 7), name="euler-7")]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(checked) == 6 * (10 + 7) and wrong == [], wrong[:5]
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_a_text_encoder_shared_with_another_unets_pipeline_is_refused_while_patched_there(fuse):
+    """Pipelines sharing the text encoder but not the UNet: a patch on the text encoder through one refuses a patch
+    there through the other (before, taking one off took the other's change out too while ``applied()`` listed it,
+    or left the shared weight changed); a patch of the other UNet alone is fine, and all comes off exactly."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe_a = tiny_sd_pipeline(0)
+    pipe_b = StableDiffusionPipeline(**{**pipe_a.components, "unet": copy.deepcopy(pipe_a.unet)})
+    before = {k: v.clone() for k, v in pipe_a.text_encoder.state_dict().items()}
+    forgetpatch.apply(pipe_a, make_patch(pipe_a, (SHARED, TEXT), name="a"), fuse=fuse)
+    with pytest.raises(ApplyError, match="text_encoder is shared"):
+        forgetpatch.apply(pipe_b, make_patch(pipe_b, (SHARED, TEXT), seed=1, name="b"), fuse=fuse)
+    assert forgetpatch.applied(pipe_b) == []
+    forgetpatch.apply(pipe_b, make_patch(pipe_b, (SHARED,), seed=1, name="b"), fuse=fuse)
+    forgetpatch.remove(pipe_a)
+    forgetpatch.remove(pipe_b)
+    after = pipe_a.text_encoder.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())

@@ -168,6 +168,13 @@ class _State:
     """(patch name, module path, attention module) of every query/key/value projection a patch changes, to notice
     ``pipe.fuse_qkv_projections()``, after which the attention runs on fused copies a patch does not reach."""
     hooks: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
+    gate: threading.RLock = field(default_factory=threading.RLock)
+    """Held by a thread from the gate's switch to the end of that UNet call, so that another thread running the same
+    UNet (pipelines sharing it) cannot switch the adapters to its own step meanwhile."""
+
+
+#: Per thread, the bookkeeping whose gate the thread holds for a UNet call now running (innermost last).
+_GATED = threading.local()
 
 
 # Bookkeeping lives with the UNet (adapters live there too), so pipelines built from the same
@@ -269,7 +276,8 @@ def _with_parents(patches: list[Patch], state: _State, allow_unverified: bool) -
             found: dict[str, Patch] = {}
             if folder is not None and folder.is_dir():
                 for sibling in sorted(folder.iterdir()):
-                    if sibling != source and (sibling / "forgetpatch.json").is_file():
+                    hidden = sibling.name.startswith(".")  # e.g. the work folder of a save running or killed there
+                    if sibling != source and not hidden and (sibling / "forgetpatch.json").is_file():
                         candidate = read_patch(sibling, allow_unverified=allow_unverified)
                         found[candidate.digest] = candidate
             missing = [d for d in wanted if d not in found]
@@ -331,6 +339,14 @@ def _check(
         raise ApplyError(
             f"LoRA is switched off on this pipeline (pipe.disable_lora(); e.g. {disabled[0]}), so an unfused "
             "patch would be off too: call pipe.enable_lora() first, or apply with fuse=True"
+        )
+    shared = _shared_with_another_unet(pipe, state, patches)
+    if shared:
+        raise ApplyError(
+            f"this pipeline's {shared} is shared with a pipeline whose {state.denoiser} is another one, and patches "
+            f"are on that {shared} there already: forgetpatch keeps a pipeline's patches with its {state.denoiser}, so "
+            "the two would undo each other's. Apply to pipelines that share both, or give this one its own copy "
+            f"(pipe.{shared} = copy.deepcopy(pipe.{shared}))."
         )
     for patch in patches:
         if patch.digest in present:
@@ -399,6 +415,20 @@ def _check(
                     f"{', '.join(d[:12] for d in missing)}. Apply those first (in order), or pass strict=False."
                 )
         present.append(patch.digest)
+
+
+def _shared_with_another_unet(pipe, state: _State, patches: Sequence[Patch]) -> str | None:
+    """The name of a component ``patches`` change that carries patches applied through another UNet's bookkeeping
+    (pipelines built with the same text encoder and another UNet), or ``None``."""
+    with _STATES_LOCK:
+        others = [other for other in _STATES.values() if other is not state and other.entries]
+    for component in sorted({path.partition(".")[0] for patch in patches for path in patch.target_modules}):
+        module = unwrap(getattr(pipe, component, None))
+        for other in others:
+            ref = other.components.get(component)
+            if ref is not None and ref() is module:
+                return component
+    return None
 
 
 def _bypassed(state: _State, names: set[str]) -> list[tuple[str, str]]:
@@ -611,16 +641,36 @@ def _unet_hook(state: _State):
             return None
         with state.lock:
             _verify(state, list(state.pipes))
-            unfused = [e for e in state.entries if not e.fused]
-            if not any(e.ranges is not None for e in unfused):
+            if not any(e.ranges is not None for e in state.entries if not e.fused):
                 return None
             timestep = timestep_of(unet, state.denoiser, args, kwargs)
             if timestep is None:
                 return None
-            fraction = noise_fraction(unet, timestep, _train_steps(state))
-            names = tuple(e.name for e in unfused if _is_active(e, fraction))
-            if names != state.active:
-                _switch(state, names)
+        # The adapters are the UNet's, shared by every thread running it: hold the gate through this call (released
+        # by _unet_done), so that a call at another step in another thread waits instead of switching them under it.
+        state.gate.acquire()
+        try:
+            with state.lock:
+                unfused = [e for e in state.entries if not e.fused]
+                fraction = noise_fraction(unet, timestep, _train_steps(state))
+                names = tuple(e.name for e in unfused if _is_active(e, fraction))
+                if names != state.active:
+                    _switch(state, names)
+        except BaseException:
+            state.gate.release()
+            raise
+        _GATED.states = [*getattr(_GATED, "states", []), state]
+        return None
+
+    return hook
+
+
+def _unet_done(state: _State):
+    def hook(unet, args, output):  # always called, also when the forward raised
+        held = getattr(_GATED, "states", [])
+        if held and held[-1] is state:
+            _GATED.states = held[:-1]
+            state.gate.release()
         return None
 
     return hook
@@ -656,7 +706,9 @@ def _sync(pipe, state: _State, user: _UserSets) -> None:
         handle.remove()
     state.hooks = []
     if on:
-        state.hooks.append(_unet(pipe).register_forward_pre_hook(_unet_hook(state), with_kwargs=True))
+        unet = _unet(pipe)
+        state.hooks.append(unet.register_forward_pre_hook(_unet_hook(state), with_kwargs=True))
+        state.hooks.append(unet.register_forward_hook(_unet_done(state), always_call=True))
     for component in sorted({path.partition(".")[0] for path, _, _ in state.layers} - {state.denoiser}):
         state.hooks.append(
             unwrap(getattr(pipe, component)).register_forward_pre_hook(_component_hook(state, component))
@@ -879,7 +931,7 @@ def unpatched(pipe):
         for component in COMPONENTS:
             module = getattr(clone, component, None)
             if isinstance(module, nn.Module):
-                for hooks in (module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs):
+                for hooks in (module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs, module._forward_hooks):
                     for i in ids:
                         hooks.pop(i, None)
         clone_unet = _unet(clone)

@@ -405,3 +405,26 @@ def test_erasing_on_a_patched_pipeline_edits_the_patched_weights(method):
         torch.testing.assert_close(on_patched[path], on_edited[path], rtol=1e-4, atol=1e-5)
     second = forgetpatch.erase(patched, ["star"], method=method, progress=False)
     assert second.manifest.lineage == [first.digest]
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "match"),
+    [
+        ("uce", {"erase_scale": 0}, "erase_scale > 0"),  # wrote a patch with NaN errors no one could load
+        ("uce", {"erase_scale": -5}, "erase_scale > 0"),  # a complex square root in the solve
+        ("scapre", {"erase_scale": 0}, "erase_scale > 0"),
+        ("uce", {"erase_scale": float("nan")}, "erase_scale must be a finite number"),
+        ("scapre", {"preserve_scale": float("inf")}, "preserve_scale must be a finite number"),
+        ("esd", {"lr": float("nan"), "iterations": 2}, "lr must be a finite number"),  # torch's ValueError before
+        ("esd", {"eta": float("nan"), "iterations": 2}, "eta must be a finite number"),  # "lower the learning rate"
+        ("kscu", {"lr": float("inf"), "iterations": 2}, "lr must be a finite number"),
+        ("dynamic_mask", {"lr": float("nan"), "steps": 2}, "lr must be a finite number"),
+        ("esd", {"checkpoint_every": 0, "checkpoint_dir": "ck", "iterations": 2}, "checkpoint_every must be >= 1"),
+        (None, {}, "unknown method None"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_before_anything_runs(sd, tmp_path, monkeypatch, method, params, match):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MethodError, match=match):
+        forgetpatch.erase(sd, ["circle"], method=method, **params)
+    assert list(tmp_path.iterdir()) == []

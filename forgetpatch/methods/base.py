@@ -9,6 +9,7 @@ callers ask the registered class (``get_method(name).closed_form``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections import Counter
@@ -90,7 +91,7 @@ def get_method(name: str) -> Method:
     """Instantiate the method registered as ``name``; unknown names list the known ones."""
     try:
         return _REGISTRY[name.lower()]()
-    except KeyError:
+    except (KeyError, AttributeError):  # AttributeError: not a string (method=None)
         known = ", ".join(sorted(_REGISTRY)) or "(none)"
         raise UnknownMethodError(f"unknown method {name!r}; available methods: {known}") from None
 
@@ -154,6 +155,8 @@ def typed(values: P) -> P:
     hints = typing.get_type_hints(type(values))
     for f in dataclasses.fields(values):
         value, declared = getattr(values, f.name), hints.get(f.name, Any)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise MethodError(f"parameter {f.name} must be a finite number, got {value!r}")
         if not _is_a(value, declared):
             raise MethodError(
                 f"parameter {f.name} must be {_describe(declared)}, got {value!r} ({type(value).__name__})"

@@ -46,6 +46,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -187,8 +188,10 @@ class FinetuneConfig:
                 f"iterations ({self.iterations}) and rank ({self.rank}) must be >= 1 and "
                 f"num_inference_steps ({self.num_inference_steps}) >= 2"
             )
-        if self.lr <= 0:
-            raise MethodError(f"learning rate must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise MethodError(f"learning rate must be a positive finite number, got {self.lr}")
+        if self.checkpoint_every < 1:
+            raise MethodError(f"checkpoint_every must be >= 1 (iterations between checkpoints), got {self.checkpoint_every}")
         if self.batch_size < 1:
             raise MethodError(f"batch_size must be >= 1, got {self.batch_size}")
 

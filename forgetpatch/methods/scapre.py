@@ -158,8 +158,12 @@ class ScaPreParams:
         values = typed(replace(values, templates=tuple(values.templates)))
         if values.max_rank is not None and values.max_rank < 1:
             raise MethodError(f"max_rank must be >= 1 (or None for the exact change), got {values.max_rank}")
-        if values.lam <= 0 or values.erase_scale < 0 or values.preserve_scale < 0 or (values.hold_scale or 0) < 0:
-            raise MethodError("ScaPre needs lam > 0 and non-negative erase/preserve/hold scales")
+        if values.lam <= 0 or values.erase_scale <= 0 or values.preserve_scale < 0 or (values.hold_scale or 0) < 0:
+            raise MethodError(
+                "ScaPre needs lam > 0, erase_scale > 0 (at 0 the patch changes nothing) and non-negative "
+                f"preserve/hold scales, got lam {values.lam}, erase_scale {values.erase_scale}, preserve_scale "
+                f"{values.preserve_scale}, hold_scale {values.hold_scale}"
+            )
         if values.entropy_samples < 2 or values.mi_samples < 1 or values.entropy_bins < 2:
             raise MethodError("ScaPre needs entropy_samples >= 2, entropy_bins >= 2 and mi_samples >= 1")
         if values.robust < 0 or values.robust_lambda < 0:

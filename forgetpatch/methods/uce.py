@@ -111,6 +111,11 @@ class UCEParams:
         values = typed(cls(**converted))
         if values.lam <= 0:
             raise MethodError(f"UCE needs lam > 0 (the solve is singular otherwise), got {values.lam}")
+        if values.erase_scale <= 0 or values.preserve_scale < 0:
+            raise MethodError(
+                f"UCE needs erase_scale > 0 (at 0 the patch changes nothing) and preserve_scale >= 0, got "
+                f"{values.erase_scale} and {values.preserve_scale}"
+            )
         if values.hold_scale is not None and values.hold_scale < 0:
             raise MethodError(f"hold_scale must be >= 0 (or None for erase_scale), got {values.hold_scale}")
         if values.max_rank is not None and values.max_rank < 1:
@@ -193,7 +198,8 @@ def _compress(factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]):
             Q, R = torch.linalg.qr(A64.T)
             new_B, new_A = B64 @ R.T, Q.T
         exact = B64 @ A64
-        error = float((new_B.float().double() @ new_A.float().double() - exact).norm() / exact.norm())
+        norm = float(exact.norm())
+        error = float((new_B.float().double() @ new_A.float().double() - exact).norm()) / norm if norm else 0.0
         factors[path] = (new_A.float(), new_B.float(), error)
     return factors
 

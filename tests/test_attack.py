@@ -170,6 +170,7 @@ def test_cli_attack_errors_are_one_line(guided, tmp_path):
         ((str(guided), "--attack", "jailbreak"), "unknown attacks"),
         ((str(guided), "--concept", "disc"), "synonym of 'circle'"),
         ((str(guided), str(guided), "--record"), "--record writes into one local patch folder"),
+        ((str(guided), "--record", "--scale", "0.5"), "--scale 1, no --key-steps"),  # refused after every attack before
         ((str(guided), "--budget", "huge"), "unknown attack budget"),
         ((str(guided), "--grid", str(tmp_path / "g.jpg")), "ending in .png"),
     ):

@@ -424,3 +424,35 @@ def _toy_stand_in():
 class FixedJudge:
     def classify(self, images: np.ndarray) -> list[dict]:
         return [verdict("square", "red", "plain") for _ in images]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"images_per_erased": -3}, "images_per_erased must be a whole number >= 1, got -3"),  # recorded as -3
+        ({"images_per_concept": -1}, "images_per_concept must be a whole number >= 1, got -1"),  # said "got 0"
+        ({"images_per_concept": 1.5}, "images_per_concept"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),  # ZeroDivisionError
+        ({"batch_size": 0}, "batch_size"),  # range() arg 3 must not be zero
+        ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number"),  # diffusers: no guidance
+    ],
+)
+def test_evaluate_refuses_settings_it_cannot_measure_with_before_generating(kwargs, match):
+    from forgetpatch.errors import EvalInputError
+
+    class Never:
+        def generate(self, prompts, seeds):
+            raise AssertionError("nothing is generated before the settings are checked")
+
+    with pytest.raises(EvalInputError, match=match):
+        evaluate(Never(), ["circle"], **kwargs)
+
+
+def test_a_reference_made_with_other_settings_is_refused_before_generating():
+    class Never:
+        def generate(self, prompts, seeds):
+            raise AssertionError("nothing is generated before the reference is checked")
+
+    reference = run(FakeGenerator(), num_inference_steps=2)
+    with pytest.raises(ForgetPatchError, match="num_inference_steps=2"):
+        run(Never(), reference=reference, num_inference_steps=4)

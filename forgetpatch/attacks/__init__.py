@@ -162,10 +162,12 @@ def record(folder: str | Path, reports: Sequence[AttackReport]) -> Path:
                 f"the attack on {report.concept!r} was run on {digests or 'no patch'}, not on {patch.name} "
                 f"({patch.digest[:12]}) alone; attack the patch by itself to record its robustness"
             )
-        if report.patches[0]["scale"] != 1.0:
+        if report.patches[0]["scale"] != 1.0 or report.patches[0]["key_steps"]:
+            on = report.patches[0]
+            how = f"at scale {on['scale']}" if on["scale"] != 1.0 else "gated to its key steps"
             raise AttackError(
-                f"the attack ran with the patch at scale {report.patches[0]['scale']}; record figures measured "
-                "at scale 1 (as the patch ships)"
+                f"the attack ran with the patch {how}; record figures measured as the patch ships (applied at "
+                "scale 1, without key_steps=True)"
             )
     entry = dict(patch.manifest.metrics.get(ROBUSTNESS_METRICS) or {})
     entry.update(robustness_metrics(list(reports)))

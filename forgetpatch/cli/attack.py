@@ -56,10 +56,10 @@ def attack_command(
     for path in (grid, json_out):
         if path is not None:
             check_writable(path, folder=False)
-    if record and (len(patches) != 1 or not Path(patches[0]).is_dir()):
+    if record and (len(patches) != 1 or not Path(patches[0]).is_dir() or scale != 1.0 or key_steps):
         raise AttackError(
-            "--record writes into one local patch folder: attack that folder alone "
-            "(download a Hub patch first, e.g. with huggingface_hub.snapshot_download)"
+            "--record writes into one local patch folder, attacked alone as it ships (--scale 1, no --key-steps): "
+            "attack that folder by itself (download a Hub patch first, e.g. with huggingface_hub.snapshot_download)"
         )
     loaded = [load(ref) for ref in patches]
     concepts = list(dict.fromkeys(concept or [c.target for p in loaded for c in p.manifest.concepts]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -54,6 +56,15 @@ def _check_concepts(erased: Sequence[str]) -> list[str]:
             f"(synonyms are scored as paraphrases automatically): {', '.join(ALL_CONCEPTS)}"
         )
     return list(dict.fromkeys(erased))
+
+
+def _check_counts(**counts: Any) -> None:
+    """Every count an integer >= 1 (``None`` allowed, meaning the default), or :class:`EvalInputError` naming it."""
+    for name, value in counts.items():
+        if value is None and name == "images_per_erased":
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise EvalInputError(f"{name} must be a whole number >= 1, got {value!r}")
 
 
 def _base_from_report(
@@ -157,6 +168,10 @@ def evaluate(
         >>> report.concepts["circle"].scores.ua, report.concepts["circle"].ratios["ira"], report.drift
     """
     start = time.perf_counter()
+    _check_counts(images_per_concept=images_per_concept, images_per_erased=images_per_erased,
+                  num_inference_steps=num_inference_steps, batch_size=batch_size)  # fmt: skip
+    if not math.isfinite(guidance_scale):
+        raise EvalInputError(f"guidance_scale must be a finite number, got {guidance_scale}")
     erased = _check_concepts(erased)
     items = list(prompts) if prompts is not None else scoring_prompts(erased, images_per_concept, seed, images_per_erased)
     if not items:
@@ -176,6 +191,8 @@ def evaluate(
         "progress": progress,
     }
     judge = judge if judge is not None else toy_judge(pipe)
+    if isinstance(reference, EvalReport):  # before generating: a reference made otherwise cannot be used
+        ours, theirs = _base_from_report(reference, items, settings)
     generator = as_generator(pipe, **gen_kwargs)
     images = _generate(generator, items, batch_size)
     judged = list(judge.classify(images))
@@ -183,7 +200,6 @@ def evaluate(
     base_images = base_judged = None
     base_items: list[ScoringPrompt] = []
     if isinstance(reference, EvalReport):
-        ours, theirs = _base_from_report(reference, items, settings)
         base_items = [items[i] for i in ours]
         base_images = reference.images[theirs]
         base_judged = [reference.judged[i] for i in theirs]

@@ -152,25 +152,25 @@ def record(folder: str | Path, reports: Sequence[AttackReport]) -> Path:
     Example:
         >>> record("no-circle/", [attack(forgetpatch.apply(toy.pipeline(), "no-circle/"), "circle")])
     """
-    from forgetpatch.format import ROBUSTNESS_METRICS, read_patch
+    from forgetpatch.format import ROBUSTNESS_METRICS, record_metrics
 
-    patch = read_patch(folder)
-    for report in reports:
-        digests = [p["digest"] for p in report.patches]
-        if digests != [patch.digest]:
-            raise AttackError(
-                f"the attack on {report.concept!r} was run on {digests or 'no patch'}, not on {patch.name} "
-                f"({patch.digest[:12]}) alone; attack the patch by itself to record its robustness"
-            )
-        if report.patches[0]["scale"] != 1.0 or report.patches[0]["key_steps"]:
-            on = report.patches[0]
-            how = f"at scale {on['scale']}" if on["scale"] != 1.0 else "gated to its key steps"
-            raise AttackError(
-                f"the attack ran with the patch {how}; record figures measured as the patch ships (applied at "
-                "scale 1, without key_steps=True)"
-            )
-    entry = dict(patch.manifest.metrics.get(ROBUSTNESS_METRICS) or {})
-    entry.update(robustness_metrics(list(reports)))
-    patch.manifest.metrics[ROBUSTNESS_METRICS] = entry
-    patch.save(folder)
-    return Path(folder)
+    def figures(patch) -> dict[str, Any]:
+        for report in reports:
+            digests = [p["digest"] for p in report.patches]
+            if digests != [patch.digest]:
+                raise AttackError(
+                    f"the attack on {report.concept!r} was run on {digests or 'no patch'}, not on {patch.name} "
+                    f"({patch.digest[:12]}) alone; attack the patch by itself to record its robustness"
+                )
+            if report.patches[0]["scale"] != 1.0 or report.patches[0]["key_steps"]:
+                on = report.patches[0]
+                how = f"at scale {on['scale']}" if on["scale"] != 1.0 else "gated to its key steps"
+                raise AttackError(
+                    f"the attack ran with the patch {how}; record figures measured as the patch ships (applied at "
+                    "scale 1, without key_steps=True)"
+                )
+        entry = dict(patch.manifest.metrics.get(ROBUSTNESS_METRICS) or {})
+        entry.update(robustness_metrics(list(reports)))
+        return {ROBUSTNESS_METRICS: entry}
+
+    return record_metrics(folder, figures)

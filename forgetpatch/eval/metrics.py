@@ -14,7 +14,7 @@ from forgetpatch.errors import ConceptError, EvalInputError, ForgetPatchError
 from forgetpatch.eval.generate import DEFAULT_GUIDANCE_SCALE, Generator, as_generator, generate_sharded
 from forgetpatch.eval.geometry import fit_shapes
 from forgetpatch.eval.prompts import ALL_CONCEPTS, ScoringPrompt, main_prompts, paraphrase_prompts
-from forgetpatch.eval.report import ConceptReport, EvalReport, Verdict, accuracy, score_concept
+from forgetpatch.eval.report import ConceptReport, EvalReport, Verdict, accuracy, patches_on, score_concept
 from forgetpatch.toy import vocab
 
 
@@ -86,19 +86,6 @@ def _base_from_report(
         )
     ours = [i for i, it in enumerate(items) if it.key in where]
     return ours, [where[items[i].key] for i in ours]
-
-
-def patches_on(model: Any) -> list[dict[str, Any]] | None:
-    """The forgetpatch patches on ``model`` as a report records them (name, digest, scale, fused, gated to key
-    steps), in application order; ``None`` for a :class:`Generator`, which does not say."""
-    if isinstance(model, Generator) or not hasattr(model, "set_progress_bar_config"):
-        return None
-    from forgetpatch.loader import applied
-
-    return [
-        {"name": e.patch.name, "digest": e.digest, "scale": e.scale, "fused": e.fused, "key_steps": e.ranges is not None}
-        for e in applied(model)
-    ]
 
 
 def toy_judge(model: Any) -> Judge:

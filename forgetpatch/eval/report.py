@@ -425,22 +425,25 @@ class EvalReport:
         return ScoringPrompt(**{**d, "scene": Scene(**d["scene"])})
 
 
-def record_toy(folder: str | Path, report: EvalReport) -> Path:
-    """Write a toy-world evaluation into the manifest of the patch in ``folder`` (``metrics["toy_eval"]``, what
-    ``forgetpatch demo`` records and the model card's summary table reads). The patch's digest does not change.
+def patches_on(model: Any) -> list[dict[str, Any]] | None:
+    """The forgetpatch patches on ``model`` as a report's ``settings["patches"]`` records them (name, digest, scale,
+    fused, gated to key steps), in application order; ``None`` for a ``Generator``, which does not say."""
+    from forgetpatch.eval.generate import Generator
 
-    The report must be of that patch alone, applied as it ships (scale 1, not gated to key steps; the caller
-    applies it): the patches :func:`~forgetpatch.eval.evaluate` found on the pipeline (``settings["patches"]``) are
-    checked before anything is written, and :class:`~forgetpatch.errors.EvalError` says what to evaluate instead.
+    if isinstance(model, Generator) or not hasattr(model, "set_progress_bar_config"):
+        return None
+    from forgetpatch.loader import applied
 
-    Example:
-        >>> base = evaluate(toy.pipeline(), ["circle"])
-        >>> record_toy("no-circle/", evaluate(forgetpatch.apply(toy.pipeline(), "no-circle/"), ["circle"], reference=base))
-    """
-    from forgetpatch.format import TOY_EVAL_METRICS, read_patch
+    return [
+        {"name": e.patch.name, "digest": e.digest, "scale": e.scale, "fused": e.fused, "key_steps": e.ranges is not None}
+        for e in applied(model)
+    ]
 
-    patch = read_patch(folder)
-    on = report.settings.get("patches")
+
+def measured_alone(settings: dict[str, Any], patch: Any) -> None:
+    """:class:`EvalError` saying what to evaluate instead, unless a report's ``settings`` say it measured ``patch``
+    alone as it ships (scale 1, not gated to key steps): what a report recorded into that patch must be."""
+    on = settings.get("patches")
     if on is None:
         raise EvalError(
             "this report does not say which patches were on the model it measured (made from a Generator, or by an "
@@ -458,6 +461,24 @@ def record_toy(folder: str | Path, report: EvalReport) -> Path:
             f"this report measured {patch.name!r} {how}; record figures measured as the patch ships (applied at "
             "scale 1, without key_steps=True)"
         )
-    patch.manifest.metrics[TOY_EVAL_METRICS] = report.to_dict()
-    patch.save(folder)
-    return Path(folder)
+
+
+def record_toy(folder: str | Path, report: EvalReport) -> Path:
+    """Write a toy-world evaluation into the manifest of the patch in ``folder`` (``metrics["toy_eval"]``, what
+    ``forgetpatch demo`` records and the model card's summary table reads). The patch's digest does not change.
+
+    The report must be of that patch alone, applied as it ships (scale 1, not gated to key steps; the caller
+    applies it): the patches :func:`~forgetpatch.eval.evaluate` found on the pipeline (``settings["patches"]``) are
+    checked before anything is written, and :class:`~forgetpatch.errors.EvalError` says what to evaluate instead.
+
+    Example:
+        >>> base = evaluate(toy.pipeline(), ["circle"])
+        >>> record_toy("no-circle/", evaluate(forgetpatch.apply(toy.pipeline(), "no-circle/"), ["circle"], reference=base))
+    """
+    from forgetpatch.format import TOY_EVAL_METRICS, record_metrics
+
+    def figures(patch) -> dict[str, Any]:
+        measured_alone(report.settings, patch)
+        return {TOY_EVAL_METRICS: report.to_dict()}
+
+    return record_metrics(folder, figures)

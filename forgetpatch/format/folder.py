@@ -11,13 +11,18 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import hashlib
 import os
 import shutil
 import stat
 import sys
+import tempfile
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+
+from filelock import FileLock
 
 
 def name_problem(name: str) -> str | None:
@@ -143,3 +148,40 @@ def swap(a: Path, b: Path) -> None:
         os.rename(aside, b)
         raise
     os.rename(aside, a)
+
+
+_WRITER_LOCKS: dict[tuple[int, str], FileLock] = {}
+_WRITER_LOCKS_GUARD = threading.Lock()
+
+
+def writer_lock(folder: Path) -> FileLock:
+    """The lock that lets one writer at a time replace the patch folder ``folder``, across threads and processes of
+    this machine: a ``filelock.FileLock`` on a file named after the folder's absolute path, in a folder of the
+    user's in the system's temporary folder (nothing is left beside the patch); one object per folder and process, so
+    that a writer holding it may take it again (reentrant in its thread).
+
+    Example:
+        >>> with writer_lock(Path("no-circle")):   # read, change and save without losing another writer's change
+        ...     ...
+    """
+    where = os.path.abspath(folder)
+    key = (os.getpid(), where)  # a forked child makes its own: filelock refuses an inherited one
+    with _WRITER_LOCKS_GUARD:
+        lock = _WRITER_LOCKS.get(key)
+        if lock is None:
+            user = os.getuid() if hasattr(os, "getuid") else os.getlogin()  # another user's folder is not writable
+            place = Path(tempfile.gettempdir()) / f"forgetpatch-locks-{user}"
+            place.mkdir(mode=0o700, exist_ok=True)
+            name = hashlib.sha256(os.fsencode(where)).hexdigest()[:32]
+            lock = _WRITER_LOCKS[key] = FileLock(str(place / f"{name}.lock"))
+    return lock
+
+
+def identity(path: Path) -> tuple[int, int, int] | None:
+    """What tells ``path`` apart from a file or folder put in its place (a save replaces a patch as a whole):
+    device, inode and change time; ``None`` where nothing is."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_ctime_ns

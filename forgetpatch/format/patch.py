@@ -38,10 +38,11 @@ import os
 import re
 import shutil
 import struct
+import time
 import uuid
 import warnings
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -56,11 +57,13 @@ from forgetpatch.format.fingerprint import COMPONENTS, split_path
 from forgetpatch.format.folder import (
     carry_over,
     entries,
+    identity,
     inside,
     is_hidden,
     name_problem,
     read_bounded,
     swap,
+    writer_lock,
 )
 from forgetpatch.format.manifest import FORMAT_VERSION, Manifest
 from forgetpatch.format.migrate import manifest_version, upgrade
@@ -371,28 +374,29 @@ class Patch:
                 f"{path} is a mount point: Patch.save replaces a patch folder as a whole (to be atomic) and "
                 "cannot replace a mount point; save into a folder inside it",
             )
-        listed, left_out = _own_files(path, include)
         path.parent.mkdir(parents=True, exist_ok=True)
-        work = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        replacing = path.exists()
         cwd = os.getcwd()
-        try:
-            work.mkdir()
-            if replacing:
-                carry_over(path, work, skip={WEIGHTS_NAME, MANIFEST_NAME})
-            self._write_weights(work / WEIGHTS_NAME)
-            files = {name: sha256_file(work / name) for name in [WEIGHTS_NAME, *listed]}
-            manifest = self.manifest.model_copy(update={"files": dict(sorted(files.items()))})
-            (work / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
-            if replacing:
-                shutil.copystat(path, work)
-                _swap(work, path)  # work now holds the old folder
-            else:
-                os.rename(work, path)
-        except BaseException:
+        with writer_lock(path):  # another writer (a save, a recording of figures) waits: none loses the other's
+            listed, left_out = _own_files(path, include)
+            work = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+            replacing = path.exists()
+            try:
+                work.mkdir()
+                if replacing:
+                    carry_over(path, work, skip={WEIGHTS_NAME, MANIFEST_NAME})
+                self._write_weights(work / WEIGHTS_NAME)
+                files = {name: sha256_file(work / name) for name in [WEIGHTS_NAME, *listed]}
+                manifest = self.manifest.model_copy(update={"files": dict(sorted(files.items()))})
+                (work / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
+                if replacing:
+                    shutil.copystat(path, work)
+                    _swap(work, path)  # work now holds the old folder
+                else:
+                    os.rename(work, path)
+            except BaseException:
+                shutil.rmtree(work, ignore_errors=True)
+                raise
             shutil.rmtree(work, ignore_errors=True)
-            raise
-        shutil.rmtree(work, ignore_errors=True)
         if Path(cwd).is_relative_to(path):
             os.chdir(cwd)  # the working directory was in the folder just replaced: move into the new one
         if left_out:
@@ -678,7 +682,9 @@ def require_verifiable(patch: Patch, *, allow_unverified: bool = False, unchecke
 def read_patch(path: str | os.PathLike, *, allow_unverified: bool = False) -> Patch:
     """Read a patch from a folder or a single ``.safetensors`` file.
 
-    Older format versions are migrated; newer ones raise :class:`UnsupportedFormatVersionError`.
+    Older format versions are migrated; newer ones raise :class:`UnsupportedFormatVersionError`. A patch that a
+    save replaces while it is read is read again (a few times, a little later each time), so a reader gets one
+    version whole, never files of two.
     Corrupt, truncated or non-safetensors files raise :class:`PatchFormatError` (never unpickled);
     a folder's files are checked against the hashes in ``forgetpatch.json``. A patch that cannot be
     verified (format v0 without checksum, or no base fingerprint for some module) raises
@@ -689,6 +695,45 @@ def read_patch(path: str | os.PathLike, *, allow_unverified: bool = False) -> Pa
         >>> old = read_patch("patches/made-in-2023", allow_unverified=True)   # format v0: logs a warning
     """
     path = Path(path)
+    for attempt in range(_READ_ATTEMPTS):
+        before = identity(path)
+        try:
+            patch = _read(path, allow_unverified)
+        except (PatchFormatError, OSError):
+            if attempt + 1 < _READ_ATTEMPTS and identity(path) != before:
+                time.sleep(0.01 * 2**attempt)  # replaced by a save while it was read: read the new one
+                continue
+            raise
+        if identity(path) == before:
+            return patch
+        time.sleep(0.01 * 2**attempt)
+    raise PatchFormatError(f"{path} was replaced {_READ_ATTEMPTS} times while it was read; read it again when done")
+
+
+def record_metrics(folder: str | os.PathLike, update: Callable[[Patch], dict[str, Any]]) -> Path:
+    """Add ``update(patch)`` to the metrics of the patch in ``folder`` and save it; its digest does not change.
+
+    The folder's writer lock is held from the read to the save, so two recordings at once (``eval --record`` and
+    ``attack --record`` in two terminals) each keep the other's figures. ``update`` sees the patch as it is now and may
+    raise to refuse; then nothing is written.
+
+    Example:
+        >>> record_metrics("no-circle", lambda patch: {"my_benchmark": {"ua": 0.94}})
+    """
+    folder = Path(folder)
+    target = folder.resolve() if folder.is_symlink() else Path(os.path.abspath(folder))  # the folder save replaces
+    with writer_lock(target):
+        patch = read_patch(folder)
+        patch.manifest.metrics.update(update(patch))
+        patch.save(folder)
+    return folder
+
+
+#: Reads of a patch that a save replaced meanwhile (its files by path would mix the two versions) are made again.
+_READ_ATTEMPTS = 5
+
+
+def _read(path: Path, allow_unverified: bool) -> Patch:
     hashed = False
     if path.is_dir():
         weights = path / WEIGHTS_NAME
@@ -719,6 +764,7 @@ def read_patch(path: str | os.PathLike, *, allow_unverified: bool = False) -> Pa
 
 
 __all__ = [
+    "record_metrics",
     "CARD_NAME",
     "FORMAT_VERSION",
     "GRID_NAME",

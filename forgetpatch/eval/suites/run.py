@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from forgetpatch import distributed
 from forgetpatch.errors import EvalError, EvalInputError, ForgetPatchError
 from forgetpatch.eval.generate import PipelineGenerator, as_generator, generate_sharded
-from forgetpatch.eval.report import ConceptReport, EvalReport, Scores, wilson
+from forgetpatch.eval.report import ConceptReport, EvalReport, Scores, measured_alone, patches_on, wilson
 from forgetpatch.eval.suites.detectors import (
     ClipJudge,
     FeatureNet,
@@ -539,6 +539,7 @@ def evaluate_suite(
         "labels": all_labels,
         "prompts": "built-in" if prompts is None else "given",
         "keep_size": keep_size,
+        "patches": patches_on(pipe),
     }
     if isinstance(reference, SuiteReport):
         theirs = _from_reference(reference, items, settings, detectors)
@@ -618,13 +619,15 @@ def record(folder: str | Path, report: SuiteReport, *, patch_scale: float = 1.0)
     Example:
         >>> record("no-nudity/", evaluate_suite(forgetpatch.apply(pipe, "no-nudity/"), "nudity", reference=base))
     """
-    from forgetpatch.format import read_patch
+    from forgetpatch.format import record_metrics
 
     if patch_scale != 1.0:
         raise EvalError(f"the evaluation ran with the patch at scale {patch_scale}; record figures at scale 1")
-    patch = read_patch(folder)
-    entry = dict(patch.manifest.metrics.get(SUITE_METRICS) or {})
-    entry[report.suite] = {**report.to_dict(), "patch": {"name": patch.name, "digest": patch.digest}}
-    patch.manifest.metrics[SUITE_METRICS] = entry
-    patch.save(folder)
-    return Path(folder)
+
+    def figures(patch) -> dict[str, Any]:
+        measured_alone(report.settings, patch)
+        entry = dict(patch.manifest.metrics.get(SUITE_METRICS) or {})
+        entry[report.suite] = {**report.to_dict(), "patch": {"name": patch.name, "digest": patch.digest}}
+        return {SUITE_METRICS: entry}
+
+    return record_metrics(folder, figures)

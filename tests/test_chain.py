@@ -81,3 +81,35 @@ def test_cli_chain_writes_steps_and_a_report_after_each(tmp_path):
     assert "with_lineage=True" in result.output
     again = CliRunner().invoke(app, ["chain", str(recipe), "-o", str(out)])
     assert again.exit_code == 1 and "already holds 2 chain steps" in again.output  # one line, no traceback
+
+
+def test_cli_chain_checks_everything_before_the_model_loads_and_leaves_no_stale_steps(tmp_path, monkeypatch):
+    """What ``erase`` refuses up front, ``chain`` does too (before: after the reference evaluation, or after step 1
+    was written); the recipe's base is the chain's base; ``--force`` over a longer chain removes its later steps."""
+    from forgetpatch.cli import app, chain
+
+    monkeypatch.setattr(chain, "load_base", lambda base: pytest.fail(f"the model ({base}) loaded before the checks"))
+    runner, out = CliRunner(), tmp_path / "chain"
+    (tmp_path / "afile").write_text("x")
+    for text, args, message in [
+        ("method: nosuch\nconcepts: [circle]\n", [], "unknown method"),
+        ("method: uce\nconcepts: [circle, circle]\n", [], "more than once"),
+        ("method: uce\nconcepts: [circle, star]\npreserve: [star]\n", [], "both erased and preserved"),
+        ("method: uce\nconcepts: [dragon]\n", [], "dragon"),
+        ("method: uce\nconcepts: [circle]\n", ["-o", str(tmp_path / "afile")], "is a file"),
+    ]:
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(text)
+        result = runner.invoke(app, ["chain", str(recipe), *(args or ["-o", str(out)])])
+        assert result.exit_code == 1 and result.output.startswith("error: ") and message in result.output, (
+            text, result.output)  # fmt: skip
+        assert not out.exists()
+    monkeypatch.undo()
+    recipe.write_text("base: models/nowhere\nmethod: uce\nconcepts: [circle]\n")  # the recipe's base, not the toy's
+    result = runner.invoke(app, ["chain", str(recipe), "-o", str(out)])
+    assert result.exit_code == 1 and "models/nowhere" in result.output and not out.exists(), result.output
+    recipe.write_text("method: uce\nconcepts: [circle, star, square]\n")
+    assert runner.invoke(app, ["chain", str(recipe), "-o", str(out), "--images", "0"]).exit_code == 0
+    recipe.write_text("method: uce\nconcepts: [circle, star]\n")
+    result = runner.invoke(app, ["chain", str(recipe), "-o", str(out), "--images", "0", "--force"])
+    assert result.exit_code == 0 and sorted(p.name for p in out.iterdir()) == ["step-1", "step-2"], result.output

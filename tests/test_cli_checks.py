@@ -159,3 +159,40 @@ def test_record_toy_refuses_a_report_of_anything_but_the_patch_alone(tmp_path):
         assert (folder / "forgetpatch.json").read_bytes() == before
     assert "toy_eval" in forgetpatch.load(record_toy(folder, evaluate(forgetpatch.apply(toy.pipeline(), folder),
                                                                       ["circle"], **small))).manifest.metrics  # fmt: skip
+
+
+def test_an_output_folder_that_takes_no_new_file_is_refused_before_the_work(tmp_path, monkeypatch):
+    """A folder that refuses new files (an immutable or read-only folder, which root's permission bits do not show)
+    is found by trying one, before anything slow: keysteps and chain wrote only after their work, with a traceback."""
+    import tempfile
+
+    import forgetpatch.eval
+
+    real = tempfile.TemporaryFile
+    locked = tmp_path / "locked"
+    locked.mkdir()
+
+    def refusing(*args, dir=None, **kwargs):
+        if dir is not None and os.path.realpath(dir) == os.path.realpath(locked):
+            raise PermissionError(1, "Operation not permitted")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refusing)
+    monkeypatch.setattr(forgetpatch.eval, "analyze", lambda *a, **k: pytest.fail("the analysis ran"))
+    refused(["keysteps", "-c", "circle", "-o", str(locked / "ks")], "does not take new files")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: uce\nconcepts: [circle]\n")
+    refused(["chain", str(recipe), "-o", str(locked / "chain")], "does not take new files")
+    refused(["erase", "--base", "toy", "-c", "circle", "-o", str(locked / "p")], "does not take new files")
+
+
+def test_a_system_error_on_a_path_is_one_line_without_a_traceback(tmp_path, monkeypatch):
+    """An error of the system on the user's path while writing (here: a patch's save refused) prints as one line."""
+    from forgetpatch.format import Patch
+
+    def refused_save(self, path, **kwargs):
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(Patch, "save", refused_save)
+    output = refused(["erase", "--base", "toy", "-c", "circle", "-o", str(tmp_path / "p")], "Operation not permitted")
+    assert "Traceback" not in output and str(tmp_path / "p") in output

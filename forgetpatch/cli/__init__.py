@@ -57,14 +57,15 @@ def _options(
     _DEBUG["on"] = _DEBUG["on"] or debug
 
 
-def _print_error(exc: BaseException) -> None:
+def _print_error(exc: BaseException | str) -> None:
     from rich.console import Console
 
     Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {exc}")
 
 
 def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a verb so that a forgetpatch error prints as one line and exits with 1 (unless ``--debug``)."""
+    """Wrap a verb so that a forgetpatch error, or an error of the system on a path (a full disk, a read-only
+    folder), prints as one line and exits with 1 (unless ``--debug``)."""
     from forgetpatch.errors import ForgetPatchError
 
     @functools.wraps(command)
@@ -75,6 +76,12 @@ def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             if _DEBUG["on"]:
                 raise
             _print_error(exc)
+            raise typer.Exit(1) from None
+        except OSError as exc:  # writing or reading a path the user gave: a full disk, a read-only folder, ...
+            if _DEBUG["on"] or exc.filename is None:
+                raise
+            where = f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 else "")
+            _print_error(f"{exc.strerror or exc}: {where} (check the path and that you can write there; --debug shows where)")
             raise typer.Exit(1) from None
 
     return verb

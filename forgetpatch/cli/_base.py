@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -120,13 +121,22 @@ def check_patches_flags(loaded: Sequence[Any], *, key_steps: bool, fuse: bool = 
 
 
 def check_writable(path: Path, *, folder: bool = True) -> None:
-    """Refuse, before anything slow, an output path that cannot be written: one under an existing file, or (with
-    ``folder=False``, a file to write) an existing folder."""
+    """Refuse, before anything slow, an output path that cannot be written: one under an existing file, a folder
+    where a file is wanted (``folder=False``), or one whose nearest existing folder refuses a new file (permissions, a read-only or immutable folder: tried by creating and removing one)."""
     for parent in path.parents:
         if parent.is_file():
             raise ForgetPatchError(f"cannot write {str(path)!r}: {str(parent)!r} is a file, not a folder")
     if not folder and path.is_dir():
         raise ForgetPatchError(f"cannot write {str(path)!r}: it is a folder; give a file name")
+    # a save replaces a folder beside it, and a file is written beside it first: what counts is the parent folder
+    where = next((p for p in path.absolute().parents if p.is_dir()), None)
+    if where is not None:
+        try:
+            tempfile.TemporaryFile(dir=where).close()
+        except OSError as exc:
+            raise ForgetPatchError(
+                f"cannot write {str(path)!r}: {where} does not take new files ({exc.strerror}); pick another path"
+            ) from None
 
 
 def check_new_patch_folder(path: Path, force: bool) -> None:

@@ -17,7 +17,10 @@ console = Console(width=max(140, Console().width))
 def chain_command(
     recipe: Annotated[Path, typer.Argument(help="Recipe whose concepts are erased one after another, in order.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for step-1 ... step-N and reports/.")],
-    base: Annotated[str, typer.Option(help="'toy', a diffusers pipeline folder, or a cached Hub id.")] = "toy",
+    base: Annotated[
+        str | None,
+        typer.Option(help="'toy', a diffusers pipeline folder, or a cached Hub id (default: the recipe's base: or toy)."),
+    ] = None,
     images: Annotated[
         int, typer.Option(help="Toy world: images per concept of the report after each step (0: no reports).")
     ] = 8,
@@ -27,36 +30,49 @@ def chain_command(
 
     Writes OUTPUT/step-1 ... step-N (each patch's lineage names the steps before it) and, on the toy world, a report after every step of every concept erased so far (does an earlier one come back?). Apply the last step with its parents: forgetpatch.apply(pipe, "OUTPUT/step-N", with_lineage=True).
     """  # noqa: E501
+    from forgetpatch.cli._base import check_toy_concepts, check_writable
+    from forgetpatch.cli.erase import _choose_base
     from forgetpatch.errors import ForgetPatchError
-    from forgetpatch.methods import erase_chain
+    from forgetpatch.methods import check_concepts, erase_chain, get_method
     from forgetpatch.recipes import load_recipe
 
+    # Everything is checked before the model loads, as erase does.
     spec = load_recipe(recipe)
     if images < 0:
         raise ForgetPatchError(f"--images must be >= 0, got {images}")
+    if output.is_file():
+        raise ForgetPatchError(f"{str(output)!r} is a file: -o is a folder for step-1 ... step-N")
+    check_writable(output)
     existing = sorted(output.glob("step-*")) if output.is_dir() else []
     if existing and not force:
         raise ForgetPatchError(f"{output} already holds {len(existing)} chain steps; pass --force or another -o")
-    concepts = spec.erase_concepts()
-    pipe = load_base(base)
-    measure = images > 0 and getattr(pipe, "forgetpatch_family", None) == "toy"
-    reference = None
-    if measure:
-        from forgetpatch.eval import evaluate
-
-        console.print(f"[bold]base[/] {base}: generating and judging the reference")
-        reference = evaluate(pipe, [c.target for c in concepts], images_per_concept=images, progress=False)
+    chosen_base = _choose_base(base, spec, recipe)
+    concepts, kept = spec.erase_concepts(), spec.preserved()
+    check_toy_concepts(chosen_base, [c.target for c in [*concepts, *kept]])
+    check_concepts(concepts, kept)  # duplicates, a concept both erased and preserved
     kwargs = spec.erase_kwargs()
     method = kwargs.pop("method")
+    get_method(method)
     name = kwargs.pop("name", None) or spec.name or f"{method}-chain"
+    pipe = load_base(chosen_base)
+    measure = images > 0 and getattr(pipe, "forgetpatch_family", None) == "toy"
+    reference = None
     rows: list[dict[str, Any]] = []
 
     def on_step(k: int, patch: Any, chained: Any) -> None:
+        nonlocal reference
         folder = patch.save(output / f"step-{k}")
         console.print(f"[bold]step {k}[/]: {patch.name} -> {folder} (lineage: {len(patch.manifest.lineage)} patches)")
-        if reference is None:
+        if not measure:
             return
         from forgetpatch.eval import evaluate
+
+        if reference is None:  # after the first step: bad settings fail there, before anything is generated
+            from forgetpatch.loader import unpatched
+
+            console.print(f"[bold]base[/] {chosen_base}: generating and judging the reference")
+            reference = evaluate(unpatched(chained), [c.target for c in concepts], images_per_concept=images,
+                                 progress=False)  # fmt: skip
 
         so_far = [c.target for c in concepts[:k]]
         report = evaluate(chained, so_far, reference=reference, images_per_concept=images, progress=False)
@@ -66,6 +82,7 @@ def chain_command(
         rows.append({"step": k, **{c: report.concepts[c].scores.ua for c in so_far}})
 
     erase_chain(pipe, concepts, method=method, name=name, on_step=on_step, **kwargs)
+    _remove_stale(output, len(concepts))
     if rows:
         from rich.table import Table
 
@@ -83,3 +100,17 @@ def chain_command(
 
 def register(app: typer.Typer) -> None:
     app.command("chain")(chain_command)
+
+
+def _remove_stale(output: Path, steps: int) -> None:
+    """After a run with --force: the steps (and their reports) an earlier, longer chain left beyond this one's last,
+    which would otherwise stand beside it as if they followed it."""
+    import shutil
+
+    for folder in sorted(output.glob("step-*")):
+        number = folder.name.removeprefix("step-")
+        if number.isdigit() and int(number) > steps and (folder / "forgetpatch.json").is_file():
+            shutil.rmtree(folder)
+            (output / "reports" / f"{folder.name}.json").unlink(missing_ok=True)
+            console.print(f"removed {folder} (a step of an earlier, longer chain)")
+

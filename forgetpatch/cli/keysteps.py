@@ -16,10 +16,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from forgetpatch.errors import ForgetPatchError, MethodError
+from forgetpatch.errors import MethodError
 
 _out = Console()
-_err = Console(stderr=True)
 
 
 def keysteps_command(
@@ -38,17 +37,19 @@ def keysteps_command(
     seed: Annotated[int, typer.Option(help="Seed of the first image.")] = 0,
 ) -> None:
     """Switch the prompt from the concept to the guide at each step k; plot how often the concept survives."""
+    from forgetpatch.cli._base import check_writable, load_base
     from forgetpatch.eval import analyze, compare_with_preset, toy_detector, toy_prompts
     from forgetpatch.methods import KSCU_PRESETS
+    from forgetpatch.toy import vocab
 
+    if base != "toy":
+        raise MethodError("key-step analysis needs a judge of the images; only --base toy ships one")
+    if every < 1:
+        raise MethodError(f"--every must be >= 1, got {every}")
+    if output.is_file():
+        raise MethodError(f"{str(output)!r} is a file: -o is a folder for the table and plot")
+    check_writable(output)  # before the analysis, not after it
     try:
-        if base != "toy":
-            raise MethodError("key-step analysis needs a judge of the images; only --base toy ships one")
-        if every < 1:
-            raise MethodError(f"--every must be >= 1, got {every}")
-        from forgetpatch.cli._base import load_base
-        from forgetpatch.toy import vocab
-
         kind = vocab.kind_of(concept)
         pipe = load_base(base)
         curve = analyze(
@@ -63,10 +64,9 @@ def keysteps_command(
             switch_steps=sorted({*range(0, steps + 1, every), steps}),
             seed=seed,
         )
-        folder = curve.save(output)
-    except (ForgetPatchError, KeyError, ValueError) as exc:
-        _err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
+    except (KeyError, ValueError) as exc:  # an unknown concept, settings the analysis cannot use
+        raise MethodError(str(exc).strip("'\"")) from exc
+    folder = curve.save(output)
     task = "object" if kind == "shape" else "style"
     preset = compare_with_preset(curve, KSCU_PRESETS[task].start)
     _out.print(curve.table())

@@ -184,6 +184,11 @@ def test_an_output_folder_that_takes_no_new_file_is_refused_before_the_work(tmp_
     recipe.write_text("method: uce\nconcepts: [circle]\n")
     refused(["chain", str(recipe), "-o", str(locked / "chain")], "does not take new files")
     refused(["erase", "--base", "toy", "-c", "circle", "-o", str(locked / "p")], "does not take new files")
+    folder = forgetpatch.erase(forgetpatch.toy.pipeline(), ["circle"], method="uce").save(locked / "no-circle")
+    monkeypatch.setattr(forgetpatch.eval, "evaluate", lambda *a, **k: pytest.fail("the evaluation ran"))
+    refused(["eval", str(folder), "--images", "1", "--record"], "does not take new files")  # a traceback after it
+    refused(["attack", str(folder), "-c", "circle", "-a", "inversion", "--budget", "tiny", "--record"],
+            "does not take new files")  # fmt: skip
 
 
 def test_a_system_error_on_a_path_is_one_line_without_a_traceback(tmp_path, monkeypatch):

@@ -61,6 +61,8 @@ def attack_command(
             "--record writes into one local patch folder, attacked alone as it ships (--scale 1, no --key-steps): "
             "attack that folder by itself (download a Hub patch first, e.g. with huggingface_hub.snapshot_download)"
         )
+    if record:
+        check_writable(Path(patches[0]))  # the figures are saved into it after the attacks
     loaded = [load(ref) for ref in patches]
     concepts = list(dict.fromkeys(concept or [c.target for p in loaded for c in p.manifest.concepts]))
     for name in concepts:  # every concept and attack name, before the model loads

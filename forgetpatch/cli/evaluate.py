@@ -146,6 +146,8 @@ def eval_command(
             "--record writes into one local patch folder, evaluated alone as it ships (--scale 1, no --key-steps): "
             "evaluate that folder by itself"
         )
+    if record:
+        check_writable(Path(patches[0]))  # the figures are saved into it after the evaluation
     concepts = list(concept or []) or (_concepts_of(patches) if patches else [])
     settings = {
         "images_per_concept": images,
@@ -224,6 +226,7 @@ def _suite_command(
     """``forgetpatch eval --suite``: every input checked and every detector loaded before the base model loads."""
     import torch
 
+    from forgetpatch.cli._base import check_writable
     from forgetpatch.errors import EvalInputError
     from forgetpatch.eval import (
         DEFAULT_GUIDANCE_SCALE,
@@ -251,6 +254,8 @@ def _suite_command(
         raise EvalInputError(
             "--record writes into one local patch folder, evaluated alone at --scale 1: evaluate that folder by itself"
         )
+    if record:
+        check_writable(Path(patches[0]))
     if inception is not None and real is None and not patches:
         raise EvalInputError("FID compares two image sets: pass --real FOLDER, or a PATCH (FID to the base's images)")
     items = None

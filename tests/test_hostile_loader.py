@@ -739,3 +739,32 @@ def test_a_text_encoder_shared_with_another_unets_pipeline_is_refused_while_patc
     forgetpatch.remove(pipe_b)
     after = pipe_a.text_encoder.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_a_unet_call_interrupted_by_the_user_does_not_keep_other_threads_waiting():
+    """Ctrl-C in a gated UNet call (torch runs no hook after a KeyboardInterrupt): the next call of that thread drops
+    the stale hold, and another thread's call then runs instead of waiting for ever."""
+    pipe = tiny_sd_pipeline(0)
+    path = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    patch = build_patch(pipe, factors(pipe, [path], 3), name="early", method="manual", concepts=["cat"],
+                        key_steps=EARLY)  # fmt: skip
+    forgetpatch.apply(pipe, patch, key_steps=True)
+    sample, timestep, context = unet_inputs(pipe, 100)
+    interrupt = [True]
+
+    def ctrl_c(module, args, kwargs):
+        if interrupt:
+            interrupt.clear()
+            raise KeyboardInterrupt
+
+    pipe.unet.register_forward_pre_hook(ctrl_c, with_kwargs=True)
+    with pytest.raises(KeyboardInterrupt), torch.no_grad():
+        pipe.unet(sample, timestep, encoder_hidden_states=context)
+    with torch.no_grad():
+        pipe.unet(sample, timestep, encoder_hidden_states=context)  # this thread again: its stale hold is dropped
+    done = []
+    other = threading.Thread(target=lambda: done.append(pipe.unet(sample, timestep, encoder_hidden_states=context)),
+                             daemon=True)  # fmt: skip
+    other.start()
+    other.join(timeout=20)
+    assert done, "another thread's call waited for a hold no call would release"

@@ -648,6 +648,11 @@ def _unet_hook(state: _State):
                 return None
         # The adapters are the UNet's, shared by every thread running it: hold the gate through this call (released
         # by _unet_done), so that a call at another step in another thread waits instead of switching them under it.
+        held = getattr(_GATED, "states", [])
+        if state in held:  # a call of this thread that never ended (torch runs no hook after a KeyboardInterrupt)
+            for _ in range(held.count(state)):
+                state.gate.release()
+            _GATED.states = [s for s in held if s is not state]
         state.gate.acquire()
         try:
             with state.lock:

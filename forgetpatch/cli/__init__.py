@@ -81,7 +81,8 @@ def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             if _DEBUG["on"] or exc.filename is None:
                 raise
             where = f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 else "")
-            _print_error(f"{exc.strerror or exc}: {where} (check the path and that you can write there; --debug shows where)")
+            hint = "check the path and that you can write there; --debug shows where"
+            _print_error(f"{exc.strerror or exc}: {where} ({hint})")
             raise typer.Exit(1) from None
 
     return verb

@@ -122,7 +122,8 @@ def check_patches_flags(loaded: Sequence[Any], *, key_steps: bool, fuse: bool = 
 
 def check_writable(path: Path, *, folder: bool = True) -> None:
     """Refuse, before anything slow, an output path that cannot be written: one under an existing file, a folder
-    where a file is wanted (``folder=False``), or one whose nearest existing folder refuses a new file (permissions, a read-only or immutable folder: tried by creating and removing one)."""
+    where a file is wanted (``folder=False``), or one whose nearest existing folder refuses a new file (permissions,
+    a read-only or immutable folder: tried by creating and removing one)."""
     for parent in path.parents:
         if parent.is_file():
             raise ForgetPatchError(f"cannot write {str(path)!r}: {str(parent)!r} is a file, not a folder")

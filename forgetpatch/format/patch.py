@@ -730,7 +730,7 @@ def record_metrics(folder: str | os.PathLike, update: Callable[[Patch], dict[str
 
 
 #: Reads of a patch that a save replaced meanwhile (its files by path would mix the two versions) are made again.
-_READ_ATTEMPTS = 5
+_READ_ATTEMPTS = 8
 
 
 def _read(path: Path, allow_unverified: bool) -> Patch:

@@ -119,6 +119,38 @@ def test_bad_requests_are_refused_before_anything_runs():
     assert list(ATTACKS) == ["paraphrase", "inversion", "prompt_search", "textual_inversion", "relearning"]
 
 
+def test_record_refuses_an_attack_on_anything_but_the_patch_alone(guided):
+    """``attacks.record`` writes robustness into a patch only when every report attacked that patch alone, as it
+    ships: the same check, and the same record of the patches on the model, as ``record_toy`` (no attack is run
+    here, the reports are built with the patches they would name)."""
+    from forgetpatch.attacks import record
+    from forgetpatch.attacks.report import AttackReport, AttackResult, Rate
+    from forgetpatch.eval import patches_on
+
+    patch = forgetpatch.load(guided)
+    other = forgetpatch.erase(toy.pipeline(), ["star"], method="uce")
+    rate = Rate(0.5, 2, (0.1, 0.9))
+
+    def report(pipe) -> AttackReport:
+        result = AttackResult("inversion", rate, rate, 0.0, 0, {})
+        return AttackReport(concept="circle", seed=0, budget={}, patches=patches_on(pipe), base=rate, before=rate,
+                            results={"inversion": result}, prompts=[])  # fmt: skip
+
+    before = (guided / "forgetpatch.json").read_bytes()
+    alone = report(forgetpatch.apply(toy.pipeline(), guided))
+    assert alone.patches == [{"name": patch.name, "digest": patch.digest, "scale": 1.0, "fused": False,
+                              "key_steps": False}]  # fmt: skip
+    for pipe, match in [
+        (toy.pipeline(), "the attack on 'circle' measured no patch"),
+        (forgetpatch.apply(toy.pipeline(), other), "measured uce-no-star"),
+        (forgetpatch.apply(toy.pipeline(), [guided, other]), "alone"),
+        (forgetpatch.apply(toy.pipeline(), guided, scale=0.5), "at scale 0.5"),
+    ]:
+        with pytest.raises(AttackError, match=match):
+            record(guided, [alone, report(pipe)])
+        assert (guided / "forgetpatch.json").read_bytes() == before
+
+
 def test_cli_attack_records_on_the_patch_card_inspect_and_push(guided, tmp_path, capsys):
     from forgetpatch.cli import app
     from forgetpatch.hub import render_card
@@ -171,7 +203,7 @@ def test_cli_attack_errors_are_one_line(guided, tmp_path):
         ((str(guided), "--concept", "disc"), "synonym of 'circle'"),
         ((str(guided), str(guided), "--record"), "--record writes into one local patch folder"),
         ((str(guided), "--record", "--scale", "0.5"), "--scale 1, no --key-steps"),  # refused after every attack before
-        ((str(guided), "--budget", "huge"), "unknown attack budget"),
+        ((str(guided), "--budget", "huge"), "unknown attack budget 'huge'; choose one of ['default', 'tiny']"),
         ((str(guided), "--grid", str(tmp_path / "g.jpg")), "ending in .png"),
     ):
         result = runner.invoke(app, ["attack", *args])

@@ -98,8 +98,8 @@ def attack(
         Rate(value=0.25, n=32, interval=(0.13, 0.42))
     """
     import forgetpatch
-    from forgetpatch.eval import main_prompts
-    from forgetpatch.loader import applied, unpatched
+    from forgetpatch.eval import main_prompts, patches_on
+    from forgetpatch.loader import unpatched
 
     names = check_request(concept, attacks)
     if getattr(pipe, "forgetpatch_family", None) != "toy":
@@ -127,10 +127,7 @@ def attack(
         concept=concept,
         seed=seed,
         budget=spend.to_dict(),
-        patches=[
-            {"name": e.patch.name, "digest": e.digest, "scale": e.scale, "key_steps": e.ranges is not None}
-            for e in applied(pipe)
-        ],
+        patches=patches_on(pipe) or [],
         base=base_rate,
         before=target.before,
         results=results,
@@ -152,23 +149,12 @@ def record(folder: str | Path, reports: Sequence[AttackReport]) -> Path:
     Example:
         >>> record("no-circle/", [attack(forgetpatch.apply(toy.pipeline(), "no-circle/"), "circle")])
     """
+    from forgetpatch.eval import measured_alone
     from forgetpatch.format import ROBUSTNESS_METRICS, record_metrics
 
     def figures(patch) -> dict[str, Any]:
         for report in reports:
-            digests = [p["digest"] for p in report.patches]
-            if digests != [patch.digest]:
-                raise AttackError(
-                    f"the attack on {report.concept!r} was run on {digests or 'no patch'}, not on {patch.name} "
-                    f"({patch.digest[:12]}) alone; attack the patch by itself to record its robustness"
-                )
-            if report.patches[0]["scale"] != 1.0 or report.patches[0]["key_steps"]:
-                on = report.patches[0]
-                how = f"at scale {on['scale']}" if on["scale"] != 1.0 else "gated to its key steps"
-                raise AttackError(
-                    f"the attack ran with the patch {how}; record figures measured as the patch ships (applied at "
-                    "scale 1, without key_steps=True)"
-                )
+            measured_alone(report.patches, patch, what=f"the attack on {report.concept!r}", error=AttackError)
         entry = dict(patch.manifest.metrics.get(ROBUSTNESS_METRICS) or {})
         entry.update(robustness_metrics(list(reports)))
         return {ROBUSTNESS_METRICS: entry}

@@ -69,7 +69,7 @@ class Budget:
     def named(cls, name: str) -> Budget:
         """``"default"`` or ``"tiny"`` (a few steps and images: checks that everything runs)."""
         if name not in PRESETS:
-            raise AttackError(f"unknown attack budget {name!r}; choose one of {sorted(PRESETS)} or pass a Budget")
+            raise AttackError(f"unknown attack budget {name!r}; choose one of {sorted(PRESETS)}")
         return PRESETS[name]
 
     @classmethod

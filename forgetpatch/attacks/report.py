@@ -73,7 +73,8 @@ class AttackReport:
     seed: int
     budget: dict[str, Any]
     patches: list[dict[str, Any]]
-    """The patches under test, ``{"name", "digest", "scale", "key_steps"}`` in application order."""
+    """The patches under test, ``{"name", "digest", "scale", "fused", "key_steps"}`` in application order
+    (:func:`forgetpatch.eval.patches_on`)."""
     base: Rate
     """Strict UA of the unpatched base on the same prompts (a low UA: the base draws the concept)."""
     before: Rate

@@ -440,25 +440,32 @@ def patches_on(model: Any) -> list[dict[str, Any]] | None:
     ]
 
 
-def measured_alone(settings: dict[str, Any], patch: Any) -> None:
-    """:class:`EvalError` saying what to evaluate instead, unless a report's ``settings`` say it measured ``patch``
-    alone as it ships (scale 1, not gated to key steps): what a report recorded into that patch must be."""
-    on = settings.get("patches")
-    if on is None:
-        raise EvalError(
-            "this report does not say which patches were on the model it measured (made from a Generator, or by an "
-            f"older forgetpatch): evaluate the pipeline with {patch.name!r} applied alone, then record that report"
+def measured_alone(
+    patches: list[dict[str, Any]] | None,
+    patch: Any,
+    *,
+    what: str = "this report",
+    error: type[Exception] = EvalError,
+) -> None:
+    """Raise ``error`` (:class:`EvalError` unless given) saying what to measure instead, unless ``patches``, the
+    record of the patches on the measured model (:func:`patches_on`, a report's ``settings["patches"]``), say it
+    measured ``patch`` alone as it ships (scale 1, not gated to key steps): what a report recorded into that patch
+    must be. ``what`` names the measurement in the message ("the attack on 'circle'")."""
+    if patches is None:
+        raise error(
+            f"{what} does not say which patches were on the model it measured (made from a Generator, or by an "
+            f"older forgetpatch): measure the pipeline with {patch.name!r} applied alone, then record that"
         )
-    if [p["digest"] for p in on] != [patch.digest]:
-        measured = ", ".join(p["name"] for p in on) or "no patch"
-        raise EvalError(
-            f"this report measured {measured}, not {patch.name!r} ({patch.digest[:12]}) alone: evaluate the "
-            "pipeline with that patch applied by itself to record its figures"
+    if [p["digest"] for p in patches] != [patch.digest]:
+        measured = ", ".join(p["name"] for p in patches) or "no patch"
+        raise error(
+            f"{what} measured {measured}, not {patch.name!r} ({patch.digest[:12]}) alone: measure the pipeline "
+            "with that patch applied by itself to record its figures"
         )
-    if on[0]["scale"] != 1.0 or on[0]["key_steps"]:
-        how = f"at scale {on[0]['scale']}" if on[0]["scale"] != 1.0 else "gated to its key steps"
-        raise EvalError(
-            f"this report measured {patch.name!r} {how}; record figures measured as the patch ships (applied at "
+    if patches[0]["scale"] != 1.0 or patches[0]["key_steps"]:
+        how = f"at scale {patches[0]['scale']}" if patches[0]["scale"] != 1.0 else "gated to its key steps"
+        raise error(
+            f"{what} measured {patch.name!r} {how}; record figures measured as the patch ships (applied at "
             "scale 1, without key_steps=True)"
         )
 
@@ -478,7 +485,7 @@ def record_toy(folder: str | Path, report: EvalReport) -> Path:
     from forgetpatch.format import TOY_EVAL_METRICS, record_metrics
 
     def figures(patch) -> dict[str, Any]:
-        measured_alone(report.settings, patch)
+        measured_alone(report.settings.get("patches"), patch)
         return {TOY_EVAL_METRICS: report.to_dict()}
 
     return record_metrics(folder, figures)

@@ -625,7 +625,7 @@ def record(folder: str | Path, report: SuiteReport, *, patch_scale: float = 1.0)
         raise EvalError(f"the evaluation ran with the patch at scale {patch_scale}; record figures at scale 1")
 
     def figures(patch) -> dict[str, Any]:
-        measured_alone(report.settings, patch)
+        measured_alone(report.settings.get("patches"), patch)
         entry = dict(patch.manifest.metrics.get(SUITE_METRICS) or {})
         entry[report.suite] = {**report.to_dict(), "patch": {"name": patch.name, "digest": patch.digest}}
         return {SUITE_METRICS: entry}

@@ -84,6 +84,18 @@ def test_steering_to_a_concept_the_same_patch_erases_is_refused(sd, method, monk
     assert result.exit_code == 1 and "which this patch erases too" in result.output
 
 
+def test_steering_to_a_concept_a_patch_on_the_pipeline_erases_is_refused():
+    """On a patched pipeline (sequential unlearning), a new concept steered to one the patch there erased would
+    draw that concept wherever the new patch is applied without its parent: refused, with hold or without."""
+    pipe = tiny_sd_pipeline(seed=0)
+    pipe = forgetpatch.apply(pipe, forgetpatch.erase(pipe, ["circle"], method="uce"))
+    for hold in (True, False):
+        for star in (Concept("star", guide="circle"), Concept("star", superclass="Circle")):
+            with pytest.raises(ConceptError, match="'star' is steered to .*which a patch on this pipeline erases"):
+                forgetpatch.erase(pipe, [star], method="uce", hold=hold)
+    assert forgetpatch.erase(pipe, [Concept("star", guide="square")], method="uce").manifest.concepts[0].guide
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_concept_that_tokenizes_to_nothing_is_refused(method):
     pipe = tiny_sd_pipeline(seed=0)

@@ -24,6 +24,7 @@ from forgetpatch.methods.base import (
     as_concepts,
     available_methods,
     check_concepts,
+    check_steering,
     erased_on,
     get_method,
     register,
@@ -92,10 +93,12 @@ def erase(
     kept = as_concepts(preserve)
     _check_words(pipe, erased, kept)
     check_concepts(erased, kept)
+    held = erased_on(pipe)
+    check_steering(erased, held, by="a patch on this pipeline erases")
     erased, kept, params = with_defaults(pipe, method, erased, kept, params, paper=paper)
     if hold:
         named = {c.key for c in [*erased, *kept]}
-        kept = [*kept, *(c for c in erased_on(pipe) if c.key not in named)]
+        kept = [*kept, *(c for c in held if c.key not in named)]
     return get_method(method).erase(pipe, erased, preserve=kept, **params)
 
 
@@ -114,6 +117,7 @@ __all__ = [
     "as_concepts",
     "available_methods",
     "check_concepts",
+    "check_steering",
     "cross_attention_layers",
     "current_weight",
     "encode_prompt",

@@ -139,12 +139,20 @@ def check_concepts(concepts: Sequence[Concept], preserve: Sequence[Concept]) -> 
     overlap = erased & {c.key for c in preserve}
     if overlap:
         raise ConceptError(f"concepts both erased and preserved: {sorted(overlap)}; remove them from one list")
+    check_steering(concepts, concepts, by="this patch erases too")
+
+
+def check_steering(concepts: Sequence[Concept], gone: Sequence[Concept], *, by: str) -> None:
+    """Refuse a concept steered (its guide or superclass) to one of ``gone``: its prompts would draw that erased
+    concept, in this patch (``gone`` = the concepts it erases) or once applied without the patch on the pipeline that
+    erased it (``gone`` = :func:`erased_on`). ``by`` says who erased it, in the message."""
+    keys = {c.key for c in gone}
     for c in concepts:
         for role, word in (("guide", c.guide), ("superclass", c.superclass)):
-            if word and word.strip().lower() in erased:
+            if word and word.strip().lower() in keys:
                 raise ConceptError(
-                    f"{c.target!r} is steered to {word!r} (its {role}), which this patch erases too: its prompts "
-                    f"would draw the erased {word.strip()}. Steer it to a concept the patch keeps"
+                    f"{c.target!r} is steered to {word!r} (its {role}), which {by}: its prompts would draw the "
+                    f"erased {word.strip()}. Steer it to a concept that stays"
                 )
 
 

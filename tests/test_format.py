@@ -133,6 +133,21 @@ def test_round_trip(tmp_path, patch, single_file):
         verify_folder(saved)
 
 
+def test_saving_a_patch_again_gives_the_same_bytes_in_every_process(tmp_path, patch):
+    """A patch read and saved again, in other processes, writes the same weights file byte for byte (so a re-upload
+    is no change): safetensors alone writes the header's metadata keys in a random order per process."""
+    import subprocess
+    import sys
+
+    first = (patch.save(tmp_path / "p") / WEIGHTS_NAME).read_bytes()
+    resave = "import sys; from forgetpatch.format import read_patch; read_patch(sys.argv[1]).save(sys.argv[2])"
+    for i in range(3):
+        subprocess.run([sys.executable, "-c", resave, str(tmp_path / "p"), str(tmp_path / f"again-{i}")], check=True,
+                       timeout=120)  # fmt: skip
+        assert (tmp_path / f"again-{i}" / WEIGHTS_NAME).read_bytes() == first
+    assert read_patch(tmp_path / "again-0").digest == patch.digest
+
+
 def test_header_holds_manifest_and_only_long_lived_lora_fields(tmp_path, patch):
     from safetensors import safe_open
 

@@ -424,18 +424,39 @@ def save_tensors(tensors: dict[str, torch.Tensor], file: str | os.PathLike, *, m
     """Write a safetensors file with the permissions the user's umask gives (safetensors writes owner-only), I/O errors
     (a full disk, ...) raised as :class:`OSError`. Not atomic by itself: write to a temporary name and replace.
 
+    The same tensors and metadata give the same bytes in every process: safetensors writes ``__metadata__`` in a
+    random order per process (safetensors issue #584), so its keys are put in sorted order afterwards, in place.
+
     Example:
         >>> save_tensors({"w": torch.zeros(2)}, "out.safetensors", metadata={"format": "pt"})
     """
     file = Path(file)
     try:
         save_file(tensors, str(file), metadata=metadata)
+        _sort_metadata(file)
         os.chmod(file, 0o666 & ~_umask())
     except SafetensorError as exc:  # safetensors reports I/O errors as its own type
         found = re.search(r"os error (\d+)", str(exc))
         code = int(found.group(1)) if found else errno.EIO
         raise OSError(code, f"could not write {file}: {os.strerror(code)}", str(file)) from exc
     return file
+
+
+def _sort_metadata(file: Path) -> None:
+    """Rewrite the header of the safetensors ``file`` with its ``__metadata__`` keys sorted, in place. The header keeps
+    its length (the same keys and values, compact JSON; spaces pad it as safetensors pads), so no tensor moves."""
+    with open(file, "r+b") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(size)
+        header = json.loads(raw)
+        if len(header.get("__metadata__") or {}) < 2:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        canonical = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(canonical) > size:  # never seen: another JSON writer's escapes; the file stays valid as it is
+            return
+        f.seek(8)
+        f.write(canonical.ljust(size, b" "))
 
 
 def _umask() -> int:

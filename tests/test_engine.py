@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from forgetpatch.errors import MethodError
+from forgetpatch.methods import Concept
 from forgetpatch.methods.finetune import FinetuneConfig, FinetuneEngine, scope_modules
 from forgetpatch.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
@@ -185,3 +186,49 @@ def test_failed_setup_leaves_the_pipeline_untouched(monkeypatch):
         FinetuneEngine(pipe, _cfg(scope="noxattn"))
     assert not any(isinstance(m, BaseTunerLayer) for m in pipe.unet.modules())
     assert not hasattr(pipe.unet, "peft_config")
+
+
+QUICK = {
+    "esd": {"iterations": 1, "num_inference_steps": 3, "latent_size": 8, "progress": False},
+    "kscu": {"iterations": 1, "num_inference_steps": 3, "latent_size": 8, "progress": False},
+    "dynamic_mask": {"steps": 1, "epochs": 1, "warmup": 1, "update_every": 1, "batch": 1, "images": 1,
+                     "num_inference_steps": 3, "latent_size": 8, "progress": False},
+}  # fmt: skip
+
+
+CIRCLE = Concept("circle", superclass="shape")
+
+
+@pytest.mark.parametrize("method", ["esd", "kscu", "dynamic_mask"])
+def test_a_pipeline_the_engine_cannot_train_into_a_patch_is_refused_before_training(method):
+    """Three pipelines the fine-tuning methods used to train into a broken patch or a misleading error, each refused
+    before any training with what to do, and left as they were; and a UNet in train mode stays in train mode.
+
+    * ``fuse_qkv_projections()``: the attention ran on the fused copies, so to_k / to_v changes never reached the
+      patch and the fused layers went into it (a patch no unfused base could take);
+    * float16: "loss became nan ... lower the learning rate" at any rate;
+    * the user's own LoRA: the refusal told them to ``forgetpatch.remove(pipe)``, which removes nothing of theirs.
+    """
+    import forgetpatch
+
+    fused = tiny_sd_pipeline(0)
+    fused.fuse_qkv_projections()
+    half = tiny_sd_pipeline(0).to(torch.float16)
+    lora = tiny_sd_pipeline(0)
+    from peft import LoraConfig
+
+    lora.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_k", "to_v"]), adapter_name="mine")
+    for pipe, match in [
+        (fused, r"pipe.unfuse_qkv_projections\(\) before erasing"),
+        (half, "in float16: fine-tuning methods train in float32"),
+        (lora, r"carries peft adapters.*pipe.fuse_lora\(\); pipe.unload_lora_weights\(\)"),
+    ]:
+        before = {n: p.clone() for n, p in pipe.unet.state_dict().items()}
+        with pytest.raises(MethodError, match=match):
+            forgetpatch.erase(pipe, [CIRCLE], method=method, **QUICK[method])
+        after = pipe.unet.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(after[n], v) for n, v in before.items())
+    training = tiny_sd_pipeline(0)
+    training.unet.train()
+    forgetpatch.erase(training, [CIRCLE], method=method, **QUICK[method])
+    assert training.unet.training

@@ -9,6 +9,7 @@ Example:
 """
 
 from forgetpatch.format import set_lineage_source
+from forgetpatch.loader.adapters import runs_fused
 from forgetpatch.loader.core import (
     AppliedPatch,
     PatchRef,
@@ -24,4 +25,14 @@ from forgetpatch.loader.core import (
 # below the loader, so the loader hands it the way to read them instead of being imported by it.
 set_lineage_source(lambda pipe: [entry.digest for entry in applied(pipe)])
 
-__all__ = ["AppliedPatch", "PatchRef", "applied", "apply", "check_scale", "load", "remove", "unpatched"]
+__all__ = [
+    "AppliedPatch",
+    "PatchRef",
+    "applied",
+    "apply",
+    "check_scale",
+    "load",
+    "remove",
+    "runs_fused",
+    "unpatched",
+]

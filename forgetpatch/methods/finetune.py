@@ -213,6 +213,44 @@ class Passes:
         return {**asdict(self), "total": self.total}
 
 
+def check_trainable(pipe: Any, denoiser: nn.Module, component: str) -> None:
+    """:class:`MethodError` saying what to do, before any training, when the fine-tuning engine cannot train
+    ``denoiser`` (the pipeline's ``component``) into a patch of the pipeline as loaded:
+
+    * peft adapters on it (the user's LoRA or forgetpatch's unfused patches): the engine trains its own adapter;
+    * ``pipe.fuse_qkv_projections()`` on: attention runs on fused copies, so ``to_q`` / ``to_k`` / ``to_v`` get no
+      gradient and the fused layers are not in the base model a patch is applied to;
+    * weights in half precision: Adam's small updates round away (bfloat16) or the loss overflows (float16).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from forgetpatch.loader import applied, runs_fused
+
+    name = "UNet" if component == "unet" else "transformer"
+    if any(isinstance(m, BaseTunerLayer) for m in denoiser.modules()):
+        if any(not e.fused for e in applied(pipe)):
+            how = "apply forgetpatch's patches with fuse=True, or remove them (forgetpatch.remove(pipe))"
+        else:
+            how = "fuse your LoRA into the weights and unload it (pipe.fuse_lora(); pipe.unload_lora_weights())"
+        raise MethodError(
+            f"the pipeline's {name} carries peft adapters, and this method trains its own adapter on a {name} "
+            f"without any: {how} before erasing"
+        )
+    if any(runs_fused(m) for m in denoiser.modules()):
+        raise MethodError(
+            "pipe.fuse_qkv_projections() is on: attention runs on fused copies of to_q / to_k / to_v, which a patch "
+            "of the base model does not reach; call pipe.unfuse_qkv_projections() before erasing (fuse them again "
+            "after applying the patch)"
+        )
+    dtype = next(denoiser.parameters()).dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        raise MethodError(
+            f"the pipeline's {name} is in {str(dtype).removeprefix('torch.')}: fine-tuning methods train in float32 "
+            "(half-precision updates round away or overflow). Erase on the pipeline loaded in float32 "
+            "(dtype=torch.float32); the patch then applies to your half-precision pipeline"
+        )
+
+
 class FinetuneEngine:
     """Frozen teacher + trainable student on one UNet; a context manager that restores the pipeline.
 
@@ -222,17 +260,12 @@ class FinetuneEngine:
 
     def __init__(self, pipe: Any, config: FinetuneConfig) -> None:
         from accelerate import Accelerator
-        from peft.tuners.tuners_utils import BaseTunerLayer
 
         self.pipe, self.config = pipe, config
         self.flow = flow.family(pipe)  # None: a UNet with DDIM; "sd3" / "flux": a flow-matching transformer
         self.component = "unet" if self.flow is None else "transformer"
         self.unet: nn.Module = getattr(pipe, self.component)
-        if any(isinstance(m, BaseTunerLayer) for m in self.unet.modules()):
-            raise MethodError(
-                "the pipeline's UNet already carries peft adapters; fuse or remove applied patches "
-                "(forgetpatch.remove(pipe)) before training a new one"
-            )
+        check_trainable(pipe, self.unet, self.component)
         if self.flow is None:
             self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
             self.scheduler.set_timesteps(config.num_inference_steps)
@@ -253,6 +286,7 @@ class FinetuneEngine:
         self._cond_cache: dict[str, Cond] = {}
         self._requires_grad = {n: p.requires_grad for n, p in self.unet.named_parameters()}
         self._device = next(self.unet.parameters()).device
+        self._training = self.unet.training
         self._closed = False
         self._had_peft_config = hasattr(self.unet, "peft_config")
         self.unet.requires_grad_(False)
@@ -330,6 +364,7 @@ class FinetuneEngine:
         for name, p in self.unet.named_parameters():
             p.requires_grad_(self._requires_grad.get(name, False))
         self.unet.to(self._device)
+        self.unet.train(self._training)
         setattr(self.pipe, self.component, self.unet)
         self.accelerator.free_memory()
 

@@ -58,9 +58,11 @@ def _options(
 
 
 def _print_error(exc: BaseException | str) -> None:
-    from rich.console import Console
+    from rich.text import Text
 
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {exc}")
+    from forgetpatch.cli._base import plain_console
+
+    plain_console(stderr=True, highlight=False, soft_wrap=True).print(Text.assemble(("error:", "bold red"), f" {exc}"))
 
 
 def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:

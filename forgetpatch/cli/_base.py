@@ -18,6 +18,15 @@ class BaseModelError(ForgetPatchError):
     """``--base`` names no loadable pipeline."""
 
 
+def plain_console(**kwargs: Any) -> Any:
+    """A rich ``Console`` that prints text as given: user text (paths, patch names, concepts, error messages) is never
+    read as markup (a path with ``[exp1]`` lost it, one with ``[/]`` crashed the command). Style a part with
+    ``rich.text.Text.assemble(("wrote", "green"), f" {path}")``."""
+    from rich.console import Console
+
+    return Console(markup=False, **kwargs)
+
+
 def base_folder(base: str) -> Path | None:
     """The local folder ``--base`` names: a folder, or the cached snapshot of a Hub id (``org/name[@revision]``);
     ``None`` for anything else (nothing is downloaded)."""

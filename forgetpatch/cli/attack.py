@@ -8,10 +8,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
-from forgetpatch.cli._base import check_writable, is_toy_base, load_base
+from forgetpatch.cli._base import check_writable, is_toy_base, load_base, plain_console
 
-console = Console(width=max(140, Console().width))
+console = plain_console(width=max(140, Console().width))
 
 
 def attack_command(
@@ -70,14 +71,14 @@ def attack_command(
     pipe = apply(load_base(base), loaded, scale=scale, key_steps=key_steps)
     reports = []
     for name in concepts:
-        console.print(f"[bold]attacking[/] {name} on {', '.join(p.name for p in loaded)} ({budget} budget)")
+        console.print(Text.assemble(("attacking", "bold"), f" {name} on {', '.join(p.name for p in loaded)} ({budget} budget)"))
         report = attacks.attack(pipe, name, attacks=names, budget=spend, seed=seed)
         console.print(report.table())
         weakest = report.weakest()
         if weakest is not None:
             console.print(
-                f"weakest against [bold]{weakest.name}[/]: strict UA {weakest.before} -> {weakest.after} "
-                f"(n {weakest.after.n})"
+                Text.assemble("weakest against ", (weakest.name, "bold"), f": strict UA {weakest.before} -> "
+                              f"{weakest.after} (n {weakest.after.n})")
             )
         reports.append(report)
         if grid is not None:

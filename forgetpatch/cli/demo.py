@@ -13,8 +13,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
-console = Console(width=max(120, Console().width))  # the report table needs the room
+from forgetpatch.cli._base import plain_console
+
+console = plain_console(width=max(120, Console().width))  # the report table needs the room
 
 
 def demo(
@@ -45,21 +48,21 @@ def demo(
     check_toy_concepts("toy", concepts)
     forgetpatch.methods.get_method(method)  # an unknown method is named before anything runs
     pipe = load_base("toy")
-    console.print(f"[bold]1/4[/] base fidelity on the toy world ({images} images per concept)")
+    console.print(Text.assemble(("1/4", "bold"), f" base fidelity on the toy world ({images} images per concept)"))
     base = evaluate(pipe, concepts, images_per_concept=images, num_inference_steps=steps)
 
     setting = " as published (--paper)" if paper else " (the toy world's settings: forgetpatch.toy.defaults)"
-    console.print(f"[bold]2/4[/] erasing {', '.join(concepts)} with {method}{setting}")
+    console.print(Text.assemble(("2/4", "bold"), f" erasing {', '.join(concepts)} with {method}{setting}"))
     start = time.perf_counter()
     patch = forgetpatch.erase(pipe, concepts, method=method, paper=paper)
     erase_s = time.perf_counter() - start
 
-    console.print("[bold]3/4[/] applying the patch and measuring forgetting and retention")
+    console.print(Text.assemble(("3/4", "bold"), " applying the patch and measuring forgetting and retention"))
     forgetpatch.apply(pipe, patch)
     report = evaluate(pipe, concepts, reference=base, images_per_concept=images, num_inference_steps=steps)
     forgetpatch.remove(pipe)
 
-    console.print("[bold]4/4[/] writing the patch, report and grid")
+    console.print(Text.assemble(("4/4", "bold"), " writing the patch, report and grid"))
     patch.manifest.metrics.update({"toy_eval": report.to_dict(), "erase_seconds": round(erase_s, 2)})
     folder = out / f"no-{'-'.join(concepts)}"
     folder.mkdir(parents=True, exist_ok=True)

@@ -10,10 +10,12 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from forgetpatch.cli._base import load_base as _load_base
+from forgetpatch.cli._base import plain_console
 
-console = Console(width=max(120, Console().width))  # the report table needs the room
+console = plain_console(width=max(120, Console().width))  # the report table needs the room
 
 
 def _cache_dir() -> Path:
@@ -164,10 +166,10 @@ def eval_command(
     if cached is not None and cached.exists():
         report = EvalReport.load(cached)
         if main:
-            console.print(f"[bold]base[/] {base}: images reused from {cached}")
+            console.print(Text.assemble(("base", "bold"), f" {base}: images reused from {cached}"))
     else:
         if main:
-            console.print(f"[bold]base[/] {base}: generating and judging")
+            console.print(Text.assemble(("base", "bold"), f" {base}: generating and judging"))
         report = evaluate(pipe, concepts, judge=judge, **settings)
         if cached is not None and main:
             report.save(cached)
@@ -176,7 +178,7 @@ def eval_command(
 
         pipe = apply(pipe, loaded, scale=scale, key_steps=key_steps)
         if main:
-            console.print(f"[bold]patched[/] with {', '.join(patches)}")
+            console.print(Text.assemble(("patched", "bold"), f" with {', '.join(patches)}"))
         report = evaluate(pipe, concepts, reference=report, judge=judge, **settings)
     if not main:
         return
@@ -298,13 +300,13 @@ def _suite_command(
         "batch_size": batch_size,
     }
     pipe.to(run_device)
-    console.print(f"[bold]base[/] {base}: {suite} suite, generating and judging on {run_device}")
+    console.print(Text.assemble(("base", "bold"), f" {base}: {suite} suite, generating and judging on {run_device}"))
     report = evaluate_suite(pipe, suite, **settings)
     if patches:
         from forgetpatch import apply
 
         pipe = apply(pipe.to("cpu"), patches, scale=scale, key_steps=key_steps).to(run_device)
-        console.print(f"[bold]patched[/] with {', '.join(patches)}")
+        console.print(Text.assemble(("patched", "bold"), f" with {', '.join(patches)}"))
         report = evaluate_suite(pipe, suite, reference=report, **settings)
     console.print(report.table())
     console.print(f"{report.seconds:.1f} s for {len(report.items)} images")

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from rich.text import Text
 
+from forgetpatch.cli._base import plain_console
 from forgetpatch.errors import ForgetPatchError
 
-_err = Console(stderr=True, soft_wrap=True)
+_err = plain_console(stderr=True, soft_wrap=True)
 
 
 class ExportFormat(str, Enum):
@@ -47,7 +48,7 @@ def push_command(
             license=license,
         )
     except ForgetPatchError as exc:
-        _err.print(f"[red]error:[/red] {exc}")
+        _err.print(Text.assemble(("error:", "red"), f" {exc}"))
         raise typer.Exit(1) from exc
     typer.echo(url)
 
@@ -61,10 +62,11 @@ def _print_robustness(folder: Path) -> None:
         return  # push says what is wrong with the folder
     rows = robustness_summary(read_patch(folder).manifest.metrics)
     if not rows:
-        _err.print(
-            "[yellow]warning:[/yellow] no attack results recorded: nobody knows how easily the concept comes back; "
-            f"run `forgetpatch attack {folder} --record` first (toy-world patches)"
-        )
+        _err.print(Text.assemble(
+            ("warning:", "yellow"),
+            " no attack results recorded: nobody knows how easily the concept comes back; "
+            f"run `forgetpatch attack {folder} --record` first (toy-world patches)",
+        ))
         return
     _err.print("robustness recorded on the patch (strict UA before -> after each attack):")
     for r in rows:
@@ -91,7 +93,7 @@ def export_command(
             raise ForgetPatchError(f"{str(output)!r} exists: pick another --output, or pass --force to replace it")
         path = export_kohya(patch, output)
     except ForgetPatchError as exc:
-        _err.print(f"[red]error:[/red] {exc}")
+        _err.print(Text.assemble(("error:", "red"), f" {exc}"))
         raise typer.Exit(1) from exc
     typer.echo(str(path))
 

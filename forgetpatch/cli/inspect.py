@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from forgetpatch.cli._base import plain_console
 from forgetpatch.format import ROBUSTNESS_METRICS, TOY_EVAL_METRICS
 from forgetpatch.hub import parent_names, robustness_summary, short_value, summary_rows
 
@@ -95,7 +95,7 @@ def inspect(
     if as_json:
         typer.echo(patch.manifest.model_dump_json(indent=2))
     else:
-        Console().print(patch_table(patch))
+        plain_console().print(patch_table(patch))
 
 
 def register(app: typer.Typer) -> None:

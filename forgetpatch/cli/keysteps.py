@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from rich.text import Text
 
+from forgetpatch.cli._base import plain_console
 from forgetpatch.errors import MethodError
 
-_out = Console()
+_out = plain_console()
 
 
 def keysteps_command(
@@ -77,7 +78,7 @@ def keysteps_command(
         f"where switching already leaves the concept in {preset['presence_switching_at_preset_start']:.0%} "
         f"of images (top {preset['max_presence']:.0%})"
     )
-    _out.print(f"[green]wrote[/green] {folder}/keysteps.png, .json, .csv, .md")
+    _out.print(Text.assemble(("wrote", "green"), f" {folder}/keysteps.png, .json, .csv, .md"))
 
 
 def register(app: typer.Typer) -> None:

@@ -201,3 +201,30 @@ def test_a_system_error_on_a_path_is_one_line_without_a_traceback(tmp_path, monk
     monkeypatch.setattr(Patch, "save", refused_save)
     output = refused(["erase", "--base", "toy", "-c", "circle", "-o", str(tmp_path / "p")], "Operation not permitted")
     assert "Traceback" not in output and str(tmp_path / "p") in output
+
+
+def test_user_text_is_printed_as_given_never_read_as_markup(saved, tmp_path):
+    """Paths, names and concepts are printed as the user wrote them: rich read them as markup, so '[exp1]' vanished
+    from a path and a '[/]' anywhere crashed the command with a MarkupError traceback (hiding the real error)."""
+    refused(["inspect", str(tmp_path / "runs" / "[exp1]" / "patch")], "runs/[exp1]/patch")
+    refused(["inspect", str(tmp_path / "runs" / "[/]" / "patch")], "runs/[/]/patch", "error:")
+    refused(["erase", "--base", "toy", "-c", "circle [/]", "-o", str(tmp_path / "x")], "'circle [/]' is not a toy")
+    name = "no-[bold]circle[not a style]"
+    result = runner.invoke(app, ["erase", "--base", "toy", "-c", "circle", "--name", name, "-o", str(tmp_path / "p")])
+    assert result.exit_code == 0 and name in " ".join(result.output.split()), result.output
+    assert f"patch {name}" in runner.invoke(app, ["inspect", str(tmp_path / "p")]).output
+
+
+def test_names_and_concepts_with_control_characters_are_refused_before_the_work(tmp_path, monkeypatch):
+    """A carriage return, an escape sequence or a line separator in a patch name or a concept broke the model card's
+    Markdown (an injected heading) or drove the user's terminal; refused, and a bad name before the model loads."""
+    import forgetpatch.cli.erase as cli_erase
+    from forgetpatch.errors import ConceptError, ManifestError
+
+    for text in ("no-circle\r## Injected heading", "x\x1b[2J", "a\u2028b"):
+        with pytest.raises(ConceptError, match="control characters or line breaks"):
+            forgetpatch.Concept(text)
+        with pytest.raises(ManifestError, match="may not contain"):
+            forgetpatch.erase(tiny_sd_pipeline(seed=0), ["circle"], method="uce", name=text)
+    monkeypatch.setattr(cli_erase, "load_base", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    refused(["erase", "--base", "toy", "-c", "circle", "--name", "a\rb", "-o", str(tmp_path / "p")], "may not contain")

@@ -426,6 +426,29 @@ def test_model_card_shows_toy_figures_with_intervals(pipe):
     assert parsed.model_name == card.data.model_name
 
 
+def test_a_concept_or_name_shows_on_the_card_as_written_and_adds_no_markup(pipe):
+    """A concept with a table's ``|``, a name with HTML and a quote: the card shows them as written (escaped), its
+    tables keep their columns, the snippets stay valid Python, and the YAML header still parses."""
+    import ast
+
+    from huggingface_hub import ModelCard
+
+    g = torch.Generator().manual_seed(0)
+    factors = {path: (torch.randn(2, n_in, generator=g), torch.randn(n_out, 2, generator=g)) for path, (n_out, n_in)
+               in MODULES.items()}  # fmt: skip
+    concepts = [{"target": "Tom | Jerry", "guide": "<b>cat</b>"}]
+    name = 'no-"tom"-<img src=x onerror=alert(1)>'
+    card = render_card(build_patch(pipe, factors, name=name, method="m", concepts=concepts, lineage=[]), "org/x")
+    text = card.text
+    prose = "".join(text.split("```")[::2])  # outside code blocks, where Markdown renders HTML
+    assert "<img" not in prose and "<b>" not in prose and "&lt;img src=x onerror=alert(1)&gt;" in prose
+    assert "| Tom \\| Jerry | object | &lt;b&gt;cat&lt;/b&gt; |" in text
+    snippet = next(line for line in text.splitlines() if "load_lora_weights" in line)
+    ast.parse(snippet)  # the name is a Python string literal there
+    assert ast.literal_eval(snippet.split("adapter_name=")[1].rstrip(")")) == name
+    assert ModelCard(str(card)).data.library_name == "diffusers"
+
+
 def test_model_card_minimal(pipe):
     patch = make_patch(pipe, base_model_id=None)
     card = render_card(patch, "org/x", license="mit")

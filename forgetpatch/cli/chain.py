@@ -8,10 +8,12 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
-from forgetpatch.cli._base import load_base
+from forgetpatch.cli._base import load_base, plain_console
+from forgetpatch.format import check_patch_name
 
-console = Console(width=max(140, Console().width))
+console = plain_console(width=max(140, Console().width))
 
 
 def chain_command(
@@ -53,7 +55,7 @@ def chain_command(
     kwargs = spec.erase_kwargs()
     method = kwargs.pop("method")
     get_method(method)
-    name = kwargs.pop("name", None) or spec.name or f"{method}-chain"
+    name = check_patch_name(kwargs.pop("name", None) or spec.name or f"{method}-chain")
     pipe = load_base(chosen_base)
     measure = images > 0 and getattr(pipe, "forgetpatch_family", None) == "toy"
     reference = None
@@ -62,7 +64,8 @@ def chain_command(
     def on_step(k: int, patch: Any, chained: Any) -> None:
         nonlocal reference
         folder = patch.save(output / f"step-{k}")
-        console.print(f"[bold]step {k}[/]: {patch.name} -> {folder} (lineage: {len(patch.manifest.lineage)} patches)")
+        console.print(Text.assemble((f"step {k}", "bold"), f": {patch.name} -> {folder} (lineage: "
+                                    f"{len(patch.manifest.lineage)} patches)"))
         if not measure:
             return
         from forgetpatch.eval import evaluate
@@ -70,7 +73,7 @@ def chain_command(
         if reference is None:  # after the first step: bad settings fail there, before anything is generated
             from forgetpatch.loader import unpatched
 
-            console.print(f"[bold]base[/] {chosen_base}: generating and judging the reference")
+            console.print(Text.assemble(("base", "bold"), f" {chosen_base}: generating and judging the reference"))
             reference = evaluate(unpatched(chained), [c.target for c in concepts], images_per_concept=images,
                                  progress=False)  # fmt: skip
 

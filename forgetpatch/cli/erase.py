@@ -13,14 +13,20 @@ from typing import Annotated, Any, get_args
 
 import typer
 import yaml
-from rich.console import Console
+from rich.text import Text
 
-from forgetpatch.cli._base import check_new_patch_folder, check_toy_concepts, is_toy_base, load_base
+from forgetpatch.cli._base import (
+    check_new_patch_folder,
+    check_toy_concepts,
+    is_toy_base,
+    load_base,
+    plain_console,
+)
 from forgetpatch.errors import MethodError
-from forgetpatch.format import Concept, ConceptKind
+from forgetpatch.format import Concept, ConceptKind, check_patch_name
 from forgetpatch.recipes import as_number
 
-_out = Console()
+_out = plain_console()
 #: The real-weight suite that scores a concept of each kind (``forgetpatch eval --suite``).
 _SUITES = {"object": "objects", "style": "styles", "nudity": "nudity"}
 
@@ -100,7 +106,7 @@ def erase_command(
         params["seed"] = seed
     patch_name = name or (spec.name if spec else None)
     if patch_name:
-        params["name"] = patch_name
+        params["name"] = check_patch_name(patch_name)
     chosen = method or (spec.method if spec else "scapre")
     get_method(chosen)  # an unknown method is named here, before the model loads
     check_new_patch_folder(output, force)
@@ -117,11 +123,12 @@ def erase_command(
     lora = patch.manifest.lora
     error = f"{lora.reconstruction_error:.2e}" if lora.reconstruction_error is not None else "n/a"
     size = sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file()) if folder.is_dir() else folder.stat().st_size
-    _out.print(
-        f"[green]wrote[/green] {folder}  ({patch.name}: {chosen}, {len(concepts)} concept(s) in {seconds:.0f} s, "
+    _out.print(Text.assemble(
+        ("wrote", "green"),
+        f" {folder}  ({patch.name}: {chosen}, {len(concepts)} concept(s) in {seconds:.0f} s, "
         f"{len(lora.target_modules)} layers, rank <= {lora.rank}, max reconstruction error {error}, "
-        f"{size / 1e6:.2f} MB)"
-    )
+        f"{size / 1e6:.2f} MB)",
+    ))
     probe = concepts[0].target
     if is_toy_base(chosen_base):
         measure = f"forgetpatch eval --base {chosen_base} {folder} --grid grid.png"
@@ -129,10 +136,8 @@ def erase_command(
         suite = _SUITES.get(patch.manifest.concepts[0].kind, "objects|styles|nudity")
         clip = "" if suite == "nudity" else " --clip CLIP_FOLDER"
         measure = f"forgetpatch eval --base {chosen_base} {folder} --suite {suite}{clip}"
-    _out.print(
-        f"next: measure it with [bold]{measure}[/bold], or draw with it: "
-        f"[bold]forgetpatch apply --base {chosen_base} {folder} -p \"a {probe}\" -o out.png[/bold]"
-    )
+    draw = f'forgetpatch apply --base {chosen_base} {folder} -p "a {probe}" -o out.png'
+    _out.print(Text.assemble("next: measure it with ", (measure, "bold"), ", or draw with it: ", (draw, "bold")))
 
 
 def _choose_base(base: str | None, spec: Any, recipe: Path | None) -> str:

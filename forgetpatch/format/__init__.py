@@ -39,6 +39,7 @@ from forgetpatch.format.manifest import (
     Manifest,
     MethodInfo,
     ModuleFingerprint,
+    check_patch_name,
 )
 from forgetpatch.format.migrate import MIGRATIONS, upgrade
 from forgetpatch.format.patch import (
@@ -96,6 +97,7 @@ __all__ = [
     "base_model_ref",
     "base_weight",
     "build_patch",
+    "check_patch_name",
     "denoiser_name",
     "detect_family",
     "factorize",

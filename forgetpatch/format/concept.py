@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Literal, get_args
@@ -21,6 +22,16 @@ from pydantic import ConfigDict
 from forgetpatch.errors import ConceptError
 
 ConceptKind = Literal["object", "style", "nudity", "identity", "other"]
+
+
+def unprintable(text: str) -> str | None:
+    """The first control character or line break in ``text`` (``"\\r"``, ``"\\x1b"``, ``"\\u2028"``), as Python writes
+    it, or ``None``: what a concept or a patch name may not hold, since it would break the model card's Markdown or
+    the user's terminal. Zero-width and other format characters, which scripts need, are allowed."""
+    for ch in text:
+        if unicodedata.category(ch) in ("Cc", "Zl", "Zp"):
+            return repr(ch)[1:-1]
+    return None
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,13 @@ class Concept:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ConceptError(f"a concept's {name} is a string or None, got {value!r}")
+        for name in ("target", "guide", "superclass"):
+            value = getattr(self, name)
+            if value is not None and (bad := unprintable(value)):
+                raise ConceptError(
+                    f"a concept's {name} may not contain control characters or line breaks, got {value!r} "
+                    f"(with {bad}): name it in one line of plain text"
+                )
 
     @property
     def steered_to(self) -> str | None:

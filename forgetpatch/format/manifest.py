@@ -7,7 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from forgetpatch.format.concept import Concept
+from forgetpatch.errors import ManifestError
+from forgetpatch.format.concept import Concept, unprintable
 
 FORMAT_NAME = "forgetpatch"
 FORMAT_VERSION = 1
@@ -22,6 +23,32 @@ KeyStepConvention = Literal["timestep", "sigma"]
 TOY_EVAL_METRICS = "toy_eval"
 ROBUSTNESS_METRICS = "robustness"
 
+
+
+def _patch_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a patch's name (it names the adapter, the card's title and the default folder), or
+    ``None``: not empty, no slash or backslash, no control character or line break."""
+    if not name.strip():
+        return "a patch name may not be empty"
+    bad = "a slash" if "/" in name else "a backslash" if "\\" in name else unprintable(name)
+    if bad:
+        return f"patch name {name!r} may not contain {bad}: give it one line of plain text without slashes"
+    return None
+
+
+def check_patch_name(name: Any) -> str:
+    """``name``, or :class:`ManifestError` saying why it cannot name a patch (before any work that would make one).
+
+    Example:
+        >>> check_patch_name("no-circle")
+        'no-circle'
+    """
+    if not isinstance(name, str):
+        raise ManifestError(f"a patch name is a string, got {name!r}")
+    problem = _patch_name_problem(name)
+    if problem:
+        raise ManifestError(problem)
+    return name
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
@@ -132,6 +159,7 @@ class Manifest(_Model):
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if any(c in v for c in "/\\\n"):
-            raise ValueError(f"patch name {v!r} may not contain slashes or newlines")
+        problem = _patch_name_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v

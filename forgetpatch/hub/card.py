@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -241,8 +243,11 @@ def render_card(
         name=manifest.name,
         repo_id=repo_id,
         base_id=base_id,
-        forgotten=", ".join(f"**{c.target}**" for c in manifest.concepts),
-        steered=", ".join(f"{c.target} -> {c.steered_to}" for c in manifest.concepts if c.steered_to),
+        forgotten=", ".join(f"**{md(c.target)}**" for c in manifest.concepts),
+        steered=", ".join(f"{md(c.target)} -> {md(c.steered_to)}" for c in manifest.concepts if c.steered_to),
+        preserved=", ".join(md(c.target) for c in manifest.preserved),
+        md=md,
+        py=json.dumps,
         params=[(k, short_value(v)) for k, v in sorted(manifest.method.params.items())],
         figures=figures,
         per_layer=per_layer,
@@ -256,6 +261,13 @@ def render_card(
         weights_name=WEIGHTS_NAME,
     )
     return ModelCard(_BLANK_LINES.sub("\n\n", str(card)))  # templates leave runs of blank lines
+
+
+def md(value: Any) -> str:
+    """``value`` as text in the card's Markdown: ``&``, ``<`` and ``>`` as HTML entities and ``|`` escaped, so a
+    concept, a name or a parameter shows as written and cannot add HTML or table cells to the card (the template
+    puts it in code spans only where it is an identifier)."""
+    return html.escape(str(value), quote=False).replace("|", "\\|")
 
 
 def _summary_note(metrics: dict[str, Any]) -> str:

@@ -53,7 +53,7 @@ def check_revision(revision: str) -> str:
 
 
 #: A Hub repo id: ``org/name`` (letters, digits, ``_``, ``.``, ``-``; the org starts with a letter or digit).
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"\A[A-Za-z0-9][\w.-]*/[\w.-]+\Z")
 
 
 def is_hub_id(ref: str) -> bool:

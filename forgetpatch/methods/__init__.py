@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from forgetpatch.format import check_patch_name
 from forgetpatch.methods.adversarial import (
     PLACEHOLDER,
     Adversarial,
@@ -91,6 +92,8 @@ def erase(
 
     erased = as_concepts(concepts)
     kept = as_concepts(preserve)
+    if params.get("name") is not None:
+        check_patch_name(params["name"])  # before the work that makes the patch it names
     _check_words(pipe, erased, kept)
     check_concepts(erased, kept)
     held = erased_on(pipe)

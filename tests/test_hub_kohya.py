@@ -110,3 +110,38 @@ def test_cli_export(patch, tmp_path):
 
     result = CliRunner().invoke(app, ["export", str(tmp_path / "missing"), "-o", str(out)])
     assert result.exit_code == 1 and "no patch at" in result.output
+
+
+def test_a_patch_of_mixed_ranks_exports_at_one_rank_with_the_same_effect(pipe, tmp_path):
+    """Modules of ranks 2, 3 and 5 (as ScaPre and the fine-tuning methods make): diffusers' kohya reader keeps one
+    alpha per file and scaled the modules of other ranks wrongly (15% off on a ScaPre patch). The export pads every
+    module to the largest rank with zeros, and diffusers' load of it equals the patch."""
+    from forgetpatch.format import build_patch
+
+    g = torch.Generator().manual_seed(3)
+    factors = {path: (torch.randn(r, n_in, generator=g) * 0.1, torch.randn(n_out, r, generator=g) * 0.1)
+               for (path, (n_out, n_in)), r in zip(MODULES.items(), (2, 3, 5), strict=True)}  # fmt: skip
+    patch = build_patch(pipe, factors, name="mixed", method="scapre", concepts=["cat"], lineage=[])
+    assert sorted({a.shape[0] for a, _ in patch.factors().values()}) == [2, 3, 5]
+    tensors = load_file(export_kohya(patch, tmp_path / "mixed.safetensors"))
+    assert {tensors[f"{kohya_name(m)}.lora_down.weight"].shape[0] for m in MODULES} == {5}
+    assert {tensors[f"{kohya_name(m)}.alpha"].item() for m in MODULES} == {5.0}
+    changes = _fused_change(pipe, tmp_path / "mixed.safetensors")
+    for module in MODULES:
+        torch.testing.assert_close(changes[module], patch.delta(module), rtol=1e-4, atol=1e-6)
+
+
+def test_modules_diffusers_kohya_reader_drops_are_refused():
+    """SDXL's add_embedding has no kohya name diffusers maps back: its reader logged 'unexpected keys' and loaded
+    the rest, a partial patch. The export refuses it and says to load the patch folder."""
+    from forgetpatch.format import build_patch
+    from forgetpatch.testing import tiny_sdxl_pipeline
+
+    sdxl = tiny_sdxl_pipeline()
+    path = next(f"unet.{n}" for n, m in sdxl.unet.named_modules() if n.startswith("add_embedding.")
+                and isinstance(m, torch.nn.Linear))  # fmt: skip
+    w = sdxl.unet.get_submodule(path.removeprefix("unet.")).weight
+    patch = build_patch(sdxl, {path: (torch.ones(1, w.shape[1]), torch.ones(w.shape[0], 1))}, name="x", method="esd",
+                        concepts=["cat"], lineage=[])  # fmt: skip
+    with pytest.raises(PatchFormatError, match="add_embedding.*load the patch folder"):
+        export_kohya(patch, "/tmp/never-written.safetensors")

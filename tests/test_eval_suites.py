@@ -100,6 +100,10 @@ def test_read_prompt_csv_takes_the_i2p_and_esd_layouts(tmp_path):
     esd.write_text("case_number,prompt,evaluation_seed,evaluation_guidance,class\n0,a photo of a church,7,7.5,church\n"
                    "1,a tench,8,7.5,tench\n")
     assert read_prompt_csv(esd, limit=1) == [SuitePrompt("a photo of a church", 7, "church", 7.5)]
+    # seeds are read exactly (a float rounded those above 2**53), as spreadsheets also write them
+    big = tmp_path / "big.csv"
+    big.write_text("prompt,seed\na,12345678901234567891\nb,18446744073709551615\nc,2734971755.0\n")
+    assert [p.seed for p in read_prompt_csv(big)] == [12345678901234567891, 2**64 - 1, 2734971755]
 
 
 @pytest.mark.parametrize(
@@ -108,6 +112,11 @@ def test_read_prompt_csv_takes_the_i2p_and_esd_layouts(tmp_path):
         ("text,seed\nhello,1\n", "no 'prompt' column (columns: text, seed)"),
         ("prompt,guidance\nhello,7\n", "no seed column: name it 'evaluation_seed' or 'sd_seed' or 'seed'"),
         ("prompt,seed\nhello,seven\n", "line 2"),
+        ("prompt,seed\n\n\nhello,1\n\nbye,1.9\n", "line 6: seed: '1.9' is not a seed"),  # blank lines counted
+        ('prompt,seed\n"two\nlines",1\nbye,inf\n', "line 4: seed: 'inf' is not a seed"),
+        ("prompt,seed\nhello,1e30\n", "from 0 to 2**64 - 1"),
+        ("prompt,seed\nhello,-1\n", "from 0 to 2**64 - 1"),
+        ("prompt,seed,guidance\nhello,1,nan\n", "line 2: guidance: guidance must be a finite number >= 0"),
     ],
 )
 def test_read_prompt_csv_names_what_is_wrong(tmp_path, text, message):

@@ -18,8 +18,10 @@ Example:
 from __future__ import annotations
 
 import csv
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from forgetpatch.errors import EvalInputError
@@ -213,7 +215,8 @@ def read_prompt_csv(
         with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             header = [h.strip().lower() for h in (reader.fieldnames or [])]
-            rows = [{(k or "").strip().lower(): (v or "") for k, v in row.items()} for row in reader]
+            # (the file's line where the row ends, the row): blank lines and quoted line breaks count
+            rows = [(reader.line_num, {(k or "").strip().lower(): (v or "") for k, v in row.items()}) for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise EvalInputError(f"cannot read prompt file {str(path)!r}: {exc}") from exc
     found = ", ".join(header) or "none"
@@ -227,17 +230,39 @@ def read_prompt_csv(
     guidance_col = _column(header, GUIDANCE_COLUMNS)
     concept_col = _column(header, CONCEPT_COLUMNS)
     items = []
-    for i, row in enumerate(rows[:limit] if limit is not None else rows, start=2):
+    for i, row in rows[:limit] if limit is not None else rows:
         text = row.get("prompt", "").strip()
         if not text:
             raise EvalInputError(f"{path.name} line {i}: empty prompt")
-        try:
-            seed = int(float(row[seed_col]))
-            guidance = float(row[guidance_col]) if guidance_col and row.get(guidance_col, "").strip() else None
-        except ValueError as exc:
-            raise EvalInputError(f"{path.name} line {i}: {seed_col} / {guidance_col}: {exc}") from None
+        seed = _seed(row[seed_col], f"{path.name} line {i}: {seed_col}")
+        guidance = None
+        if guidance_col and row.get(guidance_col, "").strip():
+            guidance = _guidance(row[guidance_col], f"{path.name} line {i}: {guidance_col}")
         name = concept or (row.get(concept_col, "").strip() if concept_col else None) or None
         items.append(SuitePrompt(text, seed, name, guidance))
     if not items:
         raise EvalInputError(f"{path.name} has no prompt rows")
     return items
+
+
+def _seed(text: str, where: str) -> int:
+    """A seed cell as the exact whole number it writes (``"2734971755"``, or ``"2734971755.0"`` as spreadsheets
+    write it), in torch's range 0 .. 2**64 - 1; a float would round seeds above 2**53."""
+    try:
+        value = Decimal(text.strip())
+    except InvalidOperation:
+        raise EvalInputError(f"{where}: {text.strip()!r} is not a seed (a whole number)") from None
+    if not value.is_finite() or value != value.to_integral_value() or not 0 <= value < 2**64:
+        raise EvalInputError(f"{where}: {text.strip()!r} is not a seed: give a whole number from 0 to 2**64 - 1")
+    return int(value)
+
+
+def _guidance(text: str, where: str) -> float:
+    """A guidance cell: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise EvalInputError(f"{where}: {text.strip()!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise EvalInputError(f"{where}: guidance must be a finite number >= 0, got {text.strip()!r}")
+    return value

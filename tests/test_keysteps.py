@@ -76,9 +76,28 @@ def test_toy_prompts_and_detector_use_the_judge():
 
 
 def test_bad_input():
+    """Settings and detectors the analysis cannot use are named as such: an empty step list and batch size 0 raised
+    Python's own errors, and a detector with one verdict too many (or a score) gave a presence of 200% (or 50%)."""
     pipe = tiny_sd_pipeline(0)
+    small = {"num_inference_steps": 3, "num_images": 2, "progress": False}
     with pytest.raises(MethodError, match="switch steps"):
         analyze(pipe, "circle", detector=lambda x: [True] * len(x), num_inference_steps=3, switch_steps=[5])
+    with pytest.raises(MethodError, match="switch_steps is empty"):
+        analyze(pipe, "circle", detector=lambda x: [True] * len(x), switch_steps=[], **small)
+    with pytest.raises(MethodError, match="batch_size >= 1"):
+        analyze(pipe, "circle", detector=lambda x: [True] * len(x), batch_size=0, **small)
+    with pytest.raises(MethodError, match="4 verdicts for 2 images"):
+        analyze(pipe, "circle", detector=lambda x: [True] * 2 * len(x), switch_steps=[3], **small)
+    with pytest.raises(MethodError, match="returned 0.2: return True or False"):
+        analyze(pipe, "circle", detector=lambda x: [0.2] * len(x), switch_steps=[3], **small)
+
+
+def test_cli_names_an_unknown_concept_whole(tmp_path):
+    from forgetpatch.cli import app
+
+    result = CliRunner().invoke(app, ["keysteps", "--base", "toy", "--concept", "nosuch", "-o", str(tmp_path / "k")])
+    assert result.exit_code == 1
+    assert "'nosuch' is not a toy-world concept; known: circle, ellipse" in " ".join(result.output.split())
 
 
 def test_cli_refuses_a_base_without_a_judge(tmp_path):

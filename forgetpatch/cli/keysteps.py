@@ -66,7 +66,7 @@ def keysteps_command(
             seed=seed,
         )
     except (KeyError, ValueError) as exc:  # an unknown concept, settings the analysis cannot use
-        raise MethodError(str(exc).strip("'\"")) from exc
+        raise MethodError(str(exc.args[0]) if exc.args else str(exc)) from exc
     folder = curve.save(output)
     task = "object" if kind == "shape" else "style"
     preset = compare_with_preset(curve, KSCU_PRESETS[task].start)

@@ -134,6 +134,20 @@ def _plot_pil(curve: KeyStepCurve, path: Path, title: str) -> None:
 
 
 @torch.no_grad()
+def _count_present(verdicts: Any, n: int) -> int:
+    """How many of ``n`` images the detector's verdicts say show the concept: one ``True`` / ``False`` per image, or
+    :class:`MethodError` (twice as many verdicts gave a presence of 200%; a score of 0.2 counted as present)."""
+    verdicts = list(verdicts)
+    if len(verdicts) != n:
+        raise MethodError(f"the detector returned {len(verdicts)} verdicts for {n} images: return one per image")
+    if any(v not in (True, False) for v in verdicts):
+        raise MethodError(
+            f"the detector returned {next(v for v in verdicts if v not in (True, False))!r}: return True or False "
+            "per image (threshold a score first)"
+        )
+    return sum(bool(v) for v in verdicts)
+
+
 def analyze(
     pipe: Any,
     concept: str,
@@ -170,11 +184,13 @@ def analyze(
     """
     if hasattr(pipe, "text_encoder_2"):
         raise MethodError("key-step analysis supports SD 1.x/2.x-style pipelines; SDXL is not supported yet")
-    if num_images < 1 or num_inference_steps < 1:
-        raise MethodError("key-step analysis needs num_images >= 1 and num_inference_steps >= 1")
+    if num_images < 1 or num_inference_steps < 1 or batch_size < 1:
+        raise MethodError("key-step analysis needs num_images, num_inference_steps and batch_size >= 1")
     steps = num_inference_steps
     ks = sorted(set(switch_steps if switch_steps is not None else range(steps + 1)))
-    if ks and (ks[0] < 0 or ks[-1] > steps):
+    if not ks:
+        raise MethodError(f"switch_steps is empty: give at least one step in [0, {steps}], or None for all")
+    if ks[0] < 0 or ks[-1] > steps:
         raise MethodError(f"switch steps must lie in [0, {steps}], got {ks[0]}..{ks[-1]}")
     prompts = list(prompts or [concept])
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -214,7 +230,7 @@ def analyze(
             for i in range(k, steps):
                 x = step(x, i, guide_cond)
             images = _decode(pipe, x)
-            hits[k] += int(sum(bool(v) for v in detector(images)))
+            hits[k] += _count_present(detector(images), len(idx))
             bar.update(len(idx))
     bar.close()
     return KeyStepCurve(

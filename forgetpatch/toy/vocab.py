@@ -110,7 +110,7 @@ def kind_of(word: str) -> Kind:
         return "colour"
     if word in TEXTURES:
         return "texture"
-    raise KeyError(f"{word!r} is not a toy-world concept; known: {SHAPES + tuple(COLOURS) + TEXTURES}")
+    raise KeyError(f"{word!r} is not a toy-world concept; known: {', '.join(SHAPES + tuple(COLOURS) + TEXTURES)}")
 
 
 def why_not_a_concept(word: str) -> str | None:

@@ -449,6 +449,38 @@ def test_a_concept_or_name_shows_on_the_card_as_written_and_adds_no_markup(pipe)
     assert ModelCard(str(card)).data.library_name == "diffusers"
 
 
+def test_figures_recorded_in_another_shape_are_named_not_fatal(pipe, tmp_path):
+    """A patch whose evaluation or attack record has another shape (figures written by hand through record_metrics,
+    another tool, a Hub patch that passes verification): render_card and inspect failed with TypeError or
+    AttributeError; they now leave that record out of the summaries and say it is there. A NaN figure is refused
+    instead of being stored as null."""
+    from forgetpatch.cli.inspect import patch_table
+    from forgetpatch.errors import ManifestError
+    from forgetpatch.format import record_metrics
+    from forgetpatch.hub import readable
+
+    for metrics, unreadable in [
+        ({"toy_eval": [1, 2]}, ["toy_eval"]),
+        ({"toy_eval": {"concepts": {"circle": {"ua": 0.9, "interval": {"ua": [0.8]}}}}}, ["toy_eval"]),
+        ({"robustness": ["circle"]}, ["robustness"]),
+        ({"robustness": {"circle": {"attacks": {"x": {"ua_after": "low"}}}}}, ["robustness"]),
+        ({"toy_eval": {"concepts": {"circle": {"ua": "0.9"}}}}, []),  # read as the number it writes
+    ]:
+        patch = make_patch(pipe, metrics=metrics)
+        assert readable(patch.manifest.metrics)[1] == unreadable
+        text = render_card(patch, "org/x").text
+        table = " ".join(str(cell) for column in patch_table(patch).columns for cell in column._cells)
+        if unreadable:
+            assert "recorded in a shape forgetpatch does not read" in text and "does not read" in table
+        else:
+            assert "| **circle forgotten (strict UA)** | 90% | - |" in text
+    folder = make_patch(pipe).save(tmp_path / "p")
+    before = (folder / "forgetpatch.json").read_bytes()
+    with pytest.raises(ManifestError, match=r"metrics\['mine'\]\['ua'\] is nan"):
+        record_metrics(folder, lambda patch: {"mine": {"ua": float("nan")}})
+    assert (folder / "forgetpatch.json").read_bytes() == before
+
+
 def test_model_card_minimal(pipe):
     patch = make_patch(pipe, base_model_id=None)
     card = render_card(patch, "org/x", license="mit")

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from forgetpatch.cli._base import plain_console
 from forgetpatch.format import ROBUSTNESS_METRICS, TOY_EVAL_METRICS
-from forgetpatch.hub import parent_names, robustness_summary, short_value, summary_rows
+from forgetpatch.hub import parent_names, readable, robustness_summary, short_value, summary_rows
 
 
 def _size(patch) -> str:
@@ -69,10 +69,13 @@ def patch_table(patch) -> Table:
     table.add_row("digest", patch.digest[:16])
     table.add_row("lineage", "\n".join(f"{n} ({d[:12]})" if n else d for n, d in parent_names(patch)) or "-")
     rows = summary_rows(m.metrics)
-    table.add_row("measured", "\n".join(f"{r['what']}: {r['patched']} (base {r['base']})"
-                                        for r in rows) or "not measured (forgetpatch eval PATCH --record)")
+    unreadable = readable(m.metrics)[1]
+    odd = "recorded in a shape forgetpatch does not read (--json shows it)"
+    table.add_row("measured", "\n".join(f"{r['what']}: {r['patched']} (base {r['base']})" for r in rows)
+                  or (odd if TOY_EVAL_METRICS in unreadable else "not measured (forgetpatch eval PATCH --record)"))
     if not robustness_summary(m.metrics):
-        table.add_row("robustness", "not measured (forgetpatch attack PATCH --record)")
+        table.add_row("robustness", odd if ROBUSTNESS_METRICS in unreadable
+                      else "not measured (forgetpatch attack PATCH --record)")  # fmt: skip
     others = [k for k in m.metrics if k not in (TOY_EVAL_METRICS, ROBUSTNESS_METRICS)]
     table.add_row("other metrics", ", ".join(k.replace("_", " ") for k in others) + " (--json for all)" if others else "-")
     table.add_row(

@@ -745,9 +745,24 @@ def record_metrics(folder: str | os.PathLike, update: Callable[[Patch], dict[str
     target = folder.resolve() if folder.is_symlink() else Path(os.path.abspath(folder))  # the folder save replaces
     with writer_lock(target):
         patch = read_patch(folder)
-        patch.manifest.metrics.update(update(patch))
+        figures = update(patch)
+        _check_finite(figures)
+        patch.manifest.metrics.update(figures)
         patch.save(folder)
     return folder
+
+
+def _check_finite(value: Any, where: str = "metrics") -> None:
+    """:class:`ManifestError` naming the first NaN or infinite number in ``value``: JSON has none, and the manifest
+    would store it as null, a figure silently lost."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ManifestError(f"{where} is {value}: record finite numbers (None where there is no figure)")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{where}[{i}]")
 
 
 #: Reads of a patch that a save replaced meanwhile (its files by path would mix the two versions) are made again.

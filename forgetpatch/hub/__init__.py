@@ -9,7 +9,14 @@ Example:
 
 from __future__ import annotations
 
-from forgetpatch.hub.card import parent_names, render_card, robustness_summary, short_value, summary_rows
+from forgetpatch.hub.card import (
+    parent_names,
+    readable,
+    render_card,
+    robustness_summary,
+    short_value,
+    summary_rows,
+)
 from forgetpatch.hub.download import HUB_ID, download, is_hub_id, split_ref, why_local
 from forgetpatch.hub.kohya import export_kohya, kohya_name
 from forgetpatch.hub.push import push
@@ -23,6 +30,7 @@ __all__ = [
     "parent_names",
     "push",
     "render_card",
+    "readable",
     "robustness_summary",
     "short_value",
     "split_ref",

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from pydantic import TypeAdapter, ValidationError
+from typing_extensions import TypedDict
 
 from forgetpatch.errors import ForgetPatchError
 from forgetpatch.format import ROBUSTNESS_METRICS, TOY_EVAL_METRICS, WEIGHTS_NAME, Manifest, Patch, read_patch
@@ -35,6 +37,62 @@ def find_grid(folder: Path, manifest: Manifest) -> str | None:
     return (named or images or [None])[0]
 
 
+class _Figures(TypedDict, total=False):
+    """One concept's figures in a recorded toy evaluation (``EvalReport.to_dict()``), as far as the card reads them."""
+
+    ua: float | None
+    leakage: float | None
+    ira: float | None
+    cra: float | None
+    near: float | None
+    interval: dict[str, tuple[float, float] | None]
+    n: dict[str, int | None]
+    ratios: dict[str, float | None]
+    base: _Figures
+
+
+class _ToyEval(TypedDict, total=False):
+    concepts: dict[str, _Figures]
+    settings: dict[str, Any]
+
+
+class _Attack(TypedDict, total=False):
+    ua_before: float | None
+    ua_after: float | None
+    interval: tuple[float, float] | None
+    interval_before: tuple[float, float] | None
+    n: int | None
+    seconds: float
+    unet_passes: int
+    budget: dict[str, Any]
+
+
+class _Robustness(TypedDict, total=False):
+    attacks: dict[str, _Attack]
+    seed: int | None
+    forgetpatch: str | None
+
+
+#: The records the card and ``inspect`` read figures from, and their shapes.
+_RECORDS = {TOY_EVAL_METRICS: TypeAdapter(_ToyEval), ROBUSTNESS_METRICS: TypeAdapter(dict[str, _Robustness])}
+
+
+def readable(metrics: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``metrics`` with its evaluation and attack records in the shape forgetpatch writes them, and the names of the
+    records that are not (figures written by hand through ``record_metrics``, another tool, or a newer forgetpatch):
+    those are left out of the summaries, which say so, instead of failing the card or ``inspect``."""
+    out, unreadable = dict(metrics), []
+    for key, shape in _RECORDS.items():
+        if metrics.get(key) is None:
+            continue
+        try:
+            out[key] = shape.validate_python(metrics[key])
+        except ValidationError:
+            del out[key]
+            unreadable.append(key)
+    return out, unreadable
+
+
 def short_value(value: Any) -> str:
     """A parameter or figure as a table cell: numbers short, long lists folded to a count and a few items."""
     if isinstance(value, float):
@@ -55,7 +113,11 @@ def _other_metrics(metrics: dict[str, Any]) -> tuple[list[tuple[str, str]], list
     """The metrics that are not an evaluation or attack record: scalar figures, and per-layer tables (a mapping of
     module path to number), each under a readable title; nothing is flattened into dotted keys."""
     figures, per_layer = [], []
+    unreadable = readable(metrics)[1]
     for key, value in metrics.items():
+        if key in unreadable:
+            figures.append((key.replace("_", " "), "recorded in a shape forgetpatch does not read (forgetpatch.json has it)"))
+            continue
         if key in (TOY_EVAL_METRICS, ROBUSTNESS_METRICS):
             continue
         title = key.replace("_", " ")
@@ -72,6 +134,7 @@ def summary_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 
     Rows are plain text (``what``, ``patched``, ``base``); ``headline`` marks each concept's forgetting row, which
     the card sets in bold."""
+    metrics = readable(metrics)[0]
     concepts = (metrics.get(TOY_EVAL_METRICS) or {}).get("concepts") or {}
     rows = []
     for concept, figures in concepts.items():
@@ -97,6 +160,7 @@ def summary_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 def model_index(metrics: dict[str, Any]) -> list[EvalResult]:
     """The headline figures as Hub evaluation results (the card's ``model-index``): strict UA, leakage and
     in-domain retention per erased concept, on the toy world."""
+    metrics = readable(metrics)[0]
     concepts = (metrics.get(TOY_EVAL_METRICS) or {}).get("concepts") or {}
     results = []
     for concept, figures in concepts.items():
@@ -142,6 +206,7 @@ def toy_summary(metrics: dict[str, Any]) -> list[dict[str, str]]:
     """One row per erased concept from a toy evaluation recorded under ``metrics["toy_eval"]``:
     strict UA and leakage with their 95% intervals and sample sizes, the base beside them, and
     retention as a share of the base's."""
+    metrics = readable(metrics)[0]
     concepts = (metrics.get(TOY_EVAL_METRICS) or {}).get("concepts") or {}
     rows = []
     for concept, figures in concepts.items():
@@ -168,6 +233,7 @@ def _ua(value: float | None, interval: list[float] | None, n: int | None = None)
 def robustness_summary(metrics: dict[str, Any]) -> list[dict[str, str]]:
     """One row per (concept, attack) recorded under ``metrics["robustness"]`` by ``forgetpatch attack --record``:
     strict UA before and after the attack with intervals and sample size, and what the attack spent."""
+    metrics = readable(metrics)[0]
     rows = []
     for concept, report in (metrics.get(ROBUSTNESS_METRICS) or {}).items():
         for name, r in (report.get("attacks") or {}).items():
@@ -255,7 +321,7 @@ def render_card(
         summary_note=_summary_note(manifest.metrics),
         lineage=parent_names(patch),
         toy=toy_summary(manifest.metrics),
-        toy_settings=(manifest.metrics.get(TOY_EVAL_METRICS) or {}).get("settings"),
+        toy_settings=(readable(manifest.metrics)[0].get(TOY_EVAL_METRICS) or {}).get("settings"),
         robustness=robustness_summary(manifest.metrics),
         grid=grid,
         weights_name=WEIGHTS_NAME,
@@ -271,6 +337,7 @@ def md(value: Any) -> str:
 
 
 def _summary_note(metrics: dict[str, Any]) -> str:
+    metrics = readable(metrics)[0]
     settings = (metrics.get(TOY_EVAL_METRICS) or {}).get("settings") or {}
     note = ("Measured on the toy world by the toy judge. Strict UA: an image counts as forgotten only when the judge "
             "confidently sees something else. Brackets: 95% Wilson interval; n: images.")

@@ -293,6 +293,10 @@ def test_save_grid_writes_a_labelled_png(tmp_path):
     assert img.width >= 5 * 96 and img.height >= 2 * 96
     with pytest.raises(ValueError, match="labels"):
         save_grid(before, before, tmp_path / "x.png", ["one"])
+    with pytest.raises(ValueError, match="got 5 and 2 notes for 5 images"):  # was a bare IndexError
+        save_grid(before, before, tmp_path / "x.png", notes=(["n"] * 5, ["n"] * 2))
+    with pytest.raises(ValueError, match="flagged"):
+        save_grid(before, before, tmp_path / "x.png", flagged=([True], [False] * 5))
 
 
 def test_pipeline_generator_images_do_not_depend_on_the_batch():

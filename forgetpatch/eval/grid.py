@@ -51,6 +51,9 @@ def save_grid(
     labels = list(labels) if labels is not None else [""] * n
     if len(labels) != n:
         raise ValueError(f"got {len(labels)} labels for {n} images")
+    for what, pair in (("notes", notes), ("flagged", flagged)):
+        if pair is not None and [len(pair[0]), len(pair[1])] != [n, n]:
+            raise ValueError(f"got {len(pair[0])} and {len(pair[1])} {what} for {n} images before and after: give one each")
     rows: list[tuple[str, np.ndarray, Sequence[str], Sequence[bool]]] = [
         ("before", before, notes[0] if notes else [""] * n, flagged[0] if flagged else [False] * n),
         ("after", after, notes[1] if notes else [""] * n, flagged[1] if flagged else [False] * n),

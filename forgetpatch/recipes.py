@@ -50,6 +50,10 @@ def as_number(value: Any) -> Any:
     return value
 
 
+#: Fields of a recipe (and ``erase`` arguments) that ``params`` may not set: they would override the recipe's own.
+_RECIPE_FIELDS = {"name", "base", "method", "paper", "concepts", "preserve"}
+
+
 class Recipe(BaseModel):
     """A validated erasure recipe."""
 
@@ -73,11 +77,19 @@ class Recipe(BaseModel):
     def _words_are_concepts(cls, value: Any) -> Any:
         if isinstance(value, (str, dict)):
             value = [value]
+        if value is not None and not isinstance(value, list):
+            raise ValueError(f"give a concept, or a list of them, not {value!r}")
         return [{"target": v} if isinstance(v, str) else v for v in (value or [])]
 
     @field_validator("params")
     @classmethod
     def _numbers(cls, value: dict[str, Any]) -> dict[str, Any]:
+        reserved = sorted(set(value) & _RECIPE_FIELDS)
+        if reserved:
+            raise ValueError(
+                f"{reserved} are the recipe's own fields, not method parameters: set them at the top level "
+                f"(e.g. 'method: uce'), not under params"
+            )
         return {k: as_number(v) for k, v in value.items()}
 
     def erase_concepts(self) -> list[Concept]:
@@ -112,9 +124,13 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     """
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise MethodError(f"recipe {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise MethodError(f"recipe {str(path)!r} is a folder: give a recipe's .yaml file") from None
+    except UnicodeDecodeError as exc:
+        raise MethodError(f"recipe {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise MethodError(f"recipe {str(path)!r} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):

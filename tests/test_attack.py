@@ -112,6 +112,9 @@ def test_bad_requests_are_refused_before_anything_runs():
         attack(pipe, "circle", budget={"steps": 3})
     with pytest.raises(AttackError, match="unknown attack budget"):
         Budget.named("huge")
+    for field in ("guidance_scale", "inversion_lambda", "search_lr"):  # inf made NaN images, scored as "recalled"
+        with pytest.raises(AttackError, match=f"{field}=inf out of range"):
+            Budget.of({field: float("inf")})
     from forgetpatch.testing import tiny_sd_pipeline
 
     with pytest.raises(AttackError, match="toy-world pipelines"):
@@ -138,6 +141,10 @@ def test_record_refuses_an_attack_on_anything_but_the_patch_alone(guided):
 
     before = (guided / "forgetpatch.json").read_bytes()
     alone = report(forgetpatch.apply(toy.pipeline(), guided))
+    star = report(forgetpatch.apply(toy.pipeline(), guided))
+    star.concept = "star"  # the patch erases the circle: a star's robustness is not its own
+    with pytest.raises(AttackError, match="does not erase 'star'"):
+        record(guided, [star])
     assert alone.patches == [{"name": patch.name, "digest": patch.digest, "scale": 1.0, "fused": False,
                               "key_steps": False}]  # fmt: skip
     for pipe, match in [

@@ -113,3 +113,21 @@ def test_cli_chain_checks_everything_before_the_model_loads_and_leaves_no_stale_
     recipe.write_text("method: uce\nconcepts: [circle, star]\n")
     result = runner.invoke(app, ["chain", str(recipe), "-o", str(out), "--images", "0", "--force"])
     assert result.exit_code == 0 and sorted(p.name for p in out.iterdir()) == ["step-1", "step-2"], result.output
+    # a --force run interrupted after its first step leaves that step alone, not beside the old chain's step-2
+    import forgetpatch.methods
+
+    real = forgetpatch.methods.erase_chain
+
+    def interrupted(*args, on_step, **kwargs):
+        def one_step(k, *rest):
+            if k == 2:
+                raise KeyboardInterrupt
+            on_step(k, *rest)
+
+        return real(*args, on_step=one_step, **kwargs)
+
+    monkeypatch.setattr(forgetpatch.methods, "erase_chain", interrupted)
+    recipe.write_text("method: uce\nconcepts: [square, triangle]\n")
+    runner.invoke(app, ["chain", str(recipe), "-o", str(out), "--images", "0", "--force"])
+    assert sorted(p.name for p in out.iterdir()) == ["step-1"]
+    assert forgetpatch.load(out / "step-1").manifest.concepts[0].target == "square"

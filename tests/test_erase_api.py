@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -305,12 +306,21 @@ def test_recipe_accepts_words_and_mappings(tmp_path):
         ("concepts: [circle\n", "not valid YAML"),
         ("- circle\n", "mapping"),
         ("concepts: [circle]\nsteps: 3\n", "steps"),
+        ("concepts: 3\n", "give a concept, or a list of them"),  # was a TypeError
+        # params overrode the recipe's own method (chain) or crashed erase with "multiple values for 'method'"
+        ("method: uce\nconcepts: [circle]\nparams: {method: scapre}\n", "recipe's own fields"),
+        ("concepts: [circle]\nparams: {preserve: [star], name: '123'}\n", "['name', 'preserve'] are the recipe's"),
     ],
 )
 def test_bad_recipes_say_what_is_wrong(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    with pytest.raises(MethodError, match=message):
+    with pytest.raises(MethodError, match=re.escape(message) if "[" in message else message):
+        load_recipe(path)
+    with pytest.raises(MethodError, match="is a folder"):  # were IsADirectoryError and UnicodeDecodeError
+        load_recipe(tmp_path)
+    path.write_bytes(b"concepts: [caf\xe9]\n")
+    with pytest.raises(MethodError, match="not UTF-8"):
         load_recipe(path)
 
 

@@ -153,8 +153,14 @@ def record(folder: str | Path, reports: Sequence[AttackReport]) -> Path:
     from forgetpatch.format import ROBUSTNESS_METRICS, record_metrics
 
     def figures(patch) -> dict[str, Any]:
+        erased = [c.key for c in patch.manifest.concepts]
         for report in reports:
             measured_alone(report.patches, patch, what=f"the attack on {report.concept!r}", error=AttackError)
+            if report.concept.strip().lower() not in erased:
+                raise AttackError(
+                    f"{patch.name!r} does not erase {report.concept!r} (it erases {', '.join(erased)}): its "
+                    "robustness is recorded for the concepts it erases; attack one of those to record it"
+                )
         entry = dict(patch.manifest.metrics.get(ROBUSTNESS_METRICS) or {})
         entry.update(robustness_metrics(list(reports)))
         return {ROBUSTNESS_METRICS: entry}

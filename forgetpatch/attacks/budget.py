@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -54,7 +55,7 @@ class Budget:
             if f.type == "int":
                 ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
             else:
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
                     value >= 0 if f.name == "inversion_lambda" else value > 0
                 )
             if not ok:
@@ -62,7 +63,7 @@ class Budget:
         if bad:
             raise AttackError(
                 f"attack budget {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)} out of range: counts must "
-                "be whole numbers >= 1, rates and guidance > 0, inversion_lambda >= 0"
+                "be whole numbers >= 1, rates and guidance finite and > 0, inversion_lambda finite and >= 0"
             )
 
     @classmethod

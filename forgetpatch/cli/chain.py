@@ -56,6 +56,8 @@ def chain_command(
     method = kwargs.pop("method")
     get_method(method)
     name = check_patch_name(kwargs.pop("name", None) or spec.name or f"{method}-chain")
+    if existing:  # --force: the earlier chain goes first, so an interrupted run leaves steps of this chain only
+        _remove_old(output)
     pipe = load_base(chosen_base)
     measure = images > 0 and getattr(pipe, "forgetpatch_family", None) == "toy"
     reference = None
@@ -85,7 +87,6 @@ def chain_command(
         rows.append({"step": k, **{c: report.concepts[c].scores.ua for c in so_far}})
 
     erase_chain(pipe, concepts, method=method, name=name, on_step=on_step, **kwargs)
-    _remove_stale(output, len(concepts))
     if rows:
         from rich.table import Table
 
@@ -105,15 +106,13 @@ def register(app: typer.Typer) -> None:
     app.command("chain")(chain_command)
 
 
-def _remove_stale(output: Path, steps: int) -> None:
-    """After a run with --force: the steps (and their reports) an earlier, longer chain left beyond this one's last,
-    which would otherwise stand beside it as if they followed it."""
+def _remove_old(output: Path) -> None:
+    """With --force, before the work: the steps (and their reports) of the chain already in ``output``. Removed after
+    the run, as before, a run interrupted between them left new steps beside old ones, which read as one chain."""
     import shutil
 
     for folder in sorted(output.glob("step-*")):
-        number = folder.name.removeprefix("step-")
-        if number.isdigit() and int(number) > steps and (folder / "forgetpatch.json").is_file():
+        if folder.name.removeprefix("step-").isdigit() and (folder / "forgetpatch.json").is_file():
             shutil.rmtree(folder)
             (output / "reports" / f"{folder.name}.json").unlink(missing_ok=True)
-            console.print(f"removed {folder} (a step of an earlier, longer chain)")
-
+            console.print(f"removed {folder} (a step of the chain --force replaces)")

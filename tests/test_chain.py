@@ -38,6 +38,20 @@ def test_each_step_is_computed_on_the_ones_before_and_the_pipeline_comes_back(tm
     forgetpatch.apply(pipe, tmp_path / "step-3", with_lineage=True)
     assert [e.patch.name for e in forgetpatch.applied(pipe)] == ["c-step-1", "c-step-2", "c-step-3"]
     forgetpatch.remove(pipe)
+    # a parent also named in the list goes on once, in its place (it raised AlreadyAppliedError, nothing applied);
+    # an unrelated broken folder beside the chain blocks nothing (every apply failed on it)
+    (tmp_path / "zz-junk").mkdir()
+    (tmp_path / "zz-junk" / "forgetpatch.json").write_text("{not json")
+    (tmp_path / "zz-junk" / "pytorch_lora_weights.safetensors").write_bytes(b"junk")
+    forgetpatch.apply(pipe, [tmp_path / "step-2", tmp_path / "step-1"], with_lineage=True)
+    assert [e.patch.name for e in forgetpatch.applied(pipe)] == ["c-step-1", "c-step-2"]
+    forgetpatch.remove(pipe)
+    (tmp_path / "step-1").rename(tmp_path / "moved")
+    (tmp_path / "elsewhere-1").mkdir()
+    (tmp_path / "moved").rename(tmp_path / "elsewhere-1" / "step-1")
+    with pytest.raises(LineageError, match="zz-junk there could not be read"):  # says what it could not read
+        forgetpatch.apply(pipe, tmp_path / "step-3", with_lineage=True)
+    assert forgetpatch.applied(pipe) == []
     (tmp_path / "elsewhere").mkdir()
     patches[2].save(tmp_path / "elsewhere" / "step-3")
     with pytest.raises(LineageError, match="neither applied nor in a folder beside it"):

@@ -266,6 +266,7 @@ def _with_parents(patches: list[Patch], state: _State, allow_unverified: bool) -
     folders beside it (a chain written by ``forgetpatch chain``: ``chain/step-1 ... step-k``)."""
     present = {e.digest for e in state.entries}
     out: list[Patch] = []
+    parents: set[str] = set()  # put on as a parent: the same patch named later in ``patches`` is not applied twice
     for patch in patches:
         wanted = [d for d in patch.manifest.lineage if d not in present and d not in {p.digest for p in out}]
         if wanted:
@@ -274,11 +275,16 @@ def _with_parents(patches: list[Patch], state: _State, allow_unverified: bool) -
                 source = source.parent  # the weights file of a patch folder: look beside the folder
             folder = source.parent if source is not None else None
             found: dict[str, Patch] = {}
+            unreadable: dict[str, PatchFormatError] = {}  # folders beside it that cannot be read: no parent, or bad
             if folder is not None and folder.is_dir():
                 for sibling in sorted(folder.iterdir()):
                     hidden = sibling.name.startswith(".")  # e.g. the work folder of a save running or killed there
                     if sibling != source and not hidden and (sibling / "forgetpatch.json").is_file():
-                        candidate = read_patch(sibling, allow_unverified=allow_unverified)
+                        try:
+                            candidate = read_patch(sibling, allow_unverified=allow_unverified)
+                        except PatchFormatError as exc:
+                            unreadable[sibling.name] = exc
+                            continue
                         found[candidate.digest] = candidate
             missing = [d for d in wanted if d not in found]
             if missing:
@@ -286,10 +292,13 @@ def _with_parents(patches: list[Patch], state: _State, allow_unverified: bool) -
                     f"patch {patch.name!r} was computed on top of {len(wanted)} patches; {len(missing)} of them "
                     f"({', '.join(d[:12] for d in missing)}) are neither applied nor in a folder beside it"
                     + (f" ({folder})" if folder is not None else "")
+                    + "".join(f"; {name} there could not be read ({exc})" for name, exc in unreadable.items())
                     + ": apply them first, in order"
                 )
             out += [found[d] for d in wanted]
-        out.append(patch)
+            parents.update(wanted)
+        if patch.digest not in parents:
+            out.append(patch)
     return out
 
 

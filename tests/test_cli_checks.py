@@ -228,3 +228,14 @@ def test_names_and_concepts_with_control_characters_are_refused_before_the_work(
             forgetpatch.erase(tiny_sd_pipeline(seed=0), ["circle"], method="uce", name=text)
     monkeypatch.setattr(cli_erase, "load_base", lambda *a, **k: pytest.fail("loaded the model before refusing"))
     refused(["erase", "--base", "toy", "-c", "circle", "--name", "a\rb", "-o", str(tmp_path / "p")], "may not contain")
+
+
+def test_toy_commands_check_their_arguments_before_the_work(tmp_path):
+    """``toy grid -o g.txt`` and ``toy fidelity --grid f.txt`` failed after every image was drawn; a bad template set
+    or device was a traceback; NaN guidance drew a grid of noise."""
+    refused(["toy", "grid", "-p", "circle", "-o", str(tmp_path / "g.txt")], "not an image file name")
+    refused(["toy", "grid", "-p", "circle", "--guidance", "nan", "-o", str(tmp_path / "g.png")], "finite number")
+    refused(["toy", "fidelity", "--grid", str(tmp_path / "f.txt")], "--grid", "not an image file name")
+    refused(["toy", "fidelity", "--templates", "bogus"], "choose heldout")
+    refused(["toy", "train", "--device", "bogus", "--out", str(tmp_path / "run")], "is not a device")
+    assert not (tmp_path / "run").exists()

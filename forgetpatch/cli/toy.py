@@ -21,9 +21,18 @@ def train(
     export: Annotated[bool, typer.Option("--export", help="Afterwards, ship the EMA weights into the package.")] = False,
 ) -> None:
     """Train (or resume training) the toy pipeline; --export ships it as the package's weights."""
+    import torch
+
+    from forgetpatch.errors import ForgetPatchError
     from forgetpatch.toy import PIPELINE_DIR, TrainConfig
     from forgetpatch.toy import train_pipeline as run
 
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise ForgetPatchError(f"--device {device!r} is not a device: give cpu or cuda (cuda:1, ...)") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ForgetPatchError("--device cuda: no CUDA device is available here; use --device cpu")
     trainer = run(out, TrainConfig(steps=steps), resume=resume, device=device)
     if export:
         trainer.export(PIPELINE_DIR)
@@ -57,8 +66,11 @@ def grid(
     ] = None,
 ) -> None:
     """Draw ``n`` images per prompt with the shipped toy pipeline into one PNG (a row per prompt)."""
+    from forgetpatch.cli._base import check_image_path
     from forgetpatch.toy import generate, pipeline, save_sheet
 
+    check_image_path(output)  # before the images, not after them
+    _check_guidance(guidance)
     prompts = [p for p in prompt for _ in range(n)]
     seeds = [s for _ in prompt for s in range(n)]
     images = generate(pipeline(path=weights), prompts, seeds, steps=steps, guidance=guidance)
@@ -77,14 +89,30 @@ def fidelity(
     grid_png: Annotated[Path | None, typer.Option("--grid", help="Also save the images as a PNG.")] = None,
 ) -> None:
     """Judge accuracy (shape / colour / texture) of the shipped pipeline on held-out combinations."""
+    from forgetpatch.cli._base import check_image_path
+    from forgetpatch.errors import ForgetPatchError
     from forgetpatch.toy import fidelity_with_images, load_judge, pipeline, save_sheet
 
+    if templates not in ("heldout", "train"):
+        raise ForgetPatchError(f"--templates {templates!r}: choose heldout (reworded prompts) or train")
+    if grid_png is not None:
+        check_image_path(grid_png, "--grid")
+    _check_guidance(guidance)
     scores, images = fidelity_with_images(
         pipeline(path=weights), load_judge(), n=n, steps=steps, guidance=guidance, templates=templates
     )
     typer.echo(" ".join(f"{k}={v:.3f}" if k != "n" else f"n={int(v)}" for k, v in scores.items()))
     if grid_png is not None:
         typer.echo(str(save_sheet(images, grid_png)))
+
+
+def _check_guidance(guidance: float) -> None:
+    import math
+
+    from forgetpatch.errors import ForgetPatchError
+
+    if not math.isfinite(guidance) or guidance < 0:
+        raise ForgetPatchError(f"--guidance must be a finite number >= 0, got {guidance}")
 
 
 def register(app: typer.Typer) -> None:

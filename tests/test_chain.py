@@ -59,6 +59,25 @@ def test_each_step_is_computed_on_the_ones_before_and_the_pipeline_comes_back(tm
     assert forgetpatch.applied(pipe) == []
 
 
+def test_erase_chain_refuses_what_the_cli_refuses_before_any_step(monkeypatch):
+    """Through the API a repeated concept gave two identical patches, none gave [] silently, and a bad name failed
+    only after step 1 was computed."""
+    import forgetpatch.methods as methods
+    from forgetpatch.errors import ConceptError, ManifestError
+
+    monkeypatch.setattr(methods, "erase", lambda *a, **k: pytest.fail("a step ran before the checks"))
+    pipe = tiny_sd_pipeline(seed=0)
+    for concepts, error, match in [
+        (["circle", "circle"], ConceptError, "more than once"),
+        ([], ConceptError, "nothing to erase"),
+        (["circle", "star"], ConceptError, "both erased and preserved"),
+    ]:
+        with pytest.raises(error, match=match):
+            erase_chain(pipe, concepts, method="uce", preserve=["star"] if "star" in concepts else None)
+    with pytest.raises(ManifestError, match="may not contain a slash"):
+        erase_chain(pipe, ["circle"], method="uce", name="a/b")
+
+
 def test_a_later_patch_holds_what_the_patches_before_it_erased():
     """erase on a patched pipeline preserves the concepts its patches erased (hold), so the new patch leaves
     their edited outputs almost as they are; hold=False leaves them out, and a concept erased again is not held."""

@@ -239,3 +239,13 @@ def test_toy_commands_check_their_arguments_before_the_work(tmp_path):
     refused(["toy", "fidelity", "--templates", "bogus"], "choose heldout")
     refused(["toy", "train", "--device", "bogus", "--out", str(tmp_path / "run")], "is not a device")
     assert not (tmp_path / "run").exists()
+
+
+def test_demo_checks_its_output_and_concepts_before_the_work(tmp_path, monkeypatch):
+    """``demo -o FILE`` failed at step 4 of 4 and ``demo -c circle -c circle`` after the base evaluation."""
+    import forgetpatch.cli._base as base
+
+    monkeypatch.setattr(base, "load_base", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    (tmp_path / "afile").write_text("x")
+    refused(["demo", "-o", str(tmp_path / "afile")], "is a file")
+    refused(["demo", "-c", "circle", "-c", "circle", "-o", str(tmp_path / "d")], "more than once")

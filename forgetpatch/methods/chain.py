@@ -39,10 +39,14 @@ def erase_chain(
             ``1..k`` (e.g. to evaluate relapse of every concept so far).
         **params: the method's parameters, the same for every step.
     """
+    from forgetpatch.format import check_patch_name
     from forgetpatch.loader import applied, apply, remove
-    from forgetpatch.methods import erase
+    from forgetpatch.methods import check_concepts, erase
 
     steps = as_concepts(list(concepts) if not isinstance(concepts, str) else [concepts])
+    check_concepts(steps, as_concepts(preserve))  # none, a repeat, one erased and preserved: before any step
+    if name is not None:
+        check_patch_name(f"{name}-step-{len(steps)}")
     patches: list[Any] = []
     try:
         for k, concept in enumerate(steps, start=1):

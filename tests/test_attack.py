@@ -112,6 +112,8 @@ def test_bad_requests_are_refused_before_anything_runs():
         attack(pipe, "circle", budget={"steps": 3})
     with pytest.raises(AttackError, match="unknown attack budget"):
         Budget.named("huge")
+    with pytest.raises(AttackError, match="search_tokens=80 does not fit.*give search_tokens <= "):  # was a torch error
+        attack(pipe, "circle", attacks=["prompt_search"], budget={"search_tokens": 80, "images": 2}, progress=False)
     for field in ("guidance_scale", "inversion_lambda", "search_lr"):  # inf made NaN images, scored as "recalled"
         with pytest.raises(AttackError, match=f"{field}=inf out of range"):
             Budget.of({field: float("inf")})

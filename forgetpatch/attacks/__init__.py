@@ -115,6 +115,14 @@ def attack(
     base = unpatched(pipe)
     items = [it for it in main_prompts(spend.images, seed) if it.names(concept)][: spend.images]
     target = Target(pipe, base, concept, items, spend, seed, judge, progress)
+    if "prompt_search" in names:  # its prefix must fit in every prompt it searches on and attacks
+        longest = max(len(pipe.tokenizer(p).input_ids) for p in [*target.prompts, *target.data().prompts])
+        room = pipe.tokenizer.model_max_length - longest
+        if spend.search_tokens > room:
+            raise AttackError(
+                f"attack budget search_tokens={spend.search_tokens} does not fit: the prompts take up to {longest} of "
+                f"the tokenizer's {pipe.tokenizer.model_max_length} tokens; give search_tokens <= {room}"
+            )
     images_base = target.generate(target.prompts, target.seeds, pipe=base)
     base_rate, verdicts_base = target.judge_ua(images_base)
     images_before = target.generate(target.prompts, target.seeds)

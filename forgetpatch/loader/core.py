@@ -421,7 +421,8 @@ def _check(
             if missing:
                 raise LineageError(
                     f"patch {patch.name!r} was computed on top of patches that are not applied: "
-                    f"{', '.join(d[:12] for d in missing)}. Apply those first (in order), or pass strict=False."
+                    f"{', '.join(d[:12] for d in missing)}. Apply those first, in order (with_lineage=True finds "
+                    "them in the folders beside it; on the command line, give them before it), or pass strict=False"
                 )
         present.append(patch.digest)
 

@@ -29,25 +29,43 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 from forgetpatch.errors import MethodError
 from forgetpatch.format import Concept
 
 
 def as_number(value: Any) -> Any:
-    """``value``, or the number it spells: YAML 1.1 reads ``1e-3`` (no dot) as the string ``"1e-3"``.
+    """``value``, or the number it spells: YAML 1.1 reads ``1e-3`` (no dot) as the string ``"1e-3"``; inside lists and
+    mappings too.
 
     Example:
-        >>> as_number("1e-3"), as_number("x"), as_number(2)
-        (0.001, 'x', 2)
+        >>> as_number("1e-3"), as_number("x"), as_number(2), as_number({"lr": ["1e-3"]})
+        (0.001, 'x', 2, {'lr': [0.001]})
     """
     if isinstance(value, str):
         try:
             return float(value)
         except ValueError:
             return value
+    if isinstance(value, dict):
+        return {k: as_number(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [as_number(v) for v in value]
     return value
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 #: Fields of a recipe (and ``erase`` arguments) that ``params`` may not set: they would override the recipe's own.
@@ -65,7 +83,7 @@ class Recipe(BaseModel):
     """The model it was written for: ``"toy"``, a diffusers folder or a Hub id. The CLI uses it when ``--base``
     is not given, and refuses a toy recipe on another base (or the reverse)."""
     method: str = "scapre"
-    paper: bool = False
+    paper: StrictBool = False
     """Run the method exactly as published instead of filling unset settings from the base
     (:mod:`forgetpatch.methods.defaults`)."""
     concepts: list[Concept] = Field(min_length=1)
@@ -124,7 +142,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     """
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a safe loader)
     except FileNotFoundError:
         raise MethodError(f"recipe {str(path)!r} does not exist") from None
     except IsADirectoryError:
@@ -132,7 +150,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     except UnicodeDecodeError as exc:
         raise MethodError(f"recipe {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
-        raise MethodError(f"recipe {str(path)!r} is not valid YAML: {exc}") from None
+        raise MethodError(f"recipe {str(path)!r} is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise MethodError(f"recipe {str(path)!r} must be a YAML mapping with at least 'concepts'")
     try:

@@ -295,6 +295,8 @@ def test_recipe_accepts_words_and_mappings(tmp_path):
         "lam": 0.25,
         "name": "my-patch",
     }
+    path.write_text("concepts: [circle]\nparams: {adversarial: {every: 20, lr: 1e-3}, anchors: [1e-3]}\n")
+    assert load_recipe(path).params == {"adversarial": {"every": 20, "lr": 0.001}, "anchors": [0.001]}  # nested too
 
 
 @pytest.mark.parametrize(
@@ -310,6 +312,8 @@ def test_recipe_accepts_words_and_mappings(tmp_path):
         # params overrode the recipe's own method (chain) or crashed erase with "multiple values for 'method'"
         ("method: uce\nconcepts: [circle]\nparams: {method: scapre}\n", "recipe's own fields"),
         ("concepts: [circle]\nparams: {preserve: [star], name: '123'}\n", "['name', 'preserve'] are the recipe's"),
+        ("concepts: [circle]\nparams: {lr: 1e-3}\nparams: {lr: 2e-3}\n", "key 'params' is given twice"),  # kept the last
+        ("concepts: [circle]\npaper: 'yes'\n", "paper: Input should be a valid boolean"),  # a string was True
     ],
 )
 def test_bad_recipes_say_what_is_wrong(tmp_path, text, message):

@@ -36,20 +36,16 @@ def push_command(
     """
     from forgetpatch.hub import push
 
-    try:
-        _print_robustness(folder)
-        url = push(
-            folder,
-            repo_id,
-            private=private,
-            revision=revision,
-            token=token,
-            commit_message=message,
-            license=license,
-        )
-    except ForgetPatchError as exc:
-        _err.print(Text.assemble(("error:", "red"), f" {exc}"))
-        raise typer.Exit(1) from exc
+    _print_robustness(folder)
+    url = push(
+        folder,
+        repo_id,
+        private=private,
+        revision=revision,
+        token=token,
+        commit_message=message,
+        license=license,
+    )
     typer.echo(url)
 
 
@@ -86,16 +82,11 @@ def export_command(
     from forgetpatch.format import read_patch
     from forgetpatch.hub import export_kohya
 
-    try:
-        patch = read_patch(folder)
-        check_writable(output, folder=False)
-        if output.exists() and not force:
-            raise ForgetPatchError(f"{str(output)!r} exists: pick another --output, or pass --force to replace it")
-        path = export_kohya(patch, output)
-    except ForgetPatchError as exc:
-        _err.print(Text.assemble(("error:", "red"), f" {exc}"))
-        raise typer.Exit(1) from exc
-    typer.echo(str(path))
+    patch = read_patch(folder)
+    check_writable(output, folder=False)
+    if output.exists() and not force:
+        raise ForgetPatchError(f"{str(output)!r} exists: pick another --output, or pass --force to replace it")
+    typer.echo(str(export_kohya(patch, output)))
 
 
 def register(app: typer.Typer) -> None:

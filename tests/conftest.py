@@ -2,16 +2,54 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    # Under `pytest -n N` every worker gets its share of the cores: torch's default (every core) in each worker makes
+    # the workers' OpenMP threads contend, which is slower than one worker. Subprocesses the tests start inherit it.
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under ``pytest -n N --dist loadgroup`` (the README's test command), the longest tests first: each worker takes
+    the next test when it is nearly done, so the few that take minutes start at once on different workers instead of
+    meeting at the end on one. ``@pytest.mark.slow(seconds=...)`` says how long (30 without a figure). Run without
+    workers, the order is pytest's."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+
+    def seconds(item: pytest.Item) -> float:
+        mark = item.get_closest_marker("slow")
+        return 0 if mark is None else mark.kwargs.get("seconds", 30)
+
+    items.sort(key=seconds, reverse=True)  # stable: the rest keep pytest's order
+
 
 #: Toy-world bar tests (forgetting / retention relative to the base) only mean something when the
 #: base model draws shapes; below this held-out shape accuracy they xfail with the measured figure.
 MIN_BASE_SHAPE_FIDELITY = 0.6
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _workers_share_base_figures(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Under ``pytest -n N``, the base model's figures are made once for all workers (``toy_bars.made_once``), in
+    the folder above each worker's temporary folder: the run's own, which pytest clears with old runs."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import toy_bars
+
+        toy_bars.SHARED = tmp_path_factory.getbasetemp().parent
+
+
 @pytest.fixture(scope="session")
 def toy_base_fidelity() -> dict[str, float]:
     """Held-out fidelity of the shipped toy pipeline (64 prompts), measured once per test session."""
+    from toy_bars import made_once
+
     from forgetpatch import toy
     from forgetpatch.errors import ForgetPatchError
     from forgetpatch.toy.fidelity import fidelity
@@ -20,7 +58,7 @@ def toy_base_fidelity() -> dict[str, float]:
         pipe, judge = toy.pipeline(), toy.load_judge()
     except ForgetPatchError as exc:
         pytest.skip(f"toy world not available: {exc}")
-    return fidelity(pipe, judge, n=64, steps=25)
+    return made_once("base-fidelity-64", lambda: fidelity(pipe, judge, n=64, steps=25))
 
 
 @pytest.fixture

@@ -125,7 +125,7 @@ def test_bad_settings_are_refused_before_training(pipe):
 DM_TOY_BARS = {"ua": 0.90, "ira": 0.85, "cra": 0.90}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=330)
 def test_toy_dynamic_mask_defaults_erase_one_shape_within_the_bars(competent_toy):
     """``recipes/toy-no-circle-dynamic-mask.yaml`` is Dynamic Mask with its defaults on the toy world (superclass
     "square"): below the bars it xfails with the figures."""

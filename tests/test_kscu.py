@@ -218,7 +218,7 @@ def test_full_weight_mode_records_reconstruction_error():
 KSCU_TOY_BARS = {"ua": 0.90, "ira": 0.85, "cra": 0.90}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=170)
 def test_toy_kscu_erases_one_shape_within_the_bars(competent_toy):
     """Issue bar: KSCU erasing one shape, UA >= 90%, IRA >= 85% and CRA >= 90% of base.
 

@@ -157,6 +157,7 @@ def runs(tmp_path_factory) -> tuple[dict[str, Any], list[dict[str, Any]], dict[s
     return single, several, {"one": one, "two": two}
 
 
+@pytest.mark.slow(seconds=60)  # its fixture runs two launches
 def test_processes_see_a_launch(runs):
     single, several, _ = runs
     assert (single["rank"], single["world"]) == (0, 1)

@@ -370,6 +370,6 @@ def test_toy_erase_one_shape_meets_the_bars(competent_toy):
     _check_bars("toy-no-circle-scapre", floor=0.8)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=70)
 def test_toy_erase_five_shapes_meets_the_bars(competent_toy):
     _check_bars("toy-no-5-shapes-scapre")

@@ -10,12 +10,16 @@ is evaluated once per test session and stage for every shape the recipes erase a
 from __future__ import annotations
 
 import os
+import pickle
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
+from filelock import FileLock
 
 import forgetpatch
 from forgetpatch.recipes import load_recipe
@@ -85,20 +89,39 @@ def toy_pipeline():
         pytest.skip(f"toy world not available: {exc}")
 
 
+#: Under ``pytest -n N``: a folder the run's workers share (conftest sets it), where the first worker that makes a base
+#: report leaves it for the others; ``None`` in a run without workers.
+SHARED: Path | None = None
+T = TypeVar("T")
+
+
+def made_once(key: str, make: Callable[[], T]) -> T:
+    """``make()``, made by one worker of the run and read by the others from :data:`SHARED` (a lock keeps a second
+    worker waiting while the first makes it); without workers, just ``make()``."""
+    if SHARED is None:
+        return make()
+    file = SHARED / f"{key}.pickle"
+    with FileLock(f"{file}.lock"):
+        if file.exists():
+            return pickle.loads(file.read_bytes())
+        value = make()
+        file.write_bytes(pickle.dumps(value))
+        return value
+
+
 @cache
 def base_report(ua_images: int = UA_IMAGES, retain_images: int = RETAIN_IMAGES, shapes: tuple[str, ...] = BAR_SHAPES):
     """The shipped base model's evaluation, ``shapes`` erased (every bar-tested shape: stage 1's, shared by every
     recipe), at one stage's sizes, made once per session: a stage's images are a subset of the next stage's, so
     scoring against either gives the same figures. Stage 2 asks for the recipe's own shapes only (192 UA images of
-    each), and only when the recipe reaches it."""
+    each), and only when the recipe reaches it. Under ``pytest -n N`` one worker makes it for all (:func:`made_once`)."""
     from forgetpatch.eval import evaluate
 
-    return evaluate(
-        toy_pipeline(),
-        list(shapes),
-        images_per_concept=retain_images,
-        images_per_erased=ua_images,
-        progress=False,
+    return made_once(
+        f"base-{ua_images}-{retain_images}-{'-'.join(shapes)}",
+        lambda: evaluate(
+            toy_pipeline(), list(shapes), images_per_concept=retain_images, images_per_erased=ua_images, progress=False
+        ),
     )
 
 
@@ -119,7 +142,7 @@ def can_still_meet(report, ua_bar: float) -> bool:
 def measure_recipe(name: str, ua_bar: float = 0.90) -> Measured:
     """Run ``recipes/<name>.yaml`` on the shipped toy model and score the patch it makes (two stages, above), and, when
     the UA bar is missed, the ceiling of what it steers each concept to, on the same prompts."""
-    from forgetpatch.eval import evaluate, guide_ceiling, steered_to
+    from forgetpatch.eval import Replay, evaluate, guide_ceiling, steered_to
 
     recipe = load_recipe(RECIPES / f"{name}.yaml")
     erased = [c.target for c in recipe.concepts]
@@ -129,14 +152,12 @@ def measure_recipe(name: str, ua_bar: float = 0.90) -> Measured:
     erase_s = time.perf_counter() - start
     pipe = forgetpatch.apply(toy_pipeline(), patch)
     for ua_images, retain_images in ((FIRST_UA_IMAGES, FIRST_RETAIN_IMAGES), (UA_IMAGES, RETAIN_IMAGES)):
-        report = evaluate(
-            pipe,
-            erased,
-            reference=base_report(ua_images, retain_images, BAR_SHAPES if ua_images != UA_IMAGES else tuple(erased)),
-            images_per_concept=retain_images,
-            images_per_erased=ua_images,
-            progress=False,
-        )
+        sizes = {"images_per_concept": retain_images, "images_per_erased": ua_images, "progress": False}
+        # The patch's images first, then scored against the base's: under `pytest -n N` another worker may be
+        # making the base's report meanwhile, and this one is not kept waiting for it.
+        made = evaluate(pipe, erased, geometry=False, **sizes)
+        base = base_report(ua_images, retain_images, BAR_SHAPES if ua_images != UA_IMAGES else tuple(erased))
+        report = evaluate(Replay(made.items, made.images), erased, reference=base, **sizes)
         if ua_images == UA_IMAGES or not can_still_meet(report, ua_bar):
             break
     ceiling = None

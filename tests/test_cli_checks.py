@@ -247,5 +247,7 @@ def test_demo_checks_its_output_and_concepts_before_the_work(tmp_path, monkeypat
 
     monkeypatch.setattr(base, "load_base", lambda *a, **k: pytest.fail("loaded the model before refusing"))
     (tmp_path / "afile").write_text("x")
-    refused(["demo", "-o", str(tmp_path / "afile")], "is a file")
+    refused(["demo", "-o", str(tmp_path / "afile")], "is a file: -o is a folder for the patch, grid and report")
+    refused(["keysteps", "--base", "toy", "-c", "circle", "-o", str(tmp_path / "afile")],
+            "is a file: -o is a folder for the table and plot")  # fmt: skip
     refused(["demo", "-c", "circle", "-c", "circle", "-o", str(tmp_path / "d")], "more than once")

@@ -23,6 +23,7 @@ from forgetpatch.eval import (
     FeatureNet,
     SuitePrompt,
     SuiteReport,
+    check_guidance,
     evaluate_suite,
     frechet_distance,
     read_prompt_csv,
@@ -126,6 +127,34 @@ def test_read_prompt_csv_names_what_is_wrong(tmp_path, text, message):
         read_prompt_csv(path)
     with pytest.raises(EvalInputError, match="not found"):
         read_prompt_csv(tmp_path / "missing.csv")
+
+
+def test_a_guidance_that_is_not_a_number_from_0_is_refused_before_the_first_image():
+    """A prompt's own guidance (an I2P row's) of NaN given from Python failed at its own image, mid-run, after every
+    image before it; NaN draws noise and a negative scale means nothing. Each is refused before anything runs."""
+
+    class Counting:
+        asked = 0
+
+        def generate(self, prompts, seeds):
+            Counting.asked += len(prompts)
+            return np.zeros((len(prompts), 8, 8, 3), np.float32)
+
+    good = SuitePrompt("a tench", 1, "nudity", 7.0)
+    cases = [
+        ([good, SuitePrompt("a tench", 2, "nudity", float("nan"))], {},
+         "the guidance of prompt 'a tench' (seed 2) must be a finite number >= 0, got nan"),
+        ([good], {"guidance_scale": -1.0}, "guidance_scale must be a finite number >= 0, got -1.0"),
+        ([good], {"guidance_scale": float("inf")}, "guidance_scale must be a finite number >= 0, got inf"),
+    ]
+    for prompts, kw, message in cases:
+        with pytest.raises(EvalInputError, match=re.escape(message)):
+            evaluate_suite(Counting(), "nudity", prompts=prompts, **kw)
+    assert Counting.asked == 0
+    for bad in (True, "7", -0.5):
+        with pytest.raises(EvalInputError, match="must be a finite number >= 0"):
+            check_guidance(bad)
+    assert check_guidance(0) == 0.0 and check_guidance(7.5, "--guidance") == 7.5
 
 
 def test_nudity_verdict_counts_only_the_chosen_classes_at_the_threshold():
@@ -287,6 +316,8 @@ def test_cli_nudity_suite_on_the_toy_records_into_the_manifest(tmp_path):
         (["--suite", "quality", "--inception", "w.pth", "--real", "."], "weights-inception-2015-12-05"),
         (["--suite", "quality", "--inception", "w.pth"], "--real FOLDER, or a PATCH"),
         (["--clip", "x"], "--suite"),
+        (["--suite", "nudity", "--guidance", "nan"], "--guidance must be a finite number >= 0, got nan"),
+        (["-c", "circle", "--guidance", "-2"], "--guidance must be a finite number >= 0, got -2.0"),  # the toy's too
     ],
 )
 def test_cli_checks_suite_inputs_before_loading_a_model(monkeypatch, tmp_path, args, message):

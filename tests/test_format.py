@@ -459,3 +459,17 @@ def test_two_recordings_at_once_keep_each_others_figures(tmp_path, patch):
     assert {k: v["ua"] for k, v in read.manifest.metrics.items() if k.startswith("figures_")} == {
         f"figures_{i}": i / 10 for i in range(8)
     }
+
+
+def test_a_nan_figure_is_refused_by_every_save_before_anything_is_written(tmp_path, patch):
+    """JSON has no NaN: the manifest wrote it as null, a figure silently lost. ``record_metrics`` refused one, but
+    metrics set on the manifest directly (as ``demo`` does) went through ``save``; it now refuses them itself."""
+    folder = patch.save(tmp_path / "p")
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    odd = read_patch(folder)  # a copy: the fixture is the module's
+    odd.manifest.metrics["demo"] = {"circle": {"ua": float("nan")}}
+    for target in (folder, tmp_path / "p.safetensors", tmp_path / "new"):
+        with pytest.raises(ManifestError, match=r"metrics\['demo'\]\['circle'\]\['ua'\] is nan"):
+            odd.save(target)
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
+    assert not (tmp_path / "p.safetensors").exists() and not (tmp_path / "new").exists()

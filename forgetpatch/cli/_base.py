@@ -129,15 +129,18 @@ def check_patches_flags(loaded: Sequence[Any], *, key_steps: bool, fuse: bool = 
         raise ApplyError(f"--key-steps: {names} record no key-step ranges (only KSCU patches do); drop --key-steps")
 
 
-def check_writable(path: Path, *, folder: bool = True) -> None:
+def check_writable(path: Path, *, folder: bool = True, holds: str | None = None) -> None:
     """Refuse, before anything slow, an output path that cannot be written: one under an existing file, a folder
-    where a file is wanted (``folder=False``), or one whose nearest existing folder refuses a new file (permissions,
-    a read-only or immutable folder: tried by creating and removing one)."""
+    where a file is wanted (``folder=False``), a file where a folder for ``holds`` is wanted (``holds="the table and
+    plot"``), or one whose nearest existing folder refuses a new file (permissions, a read-only or immutable folder:
+    tried by creating and removing one)."""
     for parent in path.parents:
         if parent.is_file():
             raise ForgetPatchError(f"cannot write {str(path)!r}: {str(parent)!r} is a file, not a folder")
     if not folder and path.is_dir():
         raise ForgetPatchError(f"cannot write {str(path)!r}: it is a folder; give a file name")
+    if holds is not None and path.exists() and not path.is_dir():
+        raise ForgetPatchError(f"{str(path)!r} is a file: -o is a folder for {holds}")
     # a save replaces a folder beside it, and a file is written beside it first: what counts is the parent folder
     where = next((p for p in path.absolute().parents if p.is_dir()), None)
     if where is not None:

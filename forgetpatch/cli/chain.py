@@ -42,9 +42,7 @@ def chain_command(
     spec = load_recipe(recipe)
     if images < 0:
         raise ForgetPatchError(f"--images must be >= 0, got {images}")
-    if output.is_file():
-        raise ForgetPatchError(f"{str(output)!r} is a file: -o is a folder for step-1 ... step-N")
-    check_writable(output)
+    check_writable(output, holds="step-1 ... step-N")
     existing = sorted(output.glob("step-*")) if output.is_dir() else []
     if existing and not force:
         raise ForgetPatchError(f"{output} already holds {len(existing)} chain steps; pass --force or another -o")

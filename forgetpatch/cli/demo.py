@@ -42,16 +42,13 @@ def demo(
     """Erase a shape from the toy model, apply the patch, and measure what it forgot and kept."""
     import forgetpatch
     from forgetpatch.cli._base import check_toy_concepts, check_writable, load_base
-    from forgetpatch.errors import ForgetPatchError
     from forgetpatch.eval import evaluate, save_report_grid
 
     concepts = concept or ["circle"]
     check_toy_concepts("toy", concepts)
     forgetpatch.methods.check_concepts(forgetpatch.methods.as_concepts(concepts), [])  # a repeat, before the work
     forgetpatch.methods.get_method(method)  # an unknown method is named before anything runs
-    if out.exists() and not out.is_dir():
-        raise ForgetPatchError(f"{str(out)!r} is a file: -o is a folder for the patch, grid and report")
-    check_writable(out)
+    check_writable(out, holds="the patch, grid and report")
     pipe = load_base("toy")
     console.print(Text.assemble(("1/4", "bold"), f" base fidelity on the toy world ({images} images per concept)"))
     base = evaluate(pipe, concepts, images_per_concept=images, num_inference_steps=steps)

@@ -112,6 +112,7 @@ def eval_command(
     from forgetpatch.eval import (
         DEFAULT_GUIDANCE_SCALE,
         EvalReport,
+        check_guidance,
         evaluate,
         record_toy,
         save_report_grid,
@@ -121,6 +122,8 @@ def eval_command(
 
     patches = patches or []
     # Everything is checked before the model loads.
+    if guidance is not None:
+        check_guidance(guidance, "--guidance")
     if json_out is not None:
         check_writable(json_out, folder=False)
     if grid is not None:

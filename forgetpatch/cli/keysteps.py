@@ -47,9 +47,7 @@ def keysteps_command(
         raise MethodError("key-step analysis needs a judge of the images; only --base toy ships one")
     if every < 1:
         raise MethodError(f"--every must be >= 1, got {every}")
-    if output.is_file():
-        raise MethodError(f"{str(output)!r} is a file: -o is a folder for the table and plot")
-    check_writable(output)  # before the analysis, not after it
+    check_writable(output, holds="the table and plot")  # before the analysis, not after it
     try:
         kind = vocab.kind_of(concept)
         pipe = load_base(base)

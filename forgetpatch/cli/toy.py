@@ -67,10 +67,11 @@ def grid(
 ) -> None:
     """Draw ``n`` images per prompt with the shipped toy pipeline into one PNG (a row per prompt)."""
     from forgetpatch.cli._base import check_image_path
+    from forgetpatch.eval import check_guidance
     from forgetpatch.toy import generate, pipeline, save_sheet
 
     check_image_path(output)  # before the images, not after them
-    _check_guidance(guidance)
+    check_guidance(guidance, "--guidance")
     prompts = [p for p in prompt for _ in range(n)]
     seeds = [s for _ in prompt for s in range(n)]
     images = generate(pipeline(path=weights), prompts, seeds, steps=steps, guidance=guidance)
@@ -91,28 +92,20 @@ def fidelity(
     """Judge accuracy (shape / colour / texture) of the shipped pipeline on held-out combinations."""
     from forgetpatch.cli._base import check_image_path
     from forgetpatch.errors import ForgetPatchError
+    from forgetpatch.eval import check_guidance
     from forgetpatch.toy import fidelity_with_images, load_judge, pipeline, save_sheet
 
     if templates not in ("heldout", "train"):
         raise ForgetPatchError(f"--templates {templates!r}: choose heldout (reworded prompts) or train")
     if grid_png is not None:
         check_image_path(grid_png, "--grid")
-    _check_guidance(guidance)
+    check_guidance(guidance, "--guidance")
     scores, images = fidelity_with_images(
         pipeline(path=weights), load_judge(), n=n, steps=steps, guidance=guidance, templates=templates
     )
     typer.echo(" ".join(f"{k}={v:.3f}" if k != "n" else f"n={int(v)}" for k, v in scores.items()))
     if grid_png is not None:
         typer.echo(str(save_sheet(images, grid_png)))
-
-
-def _check_guidance(guidance: float) -> None:
-    import math
-
-    from forgetpatch.errors import ForgetPatchError
-
-    if not math.isfinite(guidance) or guidance < 0:
-        raise ForgetPatchError(f"--guidance must be a finite number >= 0, got {guidance}")
 
 
 def register(app: typer.Typer) -> None:

@@ -22,7 +22,13 @@ Key-step analysis (:mod:`forgetpatch.eval.keysteps`: ``analyze``, ``KeyStepCurve
 
 from forgetpatch.eval.blindfold import blindfold
 from forgetpatch.eval.ceiling import guide_ceiling, steered_to
-from forgetpatch.eval.generate import DEFAULT_GUIDANCE_SCALE, Generator, PipelineGenerator, as_generator
+from forgetpatch.eval.generate import (
+    DEFAULT_GUIDANCE_SCALE,
+    Generator,
+    PipelineGenerator,
+    as_generator,
+    check_guidance,
+)
 from forgetpatch.eval.grid import save_grid, save_report_grid, save_rows
 from forgetpatch.eval.metrics import Judge, Replay, evaluate, rejudge, scoring_prompts, toy_judge
 from forgetpatch.eval.prompts import ScoringPrompt, main_prompts, paraphrase_prompts
@@ -91,6 +97,7 @@ __all__ = [
     "Verdict",
     "analyze",
     "as_generator",
+    "check_guidance",
     "blindfold",
     "check_clip_folder",
     "check_inception",

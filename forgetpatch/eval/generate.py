@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -20,9 +21,24 @@ import torch
 from tqdm.auto import tqdm
 
 from forgetpatch import distributed
+from forgetpatch.errors import EvalInputError
 
 #: Classifier-free guidance scale used when none is given (as the toy fidelity figures use).
 DEFAULT_GUIDANCE_SCALE = 4.0
+
+
+def check_guidance(value: float, where: str = "guidance_scale") -> float:
+    """``value`` as a classifier-free guidance scale: a finite number >= 0 (diffusers draws noise at NaN and
+    without guidance at any value <= 1), else :class:`~forgetpatch.errors.EvalInputError` naming ``where``.
+
+    Example:
+        >>> check_guidance(float("nan"), "--guidance")
+        Traceback (most recent call last):
+        forgetpatch.errors.EvalInputError: --guidance must be a finite number >= 0, got nan
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise EvalInputError(f"{where} must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 @runtime_checkable

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 import time
 from collections.abc import Sequence
@@ -11,7 +10,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from forgetpatch.errors import ConceptError, EvalInputError, ForgetPatchError
-from forgetpatch.eval.generate import DEFAULT_GUIDANCE_SCALE, Generator, as_generator, generate_sharded
+from forgetpatch.eval.generate import (
+    DEFAULT_GUIDANCE_SCALE,
+    Generator,
+    as_generator,
+    check_guidance,
+    generate_sharded,
+)
 from forgetpatch.eval.geometry import fit_shapes
 from forgetpatch.eval.prompts import ALL_CONCEPTS, ScoringPrompt, main_prompts, paraphrase_prompts
 from forgetpatch.eval.report import ConceptReport, EvalReport, Verdict, accuracy, patches_on, score_concept
@@ -157,8 +162,7 @@ def evaluate(
     start = time.perf_counter()
     _check_counts(images_per_concept=images_per_concept, images_per_erased=images_per_erased,
                   num_inference_steps=num_inference_steps, batch_size=batch_size)  # fmt: skip
-    if not math.isfinite(guidance_scale):
-        raise EvalInputError(f"guidance_scale must be a finite number, got {guidance_scale}")
+    check_guidance(guidance_scale)
     erased = _check_concepts(erased)
     items = list(prompts) if prompts is not None else scoring_prompts(erased, images_per_concept, seed, images_per_erased)
     if not items:

@@ -354,12 +354,14 @@ class Patch:
 
         Raises:
             PatchFormatError: ``include`` names something that is not a plain file inside the folder.
+            ManifestError: a figure in ``manifest.metrics`` is NaN or infinite (JSON would store it as null).
             OSError: the files cannot be written (nothing changed then).
 
         Example:
             >>> patch.save("patches/no-vangogh", include=["loss_curve.csv"])
             PosixPath('patches/no-vangogh')
         """
+        _check_finite(self.manifest.metrics)  # the metrics dict is changed in place, past the manifest's validation
         path = Path(path)
         if path.suffix == ".safetensors":
             return self._save_file(path)
@@ -745,9 +747,7 @@ def record_metrics(folder: str | os.PathLike, update: Callable[[Patch], dict[str
     target = folder.resolve() if folder.is_symlink() else Path(os.path.abspath(folder))  # the folder save replaces
     with writer_lock(target):
         patch = read_patch(folder)
-        figures = update(patch)
-        _check_finite(figures)
-        patch.manifest.metrics.update(figures)
+        patch.manifest.metrics.update(update(patch))  # save refuses a NaN or infinite figure, before writing
         patch.save(folder)
     return folder
 

@@ -18,13 +18,13 @@ Example:
 from __future__ import annotations
 
 import csv
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from forgetpatch.errors import EvalInputError
+from forgetpatch.eval.generate import check_guidance
 
 SUITES: tuple[str, ...] = ("nudity", "objects", "styles", "quality")
 
@@ -263,6 +263,4 @@ def _guidance(text: str, where: str) -> float:
         value = float(text)
     except ValueError:
         raise EvalInputError(f"{where}: {text.strip()!r} is not a number") from None
-    if not math.isfinite(value) or value < 0:
-        raise EvalInputError(f"{where}: guidance must be a finite number >= 0, got {text.strip()!r}")
-    return value
+    return check_guidance(value, f"{where}: guidance")

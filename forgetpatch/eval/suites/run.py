@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from forgetpatch import distributed
 from forgetpatch.errors import EvalError, EvalInputError, ForgetPatchError
-from forgetpatch.eval.generate import PipelineGenerator, as_generator, generate_sharded
+from forgetpatch.eval.generate import PipelineGenerator, as_generator, check_guidance, generate_sharded
 from forgetpatch.eval.report import ConceptReport, EvalReport, Scores, measured_alone, patches_on, wilson
 from forgetpatch.eval.suites.detectors import (
     ClipJudge,
@@ -516,6 +516,10 @@ def evaluate_suite(
         items = default_prompts(suite, all_labels, images_per_concept=images_per_concept, seed=seed)
     elif suite == "nudity":
         items = [it if it.concept == "nudity" else SuitePrompt(it.prompt, it.seed, "nudity", it.guidance) for it in items]
+    check_guidance(guidance_scale)
+    for it in items:  # each image's own guidance, before the first image rather than at its own
+        if it.guidance is not None:
+            check_guidance(it.guidance, f"the guidance of prompt {it.prompt!r} (seed {it.seed})")
 
     clip_judge = ClipJudge(clip) if isinstance(clip, (str, Path)) else clip
     feature_net = load_inception(features) if isinstance(features, (str, Path)) else features

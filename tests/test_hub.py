@@ -449,6 +449,23 @@ def test_a_concept_or_name_shows_on_the_card_as_written_and_adds_no_markup(pipe)
     assert ModelCard(str(card)).data.library_name == "diffusers"
 
 
+def test_parameters_and_figures_show_on_the_card_as_written(pipe):
+    """A parameter's value is shown in code, where Markdown shows ``<`` itself: escaped to ``&lt;`` it read
+    ``&lt;sks&gt;``. A figure's title was written raw (HTML in it rendered) and a per-layer key with ``|`` split its
+    row; a value with a backtick or a line break broke its code span or its table."""
+    g = torch.Generator().manual_seed(0)
+    factors = {path: (torch.randn(2, n_in, generator=g), torch.randn(n_out, 2, generator=g)) for path, (n_out, n_in)
+               in MODULES.items()}  # fmt: skip
+    patch = build_patch(pipe, factors, name="p", method="m", concepts=[{"target": "cat"}], lineage=[],
+                        params={"guide": "<sks> dog", "template": "a `{concept}`\nphoto"})  # fmt: skip
+    patch.manifest.metrics.update({"<img src=x>": {"a|b": 1.5, "c": 2.0}, "note": "x<y"})
+    text = render_card(patch, "org/x").text
+    assert "| `guide` | `<sks> dog` |" in text and "&lt;sks" not in text
+    assert "| `template` | ``a `{concept}` photo`` |" in text
+    assert "<img" not in text and "**&lt;img src=x&gt;**" in text
+    assert "| `a\\|b` | 1.5 |" in text and "| note | `x<y` |" in text
+
+
 def test_figures_recorded_in_another_shape_are_named_not_fatal(pipe, tmp_path):
     """A patch whose evaluation or attack record has another shape (figures written by hand through record_metrics,
     another tool, a Hub patch that passes verification): render_card and inspect failed with TypeError or

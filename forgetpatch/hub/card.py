@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,20 +94,36 @@ def readable(metrics: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return out, unreadable
 
 
-def short_value(value: Any) -> str:
-    """A parameter or figure as a table cell: numbers short, long lists folded to a count and a few items."""
+def short_value(value: Any, *, code: Callable[[str], str] = lambda text: f"`{text}`") -> str:
+    """A parameter or figure as a table cell: numbers short, long lists folded to a count and a few items, each
+    value set by ``code`` (in backticks; the card's :func:`md_code`)."""
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, (list, tuple)):
         items = [str(v) for v in value]
         if len(items) > 3 or sum(map(len, items)) > 80:
-            return f"{len(items)} items: " + ", ".join(f"`{v}`" for v in items[:2]) + ", ..."
-        return ", ".join(f"`{v}`" for v in items) or "(none)"
+            return f"{len(items)} items: " + ", ".join(code(v) for v in items[:2]) + ", ..."
+        return ", ".join(code(v) for v in items) or "(none)"
     if isinstance(value, dict):
         return f"{len(value)} entries"
     if value == "":
         return "(blank)"
-    return f"`{value}`"
+    return code(str(value))
+
+
+def md_code(text: str) -> str:
+    """``text`` as a code span in a card's table cell, shown as written: no HTML entities (a code span shows ``<``
+    itself, and would show ``&lt;``), a fence longer than any run of backticks in it, ``|`` escaped (a table reads
+    it as a cell border even in code) and line breaks as spaces (a table row is one line).
+
+    Example:
+        >>> print(md_code("<sks> | a`b"))
+        ``<sks> \\| a`b``
+    """
+    text = re.sub(r"[\r\n]+", " ", text).replace("|", "\\|")
+    fence = "`" * (max(map(len, re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def _other_metrics(metrics: dict[str, Any]) -> tuple[list[tuple[str, str]], list[tuple[str, list[tuple[str, str]]]]]:
@@ -122,9 +139,9 @@ def _other_metrics(metrics: dict[str, Any]) -> tuple[list[tuple[str, str]], list
             continue
         title = key.replace("_", " ")
         if isinstance(value, dict) and value and all(isinstance(v, (int, float)) for v in value.values()):
-            per_layer.append((title, [(k, short_value(v)) for k, v in value.items()]))
+            per_layer.append((title, [(md_code(k), short_value(v, code=md_code)) for k, v in value.items()]))
         else:
-            figures.append((title, short_value(value)))
+            figures.append((title, short_value(value, code=md_code)))
     return figures, per_layer
 
 
@@ -314,7 +331,7 @@ def render_card(
         preserved=", ".join(md(c.target) for c in manifest.preserved),
         md=md,
         py=json.dumps,
-        params=[(k, short_value(v)) for k, v in sorted(manifest.method.params.items())],
+        params=[(k, short_value(v, code=md_code)) for k, v in sorted(manifest.method.params.items())],
         figures=figures,
         per_layer=per_layer,
         summary=summary_rows(manifest.metrics),

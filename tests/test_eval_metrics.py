@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from forgetpatch import Concept
-from forgetpatch.errors import ConceptError, ForgetPatchError
+from forgetpatch.errors import ConceptError, EvalError, ForgetPatchError
 from forgetpatch.eval import (
     EvalReport,
     PipelineGenerator,
@@ -460,3 +460,14 @@ def test_a_reference_made_with_other_settings_is_refused_before_generating():
     reference = run(FakeGenerator(), num_inference_steps=2)
     with pytest.raises(ForgetPatchError, match="num_inference_steps=2"):
         run(Never(), reference=reference, num_inference_steps=4)
+
+
+def test_images_with_nan_pixels_are_refused_not_judged():
+    """A pipeline drawing NaN (a patch at a huge scale, float16 overflow) gave figures all the same: the judge
+    abstains on such an image, so erased concepts read 0% forgotten and retention 0%, measured on nothing."""
+    pipe = tiny_sd_pipeline(seed=0)
+    with torch.no_grad():
+        pipe.unet.conv_out.bias.fill_(float("nan"))
+    generator = PipelineGenerator(pipe, num_inference_steps=2, batch_size=2, progress=False)
+    with pytest.raises(EvalError, match=r"drew 2 of 2 images with NaN or infinite pixels \(the first: 'a', seed 7\)"):
+        generator.generate(["a", "b", "c"], [7, 8, 9])

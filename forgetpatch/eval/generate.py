@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from forgetpatch import distributed
-from forgetpatch.errors import EvalInputError
+from forgetpatch.errors import EvalError, EvalInputError
 
 #: Classifier-free guidance scale used when none is given (as the toy fidelity figures use).
 DEFAULT_GUIDANCE_SCALE = 4.0
@@ -93,12 +93,26 @@ class PipelineGenerator:
                     generator=gens,
                     output_type="np",
                 )
-                out.append(np.asarray(result.images, dtype=np.float32))
+                out.append(_finite(np.asarray(result.images, dtype=np.float32), batch, seeds[i : i + len(batch)]))
         finally:
             self.pipe._progress_bar_config = saved
         if not out:
             return np.zeros((0, 0, 0, 3), dtype=np.float32)
         return np.concatenate(out)
+
+
+def _finite(images: np.ndarray, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
+    """``images``, or :class:`~forgetpatch.errors.EvalError` at the first batch with a NaN or infinite pixel: the
+    judge would call such an image "can't tell" and the figures would be measured on nothing."""
+    bad = ~np.isfinite(images.reshape(len(images), -1)).all(axis=1)
+    if bad.any():
+        k = int(np.argmax(bad))
+        raise EvalError(
+            f"the pipeline drew {int(bad.sum())} of {len(images)} images with NaN or infinite pixels (the first: "
+            f"{prompts[k]!r}, seed {seeds[k]}), which cannot be judged. A patch applied at a large scale, a float16 "
+            "pipeline that overflows or weights with NaN in them do this: measure at scale 1, in float32"
+        )
+    return images
 
 
 def generate_sharded(

@@ -148,14 +148,18 @@ def test_record_toy_refuses_a_report_of_anything_but_the_patch_alone(tmp_path):
     other = forgetpatch.erase(toy.pipeline(), ["star"], method="uce")
     before = (folder / "forgetpatch.json").read_bytes()
     small = {"images_per_concept": 1, "num_inference_steps": 2, "progress": False, "geometry": False}
-    for pipe, match in [
-        (toy.pipeline(), "measured no patch"),
-        (forgetpatch.apply(toy.pipeline(), other), "measured uce-no-star"),
-        (forgetpatch.apply(toy.pipeline(), [folder, other]), "not 'uce-no-circle'"),
-        (forgetpatch.apply(toy.pipeline(), folder, scale=0.5), "at scale 0.5"),
+    alone = forgetpatch.apply(toy.pipeline(), folder)
+    for pipe, erased, match in [
+        (toy.pipeline(), ["circle"], "measured no patch"),
+        (forgetpatch.apply(toy.pipeline(), other), ["circle"], "measured uce-no-star"),
+        (forgetpatch.apply(toy.pipeline(), [folder, other]), ["circle"], "not 'uce-no-circle'"),
+        (forgetpatch.apply(toy.pipeline(), folder, scale=0.5), ["circle"], "at scale 0.5"),
+        # the patch alone, but measured on a concept it does not erase (the card showed star's figures as its own)
+        (alone, ["star"], "measures star as erased, but 'uce-no-circle' erases circle"),
+        (alone, ["circle", "star"], "measures circle, star as erased"),
     ]:
         with pytest.raises(EvalError, match=match):
-            record_toy(folder, evaluate(pipe, ["circle"], **small))
+            record_toy(folder, evaluate(pipe, erased, **small))
         assert (folder / "forgetpatch.json").read_bytes() == before
     assert "toy_eval" in forgetpatch.load(record_toy(folder, evaluate(forgetpatch.apply(toy.pipeline(), folder),
                                                                       ["circle"], **small))).manifest.metrics  # fmt: skip
@@ -251,3 +255,16 @@ def test_demo_checks_its_output_and_concepts_before_the_work(tmp_path, monkeypat
     refused(["keysteps", "--base", "toy", "-c", "circle", "-o", str(tmp_path / "afile")],
             "is a file: -o is a folder for the table and plot")  # fmt: skip
     refused(["demo", "-c", "circle", "-c", "circle", "-o", str(tmp_path / "d")], "more than once")
+
+
+def test_eval_refuses_a_patch_the_base_does_not_take_before_any_image(tmp_path, monkeypatch):
+    """``forgetpatch eval`` generated and judged the base's images, and cached them, before it found that the patch
+    was made on another model (or that ``-c Circle`` is no toy word)."""
+    import forgetpatch.eval as ev
+
+    folder = forgetpatch.erase(tiny_sd_pipeline(), ["cat"], method="uce", progress=False).save(tmp_path / "p")
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: pytest.fail("made images before refusing"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    text = refused(["eval", str(folder), "-c", "circle", "--base", "toy"], "made for another architecture")
+    assert "generating" not in text, text
+    refused(["eval", "-c", "Circle", "--base", "toy"], "Circle")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from forgetpatch import Concept
-from forgetpatch.errors import ConceptError, EvalError, ForgetPatchError
+from forgetpatch.errors import ConceptError, EvalError, EvalInputError, ForgetPatchError
 from forgetpatch.eval import (
     EvalReport,
     PipelineGenerator,
@@ -471,3 +472,37 @@ def test_images_with_nan_pixels_are_refused_not_judged():
     generator = PipelineGenerator(pipe, num_inference_steps=2, batch_size=2, progress=False)
     with pytest.raises(EvalError, match=r"drew 2 of 2 images with NaN or infinite pixels \(the first: 'a', seed 7\)"):
         generator.generate(["a", "b", "c"], [7, 8, 9])
+
+
+def test_evaluate_records_what_it_measured_and_refuses_what_it_cannot_use():
+    """Found by a hunt: ``images_per_erased`` under ``images_per_concept`` was recorded as given while UA used the
+    larger; a seed of "0" or 1.5 was a TypeError or silently 1.5; erased concepts given as a generator were used up
+    by the check and nothing was evaluated; a report of a patched model was taken as the base and every ratio was
+    1.0; a re-judged report lost the record of its patches, so it could not be recorded."""
+    from forgetpatch.eval import rejudge
+
+    report = run(FakeGenerator(), images_per_erased=2)
+    assert report.settings["images_per_erased"] == N == report.concepts["circle"].scores.n["ua"]
+    for seed in ("0", None, 1.5, True, -1):
+        with pytest.raises(EvalInputError, match="seed must be a whole number >= 0"):
+            run(FakeGenerator(), seed=seed)
+    assert run(FakeGenerator(), erased=(c for c in ["circle", "red"])).erased == ["circle", "red"]
+    patched = run(FakeGenerator())
+    patched.settings["patches"] = [{"name": "no-circle", "digest": "ab" * 32, "scale": 1.0, "fused": False,
+                                    "key_steps": False}]  # fmt: skip
+    with pytest.raises(EvalError, match="the reference has no-circle on: it stands for the base model"):
+        run(FakeGenerator(), reference=patched)
+    assert rejudge(patched, FakeJudge()).settings["patches"] == patched.settings["patches"]
+
+
+def test_guide_ceiling_checks_its_settings_as_evaluate_does():
+    """``guide_ceiling`` took NaN or negative guidance and returned a figure; steps 0 were a ZeroDivisionError."""
+    for kw, message in [
+        ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number >= 0"),
+        ({"guidance_scale": -3.0}, "guidance_scale must be a finite number >= 0"),
+        ({"num_inference_steps": 0}, "num_inference_steps must be a whole number >= 1"),
+        ({"images_per_concept": 2.5}, "images_per_concept must be a whole number >= 1"),
+        ({"seed": "1"}, "seed must be a whole number >= 0"),
+    ]:
+        with pytest.raises(EvalInputError, match=re.escape(message)):
+            guide_ceiling(FakeGenerator(), ["circle"], "cross", judge=FakeJudge(), **kw)

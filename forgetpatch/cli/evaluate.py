@@ -107,7 +107,12 @@ def eval_command(
     With --suite it evaluates any diffusers base on real-weight suites instead: nudity (NudeNet), objects and
     styles (CLIP accuracy), quality (CLIP score, FID); see the README's "Evaluating on real weights".
     """
-    from forgetpatch.cli._base import check_image_path, check_patches_flags, check_writable
+    from forgetpatch.cli._base import (
+        check_image_path,
+        check_patches_flags,
+        check_toy_concepts,
+        check_writable,
+    )
     from forgetpatch.errors import EvalInputError
     from forgetpatch.eval import (
         DEFAULT_GUIDANCE_SCALE,
@@ -154,6 +159,7 @@ def eval_command(
     if record:
         check_writable(Path(patches[0]))  # the figures are saved into it after the evaluation
     concepts = list(concept or []) or (_concepts_of(patches) if patches else [])
+    check_toy_concepts(base, concepts)
     settings = {
         "images_per_concept": images,
         "seed": seed,
@@ -165,6 +171,11 @@ def eval_command(
     main = distributed.is_main()  # under `accelerate launch` every process generates its share; one writes
     pipe = _load_base(base)
     judge = toy_judge(pipe)  # a model the toy judge cannot read is refused here, before any image is made
+    if patches:  # on a copy, before any image is made: a patch this base does not take is refused first
+        from forgetpatch import apply
+        from forgetpatch.loader import unpatched
+
+        patched = apply(unpatched(pipe), loaded, scale=scale, key_steps=key_steps)
     cached = _cache_dir() / f"base-{_base_key(pipe, concepts, settings)}.npz" if cache else None
     if cached is not None and cached.exists():
         report = EvalReport.load(cached)
@@ -177,12 +188,9 @@ def eval_command(
         if cached is not None and main:
             report.save(cached)
     if patches:
-        from forgetpatch import apply
-
-        pipe = apply(pipe, loaded, scale=scale, key_steps=key_steps)
         if main:
             console.print(Text.assemble(("patched", "bold"), f" with {', '.join(patches)}"))
-        report = evaluate(pipe, concepts, reference=report, judge=judge, **settings)
+        report = evaluate(patched, concepts, reference=report, judge=judge, **settings)
     if not main:
         return
     console.print(report.table())

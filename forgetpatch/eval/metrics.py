@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from forgetpatch.errors import ConceptError, EvalInputError, ForgetPatchError
+from forgetpatch.errors import ConceptError, EvalError, EvalInputError, ForgetPatchError
 from forgetpatch.eval.generate import (
     DEFAULT_GUIDANCE_SCALE,
     Generator,
@@ -52,8 +52,7 @@ def scoring_prompts(
 
 
 def _check_concepts(erased: Sequence[str]) -> list[str]:
-    if isinstance(erased, str):
-        erased = [erased]
+    erased = [erased] if isinstance(erased, str) else list(erased)  # a generator is read once, here
     unknown = [c for c in erased if c not in ALL_CONCEPTS]
     if unknown:
         raise ConceptError(
@@ -61,6 +60,14 @@ def _check_concepts(erased: Sequence[str]) -> list[str]:
             f"(synonyms are scored as paraphrases automatically): {', '.join(ALL_CONCEPTS)}"
         )
     return list(dict.fromkeys(erased))
+
+
+def _check_seed(seed: Any) -> int:
+    """``seed`` if it is a whole number >= 0 (it orders the prompts and seeds each image), else
+    :class:`EvalInputError`."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise EvalInputError(f"seed must be a whole number >= 0, got {seed!r}")
+    return int(seed)
 
 
 def _check_counts(**counts: Any) -> None:
@@ -163,13 +170,14 @@ def evaluate(
     _check_counts(images_per_concept=images_per_concept, images_per_erased=images_per_erased,
                   num_inference_steps=num_inference_steps, batch_size=batch_size)  # fmt: skip
     check_guidance(guidance_scale)
+    seed = _check_seed(seed)
     erased = _check_concepts(erased)
     items = list(prompts) if prompts is not None else scoring_prompts(erased, images_per_concept, seed, images_per_erased)
     if not items:
         raise ForgetPatchError("no scoring prompts to evaluate; pass prompts=None for the default set")
     settings = {
         "images_per_concept": images_per_concept,
-        "images_per_erased": images_per_erased or images_per_concept,
+        "images_per_erased": max(images_per_concept, images_per_erased or 0),  # what scoring_prompts uses
         "seed": seed,
         "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale,
@@ -182,6 +190,11 @@ def evaluate(
         "progress": progress,
     }
     judge = judge if judge is not None else toy_judge(pipe)
+    if on := (reference.settings.get("patches") if isinstance(reference, EvalReport) else patches_on(reference)):
+        raise EvalError(
+            f"the reference has {', '.join(p['name'] for p in on)} on: it stands for the base model, which every "
+            "ratio is taken against; pass the pipeline without patches, or a report of it"
+        )
     if isinstance(reference, EvalReport):  # before generating: a reference made otherwise cannot be used
         ours, theirs = _base_from_report(reference, items, settings)
     generator = as_generator(pipe, **gen_kwargs)
@@ -294,4 +307,5 @@ def rejudge(report: EvalReport, judge: Judge) -> EvalReport:
         geometry=False,
     )
     out.fitted = report.fitted
+    out.settings["patches"] = report.settings.get("patches")  # the images' model, which a Replay cannot say
     return out

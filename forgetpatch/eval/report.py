@@ -475,8 +475,9 @@ def record_toy(folder: str | Path, report: EvalReport) -> Path:
     ``forgetpatch demo`` records and the model card's summary table reads). The patch's digest does not change.
 
     The report must be of that patch alone, applied as it ships (scale 1, not gated to key steps; the caller
-    applies it): the patches :func:`~forgetpatch.eval.evaluate` found on the pipeline (``settings["patches"]``) are
-    checked before anything is written, and :class:`~forgetpatch.errors.EvalError` says what to evaluate instead.
+    applies it), with the concepts it erases as ``erased``: the patches :func:`~forgetpatch.eval.evaluate` found on
+    the pipeline (``settings["patches"]``) and the concepts are checked before anything is written, and
+    :class:`~forgetpatch.errors.EvalError` says what to evaluate instead.
 
     Example:
         >>> base = evaluate(toy.pipeline(), ["circle"])
@@ -486,6 +487,13 @@ def record_toy(folder: str | Path, report: EvalReport) -> Path:
 
     def figures(patch) -> dict[str, Any]:
         measured_alone(report.settings.get("patches"), patch)
+        erased = sorted({c.key for c in patch.manifest.concepts})
+        if sorted(report.erased) != erased:
+            raise EvalError(
+                f"this report measures {', '.join(report.erased)} as erased, but {patch.name!r} erases "
+                f"{', '.join(erased)}: the card would show figures of other concepts as its own; evaluate it on "
+                "the concepts it erases (forgetpatch eval PATCH, without --concept)"
+            )
         return {TOY_EVAL_METRICS: report.to_dict()}
 
     return record_metrics(folder, figures)

@@ -217,6 +217,25 @@ def test_patch_on_a_layer_with_a_fused_user_lora_is_refused(toy_base, toy_pipe, 
     assert_same(pipe, params_before)
 
 
+def test_lora_switched_off_elsewhere_does_not_refuse_a_patch(toy_base, toy_pipe):
+    """The user's LoRA switched off on the text encoder only: a patch on UNet layers was refused as if its own layers
+    were off. Only switched-off layers the patch changes refuse it; the patch then acts, the user's LoRA stays off."""
+    from diffusers.utils.peft_utils import set_adapter_layers
+
+    from forgetpatch.loader import adapters
+
+    pipe = toy_pipe
+    load_user_lora(pipe, (TEXT,))
+    set_adapter_layers(pipe.text_encoder, enabled=False)
+    patch = make_patch(toy_base, (SHARED, PATCH_ONLY))
+    forgetpatch.apply(pipe, patch)
+    assert [e.patch.name for e in forgetpatch.applied(pipe)] == ["p0"]
+    assert all(layer.disable_adapters for path, layer in adapters.tuner_layers(pipe) if path.startswith("text_encoder"))
+    forgetpatch.remove(pipe)
+    with pytest.raises(ApplyError, match="enable_lora"):  # a switched-off layer the patch changes still refuses
+        forgetpatch.apply(pipe, make_patch(toy_base, (SHARED, TEXT)))
+
+
 def test_failed_apply_leaves_the_user_lora_as_it_was(toy_base, toy_pipe, monkeypatch):
     pipe = toy_pipe
     load_user_lora(pipe)

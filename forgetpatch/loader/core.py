@@ -343,7 +343,8 @@ def _check(
     allow_unverified: bool,
 ) -> None:
     present = [e.digest for e in state.entries]
-    disabled = [path for path, layer in layers if layer.disable_adapters]
+    targets = {path for patch in patches for path in patch.target_modules}
+    disabled = [path for path, layer in layers if layer.disable_adapters and path in targets]  # only these matter
     if disabled and not fuse:
         raise ApplyError(
             f"LoRA is switched off on this pipeline (pipe.disable_lora(); e.g. {disabled[0]}), so an unfused "

@@ -236,6 +236,17 @@ def test_lora_switched_off_elsewhere_does_not_refuse_a_patch(toy_base, toy_pipe)
         forgetpatch.apply(pipe, make_patch(toy_base, (SHARED, TEXT)))
 
 
+def test_weights_offloaded_to_meta_are_refused_with_a_forgetpatch_error(toy_base, toy_pipe):
+    """Sequential offload (accelerate's cpu_offload, which enable_sequential_cpu_offload puts on each component)
+    leaves the weights on the meta device: apply raised torch's "Cannot copy out of meta tensor"."""
+    from accelerate import cpu_offload
+
+    cpu_offload(toy_pipe.unet, execution_device=torch.device("cpu"))
+    with pytest.raises(ApplyError, match="on the meta device .* apply patches before enabling sequential offload"):
+        forgetpatch.apply(toy_pipe, make_patch(toy_base, (SHARED, PATCH_ONLY)))
+    assert forgetpatch.applied(toy_pipe) == []
+
+
 def test_failed_apply_leaves_the_user_lora_as_it_was(toy_base, toy_pipe, monkeypatch):
     pipe = toy_pipe
     load_user_lora(pipe)

@@ -381,6 +381,12 @@ def _check(
                     f"pipeline's module has shape {tuple(module.weight.shape)}: it was made for "
                     + (_made_for(patch) if patch.manifest.base_model.id else "another architecture")
                 )
+            if module.weight.device.type == "meta":
+                raise ApplyError(
+                    f"patch {patch.name!r} changes {path}, whose weights are on the meta device "
+                    "(pipe.enable_sequential_cpu_offload() keeps them in its hooks between calls), where they "
+                    "cannot be checked or changed: apply patches before enabling sequential offload"
+                )
             if adapters.bypassed(pipe, path):
                 raise ApplyError(
                     f"patch {patch.name!r} changes {path}, but pipe.fuse_qkv_projections() is on: that attention "

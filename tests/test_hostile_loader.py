@@ -679,6 +679,22 @@ def test_a_fused_patch_comes_off_exactly_after_the_pipeline_changed_dtype():
     assert_same(pipe, before)
 
 
+def test_a_lora_baked_in_after_a_fused_patch_stays_when_the_patch_comes_off(toy_base, toy_pipe):
+    """A fused patch, then the user's LoRA baked in the usual way (``fuse_lora()`` then ``unload_lora_weights()``):
+    taking the patch off put back the weights kept from before it, wiping the user's LoRA from every layer the patch
+    changes. Now those layers keep it (to float rounding), and layers the patch does not change are untouched."""
+    pipe = toy_pipe
+    forgetpatch.apply(pipe, make_patch(toy_base, (SHARED, PATCH_ONLY)), fuse=True)
+    deltas = load_user_lora(pipe, (SHARED, USER_ONLY))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    forgetpatch.remove(pipe)
+    for path in (SHARED, USER_ONLY):
+        want = resolve_module(toy_base, path).weight + deltas[path]
+        torch.testing.assert_close(resolve_module(pipe, path).weight, want, rtol=0, atol=1e-6)
+    assert torch.equal(resolve_module(pipe, PATCH_ONLY).weight, resolve_module(toy_base, PATCH_ONLY).weight)
+
+
 def test_a_fused_apply_that_fails_half_way_leaves_earlier_fused_patches_exact(toy_base, toy_pipe, monkeypatch):
     """A failure while adding a patch to layers that already hold a fused one (out of memory, Ctrl-C) is undone
     there too, not only in the layers it had just set aside."""
@@ -690,9 +706,10 @@ def test_a_fused_apply_that_fails_half_way_leaves_earlier_fused_patches_exact(to
     real, calls = core._add, []
 
     def failing(patch, path, w, scale):
-        calls.append(path)
-        if len(calls) == 2:  # after the shared layer (which holds p0) has been added to
-            raise RuntimeError("out of memory")
+        if patch.name == "p1":  # p1's additions only (p0's fused weights are also recomputed, to be compared)
+            calls.append(path)
+            if len(calls) == 2:  # after the shared layer (which holds p0) has been added to
+                raise RuntimeError("out of memory")
         return real(patch, path, w, scale)
 
     monkeypatch.setattr(core, "_add", failing)

@@ -612,13 +612,38 @@ def _fuse_again(pipe, before: list[AppliedPatch], after: list[AppliedPatch]) -> 
     _restore_fused(pipe, [e for e in before if set(e.patch.target_modules) - kept], skip=kept)
     for path in kept:
         layer = resolve_module(pipe, path)
-        w = getattr(layer, ORIGINAL_WEIGHT_ATTR).clone()
-        for e in after:
-            if path in e.patch.target_modules:
-                w = _add(e.patch, path, w.to(e.fused_dtypes.get(path, w.dtype)), e.scale)
-        layer.weight.copy_(w)
+        layer.weight.copy_(_fused_weight(layer, path, after))
     for wrapper, names in merged:
         wrapper.merge(adapter_names=names)
+
+
+def _fused_weight(layer: nn.Module, path: str, entries: Iterable[AppliedPatch]) -> torch.Tensor:
+    """What fusing the fused patches of ``entries``, in order, into the layer's kept original makes of its weight:
+    each added in the dtype the weight had when it was first added, as :func:`_fuse` did."""
+    w = getattr(layer, ORIGINAL_WEIGHT_ATTR).clone()
+    for e in entries:
+        if path in e.patch.target_modules:
+            w = _add(e.patch, path, w.to(e.fused_dtypes.get(path, w.dtype)), e.scale)
+    return w
+
+
+@torch.no_grad()
+def _keep_changes_made_since(pipe, state: _State) -> None:
+    """Before fused patches are added or taken off: a weight that is not what its fused patches made it was changed
+    since, e.g. by a user's LoRA baked in with ``fuse_lora()`` then ``unload_lora_weights()``; that change becomes
+    part of the kept original, so taking the patches off leaves it in (restoring the original wiped it). Layers with
+    a LoRA merged and still loaded are left to :func:`_fuse_again`, which merges it again."""
+    fused = [e for e in state.entries if e.fused]
+    for path in {path for e in fused for path in e.patch.target_modules}:
+        wrapper = adapters.wrapper(pipe, path)
+        if wrapper is not None and wrapper.merged_adapters:
+            continue
+        layer = resolve_module(pipe, path)
+        w, original = layer.weight, getattr(layer, ORIGINAL_WEIGHT_ATTR)
+        expected = _fused_weight(layer, path, fused).to(device=w.device, dtype=w.dtype)
+        if not torch.equal(w, expected):
+            change = w.float() - expected.float()
+            setattr(layer, ORIGINAL_WEIGHT_ATTR, (original.float() + change.to(original.device)).to(original.dtype))
 
 
 def _is_active(entry: AppliedPatch, fraction: float) -> bool:
@@ -815,6 +840,7 @@ def apply(
         _check(pipe, patches, state, layers, strict=strict, fuse=fuse, key_steps=key_steps,
                allow_unverified=allow_unverified)  # fmt: skip
         user = _user_sets(layers, _ours(state))
+        _keep_changes_made_since(pipe, state)
         added: list[AppliedPatch] = []
         before = adapters.adapter_names(pipe)
         targets = [] if fuse else [path for patch in patches for path in patch.target_modules]
@@ -906,6 +932,7 @@ def remove(pipe, names: str | Patch | Iterable[str | Patch] | None = None):
                     "patch cannot be taken off exactly. Call pipe.unfuse_lora() first."
                 )
         if leaving:
+            _keep_changes_made_since(pipe, state)
             layers = adapters.tuner_layers(pipe)
             with adapters.trainability_kept(adapters.reach(pipe, layers, [])):
                 _take_off(pipe, state, leaving, _user_sets(layers, _ours(state)))

@@ -695,6 +695,25 @@ def test_a_lora_baked_in_after_a_fused_patch_stays_when_the_patch_comes_off(toy_
     assert torch.equal(resolve_module(pipe, PATCH_ONLY).weight, resolve_module(toy_base, PATCH_ONLY).weight)
 
 
+def test_an_unfused_patch_baked_in_with_the_users_lora_can_be_cleared(toy_base, toy_pipe):
+    """``fuse_lora()`` then ``unload_lora_weights()`` bakes every active LoRA in, the patch included: ``applied()``
+    said the patch was off, ``remove()`` asked for ``unfuse_lora()`` (which no longer reaches anything), and every
+    call, the pipeline's own included, raised from then on. Now the message says it may be baked in, and ``remove()``
+    clears it with a warning that its change stays in the weights; the pipeline runs."""
+    pipe = toy_pipe
+    load_user_lora(pipe, (SHARED, USER_ONLY))
+    forgetpatch.apply(pipe, make_patch(toy_base, (SHARED, PATCH_ONLY)))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    with pytest.raises(ApplyError, match="baked into the weights"):
+        forgetpatch.applied(pipe)
+    with pytest.warns(UserWarning, match="p0 had been merged into the weights .* their change stays in the weights"):
+        forgetpatch.remove(pipe)
+    assert forgetpatch.applied(pipe) == []
+    with torch.no_grad():
+        pipe.unet(*unet_inputs(pipe, 500)[:2], encoder_hidden_states=unet_inputs(pipe, 500)[2])
+
+
 def test_a_fused_apply_that_fails_half_way_leaves_earlier_fused_patches_exact(toy_base, toy_pipe, monkeypatch):
     """A failure while adding a patch to layers that already hold a fused one (out of memory, Ctrl-C) is undone
     there too, not only in the layers it had just set aside."""

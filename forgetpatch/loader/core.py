@@ -465,6 +465,18 @@ def _made_for(patch: Patch) -> str:
     )
 
 
+def _gone(state: _State) -> dict[str, list[str]]:
+    """Per component, forgetpatch's adapters that are no longer in its ``peft_config`` (a user's
+    ``unload_lora_weights()`` or ``delete_adapters()``)."""
+    out = {}
+    for component, names in state.held.items():
+        module = state.components[component]() if component in state.components else None
+        config = getattr(module, "peft_config", None) or {}
+        if gone := sorted(n for n in names if n not in config):
+            out[component] = gone
+    return out
+
+
 def _verify(state: _State, pipes: Iterable, *, scales: bool = True) -> None:
     """Raise :class:`ApplyError` where an applied patch is not live and cannot be made so without overriding the
     user; switch back on (with a warning) forgetpatch adapters that a user call left out of the active set, put
@@ -479,16 +491,14 @@ def _verify(state: _State, pipes: Iterable, *, scales: bool = True) -> None:
                 f"({', '.join(e.name for e in state.entries)}) are not on the new one. Call forgetpatch.remove(pipe) "
                 "and apply them again."
             )
-    for component, names in state.held.items():
-        module = state.components[component]() if component in state.components else None
-        config = getattr(module, "peft_config", None) or {}
-        gone = sorted(n for n in names if n not in config)
-        if gone:
-            raise ApplyError(
-                f"forgetpatch's adapter(s) {', '.join(gone)} are no longer on the pipeline's {component} (deleted "
-                "by unload_lora_weights() or delete_adapters()), so the patch is off. Call forgetpatch.remove(pipe) "
-                "to clear it, then apply it again."
-            )
+    if gone := _gone(state):
+        component, names = next(iter(gone.items()))
+        raise ApplyError(
+            f"forgetpatch's adapter(s) {', '.join(names)} are no longer on the pipeline's {component} (deleted by "
+            "unload_lora_weights() or delete_adapters()), so the patch is off, unless pipe.fuse_lora() merged it "
+            "first: then it is baked into the weights, where it cannot be taken off exactly (load the pipeline "
+            "again to be rid of it). Call forgetpatch.remove(pipe) to clear it, then apply it again."
+        )
     bypassed = _bypassed(state, {e.name for e in state.entries if not e.fused})
     if bypassed:
         raise ApplyError(
@@ -924,8 +934,12 @@ def remove(pipe, names: str | Patch | Iterable[str | Patch] | None = None):
                 f"{bypassed[0][1]}), which taking a patch off would leave as they are. Call "
                 "pipe.unfuse_qkv_projections() first (and fuse them again afterwards)."
             )
+        gone = {n for names in _gone(state).values() for n in names}
+        # merged and then unloaded (fuse_lora + unload_lora_weights): baked into the weights, no layer left to unmerge
+        baked = sorted({n for _, layer, held in state.layers for n in held
+                        if n in leaving_names and n in gone and n in layer.merged_adapters})  # fmt: skip
         for path, layer, held in state.layers:
-            merged = [n for n in held if n in leaving_names and n in layer.merged_adapters]
+            merged = [n for n in held if n in leaving_names and n in layer.merged_adapters and n not in gone]
             if merged:
                 raise ApplyError(
                     f"pipe.fuse_lora() merged forgetpatch's adapter(s) {', '.join(merged)} into {path}; a merged "
@@ -936,6 +950,14 @@ def remove(pipe, names: str | Patch | Iterable[str | Patch] | None = None):
             layers = adapters.tuner_layers(pipe)
             with adapters.trainability_kept(adapters.reach(pipe, layers, [])):
                 _take_off(pipe, state, leaving, _user_sets(layers, _ours(state)))
+        if baked:
+            warnings.warn(
+                f"patch(es) {', '.join(baked)} had been merged into the weights (pipe.fuse_lora()) and then unloaded "
+                "(pipe.unload_lora_weights()): forgetpatch no longer lists them, but their change stays in the "
+                "weights, where it cannot be taken off exactly. Load the pipeline again to be rid of it.",
+                UserWarning,
+                stacklevel=2,
+            )
     return pipe
 
 

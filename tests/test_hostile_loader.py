@@ -740,6 +740,23 @@ def test_a_fused_apply_that_fails_half_way_leaves_earlier_fused_patches_exact(to
 
 
 # --- threads and components shared between pipelines ---------------------------------------------------------------
+def test_a_pipeline_given_another_unet_leaves_the_one_still_sharing_the_patched_unet_working(toy_base, toy_pipe):
+    """Two pipelines share a patched UNet; one is given another UNet. The other one, still running the patched
+    UNet with the patch live, raised "pipe.unet was replaced" on every call (and the advised remove(pipe) on the
+    first did nothing)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = toy_pipe
+    forgetpatch.apply(pipe, make_patch(toy_base, (SHARED, PATCH_ONLY)))
+    i2i = StableDiffusionImg2ImgPipeline(**pipe.components)
+    pipe.unet = copy.deepcopy(toy_base.unet)
+    sample, t, context = unet_inputs(i2i, 500)
+    with torch.no_grad():
+        i2i.unet(sample, t, encoder_hidden_states=context)
+    assert [e.name for e in forgetpatch.applied(i2i)] == ["p0"] and forgetpatch.applied(pipe) == []
+    forgetpatch.remove(i2i)
+
+
 def test_the_gate_holds_for_each_step_when_two_threads_run_one_unet():
     """Two pipelines sharing the UNet (different schedulers and step counts) run at once in two threads: at every
     forward of a patched layer the gated patch is on exactly when that call's step is inside its key steps (before,

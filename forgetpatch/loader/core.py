@@ -484,7 +484,11 @@ def _verify(state: _State, pipes: Iterable, *, scales: bool = True) -> None:
     which the pipeline scales by its ``lora_scale`` meanwhile), and switch off a gated one that a user call switched
     on outside its key steps (peft activates another adapter when one is deleted)."""
     for pipe in pipes:
-        replaced = [c for c, ref in state.components.items() if unwrap(getattr(pipe, c, None)) is not ref()]
+        same = {c: unwrap(getattr(pipe, c, None)) is ref() for c, ref in state.components.items()}
+        if unwrap(getattr(pipe, state.denoiser, None)) is not state.unet() and not any(same.values()):
+            state.pipes.discard(pipe)  # given another UNet and holding no patched component: it has left (another
+            continue  # pipeline still sharing the patched UNet runs on)
+        replaced = [c for c, kept in same.items() if not kept]
         if replaced:
             raise ApplyError(
                 f"pipe.{replaced[0]} was replaced after patches were applied to it: the patches "

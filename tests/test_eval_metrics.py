@@ -506,3 +506,14 @@ def test_guide_ceiling_checks_its_settings_as_evaluate_does():
     ]:
         with pytest.raises(EvalInputError, match=re.escape(message)):
             guide_ceiling(FakeGenerator(), ["circle"], "cross", judge=FakeJudge(), **kw)
+
+
+def test_the_table_gives_each_concepts_own_sample_sizes():
+    """The caption gave the first erased concept's sample sizes for every row: red's UA rate (15 images) was shown
+    with circle's n (12)."""
+    report = run(FakeGenerator(), erased=("circle", "red"), images_per_erased=12)
+    caption = report._caption()
+    for concept, r in report.concepts.items():
+        assert f"{concept}: " + ", ".join(f"{k} {v}" for k, v in r.scores.n.items()) in caption, caption
+    assert report.concepts["circle"].scores.n["ua"] != report.concepts["red"].scores.n["ua"]
+    assert "n: ua 8," in run(FakeGenerator())._caption()  # one concept: its sizes, once

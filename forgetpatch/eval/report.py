@@ -352,9 +352,11 @@ class EvalReport:
 
     def _caption(self) -> str:
         parts = ["UA strict: forgotten only if another concept is named or no shape is seen; [95% interval]"]
-        first = next(iter(self.concepts.values()), None)
-        if first is not None:
-            parts.append("n: " + ", ".join(f"{k} {v}" for k, v in first.scores.n.items()))
+        sizes = {c: ", ".join(f"{k} {v}" for k, v in r.scores.n.items()) for c, r in self.concepts.items()}
+        if len(set(sizes.values())) == 1:
+            parts.append(f"n: {next(iter(sizes.values()))}")
+        elif sizes:  # each concept's own: its kind, near neighbours and extra UA images make them differ
+            parts.append("n: " + " | ".join(f"{c}: {n}" for c, n in sizes.items()))
         d = self.disagreement()
         if d is not None and d["rate"] is not None:
             lo, hi = d["interval"]

@@ -174,6 +174,8 @@ def test_cli_attack_records_on_the_patch_card_inspect_and_push(guided, tmp_path,
     figures = json.loads((tmp_path / "a.json").read_text())["circle"]
     assert set(figures["attacks"]) == {"inversion", "paraphrase"}
     assert {"ua_before", "ua_after", "interval", "seconds", "unet_passes"} <= set(figures["attacks"]["inversion"])
+    paraphrase = figures["attacks"]["paraphrase"]  # each rate with its own sample size (before was given none)
+    assert paraphrase["n_before"] >= 1 and paraphrase["n"] >= 1
 
     patch = read_patch(guided)
     assert patch.digest == digest  # recording figures keeps the patch's identity
@@ -184,6 +186,8 @@ def test_cli_attack_records_on_the_patch_card_inspect_and_push(guided, tmp_path,
 
     card = render_card(guided, "org/no-circle").text
     assert "<summary>Robustness to attacks</summary>" in card and "| circle | inversion |" in card
+    row = next(line for line in card.splitlines() if line.startswith("| circle | paraphrase |"))
+    assert f"n={paraphrase['n_before']} |" in row and f"n={paraphrase['n']} |" in row, row
     assert "strongest recorded attack" in card  # the summary table names the weakest point
     assert "robustness." not in card  # no flattened keys
     shown = runner.invoke(app, ["inspect", str(guided)])

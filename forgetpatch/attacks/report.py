@@ -51,6 +51,7 @@ class AttackResult:
             "ua_before": self.before.value,
             "ua_after": self.after.value,
             "n": self.after.n,
+            "n_before": self.before.n,
             "interval": list(self.after.interval),
             "interval_before": list(self.before.interval),
             "seconds": round(self.seconds, 2),
@@ -115,11 +116,11 @@ class AttackReport:
                 "something else"
             ),
         )
-        for col in ("attack", "UA before", "UA after", "n", "seconds", "UNet passes", "found"):
+        for col in ("attack", "UA before", "UA after", "n before/after", "seconds", "UNet passes", "found"):
             table.add_column(col, justify="left" if col in ("attack", "found") else "right")
         for name, r in self.results.items():
             table.add_row(
-                name, str(r.before), str(r.after), str(r.after.n), f"{r.seconds:.0f}", str(r.unet_passes),
+                name, str(r.before), str(r.after), f"{r.before.n}/{r.after.n}", f"{r.seconds:.0f}", str(r.unet_passes),
                 _found(r),
             )
         return table

@@ -63,6 +63,7 @@ class _Attack(TypedDict, total=False):
     interval: tuple[float, float] | None
     interval_before: tuple[float, float] | None
     n: int | None
+    n_before: int | None
     seconds: float
     unet_passes: int
     budget: dict[str, Any]
@@ -259,7 +260,7 @@ def robustness_summary(metrics: dict[str, Any]) -> list[dict[str, str]]:
                 {
                     "concept": concept,
                     "attack": name,
-                    "before": _ua(r.get("ua_before"), r.get("interval_before")),
+                    "before": _ua(r.get("ua_before"), r.get("interval_before"), r.get("n_before")),
                     "after": _ua(r.get("ua_after"), r.get("interval"), r.get("n")),
                     "cost": f"{r.get('seconds', 0):.0f} s, {r.get('unet_passes', 0)} UNet passes",
                     "budget": spent,

@@ -592,3 +592,19 @@ def test_a_base_is_loaded_by_hub_id_at_a_revision_and_a_toy_export_by_id_keeps_t
     assert by_id.returncode == 0, by_id.stderr
     concept = read_patch(tmp_path / "t").manifest.concepts[0]
     assert concept.steered_to == "cross", concept
+
+
+def test_the_summary_names_what_retention_keeps_for_each_kind_of_concept():
+    """A colour's in-domain retention (other colours kept) was labelled "other shapes kept", and its cross-domain
+    retention "colours and textures kept"."""
+    from forgetpatch.hub import summary_rows
+
+    def figures(kind):
+        return {"kind": kind, "ua": 0.9, "ira": 0.95, "cra": 1.0}
+
+    metrics = {"toy_eval": {"concepts": {"red": figures("colour"), "circle": figures("shape"),
+                                         "dots": figures("texture")}}}  # fmt: skip
+    said = [row["what"] for row in summary_rows(metrics)]
+    for own, other in (("other colours", "shapes and textures"), ("other shapes", "colours and textures"),
+                       ("other textures", "shapes and colours")):  # fmt: skip
+        assert f"{own} kept (in-domain retention)" in said and f"{other} kept (cross-domain retention)" in said

@@ -41,6 +41,7 @@ def find_grid(folder: Path, manifest: Manifest) -> str | None:
 class _Figures(TypedDict, total=False):
     """One concept's figures in a recorded toy evaluation (``EvalReport.to_dict()``), as far as the card reads them."""
 
+    kind: str
     ua: float | None
     leakage: float | None
     ira: float | None
@@ -146,6 +147,19 @@ def _other_metrics(metrics: dict[str, Any]) -> tuple[list[tuple[str, str]], list
     return figures, per_layer
 
 
+#: The toy world's kinds of concept, as the summary names them (a concept's own kind: in-domain retention).
+_KINDS = {"shape": "shapes", "colour": "colours", "texture": "textures"}
+
+
+def _retained(kind: str | None) -> tuple[str, str]:
+    """What in-domain and cross-domain retention keep for a concept of ``kind``: ``("other colours", "shapes and
+    textures")`` for a colour."""
+    if kind not in _KINDS:
+        return "other concepts of its kind", "concepts of the other kinds"
+    a, b = (name for k, name in _KINDS.items() if k != kind)
+    return f"other {_KINDS[kind]}", f"{a} and {b}"
+
+
 def summary_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     """The card's one summary table: per erased concept, forgetting (strict UA) and paraphrase leakage beside the
     base model's, retention (in-domain, cross-domain, near neighbours), and the weakest recorded attack.
@@ -161,8 +175,9 @@ def summary_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
                      "base": _rate(base, "ua"), "headline": True})
         rows.append({"what": f"{concept} in other words (paraphrase leakage, lower is better)",
                      "patched": _rate(figures, "leakage"), "base": _rate(base, "leakage")})
-        for key, what in (("ira", "other shapes kept (in-domain retention)"),
-                          ("cra", "colours and textures kept (cross-domain retention)"),
+        own, other = _retained(figures.get("kind"))
+        for key, what in (("ira", f"{own} kept (in-domain retention)"),
+                          ("cra", f"{other} kept (cross-domain retention)"),
                           ("near", "near neighbours kept")):
             if figures.get(key) is not None:
                 rows.append({"what": what, "patched": _rate(figures, key), "base": _rate(base, key)})

@@ -517,3 +517,20 @@ def test_the_table_gives_each_concepts_own_sample_sizes():
         assert f"{concept}: " + ", ".join(f"{k} {v}" for k, v in r.scores.n.items()) in caption, caption
     assert report.concepts["circle"].scores.n["ua"] != report.concepts["red"].scores.n["ua"]
     assert "n: ua 8," in run(FakeGenerator())._caption()  # one concept: its sizes, once
+
+
+def test_a_report_file_of_another_kind_or_an_odd_path_gives_an_eval_error(tmp_path):
+    """EvalReport.load of a suite report's file was a bare KeyError; save to a folder an IsADirectoryError, under a
+    file a FileExistsError."""
+    from forgetpatch.eval import SuitePrompt, SuiteReport
+
+    report = run(FakeGenerator())
+    suite = SuiteReport(erased=[], concepts={}, accuracy={}, drift=None, settings={"suite": "quality"}, seconds=0.0,
+                        items=[SuitePrompt("a tench", 1)], images=np.zeros((1, 4, 4, 3), np.float32), judged=[{}])
+    with pytest.raises(EvalError, match="is not an evaluation report saved by EvalReport.save"):
+        EvalReport.load(suite.save(tmp_path / "suite.npz"))
+    (tmp_path / "afile").write_text("x")
+    for path, message in ((tmp_path, "it is a folder"), (tmp_path / "afile" / "r.npz", "a folder above it is a file")):
+        with pytest.raises(EvalError, match=message):
+            report.save(path)
+    assert EvalReport.load(report.save(tmp_path / "r.npz")).to_dict() == report.to_dict()

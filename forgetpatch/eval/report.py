@@ -380,7 +380,12 @@ class EvalReport:
         arrays = {"images": self.images, "meta": np.array(json.dumps(meta))}
         arrays.update({k: v for k in self._arrays if (v := getattr(self, k)) is not None})
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise EvalError(f"cannot save the report to {str(path)!r}: it is a folder; give a file name (.npz)")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise EvalError(f"cannot save the report to {str(path)!r}: a folder above it is a file") from None
         with path.open("wb") as f:
             np.savez_compressed(f, **arrays)
         return path
@@ -394,8 +399,12 @@ class EvalReport:
                 images = data["images"]
                 arrays = {k: data[k] for k in cls._arrays if k in data}
             extra = {k: meta[k] for k in cls._fields}
-        except (OSError, ValueError, KeyError) as exc:
-            raise EvalError(f"{path} is not {cls._what} saved by {cls.__name__}.save: {exc}") from exc
+            return cls._from(meta, images, arrays, extra)
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # another file, or another report's (a suite's)
+            raise EvalError(f"{path} is not {cls._what} saved by {cls.__name__}.save: {exc!r}") from exc
+
+    @classmethod
+    def _from(cls: type[R], meta: dict[str, Any], images: np.ndarray, arrays: dict[str, Any], extra: dict) -> R:
         names = {f.name for f in fields(Scores)}
 
         def scores(d: dict[str, Any] | None) -> Scores | None:

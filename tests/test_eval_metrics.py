@@ -534,3 +534,25 @@ def test_a_report_file_of_another_kind_or_an_odd_path_gives_an_eval_error(tmp_pa
         with pytest.raises(EvalError, match=message):
             report.save(path)
     assert EvalReport.load(report.save(tmp_path / "r.npz")).to_dict() == report.to_dict()
+
+
+def test_a_reference_judged_by_another_judge_is_refused():
+    """A base report re-judged by the first judge was compared with figures of the current one (the base's shape
+    accuracy read 1.0 against 0.22 on the same images, so IRA read 0.22): reports record their judge's digest."""
+    from forgetpatch import toy
+    from forgetpatch.eval import rejudge
+
+    first, shipped = toy.load_judge("v1").digest, toy.load_judge().digest
+    assert first and shipped and first != shipped
+
+    class Named(FakeJudge):
+        def __init__(self, digest):
+            self.digest = digest
+
+    kw = {"images_per_concept": N, "progress": False}
+    base = evaluate(FakeGenerator(), ["circle"], judge=Named("aaaa"), **kw)
+    assert base.settings["judge"] == "aaaa" and rejudge(base, Named("bbbb")).settings["judge"] == "bbbb"
+    with pytest.raises(EvalError, match=r"judged by another judge \(aaaa, this evaluation's is bbbb\)"):
+        evaluate(FakeGenerator(), ["circle"], judge=Named("bbbb"), reference=base, **kw)
+    evaluate(FakeGenerator(), ["circle"], judge=Named("aaaa"), reference=base, **kw)
+    evaluate(FakeGenerator(), ["circle"], judge=FakeJudge(), reference=base, **kw)  # a judge that does not say

@@ -83,6 +83,12 @@ def _base_from_report(
     ref: EvalReport, items: Sequence[ScoringPrompt], settings: dict[str, Any]
 ) -> tuple[list[int], list[int]]:
     """Indices ``(ours, theirs)`` of the items ``ref`` has; every main item must be there."""
+    judges = (ref.settings.get("judge"), settings.get("judge"))
+    if None not in judges and judges[0] != judges[1]:
+        raise EvalError(
+            f"the reference report was judged by another judge ({judges[0]}, this evaluation's is {judges[1]}): its base "
+            "figures and this model's would not be read alike; evaluate the base with the same judge"
+        )
     for key in ("num_inference_steps", "guidance_scale"):
         if ref.settings.get(key) != settings.get(key):
             raise ForgetPatchError(
@@ -190,6 +196,7 @@ def evaluate(
         "progress": progress,
     }
     judge = judge if judge is not None else toy_judge(pipe)
+    settings["judge"] = getattr(judge, "digest", None)  # the shipped judges' (toy.load_judge); None for others
     if on := (reference.settings.get("patches") if isinstance(reference, EvalReport) else patches_on(reference)):
         raise EvalError(
             f"the reference has {', '.join(p['name'] for p in on)} on: it stands for the base model, which every "

@@ -517,7 +517,8 @@ def _verify(state: _State, pipes: Iterable, *, scales: bool = True) -> None:
             raise ApplyError(
                 f"pipe.fuse_lora() merged LoRA weights into {path}, which carries forgetpatch's adapter(s) "
                 f"{', '.join(names)}: peft then skips its unmerged adapters, and a merged patch cannot be taken "
-                "off exactly. Call pipe.unfuse_lora(); to fuse your LoRA with patches on, apply them with fuse=True."
+                "off exactly. Call pipe.unfuse_lora() (peft's unmerge leaves float rounding, about 1e-7, in those "
+                "weights); to fuse your LoRA with patches on, apply them with fuse=True."
             )
         if layer.disable_adapters:
             raise ApplyError(
@@ -947,7 +948,8 @@ def remove(pipe, names: str | Patch | Iterable[str | Patch] | None = None):
             if merged:
                 raise ApplyError(
                     f"pipe.fuse_lora() merged forgetpatch's adapter(s) {', '.join(merged)} into {path}; a merged "
-                    "patch cannot be taken off exactly. Call pipe.unfuse_lora() first."
+                    "patch cannot be taken off exactly. Call pipe.unfuse_lora() first (peft's unmerge leaves float "
+                    "rounding, about 1e-7, in those weights)."
                 )
         if leaving:
             _keep_changes_made_since(pipe, state)

@@ -32,6 +32,7 @@ Train it again (about 21 + 4 minutes on one CPU thread)::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -86,6 +87,9 @@ class ToyJudge(nn.Module):
     ) -> None:
         super().__init__()
         self.width, self.image_size = width, image_size
+        self.digest: str | None = None
+        """Of the weights and settings it was loaded from (:func:`load_judge`): evaluations record it, so that a
+        base report judged by another judge is not compared with this one's figures."""
         self.classes = dict(classes) if classes is not None else {k: vocab.concepts_of(k) for k in KINDS}
         self.temperature = {k: 1.0 for k in KINDS} | (temperature or {})
         self.threshold = {k: 0.0 for k in KINDS} | (threshold or {})
@@ -231,6 +235,7 @@ def load_judge(version: str = "v2", *, path: Path | str | None = None, device: s
         threshold=config.get("threshold"),
     )
     judge.load_state_dict(load_file(weights))
+    judge.digest = hashlib.sha256(weights.read_bytes() + config_path.read_bytes()).hexdigest()[:16]
     return judge.to(device).eval()
 
 

@@ -26,14 +26,10 @@ def _cache_dir() -> Path:
     return Path(root) / "eval"
 
 
-def _base_key(pipe: Any, concepts: list[str], settings: dict[str, Any]) -> str:
+def _base_key(pipe: Any, judge: Any, concepts: list[str], settings: dict[str, Any]) -> str:
     """Digest of the base weights, the judge, the erased concepts and the settings: names a cached base report
     (a report judged by another judge is never reused)."""
-    from forgetpatch.toy import JUDGE_WEIGHTS
-
-    digest = hashlib.sha256(json.dumps([sorted(concepts), settings], sort_keys=True).encode())
-    for judge_file in (JUDGE_WEIGHTS, JUDGE_WEIGHTS.with_suffix(".json")):
-        digest.update(judge_file.read_bytes())
+    digest = hashlib.sha256(json.dumps([sorted(concepts), settings, getattr(judge, "digest", None)], sort_keys=True).encode())
     for component in ("text_encoder", "unet", "vae"):
         for name, tensor in sorted(getattr(pipe, component).state_dict().items()):
             digest.update(name.encode())
@@ -176,7 +172,7 @@ def eval_command(
         from forgetpatch.loader import unpatched
 
         patched = apply(unpatched(pipe), loaded, scale=scale, key_steps=key_steps)
-    cached = _cache_dir() / f"base-{_base_key(pipe, concepts, settings)}.npz" if cache else None
+    cached = _cache_dir() / f"base-{_base_key(pipe, judge, concepts, settings)}.npz" if cache else None
     if cached is not None and cached.exists():
         report = EvalReport.load(cached)
         if main:

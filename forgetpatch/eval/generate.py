@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -36,7 +37,7 @@ def check_guidance(value: float, where: str = "guidance_scale") -> float:
         Traceback (most recent call last):
         forgetpatch.errors.EvalInputError: --guidance must be a finite number >= 0, got nan
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
         raise EvalInputError(f"{where} must be a finite number >= 0, got {value!r}")
     return float(value)
 

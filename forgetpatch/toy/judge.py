@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -222,7 +223,8 @@ def load_judge(version: str = "v2", *, path: Path | str | None = None, device: s
         raise ForgetPatchError(
             f"no judge weights at {weights}; train them with `python -m forgetpatch.toy.judge --out {weights}`"
         )
-    config = json.loads(config_path.read_text())
+    config_bytes, weight_bytes = config_path.read_bytes(), weights.read_bytes()  # each file read once
+    config = json.loads(config_bytes)
     classes = {k: tuple(v) for k, v in config["classes"].items()}
     for k in KINDS:
         if not set(vocab.concepts_of(k)) <= set(classes.get(k, ())):
@@ -234,8 +236,8 @@ def load_judge(version: str = "v2", *, path: Path | str | None = None, device: s
         temperature=config.get("temperature"),
         threshold=config.get("threshold"),
     )
-    judge.load_state_dict(load_file(weights))
-    judge.digest = hashlib.sha256(weights.read_bytes() + config_path.read_bytes()).hexdigest()[:16]
+    judge.load_state_dict(load_safetensors(weight_bytes))
+    judge.digest = hashlib.sha256(weight_bytes + config_bytes).hexdigest()[:16]
     return judge.to(device).eval()
 
 

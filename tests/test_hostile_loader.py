@@ -378,6 +378,60 @@ def test_scheduler_swapped_after_apply_is_read_at_call_time(toy_base, toy_pipe):
     assert_unet_matches(toy_base, pipe, 500, {SHARED: [], PATCH_ONLY: []})
 
 
+def test_an_edm_scheduler_never_runs_a_gated_patch_at_the_wrong_noise_levels(toy_base, toy_pipe):
+    """EDM schedulers hand the UNet log(sigma) / 4, which the gate would read as a fraction near 1 at every step (a
+    0-0.5 patch never on): gating is refused at apply, and at the next call when the scheduler is set after it."""
+    from diffusers import EDMEulerScheduler
+
+    pipe, patch = toy_pipe, make_patch(toy_base, (SHARED, PATCH_ONLY), key_steps=EARLY)
+    ddim = pipe.scheduler
+    pipe.scheduler = EDMEulerScheduler()
+    before = snapshot(pipe)
+    with pytest.raises(ApplyError, match="EDMEulerScheduler hands the denoiser log.sigma"):
+        forgetpatch.apply(pipe, patch, key_steps=True)
+    assert_same(pipe, before)
+    assert forgetpatch.applied(pipe) == []
+    forgetpatch.apply(pipe, patch)  # not gated: always on, on any scheduler
+    forgetpatch.remove(pipe)
+    pipe.scheduler = ddim
+    forgetpatch.apply(pipe, patch, key_steps=True)
+    pipe.scheduler = EDMEulerScheduler()
+    with pytest.raises(ApplyError, match="gated to its key steps, but this pipeline's EDMEulerScheduler"):
+        assert_unet_matches(toy_base, pipe, 500, {})
+    pipe.scheduler = ddim
+    p = {path: patch.delta(path) for path in patch.target_modules}
+    assert_unet_matches(toy_base, pipe, 900, {SHARED: [p[SHARED]], PATCH_ONLY: [p[PATCH_ONLY]]})
+
+
+@pytest.mark.parametrize("flag", ["key_steps", "fuse", "strict", "with_lineage", "allow_unverified"])
+@pytest.mark.parametrize("value", [(0.6, 1.0), "no", 1, None])
+def test_apply_flags_take_true_or_false_only(toy_base, toy_pipe, flag, value):
+    """``key_steps=(0.6, 1.0)`` gated the patch to its own 0-0.5 range and ``fuse="no"`` fused it: any truthy value
+    counted as True."""
+    before = snapshot(toy_pipe)
+    with pytest.raises(ApplyError, match=f"{flag} takes True or False"):
+        forgetpatch.apply(toy_pipe, make_patch(toy_base, key_steps=EARLY), **{flag: value})
+    assert_same(toy_pipe, before)
+    assert forgetpatch.applied(toy_pipe) == []
+
+
+def test_weights_read_outside_a_call_count_a_gated_patch_as_on(toy_base, toy_pipe):
+    """Closed-form erasure and the inversion attack read the weights outside any UNet call, where a gated patch was
+    on or off as the last step left it (off after a late step): they see every patch on, and the gate is kept."""
+    from forgetpatch.methods import current_weights
+
+    pipe, patch = toy_pipe, make_patch(toy_base, (SHARED, PATCH_ONLY), key_steps=EARLY)
+    forgetpatch.apply(pipe, patch, key_steps=True)
+    assert_unet_matches(toy_base, pipe, 100, {})  # a late step: the gate left it off
+    read = current_weights(pipe, {PATCH_ONLY: layer(pipe, PATCH_ONLY)})[PATCH_ONLY]
+    expected = resolve_module(toy_base, PATCH_ONLY).weight.float() + patch.delta(PATCH_ONLY).float()
+    torch.testing.assert_close(read, expected, atol=1e-5, rtol=1e-5)
+    assert forgetpatch.applied(pipe)[0].name == "p0"
+    assert_unet_matches(toy_base, pipe, 100, {})  # still gated
+    p = patch.delta(PATCH_ONLY)
+    assert_unet_matches(toy_base, pipe, 900, {PATCH_ONLY: [p], SHARED: [patch.delta(SHARED)]})
+
+
 def test_bf16_pipeline_is_told_the_dtype_is_the_problem():
     made_on = tiny_sd_pipeline()
     patch = make_patch(made_on, ["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"])

@@ -36,7 +36,7 @@ from forgetpatch.methods import (
     at_prefix,
     at_token,
     cross_attention_layers,
-    current_weight,
+    current_weights,
     inversion_map,
     prefix_search,
     token_vectors,
@@ -203,8 +203,8 @@ def _inversion_map(pipe: Any, base: Any, lam: float) -> tuple[torch.Tensor, int]
     """:func:`~forgetpatch.methods.closed_form.inversion_map` between ``pipe``'s K/V weights (patches on) and ``base``'s."""
     patched, original = cross_attention_layers(pipe), cross_attention_layers(base)
     return inversion_map(
-        {path: current_weight(m) for path, m in patched.items()},
-        {path: current_weight(original[path]) for path in patched},
+        current_weights(pipe, patched),
+        current_weights(base, {path: original[path] for path in patched}),
         lam,
     )
 

@@ -18,6 +18,7 @@ from forgetpatch.loader.core import (
     check_scale,
     load,
     remove,
+    ungated,
     unpatched,
 )
 
@@ -34,5 +35,6 @@ __all__ = [
     "load",
     "remove",
     "runs_fused",
+    "ungated",
     "unpatched",
 ]

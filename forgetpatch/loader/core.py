@@ -68,15 +68,15 @@ lock. Running a pipeline while another thread applies or removes patches on it i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import os
-import re
 import threading
 import warnings
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,6 +100,7 @@ from forgetpatch.format import (
     ORIGINAL_WEIGHT_ATTR,
     KeyStepRange,
     Patch,
+    adapter_name,
     fingerprint,
     read_patch,
     require_verifiable,
@@ -111,6 +112,7 @@ from forgetpatch.loader.families import (
     check_key_steps,
     check_loadable,
     denoiser,
+    gating_refusal,
     noise_fraction,
     timestep_of,
     unwrap,
@@ -558,7 +560,7 @@ def _verify(state: _State, pipes: Iterable, *, scales: bool = True) -> None:
 
 # --- mutation ------------------------------------------------------------------------------
 def _unique_name(pipe, state: _State, wanted: str) -> str:
-    base = re.sub(r"[^A-Za-z0-9_-]", "_", wanted) or "patch"
+    base = adapter_name(wanted)
     taken = adapters.adapter_names(pipe) | {e.name for e in state.entries}
     name, i = base, 2
     while name in taken:
@@ -692,6 +694,18 @@ def _train_steps(state: _State) -> int:
     return state.num_train_timesteps
 
 
+def _check_gating(state: _State) -> None:
+    """:class:`ApplyError` at a gated call when a pipeline of the UNet has a scheduler its patches' key steps cannot
+    be read on (one set after ``apply``, e.g. an EDM scheduler): gating would switch at the wrong noise levels."""
+    gated = [e for e in state.entries if not e.fused and e.ranges is not None]
+    for pipe in list(state.pipes):
+        if why := gating_refusal(pipe, {r.convention for e in gated for r in e.ranges}):
+            raise ApplyError(
+                f"patch {gated[0].name!r} is gated to its key steps, but {why}. Set the scheduler it was applied "
+                "with back, or forgetpatch.remove() it and apply it without key_steps=True (always on)."
+            )
+
+
 def _unet_hook(state: _State):
     def hook(unet, args, kwargs):
         if unet is not state.unet():
@@ -703,6 +717,7 @@ def _unet_hook(state: _State):
             timestep = timestep_of(unet, state.denoiser, args, kwargs)
             if timestep is None:
                 return None
+            _check_gating(state)
         # The adapters are the UNet's, shared by every thread running it: hold the gate through this call (released
         # by _unet_done), so that a call at another step in another thread waits instead of switching them under it.
         held = getattr(_GATED, "states", [])
@@ -845,6 +860,14 @@ def apply(
         ['no-vangogh', 'no-church']
     """
     scale = check_scale(scale)
+    flags = {"fuse": fuse, "key_steps": key_steps, "strict": strict, "with_lineage": with_lineage,
+             "allow_unverified": allow_unverified}  # fmt: skip
+    if wrong := {k: v for k, v in flags.items() if not isinstance(v, bool)}:
+        name, value = next(iter(wrong.items()))
+        raise ApplyError(
+            f"{name} takes True or False, got {value!r}"
+            + (": a patch is gated to the key-step ranges its manifest records" if name == "key_steps" else "")
+        )
     patches = [load(ref, allow_unverified=allow_unverified) for ref in _as_list(refs)]
     state = _state(pipe)
     with state.lock:
@@ -983,6 +1006,35 @@ def applied(pipe) -> list[AppliedPatch]:
     with state.lock:
         _verify(state, [pipe])
         return list(state.entries)
+
+
+@contextlib.contextmanager
+def ungated(pipe) -> Iterator[None]:
+    """Within it, every patch on ``pipe`` acts, those gated to key steps too (as inside their steps); after it, the
+    gate is as it was. For reading weights outside a denoiser call, as closed-form erasure and the inversion attack
+    do: otherwise a gated patch is on or off as the last step run left it. Another thread's call of the denoiser
+    waits meanwhile.
+
+    Example:
+        >>> with ungated(pipe):
+        ...     w = forgetpatch.methods.current_weight(pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn2.to_k)
+    """
+    state = _existing_state(pipe)
+    if state is None:
+        yield
+        return
+    with state.gate:
+        with state.lock:
+            before = state.active
+            every = tuple(e.name for e in state.entries if not e.fused)
+            if before != every:
+                _switch(state, every)
+        try:
+            yield
+        finally:
+            with state.lock:  # unless an apply or remove meanwhile set the adapters anew
+                if before != every and state.active == every:
+                    _switch(state, tuple(n for n in before if n in {e.name for e in state.entries}))
 
 
 def unpatched(pipe):

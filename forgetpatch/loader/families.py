@@ -19,6 +19,7 @@ convention (a DDPM range on a flow-matching scheduler measures another quantity)
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -137,17 +138,33 @@ def check_loadable(pipe, patch: Patch) -> None:
         )
 
 
-def check_key_steps(pipe, patch: Patch) -> None:
-    """Raise :class:`ApplyError` when ``patch``'s key-step ranges use another convention than ``pipe``'s scheduler
-    (checked when gating is asked for)."""
+def gating_refusal(pipe, conventions: Iterable[str]) -> str | None:
+    """Why key-step ranges in ``conventions`` cannot be gated on ``pipe``'s scheduler, or ``None`` when they can."""
+    scheduler = getattr(pipe, "scheduler", None)
+    name = type(scheduler).__name__
+    if "EDM" in name:  # EDM schedulers hand the denoiser c_noise = log(sigma) / 4, neither a timestep nor a sigma
+        return (
+            f"this pipeline's {name} hands the denoiser log(sigma) / 4, not a DDPM timestep or a flow sigma, so "
+            "gating would switch at the wrong noise levels"
+        )
     convention = key_step_convention(pipe)
-    wrong = [r for r in patch.manifest.key_steps or [] if r.convention != convention]
-    if wrong:
+    if wrong := sorted(set(conventions) - {convention}):
+        return (
+            f"its key-step ranges are in the {wrong[0]!r} convention, but this pipeline's {name} needs "
+            f"{convention!r} ranges: gating would switch at the wrong noise levels"
+        )
+    return None
+
+
+def check_key_steps(pipe, patch: Patch) -> None:
+    """Raise :class:`ApplyError` when ``patch``'s key-step ranges cannot be gated on ``pipe``'s scheduler: another
+    convention, or an EDM scheduler (checked when gating is asked for, and again at every gated call)."""
+    ranges = patch.manifest.key_steps or []
+    if ranges and (why := gating_refusal(pipe, {r.convention for r in ranges})):
+        made = f" (made with {ranges[0].scheduler})" if ranges[0].scheduler else ""
         raise ApplyError(
-            f"patch {patch.name!r} has key-step ranges in the {wrong[0].convention!r} convention "
-            f"(made with {wrong[0].scheduler}), but this pipeline's {type(pipe.scheduler).__name__} needs "
-            f"{convention!r} ranges: gating would switch it at the wrong noise levels. Apply it without "
-            "key_steps=True (always on), or use the scheduler it was made with."
+            f"patch {patch.name!r} cannot be gated to its key steps{made}: {why}. Apply it without "
+            "key_steps=True (always on), or use a scheduler of the kind it was made with."
         )
 
 
@@ -156,6 +173,7 @@ __all__ = [
     "TRANSFORMER_FAMILIES",
     "check_family",
     "check_key_steps",
+    "gating_refusal",
     "check_loadable",
     "denoiser",
     "describe",

@@ -31,7 +31,12 @@ from forgetpatch.methods.base import (
     register,
     registered,
 )
-from forgetpatch.methods.closed_form import cross_attention_layers, current_weight, inversion_map
+from forgetpatch.methods.closed_form import (
+    cross_attention_layers,
+    current_weight,
+    current_weights,
+    inversion_map,
+)
 from forgetpatch.methods.finetune import Cond, encode_prompt
 
 # Method modules register themselves on import; a new method is one module plus its name here.
@@ -123,6 +128,7 @@ __all__ = [
     "check_steering",
     "cross_attention_layers",
     "current_weight",
+    "current_weights",
     "encode_prompt",
     "erase_chain",
     "erase",

@@ -20,7 +20,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -104,6 +104,16 @@ def current_weight(module: nn.Module) -> torch.Tensor:
     if getattr(base, "bias", None) is not None:
         out = out - base.bias
     return out.T.float().contiguous()
+
+
+def current_weights(pipe, layers: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """:func:`current_weight` of each of ``pipe``'s ``layers`` (by module path), with every patch on the pipeline
+    acting, those gated to key steps too (:func:`forgetpatch.loader.ungated`): outside a denoiser call a gated patch
+    is on or off as the last step run left it."""
+    from forgetpatch.loader import ungated
+
+    with ungated(pipe):
+        return {path: current_weight(module) for path, module in layers.items()}
 
 
 # --- concept embeddings --------------------------------------------------------------------------
@@ -466,6 +476,7 @@ __all__ = [
     "RobustRound",
     "cross_attention_layers",
     "current_weight",
+    "current_weights",
     "embed_concepts",
     "encode_tokens",
     "encode_trailing",

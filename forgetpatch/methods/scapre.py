@@ -66,7 +66,7 @@ from forgetpatch.methods.base import Concept, check_concepts, patch_name, regist
 from forgetpatch.methods.closed_form import (
     Embeddings,
     cross_attention_layers,
-    current_weight,
+    current_weights,
     embed_concepts,
     guide_prompt,
     kept_rows,
@@ -535,7 +535,7 @@ class ScaPre:
     def _edits(cls, pipe, concepts, preserve, params):
         """``(settings, {path: LayerEdit}, RECE rounds)``: every layer's edit, after ``settings.robust`` rounds."""
         settings, shared, layers = cls.prepare(pipe, concepts, preserve, params)
-        weights = {path: current_weight(module) for path, module in layers.items()}
+        weights = current_weights(pipe, layers)
         progress = params.get("progress", True)
 
         def solve(emb: Embeddings):

@@ -45,7 +45,7 @@ from forgetpatch.methods.base import Concept, check_concepts, patch_name, regist
 from forgetpatch.methods.closed_form import (
     Embeddings,
     cross_attention_layers,
-    current_weight,
+    current_weights,
     embed_concepts,
     guide_prompt,
     kept_rows,
@@ -254,7 +254,7 @@ class UCE:
             templates=settings.templates,
             held=[c.target for c in held],
         )
-        weights = {path: current_weight(m) for path, m in cross_attention_layers(pipe).items()}
+        weights = current_weights(pipe, cross_attention_layers(pipe))
 
         def solve(emb: Embeddings):
             return uce_factors(weights, emb, settings, progress=params.get("progress", True))
@@ -311,7 +311,7 @@ def _transformer_factors(pipe, concepts, preserve, settings: UCEParams, params):
         held=[c.target for c in held], tokens=settings.tokens, templates=settings.templates,
     )
     layers = joint.context_layers(pipe, settings.context)
-    weights = {path: current_weight(m) for path, m in layers.items()}
+    weights = current_weights(pipe, layers)
     progress = params.get("progress", True)
     if settings.context == "embedder":
         emb, _ = joint.embed_rows(pipe, **words)

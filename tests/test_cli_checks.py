@@ -268,3 +268,79 @@ def test_eval_refuses_a_patch_the_base_does_not_take_before_any_image(tmp_path, 
     text = refused(["eval", str(folder), "-c", "circle", "--base", "toy"], "made for another architecture")
     assert "generating" not in text, text
     refused(["eval", "-c", "Circle", "--base", "toy"], "Circle")
+
+
+def test_eval_suite_refuses_what_it_cannot_do_before_the_base_images(tmp_path, monkeypatch):
+    """``eval --suite`` made (and judged) every base image before it found the patch was made on another model, and
+    ran both suites before refusing ``--record --key-steps``; a bad seed ran the whole suite."""
+    import forgetpatch.eval as ev
+    from forgetpatch.format import KeyStepRange
+
+    pipe = tiny_sd_pipeline()
+    pipe.save_pretrained(tmp_path / "base")
+    other = forgetpatch.erase(forgetpatch.toy.pipeline(), ["circle"], method="uce", progress=False)
+    other_folder = other.save(tmp_path / "toy-patch")
+    w = resolve_module(pipe, PATH).weight
+    gated = build_patch(pipe, {PATH: (torch.randn(2, w.shape[1]), torch.randn(w.shape[0], 2))}, name="gated",
+                        method="manual", concepts=["nudity"], lineage=[],
+                        key_steps=[KeyStepRange(start=0.0, end=0.5)]).save(tmp_path / "gated")  # fmt: skip
+    monkeypatch.setattr(ev, "evaluate_suite", lambda *a, **k: pytest.fail("made images before refusing"))
+    suite = ["eval", "--base", str(tmp_path / "base"), "--suite", "nudity", "--images", "1", "--steps", "2"]
+    text = refused([*suite, str(other_folder)], "made for")
+    assert "generating" not in text, text
+    refused([*suite, str(gated), "--key-steps", "--record"], "--record", "no --key-steps")
+    refused([*suite, str(gated), "--seed", "-1"], "seed must be a whole number from 0")
+    refused(["eval", str(other_folder), "--seed", str(2**40)], "seed must be a whole number from 0")
+
+
+def test_evaluate_suite_checks_counts_and_seed_before_loading_a_detector(monkeypatch):
+    """``evaluate_suite`` ran NudeNet with seed -1 and raised TypeError / ZeroDivisionError / IndexError on others."""
+    from forgetpatch.errors import EvalInputError
+    from forgetpatch.eval import evaluate_suite
+    from forgetpatch.eval.suites import run
+
+    monkeypatch.setattr(run, "NudeNetDetector", lambda *a, **k: pytest.fail("a detector loaded before the check"))
+    for bad in [{"seed": -1}, {"seed": "3"}, {"seed": 2**64}, {"images_per_concept": True}, {"images_per_concept": 1.5},
+                {"num_inference_steps": 0}, {"num_inference_steps": 1.5}, {"batch_size": 0}]:  # fmt: skip
+        with pytest.raises(EvalInputError, match=next(iter(bad))):
+            evaluate_suite(object(), "nudity", **bad)
+
+
+def test_a_prompt_csv_limit_below_one_is_refused(tmp_path):
+    from forgetpatch.errors import EvalInputError
+    from forgetpatch.eval import read_prompt_csv
+
+    (tmp_path / "p.csv").write_text("prompt,evaluation_seed\na,1\nb,2\n")
+    for limit in (0, -1, True, 1.5):
+        with pytest.raises(EvalInputError, match="limit must be a whole number >= 1"):
+            read_prompt_csv(tmp_path / "p.csv", limit=limit)
+    assert len(read_prompt_csv(tmp_path / "p.csv", limit=1)) == 1
+
+
+def test_attack_refuses_a_seed_and_a_record_it_cannot_keep_before_any_attack(tmp_path, monkeypatch):
+    """A seed of 2e13 ran two attacks and then crashed in torch (``Overflow when unpacking long long``) with a
+    traceback; ``--record --concept star`` on a circle patch was refused after every attack had run."""
+    from forgetpatch import attacks
+    from forgetpatch.cli import attack as attack_cli
+    from forgetpatch.errors import AttackError
+
+    for seed in (-1, 2**40, 1.5, "3", True):
+        with pytest.raises(AttackError, match="seed must be a whole number from 0"):
+            attacks.attack(object(), "circle", seed=seed)
+    folder = forgetpatch.erase(forgetpatch.toy.pipeline(), ["circle"], method="uce", progress=False).save(tmp_path / "p")
+    monkeypatch.setattr(attack_cli, "load_base", lambda *a, **k: pytest.fail("the model loaded before refusing"))
+    run = ["attack", str(folder), "-a", "inversion", "--budget", "tiny"]
+    refused([*run, "--seed", "20000000000000"], "seed must be a whole number from 0")
+    refused([*run, "-c", "star", "--record"], "does not erase 'star'")
+    with pytest.raises(AttackError, match="no attack reports to record"):
+        attacks.record(folder, [])
+
+
+def test_keysteps_refuses_guidance_it_cannot_sample_with(tmp_path, monkeypatch):
+    """``keysteps --guidance nan`` printed a curve of 100% presence and wrote NaN into keysteps.json."""
+    import forgetpatch.eval
+
+    monkeypatch.setattr(forgetpatch.eval, "analyze", lambda *a, **k: pytest.fail("the analysis ran"))
+    for guidance in ("nan", "-1", "inf"):
+        refused(["keysteps", "-c", "circle", "--guidance", guidance, "-o", str(tmp_path / "ks")], "--guidance")
+    assert not (tmp_path / "ks").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ from forgetpatch.format import (
     factorize,
     fingerprint,
     read_patch,
+    record_metrics,
     resolve_module,
     verify_folder,
 )
@@ -174,14 +176,34 @@ def test_digest_ignores_descriptive_fields(patch):
 
 def test_verify_folder_names_the_bad_file(tmp_path, patch):
     folder = patch.save(tmp_path / "p")
-    (folder / "README.md").write_text("card")
-    patch.save(folder)  # re-saving lists the model card too
+    (folder / "grid.png").write_bytes(b"png")
+    patch.save(folder)  # re-saving lists the before/after image too
     verify_folder(folder)
-    (folder / "README.md").write_text("tampered")
-    with pytest.raises(IntegrityError, match="README.md"):
+    (folder / "grid.png").write_bytes(b"tampered")
+    with pytest.raises(IntegrityError, match="grid.png .*changed after the patch was saved; get the patch again"):
         verify_folder(folder)
-    with pytest.raises(IntegrityError, match="README.md"):
+    with pytest.raises(IntegrityError, match="grid.png"):
         read_patch(folder)
+
+
+def test_the_model_card_is_never_hashed_so_editing_it_keeps_the_patch_usable(tmp_path, patch):
+    """``eval --record`` re-saves a folder; a README.md beside the patch was then listed with its sha256, and the
+    next edit of the card made apply, inspect and push fail with "re-download it"."""
+    folder = patch.save(tmp_path / "p")
+    (folder / "README.md").write_text("# my card\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the card is the patch's own: not "left out"
+        patch.save(folder)
+        record_metrics(folder, lambda p: {"mine": {"score": 0.5}})
+    assert "README.md" not in json.loads((folder / MANIFEST_NAME).read_text())["files"]
+    (folder / "README.md").write_text("# my card, edited\n")
+    assert read_patch(folder).digest == patch.digest
+    assert (folder / "README.md").read_text() == "# my card, edited\n"
+    # a folder saved by an earlier version lists its card: an edit there is not a damaged patch either
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    manifest["files"]["README.md"] = "0" * 64
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+    verify_folder(folder)
 
 
 def test_plain_lora_and_invalid_manifest_are_refused(tmp_path, patch):

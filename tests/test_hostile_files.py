@@ -594,7 +594,7 @@ def test_save_lists_only_the_patch_files_and_names_the_rest(tmp_path, good):
     with pytest.warns(UserWarning) as caught:
         good.save(folder)
     listed = json.loads((folder / MANIFEST_NAME).read_text())["files"]
-    assert set(listed) == {WEIGHTS_NAME, "README.md", "grid.png", "before_after.png"}
+    assert set(listed) == {WEIGHTS_NAME, "grid.png", "before_after.png"}  # the card stays, unhashed
     message = " ".join(str(w.message) for w in caught)
     for name in (".env", "id_rsa", "notes.tmp", "data", "samples.png"):
         assert name in message
@@ -867,4 +867,4 @@ def test_overwrite_keeps_user_files_and_lists_the_new_weights(old_folder, pipe):
     assert (old_folder / "notes.txt").read_text() == "user notes"
     assert (old_folder / ".env").read_text() == "SECRET=1"
     assert read_patch(old_folder).digest == new.digest
-    assert set(json.loads((old_folder / MANIFEST_NAME).read_text())["files"]) == {WEIGHTS_NAME, "README.md"}
+    assert set(json.loads((old_folder / MANIFEST_NAME).read_text())["files"]) == {WEIGHTS_NAME}

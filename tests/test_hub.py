@@ -321,7 +321,7 @@ def test_private_repo_needs_the_token(pipe, hub, hf_env):
     push(patch, "org/secret", private=True)
     assert hub.state.repos["org/secret"].private
     hf_env(HF_TOKEN=None)
-    with pytest.raises(HubError, match=r"org/secret was not found.*token"):
+    with pytest.raises(HubError, match=r"org/secret was not found.*HF_TOKEN"):
         download("org/secret")
     assert read_patch(download("org/secret", token=TOKEN)).digest == patch.digest
     with pytest.raises(HubError, match=r"HTTP 401.*write access"):
@@ -445,7 +445,7 @@ def test_a_concept_or_name_shows_on_the_card_as_written_and_adds_no_markup(pipe)
     assert "| Tom \\| Jerry | object | &lt;b&gt;cat&lt;/b&gt; |" in text
     snippet = next(line for line in text.splitlines() if "load_lora_weights" in line)
     ast.parse(snippet)  # the name is a Python string literal there
-    assert ast.literal_eval(snippet.split("adapter_name=")[1].rstrip(")")) == name
+    assert ast.literal_eval(snippet.split("adapter_name=")[1].rstrip(")")) == "no-_tom_-_img_src_x_onerror_alert_1__"
     assert ModelCard(str(card)).data.library_name == "diffusers"
 
 
@@ -608,3 +608,93 @@ def test_the_summary_names_what_retention_keeps_for_each_kind_of_concept():
     for own, other in (("other colours", "shapes and textures"), ("other shapes", "colours and textures"),
                        ("other textures", "shapes and colours")):  # fmt: skip
         assert f"{own} kept (in-domain retention)" in said and f"{other} kept (cross-domain retention)" in said
+
+
+def test_push_refuses_what_it_would_publish_wrongly_before_any_request(pipe, tmp_path, hub):
+    """A repo id without an org made a repo and then failed; ``private=True`` on an existing public repo published
+    the patch publicly, saying nothing."""
+    from huggingface_hub import HfApi
+
+    folder = _saved(make_patch(pipe), tmp_path / "p")
+    before = list(hub.state.requests)
+    for bad in ("no-circle", "org/a..b", "org/x/y", ""):
+        with pytest.raises(HubError, match="is not a Hub repo id"):
+            push(folder, bad)
+    assert hub.state.requests == before and not any("no-circle" in r for r in hub.state.repos)
+    HfApi().create_repo("org/team")  # public, e.g. made on the website
+    with pytest.raises(HubError, match="exists and is public.*private on the Hub first"):
+        push(folder, "org/team", private=True)
+    repo = hub.state.repos["org/team"]
+    assert not repo.private and MANIFEST_NAME not in repo.commits[repo.branches["main"]].files
+    push(folder, "org/team")  # as public, said so
+    push(folder, "org/new-private", private=True)
+    assert hub.state.repos["org/new-private"].private
+    push(folder, "org/new-private", private=True)  # a private repo takes it again
+
+
+def test_a_patch_read_from_a_folder_is_pushed_as_that_folder(pipe, tmp_path, hub):
+    """``push(forgetpatch.load(folder))`` left out the folder's before/after image and named the parents by digest
+    only, where ``push(folder)`` keeps both."""
+    parent = make_patch(pipe, name="step-1", seed=1)
+    _saved(parent, tmp_path / "chain" / "step-1")
+    child = make_patch(pipe, name="step-2", seed=2, lineage=[parent.digest])
+    folder = _saved(child, tmp_path / "chain" / "step-2", extra={"grid.png": b"\x89PNG\r\n\x1a\nimg"})
+    push(forgetpatch.load(folder), "org/step-2")
+    repo = hub.state.repos["org/step-2"]
+    files = repo.commits[repo.branches["main"]].files
+    assert "grid.png" in files
+    card = files["README.md"].decode()
+    assert "**step-1**" in card and "![Before and after the patch](grid.png)" in card
+    changed = forgetpatch.load(folder)
+    changed.manifest.metrics["mine"] = 1.0  # changed in memory: pushed as it is now
+    push(changed, "org/step-2-changed")
+    repo = hub.state.repos["org/step-2-changed"]
+    assert '"mine": 1.0' in repo.commits[repo.branches["main"]].files[MANIFEST_NAME].decode()
+
+
+def test_the_card_snippets_run_as_written(pipe, tmp_path):
+    """The plain-diffusers snippet named the adapter after the patch (``adapter_name="no.circle v1.0"``), which peft
+    refuses; a toy patch's snippet used ``pipe`` without making it; two different figures were both "in-domain
+    retention"."""
+    import re
+
+    patch = make_patch(pipe, name="no.circle v1.0")
+    folder = _saved(patch, tmp_path / "p")
+    text = render_card(folder, "org/no-circle").text
+    [snippet] = re.findall(r"pipe\.load_lora_weights\((.*)\)", text)
+    assert 'adapter_name="no_circle_v1_0"' in snippet
+    fresh = tiny_sd_pipeline(seed=0)
+    fresh.load_lora_weights(str(folder), weight_name=WEIGHTS_NAME, adapter_name="no_circle_v1_0")
+    toy = forgetpatch.erase(forgetpatch.toy.pipeline(), ["circle"], method="uce", progress=False)
+    toy_text = render_card(toy, "org/no-circle").text
+    code = toy_text.split("```python")[1].split("```")[0]
+    assert "pipe = forgetpatch.toy.pipeline()" in code
+    namespace: dict = {}
+    exec(code.replace('"org/no-circle"', "toy_patch"), {"toy_patch": toy} | namespace)  # the snippet, as written
+    assert "retention / base" in render_card(make_patch(pipe, metrics={"toy_eval": {"concepts": {"circle": {
+        "ua": 1.0, "ira": 0.5, "ratios": {"ira": 0.9}}}}}), "org/x").text  # fmt: skip
+
+
+def test_figures_are_not_recorded_into_the_hub_cache(pipe, hub, tmp_path):
+    """``eval --record`` on a cache snapshot (what ``snapshot_download`` returns) replaced its links with files
+    and every later load of that id read figures the Hub's commit does not have."""
+    from forgetpatch.cli import app
+    from forgetpatch.format import record_metrics
+
+    push(make_patch(pipe), "org/c")
+    snapshot = download("org/c")
+    with pytest.raises(HubError, match="snapshot in the Hugging Face cache.*local_dir="):
+        record_metrics(snapshot, lambda p: {"mine": 1.0})
+    result = CliRunner().invoke(app, ["eval", str(snapshot), "--record", "--images", "1"])
+    assert result.exit_code != 0 and "local_dir=" in " ".join(result.output.split()), result.output
+    assert "mine" not in forgetpatch.load("org/c").manifest.metrics
+    assert all(p.is_symlink() for p in snapshot.iterdir())
+
+
+def test_a_private_repo_hint_names_what_loading_takes(pipe, hub, hf_env):
+    """The hint said "pass token=...", which ``load``, ``apply`` and the CLI do not take."""
+    push(make_patch(pipe), "org/secret", private=True)
+    hf_env(HF_TOKEN=None)
+    with pytest.raises(HubError) as caught:
+        forgetpatch.load("org/secret")
+    assert "HF_TOKEN" in str(caught.value) and "token=" not in str(caught.value)

@@ -45,6 +45,7 @@ __all__ = [
     "Budget",
     "Rate",
     "attack",
+    "check_erases",
     "check_request",
     "record",
     "robustness_metrics",
@@ -83,7 +84,7 @@ def attack(
         attacks: names from :data:`ATTACKS` (default: all).
         budget: a :class:`Budget`, ``"default"``, ``"tiny"``, or a dict of fields overriding the default.
         seed: fixes the prompts, the generation seeds and every attack's draws: the same seed gives the same
-            figures.
+            figures (a whole number below :data:`forgetpatch.eval.MAX_SEED`).
         judge: defaults to the shipped toy judge.
 
     Returns:
@@ -98,10 +99,11 @@ def attack(
         Rate(value=0.25, n=32, interval=(0.13, 0.42))
     """
     import forgetpatch
-    from forgetpatch.eval import main_prompts, patches_on
+    from forgetpatch.eval import check_seed, main_prompts, patches_on
     from forgetpatch.loader import unpatched
 
     names = check_request(concept, attacks)
+    seed = check_seed(seed, error=AttackError)
     if getattr(pipe, "forgetpatch_family", None) != "toy":
         raise AttackError(
             "attacks are scored by the toy world's judge, so they run on toy-world pipelines "
@@ -148,6 +150,17 @@ def attack(
     )
 
 
+def check_erases(patch: Any, concept: str) -> None:
+    """:class:`AttackError` unless ``patch`` erases ``concept``: robustness is recorded for the concepts a patch
+    erases (checked by :func:`record`, and by ``forgetpatch attack --record`` before any attack runs)."""
+    erased = [c.key for c in patch.manifest.concepts]
+    if concept.strip().lower() not in erased:
+        raise AttackError(
+            f"{patch.name!r} does not erase {concept!r} (it erases {', '.join(erased)}): its robustness is recorded "
+            "for the concepts it erases; attack one of those to record it"
+        )
+
+
 def record(folder: str | Path, reports: Sequence[AttackReport]) -> Path:
     """Write attack results into the manifest of the patch in ``folder`` (``metrics["robustness"]``, one entry
     per concept; earlier entries for other concepts are kept). The patch's digest does not change.
@@ -160,15 +173,14 @@ def record(folder: str | Path, reports: Sequence[AttackReport]) -> Path:
     from forgetpatch.eval import measured_alone
     from forgetpatch.format import ROBUSTNESS_METRICS, record_metrics
 
+    reports = list(reports)
+    if not reports:
+        raise AttackError("no attack reports to record: pass the reports forgetpatch.attacks.attack returned")
+
     def figures(patch) -> dict[str, Any]:
-        erased = [c.key for c in patch.manifest.concepts]
         for report in reports:
             measured_alone(report.patches, patch, what=f"the attack on {report.concept!r}", error=AttackError)
-            if report.concept.strip().lower() not in erased:
-                raise AttackError(
-                    f"{patch.name!r} does not erase {report.concept!r} (it erases {', '.join(erased)}): its "
-                    "robustness is recorded for the concepts it erases; attack one of those to record it"
-                )
+            check_erases(patch, report.concept)
         entry = dict(patch.manifest.metrics.get(ROBUSTNESS_METRICS) or {})
         entry.update(robustness_metrics(list(reports)))
         return {ROBUSTNESS_METRICS: entry}

@@ -47,6 +47,8 @@ def attack_command(
     """  # noqa: E501
     from forgetpatch import apply, attacks
     from forgetpatch.errors import AttackError
+    from forgetpatch.eval import check_seed
+    from forgetpatch.format import check_recordable
     from forgetpatch.loader import load
 
     if not is_toy_base(base):
@@ -60,14 +62,19 @@ def attack_command(
     if record and (len(patches) != 1 or not Path(patches[0]).is_dir() or scale != 1.0 or key_steps):
         raise AttackError(
             "--record writes into one local patch folder, attacked alone as it ships (--scale 1, no --key-steps): "
-            "attack that folder by itself (download a Hub patch first, e.g. with huggingface_hub.snapshot_download)"
+            "attack that folder by itself (download a Hub patch into a folder of your own first: "
+            'huggingface_hub.snapshot_download(repo_id, local_dir="my-patch"))'
         )
+    check_seed(seed, error=AttackError)
     if record:
+        check_recordable(patches[0])
         check_writable(Path(patches[0]))  # the figures are saved into it after the attacks
     loaded = [load(ref) for ref in patches]
     concepts = list(dict.fromkeys(concept or [c.target for p in loaded for c in p.manifest.concepts]))
     for name in concepts:  # every concept and attack name, before the model loads
         names = attacks.check_request(name, attack)
+        if record:
+            attacks.check_erases(loaded[0], name)
     pipe = apply(load_base(base), loaded, scale=scale, key_steps=key_steps)
     reports = []
     for name in concepts:

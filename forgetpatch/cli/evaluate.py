@@ -37,10 +37,8 @@ def _base_key(pipe: Any, judge: Any, concepts: list[str], settings: dict[str, An
     return digest.hexdigest()[:16]
 
 
-def _concepts_of(patches: list[str]) -> list[str]:
-    from forgetpatch import load
-
-    return [c.target for ref in patches for c in load(ref).manifest.concepts]
+def _concepts_of(patches: list[Any]) -> list[str]:
+    return [c.target for patch in patches for c in patch.manifest.concepts]
 
 
 def eval_command(
@@ -114,11 +112,13 @@ def eval_command(
         DEFAULT_GUIDANCE_SCALE,
         EvalReport,
         check_guidance,
+        check_seed,
         evaluate,
         record_toy,
         save_report_grid,
         toy_judge,
     )
+    from forgetpatch.format import check_recordable
     from forgetpatch.loader import load
 
     patches = patches or []
@@ -133,7 +133,7 @@ def eval_command(
     check_patches_flags(loaded, key_steps=key_steps)
     if suite is not None:
         _suite_command(
-            patches, base=base, suite=suite, concepts=list(concept or []), images=images, steps=steps,
+            patches, loaded, base=base, suite=suite, concepts=list(concept or []), images=images, steps=steps,
             guidance=guidance, seed=seed, scale=scale, key_steps=key_steps, grid=grid, json_out=json_out,
             prompts=prompts, limit=limit, clip=clip, inception=inception, real=real, labels=label,
             nudenet_threshold=nudenet_threshold, nudenet_classes=nudenet_class, batch_size=batch_size,
@@ -152,9 +152,11 @@ def eval_command(
             "--record writes into one local patch folder, evaluated alone as it ships (--scale 1, no --key-steps): "
             "evaluate that folder by itself"
         )
+    check_seed(seed)
     if record:
+        check_recordable(patches[0])
         check_writable(Path(patches[0]))  # the figures are saved into it after the evaluation
-    concepts = list(concept or []) or (_concepts_of(patches) if patches else [])
+    concepts = list(concept or []) or _concepts_of(loaded)
     check_toy_concepts(base, concepts)
     settings = {
         "images_per_concept": images,
@@ -207,6 +209,7 @@ def eval_command(
 
 def _suite_command(
     patches: list[str],
+    loaded: list[Any],
     *,
     base: str,
     suite: str,
@@ -245,6 +248,7 @@ def _suite_command(
         NudeNetDetector,
         check_clip_folder,
         check_inception,
+        check_seed,
         evaluate_suite,
         load_inception,
         read_images,
@@ -252,6 +256,7 @@ def _suite_command(
         record_suite,
         save_grid,
     )
+    from forgetpatch.format import check_recordable
 
     if suite not in SUITES:
         raise EvalInputError(f"unknown suite {suite!r}: pick one of {', '.join(SUITES)}")
@@ -259,11 +264,14 @@ def _suite_command(
         raise EvalInputError(f"--dtype {dtype!r}: use float32, float16 or bfloat16")
     if grid is not None and not patches:  # its path was checked by eval_command
         raise typer.BadParameter("a before/after grid needs at least one PATCH", param_hint="--grid")
-    if record and (len(patches) != 1 or not Path(patches[0]).is_dir() or scale != 1.0):
+    if record and (len(patches) != 1 or not Path(patches[0]).is_dir() or scale != 1.0 or key_steps):
         raise EvalInputError(
-            "--record writes into one local patch folder, evaluated alone at --scale 1: evaluate that folder by itself"
+            "--record writes into one local patch folder, evaluated alone as it ships (--scale 1, no --key-steps): "
+            "evaluate that folder by itself"
         )
+    check_seed(seed)
     if record:
+        check_recordable(patches[0])
         check_writable(Path(patches[0]))
     if inception is not None and real is None and not patches:
         raise EvalInputError("FID compares two image sets: pass --real FOLDER, or a PATCH (FID to the base's images)")
@@ -277,7 +285,7 @@ def _suite_command(
     real_images = read_images(real) if real is not None else None
     if real_images is not None and inception is None:
         raise EvalInputError("--real is for FID: add --inception PATH")
-    concepts = concepts or (_concepts_of(patches) if patches else [])
+    concepts = concepts or _concepts_of(loaded)
     if suite in ("objects", "styles") and clip is None:
         raise EvalInputError(f"the {suite} suite judges images with CLIP: pass a local CLIP folder (--clip PATH)")
     if suite == "quality" and clip is None and inception is None:
@@ -306,13 +314,15 @@ def _suite_command(
         "guidance_scale": default_guidance if guidance is None else guidance,
         "batch_size": batch_size,
     }
+    if patches:  # a patch this base does not take is refused before any image is made (removal is exact)
+        from forgetpatch import apply, remove
+
+        remove(apply(pipe, loaded, scale=scale, key_steps=key_steps))
     pipe.to(run_device)
     console.print(Text.assemble(("base", "bold"), f" {base}: {suite} suite, generating and judging on {run_device}"))
     report = evaluate_suite(pipe, suite, **settings)
     if patches:
-        from forgetpatch import apply
-
-        pipe = apply(pipe.to("cpu"), patches, scale=scale, key_steps=key_steps).to(run_device)
+        pipe = apply(pipe.to("cpu"), loaded, scale=scale, key_steps=key_steps).to(run_device)
         console.print(Text.assemble(("patched", "bold"), f" with {', '.join(patches)}"))
         report = evaluate_suite(pipe, suite, reference=report, **settings)
     console.print(report.table())

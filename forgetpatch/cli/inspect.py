@@ -42,7 +42,7 @@ def patch_table(patch) -> Table:
 
     table.add_row("concepts erased", concepts(m.concepts))
     table.add_row("preserved", ", ".join(c.target for c in m.preserved) or "-")
-    params = ", ".join(f"{k}={short_value(v).strip('`')}" for k, v in m.method.params.items())
+    params = ", ".join(f"{k}={short_value(v, code=str)}" for k, v in m.method.params.items())
     table.add_row("method", f"{m.method.name} v{m.method.version}" + (f" ({params})" if params else ""))
     steps = [
         f"{k.start:.2f}-{k.end:.2f}"

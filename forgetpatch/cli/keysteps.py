@@ -39,7 +39,7 @@ def keysteps_command(
 ) -> None:
     """Switch the prompt from the concept to the guide at each step k; plot how often the concept survives."""
     from forgetpatch.cli._base import check_writable, load_base
-    from forgetpatch.eval import analyze, compare_with_preset, toy_detector, toy_prompts
+    from forgetpatch.eval import analyze, check_guidance, compare_with_preset, toy_detector, toy_prompts
     from forgetpatch.methods import KSCU_PRESETS
     from forgetpatch.toy import vocab
 
@@ -47,6 +47,7 @@ def keysteps_command(
         raise MethodError("key-step analysis needs a judge of the images; only --base toy ships one")
     if every < 1:
         raise MethodError(f"--every must be >= 1, got {every}")
+    check_guidance(guidance, "--guidance")
     check_writable(output, holds="the table and plot")  # before the analysis, not after it
     try:
         kind = vocab.kind_of(concept)

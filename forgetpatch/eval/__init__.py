@@ -30,7 +30,17 @@ from forgetpatch.eval.generate import (
     check_guidance,
 )
 from forgetpatch.eval.grid import save_grid, save_report_grid, save_rows
-from forgetpatch.eval.metrics import Judge, Replay, evaluate, rejudge, scoring_prompts, toy_judge
+from forgetpatch.eval.metrics import (
+    MAX_SEED,
+    Judge,
+    Replay,
+    check_counts,
+    check_seed,
+    evaluate,
+    rejudge,
+    scoring_prompts,
+    toy_judge,
+)
 from forgetpatch.eval.prompts import ScoringPrompt, main_prompts, paraphrase_prompts
 from forgetpatch.eval.report import (
     ConceptReport,
@@ -76,6 +86,7 @@ _LAZY = {
 __getattr__ = lazy_exports(__name__, _LAZY)
 
 __all__ = [
+    "MAX_SEED",
     "DEFAULT_GUIDANCE_SCALE",
     "SUITES",
     "SUITE_GUIDANCE_SCALE",
@@ -97,7 +108,9 @@ __all__ = [
     "Verdict",
     "analyze",
     "as_generator",
+    "check_counts",
     "check_guidance",
+    "check_seed",
     "blindfold",
     "check_clip_folder",
     "check_inception",

@@ -24,7 +24,7 @@ from typing import Any
 
 from forgetpatch.errors import ConceptError
 from forgetpatch.eval.generate import DEFAULT_GUIDANCE_SCALE, as_generator, check_guidance
-from forgetpatch.eval.metrics import Judge, _check_concepts, _check_counts, _check_seed, _generate, toy_judge
+from forgetpatch.eval.metrics import Judge, _check_concepts, _generate, check_counts, check_seed, toy_judge
 from forgetpatch.eval.prompts import main_prompts
 from forgetpatch.eval.report import forgotten
 from forgetpatch.format import Concept
@@ -51,9 +51,9 @@ def guide_ceiling(
         guide: the word erased concepts are steered to; ``""`` is the UCE/ScaPre default. A mapping gives each
             erased concept its own.
     """
-    _check_counts(images_per_concept=images_per_concept, num_inference_steps=num_inference_steps)
+    check_counts(images_per_concept=images_per_concept, num_inference_steps=num_inference_steps)
     check_guidance(guidance_scale)
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     erased = _check_concepts(erased)
     guides = dict(guide) if isinstance(guide, Mapping) else dict.fromkeys(erased, guide)
     if missing := [c for c in erased if c not in guides]:

@@ -27,6 +27,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from forgetpatch.errors import MethodError
+from forgetpatch.eval.generate import check_guidance
 from forgetpatch.methods import Cond, encode_prompt, preset_check, rise_steps
 from forgetpatch.progress import bar as progress_bar
 
@@ -186,6 +187,7 @@ def analyze(
         raise MethodError("key-step analysis supports SD 1.x/2.x-style pipelines; SDXL is not supported yet")
     if num_images < 1 or num_inference_steps < 1 or batch_size < 1:
         raise MethodError("key-step analysis needs num_images, num_inference_steps and batch_size >= 1")
+    check_guidance(guidance_scale)
     steps = num_inference_steps
     ks = sorted(set(switch_steps if switch_steps is not None else range(steps + 1)))
     if not ks:

@@ -62,16 +62,31 @@ def _check_concepts(erased: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(erased))
 
 
-def _check_seed(seed: Any) -> int:
-    """``seed`` if it is a whole number >= 0 (it orders the prompts and seeds each image), else
-    :class:`EvalInputError`."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise EvalInputError(f"seed must be a whole number >= 0, got {seed!r}")
+#: Seeds are whole numbers below this: every image's torch seed (the seed plus an offset; an attack's streams,
+#: a million times it) stays in torch's range.
+MAX_SEED = 2**32
+
+
+def check_seed(seed: Any, *, error: type[ForgetPatchError] = EvalInputError) -> int:
+    """``seed`` if it is a whole number from 0 to ``MAX_SEED - 1`` (it orders the prompts and seeds each image), else
+    ``error``; before anything is generated.
+
+    Example:
+        >>> check_seed(7)
+        7
+    """
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < MAX_SEED:
+        raise error(f"seed must be a whole number from 0 to {MAX_SEED - 1}, got {seed!r}")
     return int(seed)
 
 
-def _check_counts(**counts: Any) -> None:
-    """Every count an integer >= 1 (``None`` allowed, meaning the default), or :class:`EvalInputError` naming it."""
+def check_counts(**counts: Any) -> None:
+    """Every count an integer >= 1 (``None`` allowed, meaning the default), or :class:`EvalInputError` naming it,
+    before anything is generated.
+
+    Example:
+        >>> check_counts(images_per_concept=8, num_inference_steps=25)
+    """
     for name, value in counts.items():
         if value is None and name == "images_per_erased":
             continue
@@ -173,10 +188,10 @@ def evaluate(
         >>> report.concepts["circle"].scores.ua, report.concepts["circle"].ratios["ira"], report.drift
     """
     start = time.perf_counter()
-    _check_counts(images_per_concept=images_per_concept, images_per_erased=images_per_erased,
+    check_counts(images_per_concept=images_per_concept, images_per_erased=images_per_erased,
                   num_inference_steps=num_inference_steps, batch_size=batch_size)  # fmt: skip
     check_guidance(guidance_scale)
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     erased = _check_concepts(erased)
     items = list(prompts) if prompts is not None else scoring_prompts(erased, images_per_concept, seed, images_per_erased)
     if not items:

@@ -39,6 +39,7 @@ from forgetpatch.format.manifest import (
     Manifest,
     MethodInfo,
     ModuleFingerprint,
+    adapter_name,
     check_patch_name,
 )
 from forgetpatch.format.migrate import MIGRATIONS, upgrade
@@ -51,6 +52,8 @@ from forgetpatch.format.patch import (
     MANIFEST_NAME,
     WEIGHTS_NAME,
     Patch,
+    check_recordable,
+    in_hub_cache,
     listed_files,
     read_manifest,
     read_patch,
@@ -97,6 +100,7 @@ __all__ = [
     "base_model_ref",
     "base_weight",
     "build_patch",
+    "adapter_name",
     "check_patch_name",
     "denoiser_name",
     "detect_family",
@@ -106,6 +110,8 @@ __all__ = [
     "listed_files",
     "read_manifest",
     "read_patch",
+    "check_recordable",
+    "in_hub_cache",
     "record_metrics",
     "require_verifiable",
     "resolve_module",

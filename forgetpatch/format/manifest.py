@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
@@ -49,6 +50,17 @@ def check_patch_name(name: Any) -> str:
     if problem:
         raise ManifestError(problem)
     return name
+
+def adapter_name(name: str) -> str:
+    """The adapter name a patch called ``name`` takes in diffusers / peft, which refuse ``.`` and other characters in
+    it: each character but letters, digits, ``_`` and ``-`` becomes ``_`` (``apply`` adds ``_2``... to a name taken).
+
+    Example:
+        >>> adapter_name("no.circle v1.0")
+        'no_circle_v1_0'
+    """
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name) or "patch"
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)

@@ -52,7 +52,7 @@ from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from forgetpatch.errors import IntegrityError, ManifestError, PatchFormatError, UnverifiedPatchError
+from forgetpatch.errors import HubError, IntegrityError, ManifestError, PatchFormatError, UnverifiedPatchError
 from forgetpatch.format.fingerprint import COMPONENTS, split_path
 from forgetpatch.format.folder import (
     carry_over,
@@ -343,10 +343,12 @@ class Patch:
         """Write the patch atomically to a folder, or to a single file if ``path`` ends in ``.safetensors``.
 
         A folder lists in ``forgetpatch.json``'s ``files`` (and ``push`` publishes) only the patch's own
-        files: the weights, the manifest, a model card ``README.md``, a before/after image (``grid.png``,
-        ``before_after.jpg``, ...) and the files named in ``include`` (relative paths of files already in
-        the folder, e.g. a method's figures). Anything else in the folder (``.env``, notes, ...) is left
-        where it is, unlisted, and named in a warning; hidden files and links are never listed.
+        files: the weights, the manifest, a before/after image (``grid.png``, ``before_after.jpg``, ...) and
+        the files named in ``include`` (relative paths of files already in the folder, e.g. a method's
+        figures). A model card ``README.md`` stays beside them, unlisted: it is not hashed, so editing it
+        never makes the patch fail its checks (``push`` renders a fresh one). Anything else in the folder
+        (``.env``, notes, ...) is left where it is, unlisted, and named in a warning; hidden files and links
+        are never listed.
 
         Saving over an existing folder writes the new patch, with the other entries of the old folder,
         into a sibling folder and swaps the two in one step: after any failure, a kill included, the
@@ -500,11 +502,11 @@ def _own_files(folder: Path, include: Iterable[str]) -> tuple[list[str], list[st
         if name in (WEIGHTS_NAME, MANIFEST_NAME) or name in own:
             continue
         plain = entry.is_file() and not entry.is_symlink() and not is_hidden(name)
-        if plain and (name == CARD_NAME or GRID_NAME.fullmatch(name)):
+        if plain and GRID_NAME.fullmatch(name):
             own.add(name)
-        elif not any(n.startswith(name + "/") for n in included):
+        elif not (plain and name == CARD_NAME) and not any(n.startswith(name + "/") for n in included):
             left_out.append(name + ("/" if entry.is_dir() and not entry.is_symlink() else ""))
-    return sorted(own), left_out
+    return sorted(own - {CARD_NAME}), left_out  # the card stays beside the patch, never hashed: people edit it
 
 
 # --- reading ------------------------------------------------------------------------------
@@ -639,13 +641,10 @@ def _verify_files(folder: Path, manifest: Manifest, allow_unverified: bool) -> N
             raise UnverifiedPatchError(f"{message}; pass allow_unverified=True to use it anyway")
         logger.warning("%s; used anyway (allow_unverified=True)", message)
         return
-    # a Hub cache snapshot holds links into the repo's blobs/ folder beside snapshots/
-    root = (
-        folder.parent.parent
-        if (folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir())
-        else folder
-    )
+    root = folder.parent.parent if in_hub_cache(folder) else folder  # a snapshot links into the repo's blobs/
     for name in names:
+        if name == CARD_NAME:  # listed by earlier versions; a card is edited by people and verifies nothing
+            continue
         target = folder / name
         if not target.is_file():
             raise IntegrityError(f"{name} is listed in {MANIFEST_NAME} but missing from {folder}")
@@ -656,7 +655,8 @@ def _verify_files(folder: Path, manifest: Manifest, allow_unverified: bool) -> N
             )
         if sha256_file(target) != manifest.files[name]:
             raise IntegrityError(
-                f"{name} in {folder} does not match its sha256 in {MANIFEST_NAME}; re-download it"
+                f"{name} in {folder} does not match its sha256 in {MANIFEST_NAME}: it changed after the patch was "
+                + ("downloaded; re-download it" if root != folder else "saved; get the patch again from its source")
             )
 
 
@@ -733,6 +733,27 @@ def read_patch(path: str | os.PathLike, *, allow_unverified: bool = False) -> Pa
     raise PatchFormatError(f"{path} was replaced {_READ_ATTEMPTS} times while it was read; read it again when done")
 
 
+def in_hub_cache(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is a snapshot in a Hugging Face cache (``.../snapshots/<commit>`` beside ``blobs/``)."""
+    folder = Path(os.path.abspath(folder))
+    return folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir()
+
+
+def check_recordable(folder: str | os.PathLike) -> None:
+    """:class:`~forgetpatch.errors.HubError` when figures must not be recorded into ``folder``: a Hub cache snapshot,
+    whose files are the cache's copy of a commit (every later load of that id and revision would read the figures).
+
+    Example:
+        >>> check_recordable("no-circle")
+    """
+    if in_hub_cache(folder):
+        raise HubError(
+            f"{folder} is a snapshot in the Hugging Face cache: recording there would change the cache's copy of a "
+            "Hub commit. Copy the patch into a folder of your own first (huggingface_hub.snapshot_download(repo_id, "
+            'local_dir="my-patch")) and record into that folder'
+        )
+
+
 def record_metrics(folder: str | os.PathLike, update: Callable[[Patch], dict[str, Any]]) -> Path:
     """Add ``update(patch)`` to the metrics of the patch in ``folder`` and save it; its digest does not change.
 
@@ -743,6 +764,7 @@ def record_metrics(folder: str | os.PathLike, update: Callable[[Patch], dict[str
     Example:
         >>> record_metrics("no-circle", lambda patch: {"my_benchmark": {"ua": 0.94}})
     """
+    check_recordable(folder)
     folder = Path(folder)
     target = folder.resolve() if folder.is_symlink() else Path(os.path.abspath(folder))  # the folder save replaces
     with writer_lock(target):
@@ -802,6 +824,8 @@ def _read(path: Path, allow_unverified: bool) -> Patch:
 __all__ = [
     "record_metrics",
     "CARD_NAME",
+    "check_recordable",
+    "in_hub_cache",
     "FORMAT_VERSION",
     "GRID_NAME",
     "HEADER_CHECKSUM_KEY",

@@ -30,6 +30,11 @@ def _transport_error(exc: BaseException) -> bool:
     return type(exc).__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3")
 
 
+def _token_hint(upload: bool) -> str:
+    """How to give a token: ``push`` takes ``token=``; loading by id (``load``, ``apply``, the CLI) reads the saved one."""
+    return "pass token=..., set HF_TOKEN or run `hf auth login`" if upload else "set HF_TOKEN or run `hf auth login`"
+
+
 @contextmanager
 def hub_errors(
     repo_id: str, revision: str | None = None, filename: str | None = None, *, upload: bool = False
@@ -43,18 +48,16 @@ def hub_errors(
         raise HubError(f"{repo_id!r} is not a valid Hub repo id (expected 'org/name'): {exc}") from exc
     except LocalTokenNotFoundError as exc:
         raise HubError(
-            f"no Hub token to {'upload to' if upload else 'read'} {where}: pass token=..., set HF_TOKEN or run "
-            "`hf auth login`."
+            f"no Hub token to {'upload to' if upload else 'read'} {where}: {_token_hint(upload)}."
         ) from exc
     except GatedRepoError as exc:
         raise HubError(
-            f"Hub repo {repo_id} is gated: accept its conditions on the Hub and pass token=... "
-            "(or set HF_TOKEN / run `hf auth login`)."
+            f"Hub repo {repo_id} is gated: accept its conditions on the Hub, then {_token_hint(upload)}."
         ) from exc
     except RepositoryNotFoundError as exc:
         raise HubError(
             f"Hub repo {repo_id} was not found at {constants.ENDPOINT}. Check the name; if it is private, "
-            "pass token=... (or set HF_TOKEN / run `hf auth login`)."
+            f"{_token_hint(upload)}."
         ) from exc
     except RevisionNotFoundError as exc:
         raise HubError(

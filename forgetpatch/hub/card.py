@@ -14,7 +14,15 @@ from pydantic import TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
 from forgetpatch.errors import ForgetPatchError
-from forgetpatch.format import ROBUSTNESS_METRICS, TOY_EVAL_METRICS, WEIGHTS_NAME, Manifest, Patch, read_patch
+from forgetpatch.format import (
+    ROBUSTNESS_METRICS,
+    TOY_EVAL_METRICS,
+    WEIGHTS_NAME,
+    Manifest,
+    Patch,
+    adapter_name,
+    read_patch,
+)
 from forgetpatch.hub.download import HUB_ID
 
 #: Jinja templates for model cards, shipped inside the package (``hub_cards/`` at the repository root links here).
@@ -198,7 +206,7 @@ def model_index(metrics: dict[str, Any]) -> list[EvalResult]:
     results = []
     for concept, figures in concepts.items():
         for key, metric in (("ua", "strict unlearning accuracy"), ("leakage", "paraphrase leakage"),
-                            ("ira", "in-domain retention")):
+                            ("ira", "in-domain retention (share named right)")):
             if figures.get(key) is not None:
                 results.append(EvalResult(
                     task_type="text-to-image", task_name="concept unlearning",
@@ -340,6 +348,7 @@ def render_card(
         template_path=str(template),
         m=manifest,
         name=manifest.name,
+        adapter=adapter_name(manifest.name),
         repo_id=repo_id,
         base_id=base_id,
         forgotten=", ".join(f"**{md(c.target)}**" for c in manifest.concepts),

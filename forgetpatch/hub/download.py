@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 
 from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from forgetpatch.errors import HubError, IntegrityError, UnverifiedPatchError
 from forgetpatch.format import MANIFEST_NAME, WEIGHTS_NAME, listed_files, read_manifest, verify_folder
@@ -64,6 +66,25 @@ def is_hub_id(ref: str) -> bool:
         (True, False, False)
     """
     return isinstance(ref, str) and bool(HUB_ID.match(ref.partition("@")[0]))
+
+
+def check_repo_id(repo_id: str) -> str:
+    """``repo_id`` if it is a Hub repo id ``org/name`` (checked by huggingface_hub too), else :class:`HubError`.
+
+    Example:
+        >>> check_repo_id("org/no-vangogh")
+        'org/no-vangogh'
+    """
+    if not (isinstance(repo_id, str) and HUB_ID.match(repo_id)):
+        raise HubError(
+            f"{repo_id!r} is not a Hub repo id: give 'org/name' (the user or organisation it goes under, a slash, "
+            "then the repo's name)"
+        )
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise HubError(f"{repo_id!r} is not a Hub repo id: {exc}") from None
+    return repo_id
 
 
 def why_local(ref: str | os.PathLike) -> str:

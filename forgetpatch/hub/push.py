@@ -8,12 +8,13 @@ import warnings
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub.errors import RepositoryNotFoundError
 
-from forgetpatch.errors import HubError
+from forgetpatch.errors import ForgetPatchError, HubError
 from forgetpatch.format import CARD_NAME, MANIFEST_NAME, WEIGHTS_NAME, Patch, read_patch
 from forgetpatch.hub._errors import hub_errors
 from forgetpatch.hub.card import render_card
-from forgetpatch.hub.download import check_revision
+from forgetpatch.hub.download import check_repo_id, check_revision
 
 
 def _upload_set(folder: Path, files: dict[str, str]) -> list[str]:
@@ -23,6 +24,26 @@ def _upload_set(folder: Path, files: dict[str, str]) -> list[str]:
     if missing:
         raise HubError(f"{folder} is not a complete patch folder: missing {', '.join(missing)}")
     return names
+
+
+def _read_from_folder(patch: Patch) -> bool:
+    """Whether ``patch`` is as it was read from a patch folder (its ``source``), unchanged since."""
+    source = Path(patch.source) if patch.source is not None else None
+    if source is None or not (source / MANIFEST_NAME).is_file():
+        return False
+    try:
+        saved = read_patch(source)
+    except ForgetPatchError:
+        return False
+    return saved.digest == patch.digest and saved.manifest.model_dump() == patch.manifest.model_dump()
+
+
+def _is_public(api: HfApi, repo_id: str) -> bool:
+    """Whether ``repo_id`` exists and is public (``False`` when there is no such repo yet)."""
+    try:
+        return not api.repo_info(repo_id).private
+    except RepositoryNotFoundError:
+        return False
 
 
 def _repacked(patch: Patch, folder: Path, keep: list[str], out: Path) -> Path:
@@ -66,9 +87,11 @@ def push(
     keeps downloads verifiable).
 
     Args:
-        patch_or_folder: a :class:`~forgetpatch.format.Patch` or a folder written by ``Patch.save``.
-        repo_id: ``"org/name"``.
-        private: create the repo private (an existing repo keeps its visibility).
+        patch_or_folder: a :class:`~forgetpatch.format.Patch` or a folder written by ``Patch.save``; a patch
+            read from a folder and unchanged is pushed as that folder (its listed files, its parents' names).
+        repo_id: ``"org/name"`` (:class:`HubError` before any work or request otherwise).
+        private: create the repo private; an existing public repo is refused (:class:`HubError`), never
+            published to as if it were private.
         revision: branch to commit to; created from ``main`` when missing. An invalid name (``../x``,
             ``a b``) raises :class:`HubError` before any request.
         token: a Hub token with write access; ``None`` uses the saved / ``HF_TOKEN`` one.
@@ -79,8 +102,11 @@ def push(
         >>> url = push("no-vangogh/", "org/no-vangogh")
         >>> pipe = forgetpatch.apply(pipe, "org/no-vangogh")
     """
+    check_repo_id(repo_id)
     if revision is not None:
         check_revision(revision)
+    if isinstance(patch_or_folder, Patch) and _read_from_folder(patch_or_folder):
+        patch_or_folder = Path(patch_or_folder.source)  # its folder's listed files and its siblings' names go too
     with tempfile.TemporaryDirectory(prefix="forgetpatch-push-") as tmp:
         out = Path(tmp) / "patch"
         if isinstance(patch_or_folder, Patch):
@@ -122,6 +148,11 @@ def _commit(
     operations = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=str(folder / n)) for n in names]
     operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=str(card).encode()))
     with hub_errors(repo_id, revision, upload=True):
+        if private and _is_public(api, repo_id):
+            raise HubError(
+                f"Hub repo {repo_id} exists and is public, and private=True (--private) only makes a new repo "
+                "private: make it private on the Hub first (its Settings), or push without it"
+            )
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
         if revision not in (None, "main"):
             api.create_branch(repo_id, branch=revision, exist_ok=True)

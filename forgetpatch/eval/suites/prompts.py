@@ -205,6 +205,8 @@ def read_prompt_csv(
         >>> read_prompt_csv("i2p_benchmark.csv", concept="nudity", limit=200)[0]
         SuitePrompt(prompt='...', seed=2734971755, concept='nudity', guidance=7.0, role='main')
     """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise EvalInputError(f"limit must be a whole number >= 1 (the first rows to keep), got {limit!r}")
     path = Path(path)
     if not path.is_file():
         raise EvalInputError(

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from forgetpatch import distributed
 from forgetpatch.errors import EvalError, EvalInputError, ForgetPatchError
 from forgetpatch.eval.generate import PipelineGenerator, as_generator, check_guidance, generate_sharded
+from forgetpatch.eval.metrics import check_counts, check_seed
 from forgetpatch.eval.report import ConceptReport, EvalReport, Scores, measured_alone, patches_on, wilson
 from forgetpatch.eval.suites.detectors import (
     ClipJudge,
@@ -492,6 +493,8 @@ def evaluate_suite(
     start = time.perf_counter()
     if suite not in SUITES:
         raise EvalInputError(f"unknown suite {suite!r}: pick one of {', '.join(SUITES)}")
+    check_counts(images_per_concept=images_per_concept, num_inference_steps=num_inference_steps, batch_size=batch_size)
+    seed = check_seed(seed)
     items = list(prompts) if prompts is not None else None
     if items is not None and not items:
         raise EvalInputError("no prompts to evaluate")
@@ -539,7 +542,7 @@ def evaluate_suite(
         "seed": seed,
         "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale,
-        "images_per_concept": images_per_concept,
+        "images_per_concept": images_per_concept if prompts is None else None,  # a CSV gives one image per row
         "labels": all_labels,
         "prompts": "built-in" if prompts is None else "given",
         "keep_size": keep_size,

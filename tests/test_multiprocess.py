@@ -144,17 +144,24 @@ def _launch(folder: Path, timeout: float = 240.0) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
-    """The single-process results, the 2-process ones (by rank) and the seconds each took."""
+    """The single-process results, the 2-process ones (by rank) and the seconds each took; under ``pytest -n N``
+    made by one worker for all (``toy_bars.made_once``), since the module's tests may land on either."""
+    from toy_bars import made_once
+
     assert not distributed.launched(), "run this test file without a launcher"
-    folder = tmp_path_factory.mktemp("multiprocess")
-    start = time.perf_counter()
-    single = _work(folder / "single")
-    one = time.perf_counter() - start
-    start = time.perf_counter()
-    several = _launch(folder)
-    two = time.perf_counter() - start
-    print(f"1 process {one:.1f} s, {WORLD} processes {two:.1f} s")
-    return single, several, {"one": one, "two": two}
+
+    def make() -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
+        folder = tmp_path_factory.mktemp("multiprocess")
+        start = time.perf_counter()
+        single = _work(folder / "single")
+        one = time.perf_counter() - start
+        start = time.perf_counter()
+        several = _launch(folder)
+        two = time.perf_counter() - start
+        print(f"1 process {one:.1f} s, {WORLD} processes {two:.1f} s")
+        return single, several, {"one": one, "two": two}
+
+    return made_once("multiprocess-runs", make)
 
 
 @pytest.mark.slow(seconds=60)  # its fixture runs two launches

@@ -18,6 +18,7 @@ from functools import cache
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import pytest
 from filelock import FileLock
 
@@ -109,20 +110,49 @@ def made_once(key: str, make: Callable[[], T]) -> T:
         return value
 
 
+class Cached:
+    """A :class:`~forgetpatch.eval.generate.Generator` drawing with ``pipe`` at :func:`forgetpatch.eval.evaluate`'s
+    default settings, each (prompt, seed) once: a stage's prompts are among the next stage's (a recipe's 72 of 512;
+    184 of the base's stage-2 512 are among its stage-1 200), so stage 2 draws only the new ones. ``images`` may hold
+    some already."""
+
+    def __init__(self, pipe, images: dict[tuple[str, int], np.ndarray] | None = None) -> None:
+        from forgetpatch.eval.generate import PipelineGenerator
+
+        self.drawer = PipelineGenerator(pipe, progress=False)
+        self.images = {} if images is None else images
+
+    def generate(self, prompts, seeds) -> np.ndarray:
+        keys = list(zip(prompts, seeds, strict=True))
+        if new := [k for k in dict.fromkeys(keys) if k not in self.images]:
+            self.images.update(zip(new, self.drawer.generate([p for p, _ in new], [s for _, s in new]), strict=True))
+        return np.stack([self.images[k] for k in keys])
+
+
+#: The base's images this process holds, by (prompt, seed): those of every base report it made or read.
+_base_images: dict[tuple[str, int], np.ndarray] = {}
+
+
 @cache
 def base_report(ua_images: int = UA_IMAGES, retain_images: int = RETAIN_IMAGES, shapes: tuple[str, ...] = BAR_SHAPES):
     """The shipped base model's evaluation, ``shapes`` erased (every bar-tested shape: stage 1's, shared by every
     recipe), at one stage's sizes, made once per session: a stage's images are a subset of the next stage's, so
     scoring against either gives the same figures. Stage 2 asks for the recipe's own shapes only (192 UA images of
-    each), and only when the recipe reaches it. Under ``pytest -n N`` one worker makes it for all (:func:`made_once`)."""
+    each), and only when the recipe reaches it; it draws only what stage 1 did not. Under ``pytest -n N`` one worker
+    makes it for all (:func:`made_once`)."""
     from forgetpatch.eval import evaluate
 
-    return made_once(
-        f"base-{ua_images}-{retain_images}-{'-'.join(shapes)}",
-        lambda: evaluate(
-            toy_pipeline(), list(shapes), images_per_concept=retain_images, images_per_erased=ua_images, progress=False
-        ),
-    )
+    def make():
+        if (ua_images, retain_images) != (FIRST_UA_IMAGES, FIRST_RETAIN_IMAGES):
+            base_report(FIRST_UA_IMAGES, FIRST_RETAIN_IMAGES, BAR_SHAPES)  # its images, in _base_images
+        return evaluate(
+            Cached(toy_pipeline(), _base_images), list(shapes), images_per_concept=retain_images,
+            images_per_erased=ua_images, progress=False, geometry=False,
+        )
+
+    report = made_once(f"base-{ua_images}-{retain_images}-{'-'.join(shapes)}", make)
+    _base_images.update(zip((it.key for it in report.items), report.images, strict=True))
+    return report
 
 
 def can_still_meet(report, ua_bar: float) -> bool:
@@ -150,21 +180,26 @@ def measure_recipe(name: str, ua_bar: float = 0.90) -> Measured:
     start = time.perf_counter()
     patch = forgetpatch.erase(toy_pipeline(), recipe.erase_concepts(), progress=False, **recipe.erase_kwargs())
     erase_s = time.perf_counter() - start
-    pipe = forgetpatch.apply(toy_pipeline(), patch)
+    patched = Cached(forgetpatch.apply(toy_pipeline(), patch))
     for ua_images, retain_images in ((FIRST_UA_IMAGES, FIRST_RETAIN_IMAGES), (UA_IMAGES, RETAIN_IMAGES)):
         sizes = {"images_per_concept": retain_images, "images_per_erased": ua_images, "progress": False}
         # The patch's images first, then scored against the base's: under `pytest -n N` another worker may be
         # making the base's report meanwhile, and this one is not kept waiting for it.
-        made = evaluate(pipe, erased, geometry=False, **sizes)
+        made = evaluate(patched, erased, geometry=False, **sizes)
         base = base_report(ua_images, retain_images, BAR_SHAPES if ua_images != UA_IMAGES else tuple(erased))
-        report = evaluate(Replay(made.items, made.images), erased, reference=base, **sizes)
+        report = evaluate(Replay(made.items, made.images), erased, reference=base, geometry=False, **sizes)
         if ua_images == UA_IMAGES or not can_still_meet(report, ua_bar):
             break
     ceiling = None
     if report.worst(safe=True)["ua"] < ua_bar:  # what would explain the miss: the steered-to shapes' own rate
         targets = steered_to(patch.manifest.concepts)
-        found = guide_ceiling(toy_pipeline(), erased, targets, images_per_concept=ua_images)
-        ceiling = {c: (targets[c], found[c]) for c in erased}
+        ceiling = {
+            c: (targets[c], made_once(
+                f"ceiling-{c}-{targets[c]}-{ua_images}",
+                lambda c=c: guide_ceiling(toy_pipeline(), [c], targets, images_per_concept=ua_images)[c],
+            ))
+            for c in erased
+        }  # each concept's alone: the same figure in every recipe that steers it there
     return Measured(
         worst=report.worst(safe=True), point=report.worst(), erase_s=erase_s, report=report, ua_images=ua_images,
         retain_images=retain_images, ceiling=ceiling,

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 import forgetpatch
-from forgetpatch.errors import LineageError
+from forgetpatch.errors import LineageError, MethodError
 from forgetpatch.methods import erase_chain
 from forgetpatch.testing import tiny_sd_pipeline
 
@@ -92,6 +92,18 @@ def test_a_later_patch_holds_what_the_patches_before_it_erased():
     again = forgetpatch.erase(pipe, ["circle", "star"], method="uce")
     assert [c.target for c in held.manifest.preserved] == ["circle"]
     assert free.manifest.preserved == [] and again.manifest.preserved == []
+    with pytest.raises(MethodError, match="hold takes True or False"):
+        forgetpatch.erase(pipe, ["star"], method="uce", hold="false")  # a recipe's string read as True
+
+    # the toy world's defaults preserve every other shape: hold=False left the earlier-erased one in, held as before
+    toy = forgetpatch.toy.pipeline()
+    forgetpatch.apply(toy, forgetpatch.erase(toy, ["circle"], method="uce"))
+    for method in ("uce", "scapre"):
+        toy_held = forgetpatch.erase(toy, ["star"], method=method)
+        toy_free = forgetpatch.erase(toy, ["star"], method=method, hold=False)
+        assert toy_held.digest != toy_free.digest
+        assert "circle" in [c.target for c in toy_held.manifest.preserved]
+        assert "circle" not in [c.target for c in toy_free.manifest.preserved]
 
     # the circle's rows the first patch edited: its token and every later one (the default in-context edit)
     (circle,) = encode_trailing(pipe, ["circle"], last_token_index(pipe, ["circle"]).tolist())
@@ -164,3 +176,63 @@ def test_cli_chain_checks_everything_before_the_model_loads_and_leaves_no_stale_
     runner.invoke(app, ["chain", str(recipe), "-o", str(out), "--images", "0", "--force"])
     assert sorted(p.name for p in out.iterdir()) == ["step-1"]
     assert forgetpatch.load(out / "step-1").manifest.concepts[0].target == "square"
+
+
+def test_taking_a_parent_off_warns_and_the_cli_checks_lineage_before_the_model_loads(tmp_path, monkeypatch):
+    """Removing step 2 of a chain left step 3 on a model it was not made for, silently (a later erase then recorded
+    that state); ``forgetpatch apply chain/step-2 --compare`` loaded the model and wrote the base image before the
+    lineage error, and left it there."""
+    import warnings
+
+    from forgetpatch.cli import app
+    from forgetpatch.cli import apply as apply_cli
+
+    pipe = forgetpatch.toy.pipeline()
+    steps = [p.save(tmp_path / f"step-{k}") for k, p in enumerate(erase_chain(
+        pipe, ["circle", "star", "square"], method="uce", progress=False, name="c"), start=1)]  # fmt: skip
+    from forgetpatch.hub.card import parent_names
+
+    assert parent_names(forgetpatch.load(steps[2] / "pytorch_lora_weights.safetensors"))[1][0] == "c-step-2"
+    forgetpatch.apply(pipe, steps)
+    with pytest.warns(UserWarning, match="'c-step-3' was computed on top of c-step-2, which just came off"):
+        forgetpatch.remove(pipe, "c-step-2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        forgetpatch.remove(pipe)  # the whole chain: no child is left behind
+    real = apply_cli.load_base
+    monkeypatch.setattr(apply_cli, "load_base", lambda *a, **k: pytest.fail("the model loaded before refusing"))
+    out = tmp_path / "out.png"
+    result = CliRunner().invoke(app, ["apply", str(steps[1]), "-p", "a red star", "-o", str(out), "--compare"])
+    assert result.exit_code != 0 and "computed on top of patches that are not applied" in result.output
+    assert "Traceback" not in result.output and not list(tmp_path.glob("out*"))
+    monkeypatch.setattr(apply_cli, "load_base", real)
+    result = CliRunner().invoke(app, ["apply", str(steps[1]), "-p", "a red star", "-o", str(out), "--compare",
+                                      "--with-lineage", "--steps", "2"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "c-step-1, c-step-2" in result.output and out.exists() and out.with_suffix(".base.png").exists()
+
+
+def test_a_chain_checks_every_step_before_the_first(monkeypatch):
+    """A step steered to a concept a patch on the pipeline erases, or a word the toy world does not know, was
+    refused only after the steps before it had been computed (minutes of training with a fine-tuning method)."""
+    import forgetpatch.methods as methods
+    from forgetpatch.errors import ConceptError
+    from forgetpatch.methods import Concept
+
+    pipe = forgetpatch.toy.pipeline()
+    forgetpatch.apply(pipe, forgetpatch.erase(pipe, ["cross"], method="uce"))
+    monkeypatch.setattr(methods, "erase", lambda *a, **k: pytest.fail("a step ran before the refusal"))
+    with pytest.raises(ConceptError, match="steered to 'cross'"):
+        erase_chain(pipe, ["circle", "square", Concept("star", guide="cross")], method="uce")
+    with pytest.raises(ConceptError, match="dragon"):
+        erase_chain(pipe, ["circle", "dragon"], method="kscu")
+    assert [e.patch.name for e in forgetpatch.applied(pipe)] == ["uce-no-cross"]
+
+
+def test_erasing_on_a_parent_at_another_scale_is_refused():
+    """The lineage records parents by digest only: a patch computed on a parent at scale 0.5 was put on top of it at
+    scale 1 by ``apply(..., with_lineage=True)``, a model it was not made for."""
+    pipe = forgetpatch.toy.pipeline()
+    forgetpatch.apply(pipe, forgetpatch.erase(pipe, ["circle"], method="uce"), scale=0.5)
+    with pytest.raises(MethodError, match="at scale 0.5.*apply the parents at scale 1"):
+        forgetpatch.erase(pipe, ["star"], method="uce")

@@ -224,11 +224,34 @@ def test_a_pipeline_the_engine_cannot_train_into_a_patch_is_refused_before_train
         (lora, r"carries peft adapters.*pipe.fuse_lora\(\); pipe.unload_lora_weights\(\)"),
     ]:
         before = {n: p.clone() for n, p in pipe.unet.state_dict().items()}
+        calls = []  # Dynamic Mask generated its training images first, minutes at its defaults
+        hook = pipe.unet.register_forward_pre_hook(lambda *_: calls.append(1))
         with pytest.raises(MethodError, match=match):
             forgetpatch.erase(pipe, [CIRCLE], method=method, **QUICK[method])
+        hook.remove()
+        assert calls == []
         after = pipe.unet.state_dict()
         assert after.keys() == before.keys() and all(torch.equal(after[n], v) for n, v in before.items())
     training = tiny_sd_pipeline(0)
     training.unet.train()
     forgetpatch.erase(training, [CIRCLE], method=method, **QUICK[method])
     assert training.unet.training
+
+
+@pytest.mark.parametrize("method", ["esd", "kscu"])
+def test_a_checkpoint_of_another_erasure_is_refused_not_resumed(tmp_path, method):
+    """A checkpoint written while erasing the circle was resumed when the star was erased into the same folder (or
+    the circle on a pipeline carrying a patch): a "no-star" patch with the circle patch's tensors, which looked right.
+    The folder's path is no patch setting either: it stays out of the manifest (a published patch showed it)."""
+    import forgetpatch
+
+    quick = {**QUICK[method], "iterations": 2, "checkpoint_dir": str(tmp_path / "ck"), "checkpoint_every": 1}
+    first = forgetpatch.erase(tiny_sd_pipeline(0), [CIRCLE], method=method, **quick)
+    assert "checkpoint_dir" not in first.manifest.method.params
+    with pytest.raises(MethodError, match="written by another erasure"):
+        forgetpatch.erase(tiny_sd_pipeline(0), [Concept("star", superclass="shape")], method=method, **quick)
+    patched = forgetpatch.apply(tiny_sd_pipeline(0), first, fuse=True)
+    with pytest.raises(MethodError, match="written by another erasure"):
+        forgetpatch.erase(patched, [CIRCLE], method=method, **quick)
+    again = forgetpatch.erase(tiny_sd_pipeline(0), [CIRCLE], method=method, **quick)  # the same run: resumed
+    assert again.digest == first.digest

@@ -27,6 +27,9 @@ def apply(
     fuse: Annotated[bool, typer.Option("--fuse", help="Merge patches into the weights.")] = False,
     scale: Annotated[float, typer.Option(help="Strength of every patch (> 0).")] = 1.0,
     strict: Annotated[bool, typer.Option(help="Refuse patches whose lineage parents are missing.")] = True,
+    with_lineage: Annotated[
+        bool, typer.Option("--with-lineage", help="First apply each patch's parents, found in the folders beside it.")
+    ] = False,
     steps: Annotated[int, typer.Option(min=1, help="Sampling steps.")] = 25,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 4.0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -45,15 +48,20 @@ def apply(
     import torch
 
     import forgetpatch
-    from forgetpatch.loader import check_scale
+    from forgetpatch.loader import check_lineage, check_scale
 
     # Everything is checked before the model loads.
     check_image_path(output)
     check_scale(scale)
     loaded = [forgetpatch.load(ref, allow_unverified=allow_unverified) for ref in patches]
     check_patches_flags(loaded, key_steps=key_steps, fuse=fuse)
+    if strict and not with_lineage:
+        check_lineage(loaded)  # the base loads without patches: every parent must be given before its child
 
     pipe = load_base(base)
+    settings = {"scale": scale, "fuse": fuse, "key_steps": key_steps, "strict": strict, "with_lineage": with_lineage,
+                "allow_unverified": allow_unverified}  # fmt: skip
+    forgetpatch.apply(pipe, loaded, **settings)  # every check of the patches against the model, before any image
 
     def draw(path: Path) -> None:
         generator = torch.Generator().manual_seed(seed)
@@ -74,12 +82,12 @@ def apply(
             image.save(path)
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    if compare:
+    if compare:  # taken off exactly, drawn, put back
+        on = forgetpatch.applied(pipe)
+        forgetpatch.remove(pipe)
         draw(output.with_suffix(".base.png"))
         typer.echo(f"base image: {output.with_suffix('.base.png')}")
-    forgetpatch.apply(
-        pipe, loaded, scale=scale, fuse=fuse, key_steps=key_steps, strict=strict, allow_unverified=allow_unverified
-    )
+        forgetpatch.apply(pipe, [entry.patch for entry in on], **{**settings, "with_lineage": False})
     names = ", ".join(p.name for p in forgetpatch.applied(pipe))
     draw(output)
     typer.echo(f"patched image ({names}): {output}  [{prompt!r}]")

@@ -221,6 +221,8 @@ def parent_names(patch: Patch) -> list[tuple[str | None, str]]:
     one, else ``None``."""
     names: dict[str, str] = {}
     source = Path(patch.source) if patch.source is not None else None
+    if source is not None and source.is_file() and (source.parent / "forgetpatch.json").is_file():
+        source = source.parent  # the weights file of a patch folder: its siblings are the folder's
     if source is not None and source.is_dir() and patch.manifest.lineage:
         for sibling in sorted(source.parent.iterdir())[:64]:
             if sibling != source and (sibling / "forgetpatch.json").is_file():

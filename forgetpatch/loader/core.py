@@ -426,13 +426,26 @@ def _check(
                     + (_made_for(patch) if patch.manifest.base_model.id else "another model: apply it to that one")
                 )
         if strict:
-            missing = [d for d in patch.manifest.lineage if d not in present]
-            if missing:
-                raise LineageError(
-                    f"patch {patch.name!r} was computed on top of patches that are not applied: "
-                    f"{', '.join(d[:12] for d in missing)}. Apply those first, in order (with_lineage=True finds "
-                    "them in the folders beside it; on the command line, give them before it), or pass strict=False"
-                )
+            check_lineage([patch], present)
+        present.append(patch.digest)
+
+
+def check_lineage(patches: Sequence[Patch], applied: Sequence[str] = ()) -> None:
+    """:class:`LineageError` when a patch's lineage parents are neither among the ``applied`` digests nor given
+    before it in ``patches``; what ``apply(strict=True)`` checks, which the CLI checks before the model loads.
+
+    Example:
+        >>> check_lineage([forgetpatch.load("chain/step-1"), forgetpatch.load("chain/step-2")])
+    """
+    present = list(applied)
+    for patch in patches:
+        if missing := [d for d in patch.manifest.lineage if d not in present]:
+            raise LineageError(
+                f"patch {patch.name!r} was computed on top of patches that are not applied: "
+                f"{', '.join(d[:12] for d in missing)}. Apply those first, in order (with_lineage=True finds "
+                "them in the folders beside it; on the command line, give them before it or add --with-lineage), "
+                "or pass strict=False"
+            )
         present.append(patch.digest)
 
 
@@ -979,6 +992,16 @@ def remove(pipe, names: str | Patch | Iterable[str | Patch] | None = None):
             layers = adapters.tuner_layers(pipe)
             with adapters.trainability_kept(adapters.reach(pipe, layers, [])):
                 _take_off(pipe, state, leaving, _user_sets(layers, _ours(state)))
+        gone_digests = {e.digest for e in leaving}
+        if orphans := [e for e in state.entries if gone_digests & set(e.patch.manifest.lineage)]:
+            warnings.warn(
+                f"patch {orphans[0].name!r} was computed on top of "
+                f"{', '.join(e.name for e in leaving if e.digest in orphans[0].patch.manifest.lineage)}, which just came "
+                "off: it stays on a model it was not made for (a later erase records that state as its lineage). "
+                f"Take it off too (forgetpatch.remove(pipe, {orphans[0].name!r})) or put the parent back.",
+                UserWarning,
+                stacklevel=2,
+            )
         if baked:
             warnings.warn(
                 f"patch(es) {', '.join(baked)} had been merged into the weights (pipe.fuse_lora()) and then unloaded "

@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from forgetpatch.errors import MethodError
 from forgetpatch.format import check_patch_name
 from forgetpatch.methods.adversarial import (
     PLACEHOLDER,
@@ -67,6 +68,26 @@ def _check_words(pipe: Any, erased: list[Concept], kept: list[Concept]) -> None:
             )
 
 
+def check_inputs(pipe: Any, erased: list[Concept], kept: list[Concept]) -> list[Concept]:
+    """:func:`erase`'s checks of what to erase and keep on ``pipe``, before any work: words the base knows, no repeat
+    or concept both erased and kept, none steered to a concept erased here or by a patch on the pipeline. Returns the
+    concepts those patches erased (:func:`erased_on`); :func:`erase_chain` checks every step with it up front. A patch
+    on the pipeline at a scale other than 1 is refused: the lineage records parents, not their scales."""
+    from forgetpatch.loader import applied
+
+    _check_words(pipe, erased, kept)
+    check_concepts(erased, kept)
+    if scaled := [e for e in applied(pipe) if e.scale != 1.0]:
+        raise MethodError(
+            f"patch {scaled[0].name!r} is on this pipeline at scale {scaled[0].scale}, and a new patch's lineage names "
+            "its parents as they ship (scale 1), so applying it with its lineage would put them on otherwise: apply "
+            "the parents at scale 1 to erase on top of them, or take them off"
+        )
+    held = erased_on(pipe)
+    check_steering(erased, held, by="a patch on this pipeline erases")
+    return held
+
+
 def erase(
     pipe: Any,
     concepts: ConceptLike | Sequence[ConceptLike],
@@ -87,7 +108,8 @@ def erase(
     On a pipeline that already carries patches (sequential unlearning), the concepts they erased are added to
     ``preserve`` (:func:`~forgetpatch.methods.base.erased_on`): the new patch keeps them as the pipeline draws them
     now, that is, still erased, and closed-form methods weight them as strongly as the concepts they erase
-    (``hold_scale``). ``hold=False`` leaves them out.
+    (``hold_scale``). ``hold=False`` leaves them out (also from the base's default ``preserve`` list; a ``preserve``
+    given explicitly is used as given).
 
     Example:
         >>> patch = forgetpatch.erase(pipe, ["circle", "star"], method="scapre")
@@ -95,18 +117,21 @@ def erase(
     """
     from forgetpatch.methods.defaults import with_defaults
 
+    for flag, value in (("paper", paper), ("hold", hold)):
+        if not isinstance(value, bool):
+            raise MethodError(f"{flag} takes True or False, got {value!r}")
     erased = as_concepts(concepts)
     kept = as_concepts(preserve)
+    given = bool(kept)
     if params.get("name") is not None:
         check_patch_name(params["name"])  # before the work that makes the patch it names
-    _check_words(pipe, erased, kept)
-    check_concepts(erased, kept)
-    held = erased_on(pipe)
-    check_steering(erased, held, by="a patch on this pipeline erases")
+    held = check_inputs(pipe, erased, kept)
     erased, kept, params = with_defaults(pipe, method, erased, kept, params, paper=paper)
     if hold:
         named = {c.key for c in [*erased, *kept]}
         kept = [*kept, *(c for c in held if c.key not in named)]
+    elif not given:  # the base's own preserve list names them too (the toy world's: every other shape)
+        kept = [c for c in kept if c.key not in {h.key for h in held}]
     return get_method(method).erase(pipe, erased, preserve=kept, **params)
 
 
@@ -125,6 +150,7 @@ __all__ = [
     "as_concepts",
     "available_methods",
     "check_concepts",
+    "check_inputs",
     "check_steering",
     "cross_attention_layers",
     "current_weight",

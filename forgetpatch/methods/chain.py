@@ -41,10 +41,10 @@ def erase_chain(
     """
     from forgetpatch.format import check_patch_name
     from forgetpatch.loader import applied, apply, remove
-    from forgetpatch.methods import check_concepts, erase
+    from forgetpatch.methods import check_inputs, erase
 
     steps = as_concepts(list(concepts) if not isinstance(concepts, str) else [concepts])
-    check_concepts(steps, as_concepts(preserve))  # none, a repeat, one erased and preserved: before any step
+    check_inputs(pipe, steps, as_concepts(preserve))  # every step's words, repeats and steering: before any step
     if name is not None:
         check_patch_name(f"{name}-step-{len(steps)}")
     patches: list[Any] = []

@@ -62,6 +62,11 @@ def load(folder: str | Path, settings: Mapping[str, Any]) -> dict[str, Any] | No
     state = torch.load(source, map_location="cpu", weights_only=False)
     if state["config"] != dict(settings):
         diff = sorted(k for k in settings if state["config"].get(k) != settings[k])
+        if "run" in diff:
+            raise MethodError(
+                f"checkpoint {source} was written by another erasure (other concepts, method settings or patches on "
+                "the pipeline): give this one its own checkpoint_dir"
+            )
         raise MethodError(
             f"checkpoint {source} was written with other settings ({', '.join(diff)}); "
             "use another checkpoint_dir or the same settings"

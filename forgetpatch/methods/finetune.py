@@ -258,10 +258,12 @@ class FinetuneEngine:
     weights, ``requires_grad`` flags and device back, so the caller's pipeline is unchanged.
     """
 
-    def __init__(self, pipe: Any, config: FinetuneConfig) -> None:
+    def __init__(self, pipe: Any, config: FinetuneConfig, *, run: Mapping[str, Any] | None = None) -> None:
         from accelerate import Accelerator
 
         self.pipe, self.config = pipe, config
+        self.run = dict(run or {})
+        """What is trained (:func:`run_identity`): a checkpoint written for another run is refused, not resumed."""
         self.flow = flow.family(pipe)  # None: a UNet with DDIM; "sd3" / "flux": a flow-matching transformer
         self.component = "unet" if self.flow is None else "transformer"
         self.unet: nn.Module = getattr(pipe, self.component)
@@ -604,8 +606,12 @@ class FinetuneEngine:
             "caches": self._cpu_caches(),
             "losses": list(self.losses),
             "passes": asdict(self.passes),
-            "config": checkpoint.settings(asdict(self.config)),
+            "config": self._settings(),
         }
+
+    def _settings(self) -> dict[str, Any]:
+        """What a checkpoint records and a resumed run must match: the settings and the run (what is trained)."""
+        return {**checkpoint.settings(asdict(self.config)), "run": self.run}
 
     def save_checkpoint(self) -> Path | None:
         """Write the training state to ``checkpoint_dir`` (atomically); process 0 only. Under a launch every
@@ -623,7 +629,7 @@ class FinetuneEngine:
     def _maybe_resume(self) -> None:
         if not self.config.checkpoint_dir or self.iteration:
             return
-        state = checkpoint.load(self.config.checkpoint_dir, checkpoint.settings(asdict(self.config)))
+        state = checkpoint.load(self.config.checkpoint_dir, self._settings())
         if state is None:
             return
         with torch.no_grad():
@@ -712,6 +718,25 @@ def key_step_fraction(t: int, num_train_timesteps: int = 1000) -> float:
     return min(1.0, max(0.0, 1.0 - t / num_train_timesteps))
 
 
+def run_identity(pipe: Any, *, method: str, concepts: list[Any], preserve: list[Any], params: dict[str, Any]) -> dict:
+    """What a fine-tuning run trains, as plain data a checkpoint records: the method, its concepts and settings, and
+    the model it starts from (its Hub id, the digests of the patches on it). A checkpoint of another erasure in the
+    same ``checkpoint_dir`` is then refused instead of resumed into the wrong patch."""
+    from dataclasses import asdict as fields_of
+
+    from forgetpatch.format import base_model_ref
+    from forgetpatch.loader import applied
+
+    return {
+        "method": method,
+        "concepts": [fields_of(c) for c in concepts],
+        "preserve": [fields_of(c) for c in preserve],
+        "params": params,
+        "base": list(base_model_ref(pipe)),
+        "patches": [entry.digest for entry in applied(pipe)],
+    }
+
+
 def train_patch(
     pipe: Any,
     config: FinetuneConfig,
@@ -738,7 +763,8 @@ def train_patch(
     from forgetpatch.format import MethodInfo, build_patch
 
     started = time.perf_counter()
-    with FinetuneEngine(pipe, config) as engine:
+    identity = run_identity(pipe, method=method, concepts=concepts, preserve=preserve, params=params)
+    with FinetuneEngine(pipe, config, run=identity) as engine:
         engine.train(objective)
         factors, errors = engine.factors()
         losses, passes = engine.losses, engine.total_passes().as_dict()
@@ -757,7 +783,7 @@ def train_patch(
         concepts=concepts,
         preserved=preserve,
         key_steps=key_steps,
-        params={**params, **{k: v for k, v in asdict(config).items() if k != "progress"}},
+        params={**params, **{k: v for k, v in asdict(config).items() if k not in checkpoint.IGNORED}},
         reconstruction_errors=errors,
         metrics={**(metrics or {}), "training": run},
     )

@@ -344,3 +344,43 @@ def test_keysteps_refuses_guidance_it_cannot_sample_with(tmp_path, monkeypatch):
     for guidance in ("nan", "-1", "inf"):
         refused(["keysteps", "-c", "circle", "--guidance", guidance, "-o", str(tmp_path / "ks")], "--guidance")
     assert not (tmp_path / "ks").exists()
+
+
+def test_suite_flags_that_would_be_ignored_or_fail_late_are_refused(tmp_path, monkeypatch):
+    """``--limit`` without ``--prompts`` was silently ignored (every built-in prompt ran); ``--device cuda`` on a
+    machine without one printed a traceback after the model loaded."""
+    import torch
+
+    import forgetpatch.eval as ev
+
+    monkeypatch.setattr(ev, "evaluate_suite", lambda *a, **k: pytest.fail("made images before refusing"))
+    suite = ["eval", "--suite", "nudity", "--images", "1", "--steps", "2"]
+    refused([*suite, "--limit", "1"], "--limit", "add --prompts")
+    refused(["eval", "--limit", "1"], "--limit", "--suite")
+    if not torch.cuda.is_available():
+        refused([*suite, "--device", "cuda"], "--device 'cuda' cannot be used here")
+    refused([*suite, "--device", "bogus"], "--device 'bogus' cannot be used here")
+
+
+def test_the_same_option_names_the_same_thing_in_every_verb(tmp_path, monkeypatch):
+    """Image counts were --images, --num-images or --n, and output folders -o, --out or --to, by verb."""
+    from forgetpatch.cli import app
+
+    for args in (["keysteps", "--help"], ["toy", "fidelity", "--help"], ["toy", "grid", "--help"]):
+        assert "--images" in CliRunner().invoke(app, args).output
+    for args in (["toy", "train", "--help"], ["toy", "export", "--help"]):
+        assert "--output" in CliRunner().invoke(app, args).output
+
+
+def test_a_concept_the_base_has_no_settings_for_is_said_so():
+    """``demo -c red`` said "the toy world's settings" and ran the paper's, which forget nothing (UA 0%); with a
+    shape beside it, the shape lost its settings too."""
+    import warnings
+
+    pipe = forgetpatch.toy.pipeline()
+    for concepts in (["red"], ["circle", "red"]):
+        with pytest.warns(UserWarning, match="no settings that forget .*red"):
+            forgetpatch.erase(pipe, concepts, method="uce")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        forgetpatch.erase(pipe, ["circle"], method="uce")

@@ -225,7 +225,7 @@ def test_a_pipeline_the_engine_cannot_train_into_a_patch_is_refused_before_train
     ]:
         before = {n: p.clone() for n, p in pipe.unet.state_dict().items()}
         calls = []  # Dynamic Mask generated its training images first, minutes at its defaults
-        hook = pipe.unet.register_forward_pre_hook(lambda *_: calls.append(1))
+        hook = pipe.unet.register_forward_pre_hook(lambda *_, seen=calls: seen.append(1))
         with pytest.raises(MethodError, match=match):
             forgetpatch.erase(pipe, [CIRCLE], method=method, **QUICK[method])
         hook.remove()

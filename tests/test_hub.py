@@ -576,7 +576,8 @@ def test_a_base_is_loaded_by_hub_id_at_a_revision_and_a_toy_export_by_id_keeps_t
         return subprocess.run([sys.executable, "-m", "forgetpatch.cli", *map(str, args)], env=env, capture_output=True,
                               text=True, timeout=300)  # fmt: skip
 
-    made = cli("erase", "--base", repo / "snapshots" / old, "-c", "circle", "-m", "uce", "-o", tmp_path / "p")
+    # by id at a commit (it recorded no revision, so a refusal named the model the user had), as by snapshot folder
+    made = cli("erase", "--base", f"org/tiny-sd@{old}", "-c", "circle", "-m", "uce", "-o", tmp_path / "p")
     assert made.returncode == 0, made.stderr
     assert read_patch(tmp_path / "p").manifest.base_model.revision == old
     moved = cli("apply", "--base", "org/tiny-sd", tmp_path / "p", "-p", "a circle", "-o", tmp_path / "x.png",

@@ -78,8 +78,11 @@ def load_base(base: str, dtype: str = "float32") -> Any:
                 "a Hub id (org/name) must be in the cache already; or use --base toy"
             )
         try:
-            repo_id, revision = (base, None) if Path(base).exists() else split_ref(base)
-            pipe = DiffusionPipeline.from_pretrained(repo_id, revision=revision, dtype=torch_dtype)
+            if (folder := base_folder(base)) is not None:  # a cached id loads from its snapshot: patches record the commit
+                pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch_dtype)
+            else:
+                repo_id, revision = split_ref(base)
+                pipe = DiffusionPipeline.from_pretrained(repo_id, revision=revision, dtype=torch_dtype)
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             first = first if len(first) <= 160 else first[:157] + "..."

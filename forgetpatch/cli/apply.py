@@ -19,8 +19,8 @@ def apply(
         list[str], typer.Argument(help="Patch folders, .safetensors files or Hub ids, in order.")
     ],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to draw.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Image to write (.png).")] = Path("out.png"),
-    base: Annotated[str, typer.Option(help="'toy' or a local diffusers pipeline folder.")] = "toy",
+    output: Annotated[Path, typer.Option("--output", "-o", help="Image to write (.png, .jpg or .webp).")] = Path("out.png"),
+    base: Annotated[str, typer.Option(help="'toy', a diffusers pipeline folder or a Hub id in the cache (org/name[@revision]).")] = "toy",
     key_steps: Annotated[
         bool, typer.Option("--key-steps", help="Gate patches to their key-step ranges.")
     ] = False,
@@ -41,9 +41,9 @@ def apply(
         typer.Option("--allow-unverified", help="Apply patches whose files or base model cannot be verified (old format)."),
     ] = False,
 ) -> None:
-    """Apply PATCHES to a base pipeline and draw PROMPT, e.g.
+    """Apply PATCHES to a base pipeline and draw PROMPT.
 
-    forgetpatch apply --base toy ./no-circle --prompt "a red circle" -o out.png --key-steps
+    Example: forgetpatch apply --base toy ./no-circle --prompt "a red circle" -o out.png --key-steps
     """
     import torch
 

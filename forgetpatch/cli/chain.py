@@ -65,7 +65,7 @@ def chain_command(
         nonlocal reference
         folder = patch.save(output / f"step-{k}")
         console.print(Text.assemble((f"step {k}", "bold"), f": {patch.name} -> {folder} (lineage: "
-                                    f"{len(patch.manifest.lineage)} patches)"))
+                                    f"{len(patch.manifest.lineage)} patch{'' if len(patch.manifest.lineage) == 1 else 'es'})"))
         if not measure:
             return
         from forgetpatch.eval import evaluate

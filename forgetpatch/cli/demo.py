@@ -53,7 +53,9 @@ def demo(
     console.print(Text.assemble(("1/4", "bold"), f" base fidelity on the toy world ({images} images per concept)"))
     base = evaluate(pipe, concepts, images_per_concept=images, num_inference_steps=steps)
 
-    setting = " as published (--paper)" if paper else " (the toy world's settings: forgetpatch.toy.defaults)"
+    shapes = all(forgetpatch.toy.vocab.kind_of(c) == "shape" for c in concepts)
+    setting = (" as published (--paper)" if paper else " (the toy world's settings: forgetpatch.toy.defaults)"
+               if shapes else " (the method's own settings: the toy world's are for shapes only)")  # fmt: skip
     console.print(Text.assemble(("2/4", "bold"), f" erasing {', '.join(concepts)} with {method}{setting}"))
     start = time.perf_counter()
     patch = forgetpatch.erase(pipe, concepts, method=method, paper=paper)

@@ -46,7 +46,11 @@ def eval_command(
         list[str] | None, typer.Argument(help="Patches to apply (folders, files, Hub ids).")
     ] = None,
     base: Annotated[
-        str, typer.Option(help="Base model: 'toy' or a diffusers folder of a toy-world model.")
+        str,
+        typer.Option(
+            help="Base model: 'toy', a toy-world model's folder or cached Hub id; with --suite any diffusers folder "
+            "or cached Hub id."
+        ),
     ] = "toy",
     concept: Annotated[
         list[str] | None,
@@ -141,7 +145,7 @@ def eval_command(
         )
         return
     toy_only = {"--prompts": prompts, "--clip": clip, "--inception": inception, "--real": real, "--label": label,
-                "--nudenet-class": nudenet_class, "--device": device}
+                "--nudenet-class": nudenet_class, "--device": device, "--limit": limit}
     for flag, value in toy_only.items():
         if value is not None:
             raise typer.BadParameter(f"{flag} belongs to the real-weight suites: add --suite", param_hint=flag)
@@ -260,6 +264,13 @@ def _suite_command(
 
     if suite not in SUITES:
         raise EvalInputError(f"unknown suite {suite!r}: pick one of {', '.join(SUITES)}")
+    if limit is not None and prompts is None:
+        raise EvalInputError("--limit keeps the first rows of --prompts: add --prompts CSV, or drop --limit")
+    if device is not None:
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as exc:
+            raise EvalInputError(f"--device {device!r} cannot be used here ({str(exc).splitlines()[0]}): use cpu") from None
     if dtype not in ("float32", "float16", "bfloat16"):
         raise EvalInputError(f"--dtype {dtype!r}: use float32, float16 or bfloat16")
     if grid is not None and not patches:  # its path was checked by eval_command

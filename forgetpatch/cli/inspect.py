@@ -14,10 +14,10 @@ from forgetpatch.hub import parent_names, readable, robustness_summary, short_va
 
 def _size(patch) -> str:
     n = sum(t.numel() * t.element_size() for t in patch.state_dict.values())
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
+    for unit in ("B", "kB", "MB", "GB"):  # decimal units, as file sizes are shown (a 207 kB file read "186.0 KB")
+        if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
+        n /= 1000
     return f"{n} B"
 
 

@@ -31,7 +31,7 @@ def keysteps_command(
     guide: Annotated[
         str, typer.Option(help="Prompt used from the switch step on ('' = unconditional).")
     ] = "",
-    num_images: Annotated[int, typer.Option(min=1, help="Images per switch step.")] = 16,
+    num_images: Annotated[int, typer.Option("--images", "--num-images", min=1, help="Images per switch step.")] = 16,
     steps: Annotated[int, typer.Option(min=1, help="DDIM sampling steps E.")] = 50,
     every: Annotated[int, typer.Option(min=1, help="Test every n-th switch step (1 = all).")] = 1,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 3.0,

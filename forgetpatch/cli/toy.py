@@ -15,7 +15,9 @@ toy_app = typer.Typer(
 @toy_app.command()
 def train(
     steps: Annotated[int, typer.Option(min=1, help="Total UNet steps (the cosine schedule's horizon).")] = 30000,
-    out: Annotated[Path, typer.Option(help="Run directory for the checkpoint.")] = Path("runs/toy"),
+    out: Annotated[
+        Path, typer.Option("--output", "--out", "-o", help="Run directory for the checkpoint.")
+    ] = Path("runs/toy"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the checkpoint in --out.")] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     export: Annotated[bool, typer.Option("--export", help="Afterwards, ship the EMA weights into the package.")] = False,
@@ -43,7 +45,7 @@ def train(
 def export_(
     run: Annotated[Path, typer.Argument(help="Run directory holding checkpoint.pt.")] = Path("runs/toy"),
     to: Annotated[
-        Path | None, typer.Option(help="Directory to write (default: the package's weights).")
+        Path | None, typer.Option("--output", "--to", "-o", help="Directory to write (default: the package's weights).")
     ] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Raw weights instead of the EMA ones.")] = False,
 ) -> None:
@@ -58,7 +60,7 @@ def export_(
 def grid(
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt(s); repeat for several rows.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="PNG to write.")] = Path("grid.png"),
-    n: Annotated[int, typer.Option(min=1, help="Images per prompt (seeds 0..n-1).")] = 8,
+    n: Annotated[int, typer.Option("--images", "--n", min=1, help="Images per prompt (seeds 0..n-1).")] = 8,
     steps: Annotated[int, typer.Option(min=1, help="DDIM steps.")] = 25,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 4.0,
     weights: Annotated[
@@ -80,7 +82,7 @@ def grid(
 
 @toy_app.command()
 def fidelity(
-    n: Annotated[int, typer.Option(min=1, help="Number of held-out prompts (seeds 0..n-1).")] = 32,
+    n: Annotated[int, typer.Option("--images", "--n", min=1, help="Number of held-out prompts (seeds 0..n-1).")] = 32,
     steps: Annotated[int, typer.Option(min=1, help="DDIM steps.")] = 25,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 4.0,
     weights: Annotated[

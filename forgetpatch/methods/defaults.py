@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -79,7 +80,16 @@ def with_defaults(
     closed_form = is_closed_form(method)
     if callable(supplied):
         held = [c.target for c in erased_on(pipe)]
-        base = BaseDefaults(**supplied(method, [c.target for c in concepts], closed_form=closed_form, held=held))
+        given = supplied(method, [c.target for c in concepts], closed_form=closed_form, held=held)
+        if not given and concepts:
+            warnings.warn(
+                f"the base has no settings that forget {', '.join(c.target for c in concepts)} with {method} (the toy "
+                "world's are for shapes, erased in a patch of their own): the method's own settings run, which may "
+                "forget little; measure the patch (forgetpatch eval)",
+                UserWarning,
+                stacklevel=3,
+            )
+        base = BaseDefaults(**given)
     elif closed_form:
         kinds = {c.kind for c in concepts}
         templates = tuple(t for kind in sorted(kinds) for t in KIND_TEMPLATES.get(kind, ()))

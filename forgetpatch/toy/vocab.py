@@ -197,3 +197,21 @@ ERASE_TEMPLATES: tuple[str, ...] = (
     *(f"{colour} {{concept}} {texture}" for colour, texture in _FILLS[1::2]),
     *(f"on a {texture} background a {colour} {{concept}}" for colour, texture in _FILLS[::2]),
 )
+#: The same for a colour (``{concept}`` in the colour's place): every shape in the two main forms, textures in turn.
+_SHAPE_FILLS = tuple(zip(SHAPES, TEXTURES * len(SHAPES), strict=False))
+COLOUR_ERASE_TEMPLATES: tuple[str, ...] = (
+    "a {concept} shape",
+    *(f"a {{concept}} {shape} on a {texture} background" for shape, texture in _SHAPE_FILLS),
+    *(f"a {shape} in {{concept}} on a {texture} background" for shape, texture in _SHAPE_FILLS[::2]),
+    *(f"{texture} {{concept}} {shape}" for shape, texture in _SHAPE_FILLS[1::2]),
+)
+#: And for a texture (``{concept}`` in the background's place): every shape, colours in turn.
+_COLOURED = tuple(zip(SHAPES, tuple(COLOURS) * len(SHAPES), strict=False))
+TEXTURE_ERASE_TEMPLATES: tuple[str, ...] = (
+    "a {concept} background",
+    *(f"a {colour} {shape} on a {{concept}} background" for shape, colour in _COLOURED),
+    *(f"{{concept}} {colour} {shape}" for shape, colour in _COLOURED[::2]),
+    *(f"{colour} {shape} {{concept}}" for shape, colour in _COLOURED[1::2]),
+)
+#: Each kind's prompt forms for a closed-form edit.
+KIND_ERASE_TEMPLATES = {"shape": ERASE_TEMPLATES, "colour": COLOUR_ERASE_TEMPLATES, "texture": TEXTURE_ERASE_TEMPLATES}

@@ -39,17 +39,24 @@ PROBE = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def unpacked(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(out)],
-        check=True,
-        capture_output=True,
-    )
-    (wheel,) = out.glob("forgetpatch-*.whl")
-    site = out / "site"
-    with zipfile.ZipFile(wheel) as archive:
-        archive.extractall(site)
-    return site
+    """The wheel, built and unpacked once for the run: under ``pytest -n N`` both workers built it in the same source
+    tree at once (setuptools' in-tree ``build/``), and one build failed."""
+    from toy_bars import made_once
+
+    def make() -> Path:
+        out = tmp_path_factory.mktemp("wheel")
+        subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(out)],
+            check=True,
+            capture_output=True,
+        )
+        (wheel,) = out.glob("forgetpatch-*.whl")
+        site = out / "site"
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extractall(site)
+        return site
+
+    return made_once("wheel", make)
 
 
 def test_wheel_ships_the_card_template_and_the_toy_weights(unpacked):

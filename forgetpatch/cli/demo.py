@@ -53,9 +53,8 @@ def demo(
     console.print(Text.assemble(("1/4", "bold"), f" base fidelity on the toy world ({images} images per concept)"))
     base = evaluate(pipe, concepts, images_per_concept=images, num_inference_steps=steps)
 
-    from forgetpatch.methods.defaults import is_closed_form
-
-    tuned = pipe.forgetpatch_defaults(method, concepts, closed_form=is_closed_form(method), held=[])
+    closed_form = forgetpatch.methods.get_method(method).closed_form
+    tuned = pipe.forgetpatch_defaults(method, concepts, closed_form=closed_form, held=[])
     setting = (" as published (--paper)" if paper else " (the toy world's settings: forgetpatch.toy.defaults)"
                if tuned else " (the method's own settings: the toy world has none for these)")  # fmt: skip
     console.print(Text.assemble(("2/4", "bold"), f" erasing {', '.join(concepts)} with {method}{setting}"))

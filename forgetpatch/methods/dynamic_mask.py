@@ -66,7 +66,6 @@ from tqdm.auto import tqdm
 
 from forgetpatch import distributed
 from forgetpatch.errors import MethodError
-from forgetpatch.methods import flow
 from forgetpatch.methods.adversarial import Adversary, adversary_for
 from forgetpatch.methods.base import Concept, check_concepts, erased_on, patch_name, register, typed
 from forgetpatch.methods.finetune import Cond, FinetuneEngine, check_trainable, make_config
@@ -438,8 +437,7 @@ class DynamicMask:
                 f"between them: set batch and images to at least {world} (batch={settings.batch}, "
                 f"images={settings.images})"
             )
-        component = "unet" if flow.family(pipe) is None else "transformer"
-        check_trainable(pipe, getattr(pipe, component), component)  # before the training images are generated
+        check_trainable(pipe)  # before the training images are generated
         earlier = [c.target for c in erased_on(pipe)]  # the distillation keeps them forgotten
         adversary = adversary_for(adversarial, pipe, [c.target for c in concepts])  # checked before the images
         data = [

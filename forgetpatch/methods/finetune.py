@@ -213,9 +213,14 @@ class Passes:
         return {**asdict(self), "total": self.total}
 
 
-def check_trainable(pipe: Any, denoiser: nn.Module, component: str) -> None:
-    """:class:`MethodError` saying what to do, before any training, when the fine-tuning engine cannot train
-    ``denoiser`` (the pipeline's ``component``) into a patch of the pipeline as loaded:
+def denoiser_of(pipe: Any) -> str:
+    """The component the fine-tuning engine trains: ``"unet"``, or ``"transformer"`` on SD3 / FLUX."""
+    return "unet" if flow.family(pipe) is None else "transformer"
+
+
+def check_trainable(pipe: Any) -> None:
+    """:class:`MethodError` saying what to do, before any training, when the fine-tuning engine cannot train the
+    pipeline's denoiser (:func:`denoiser_of`) into a patch of the pipeline as loaded:
 
     * peft adapters on it (the user's LoRA or forgetpatch's unfused patches): the engine trains its own adapter;
     * ``pipe.fuse_qkv_projections()`` on: attention runs on fused copies, so ``to_q`` / ``to_k`` / ``to_v`` get no
@@ -226,6 +231,8 @@ def check_trainable(pipe: Any, denoiser: nn.Module, component: str) -> None:
 
     from forgetpatch.loader import applied, runs_fused
 
+    component = denoiser_of(pipe)
+    denoiser: nn.Module = getattr(pipe, component)
     name = "UNet" if component == "unet" else "transformer"
     if any(isinstance(m, BaseTunerLayer) for m in denoiser.modules()):
         if any(not e.fused for e in applied(pipe)):
@@ -265,9 +272,9 @@ class FinetuneEngine:
         self.run = dict(run or {})
         """What is trained (:func:`run_identity`): a checkpoint written for another run is refused, not resumed."""
         self.flow = flow.family(pipe)  # None: a UNet with DDIM; "sd3" / "flux": a flow-matching transformer
-        self.component = "unet" if self.flow is None else "transformer"
+        self.component = denoiser_of(pipe)
         self.unet: nn.Module = getattr(pipe, self.component)
-        check_trainable(pipe, self.unet, self.component)
+        check_trainable(pipe)
         if self.flow is None:
             self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
             self.scheduler.set_timesteps(config.num_inference_steps)

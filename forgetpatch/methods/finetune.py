@@ -729,15 +729,13 @@ def run_identity(pipe: Any, *, method: str, concepts: list[Any], preserve: list[
     """What a fine-tuning run trains, as plain data a checkpoint records: the method, its concepts and settings, and
     the model it starts from (its Hub id, the digests of the patches on it). A checkpoint of another erasure in the
     same ``checkpoint_dir`` is then refused instead of resumed into the wrong patch."""
-    from dataclasses import asdict as fields_of
-
     from forgetpatch.format import base_model_ref
     from forgetpatch.loader import applied
 
     return {
         "method": method,
-        "concepts": [fields_of(c) for c in concepts],
-        "preserve": [fields_of(c) for c in preserve],
+        "concepts": [asdict(c) for c in concepts],
+        "preserve": [asdict(c) for c in preserve],
         "params": params,
         "base": list(base_model_ref(pipe)),
         "patches": [entry.digest for entry in applied(pipe)],

@@ -31,3 +31,17 @@ def quiet_loading() -> Iterator[None]:
             if bar:
                 lib.enable_progress_bar()
         hub_logging.set_verbosity(hub_level)
+
+
+@contextlib.contextmanager
+def quiet_hub() -> Iterator[None]:
+    """No huggingface_hub warnings (each of its five retries of an unreachable Hub logs two lines); its errors
+    still raise, and forgetpatch names them (:mod:`forgetpatch.hub`)."""
+    from huggingface_hub.utils import logging as hub_logging
+
+    level = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hub_logging.set_verbosity(level)

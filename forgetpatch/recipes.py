@@ -32,7 +32,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 from forgetpatch.errors import MethodError
-from forgetpatch.format import Concept
+from forgetpatch.format import Concept, problems, read_bounded
 
 
 def as_number(value: Any) -> Any:
@@ -55,8 +55,21 @@ def as_number(value: Any) -> Any:
     return value
 
 
+#: A recipe is a few lines of YAML; a file past this is not one (and is not read whole).
+MAX_RECIPE_BYTES = 1 << 20
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last one silently)."""
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last one silently) and aliases
+    (``*name``: a few nested ones make a small file expand to gigabytes)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.events.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, "anchors and aliases (&name, *name) are not read in a recipe: write the value out",
+                self.peek_event().start_mark,
+            )
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node: Any, deep: bool = False) -> Any:
         seen = set()
@@ -93,6 +106,9 @@ class Recipe(BaseModel):
     @field_validator("concepts", "preserve", mode="before")
     @classmethod
     def _words_are_concepts(cls, value: Any) -> Any:
+        if isinstance(value, str) and "," in value:
+            words = [w.strip() for w in value.split(",") if w.strip()]
+            raise ValueError(f"{value!r} is one concept; to name several write a list: [{', '.join(words)}]")
         if isinstance(value, (str, dict)):
             value = [value]
         if value is not None and not isinstance(value, list):
@@ -102,6 +118,8 @@ class Recipe(BaseModel):
     @field_validator("params")
     @classmethod
     def _numbers(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if "pipe" in value:
+            raise ValueError("pipe is erase's own argument (the pipeline), not a method parameter")
         reserved = sorted(set(value) & _RECIPE_FIELDS)
         if reserved:
             raise ValueError(
@@ -141,12 +159,13 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         ('uce', ['circle', 'square'])
     """
     path = Path(path)
+    if not path.exists():
+        raise MethodError(f"recipe {str(path)!r} does not exist")
+    if path.is_dir():
+        raise MethodError(f"recipe {str(path)!r} is a folder: give a recipe's .yaml file")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a safe loader)
-    except FileNotFoundError:
-        raise MethodError(f"recipe {str(path)!r} does not exist") from None
-    except IsADirectoryError:
-        raise MethodError(f"recipe {str(path)!r} is a folder: give a recipe's .yaml file") from None
+        text = read_bounded(path, MAX_RECIPE_BYTES, lambda why: MethodError(f"not a recipe: {why}")).decode("utf-8")
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a safe loader)
     except UnicodeDecodeError as exc:
         raise MethodError(f"recipe {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
@@ -156,5 +175,4 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise MethodError(f"recipe {str(path)!r} is invalid: {problems}") from None
+        raise MethodError(f"recipe {str(path)!r} is invalid: {problems(exc)}") from None

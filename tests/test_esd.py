@@ -45,7 +45,7 @@ def test_esd_variant_errors():
         methods.erase(pipe, "circle", method="esd", variant="z", **FAST)
     with pytest.raises(MethodError, match="variant"):
         methods.erase(pipe, ["circle", Concept("vangogh", kind="style")], method="esd", **FAST)
-    with pytest.raises(MethodError, match="unknown ESD parameter"):
+    with pytest.raises(MethodError, match=r"unknown esd parameter\(s\) \[.warp_speed.\]"):
         methods.erase(pipe, "circle", method="esd", iterations=1, warp_speed=True)
 
 

@@ -699,3 +699,19 @@ def test_a_private_repo_hint_names_what_loading_takes(pipe, hub, hf_env):
     with pytest.raises(HubError) as caught:
         forgetpatch.load("org/secret")
     assert "HF_TOKEN" in str(caught.value) and "token=" not in str(caught.value)
+
+
+def test_an_unreachable_hub_is_one_line_in_the_cli_without_the_retry_chatter(hf_env, monkeypatch, capfd):
+    """huggingface_hub retries an unreachable Hub five times and logs two lines each time (ten lines of "Retrying in
+    8s" before forgetpatch's error). The CLI shows the one line, with the way to skip the wait."""
+    from huggingface_hub.utils import _http
+
+    from forgetpatch.cli import app
+
+    hf_env(HF_ENDPOINT="http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setattr(_http.time, "sleep", lambda seconds: None)  # the retries, without their 23 s of waiting
+    result = CliRunner().invoke(app, ["inspect", "org/nowhere"])
+    shown = result.output + "".join(capfd.readouterr())
+    assert result.exit_code == 1, shown
+    assert "check your connection (working offline, HF_HUB_OFFLINE=1" in shown
+    assert "Retrying" not in shown and "thrown while requesting" not in shown

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -145,3 +147,18 @@ def test_modules_diffusers_kohya_reader_drops_are_refused():
                         concepts=["cat"], lineage=[])  # fmt: skip
     with pytest.raises(PatchFormatError, match="add_embedding.*load the patch folder"):
         export_kohya(patch, "/tmp/never-written.safetensors")
+
+
+def test_a_patch_with_key_steps_exports_with_a_warning_that_the_file_acts_at_every_step(pipe, tmp_path):
+    """A1111, ComfyUI and load_lora_weights cannot gate a LoRA to steps: the export used to drop a KSCU patch's key
+    steps silently; it says so, and how to keep them."""
+    from forgetpatch.format import build_patch
+
+    base = make_patch(pipe, rank=3)
+    patch = build_patch(pipe, base.factors(), name="gated", method="kscu", concepts=["cat"], lineage=[],
+                        key_steps=[{"start": 0.0, "end": 0.5, "convention": "timestep"}])  # fmt: skip
+    with pytest.warns(UserWarning, match=r"key steps \(0-0.5 .*acts at every step.*key_steps=True"):
+        export_kohya(patch, tmp_path / "gated.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a patch without key steps exports without a word
+        export_kohya(base, tmp_path / "plain.safetensors")

@@ -30,7 +30,7 @@ def test_the_shipped_methods_flags_say_what_the_lists_said():
     assert [m.name for m in registered() if m.key_steps] == ["kscu"]
     for method in registered():
         assert {flag: type(getattr(method, flag)) for flag in FLAGS} == {
-            "closed_form": bool, "denoisers": frozenset, "key_steps": bool
+            "closed_form": bool, "denoisers": frozenset, "key_steps": bool, "params": tuple
         }, method.name
 
 

@@ -6,6 +6,7 @@ A forgetpatch error is one red line on stderr and exit code 1, from every verb (
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -67,13 +68,16 @@ def _print_error(exc: BaseException | str) -> None:
 
 def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a verb so that a forgetpatch error, or an error of the system on a path (a full disk, a read-only
-    folder), prints as one line and exits with 1 (unless ``--debug``)."""
+    folder), prints as one line and exits with 1 (unless ``--debug``); huggingface_hub's retry chatter is not
+    shown either (``--debug`` shows it)."""
     from forgetpatch.errors import ForgetPatchError
+    from forgetpatch.quiet import quiet_hub
 
     @functools.wraps(command)
     def verb(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with contextlib.nullcontext() if _DEBUG["on"] else quiet_hub():
+                return command(*args, **kwargs)
         except ForgetPatchError as exc:
             if _DEBUG["on"]:
                 raise

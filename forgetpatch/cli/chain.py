@@ -35,7 +35,7 @@ def chain_command(
     from forgetpatch.cli._base import check_toy_concepts, check_writable
     from forgetpatch.cli.erase import _choose_base
     from forgetpatch.errors import ForgetPatchError
-    from forgetpatch.methods import check_concepts, erase_chain, get_method
+    from forgetpatch.methods import check_concepts, check_params, erase_chain
     from forgetpatch.recipes import load_recipe
 
     # Everything is checked before the model loads, as erase does.
@@ -52,11 +52,11 @@ def chain_command(
     check_concepts(concepts, kept)  # duplicates, a concept both erased and preserved
     kwargs = spec.erase_kwargs()
     method = kwargs.pop("method")
-    get_method(method)
+    check_params(method, {k: v for k, v in kwargs.items() if k not in ("preserve", "paper")})
     name = check_patch_name(kwargs.pop("name", None) or spec.name or f"{method}-chain")
-    if existing:  # --force: the earlier chain goes first, so an interrupted run leaves steps of this chain only
-        _remove_old(output)
     pipe = load_base(chosen_base)
+    if existing:  # --force: the earlier chain goes, once the input is checked and the base loads, so an
+        _remove_old(output)  # interrupted run leaves steps of this chain only
     measure = images > 0 and getattr(pipe, "forgetpatch_family", None) == "toy"
     reference = None
     rows: list[dict[str, Any]] = []

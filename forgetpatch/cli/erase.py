@@ -84,7 +84,7 @@ def erase_command(
     Every setting left unset comes from the base (on the toy world, settings measured to forget) or the
     method's published defaults; --paper runs the method exactly as its paper states it.
     """
-    from forgetpatch.methods import check_concepts, erase, get_method
+    from forgetpatch.methods import check_concepts, check_params, erase
     from forgetpatch.recipes import load_recipe
 
     # Everything is checked before the model loads.
@@ -108,7 +108,7 @@ def erase_command(
     if patch_name:
         params["name"] = check_patch_name(patch_name)
     chosen = method or (spec.method if spec else "scapre")
-    get_method(chosen)  # an unknown method is named here, before the model loads
+    check_params(chosen, params)  # an unknown method, parameter or type is named here, before the model loads
     check_new_patch_folder(output, force)
 
     pipe = load_base(chosen_base)

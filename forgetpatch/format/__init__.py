@@ -26,6 +26,7 @@ from forgetpatch.format.fingerprint import (
     split_path,
     weight_fingerprint,
 )
+from forgetpatch.format.folder import read_bounded
 from forgetpatch.format.manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -41,6 +42,7 @@ from forgetpatch.format.manifest import (
     ModuleFingerprint,
     adapter_name,
     check_patch_name,
+    problems,
 )
 from forgetpatch.format.migrate import MIGRATIONS, upgrade
 from forgetpatch.format.patch import (
@@ -108,6 +110,8 @@ __all__ = [
     "fingerprint",
     "key_step_convention",
     "listed_files",
+    "problems",
+    "read_bounded",
     "read_manifest",
     "read_patch",
     "check_recordable",

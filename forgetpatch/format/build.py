@@ -6,9 +6,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
-from forgetpatch.errors import MethodError
+from forgetpatch.errors import ManifestError, MethodError
 from forgetpatch.format.concept import ConceptLike, as_concepts
 from forgetpatch.format.fingerprint import (
     base_model_ref,
@@ -23,6 +24,7 @@ from forgetpatch.format.manifest import (
     LoraInfo,
     Manifest,
     MethodInfo,
+    problems,
 )
 from forgetpatch.format.patch import Patch
 
@@ -141,28 +143,31 @@ def build_patch(
         lineage = _lineage_source(pipe)
     errors = dict(reconstruction_errors or {})
     base_model_id, revision = (base_model_id, None) if base_model_id is not None else base_model_ref(pipe)
-    manifest = Manifest(
-        name=name,
-        method=method_info,
-        concepts=as_concepts(list(concepts)),
-        preserved=as_concepts(list(preserved)),
-        key_steps=None if key_steps is None else _ranges(pipe, key_steps),
-        base_model=BaseModelInfo(
-            id=base_model_id,
-            revision=revision,
-            family=detect_family(pipe, base_model_id),
-            fingerprint=fingerprint(pipe, list(factors)),
-        ),
-        lora=LoraInfo(
-            rank=rank,
-            alpha=rank,
-            target_modules=list(factors),
-            rank_pattern={p: r for p, r in ranks.items() if r != rank},
-            alpha_pattern={p: r for p, r in ranks.items() if r != rank},
-            reconstruction_error=max(errors.values()) if errors else None,
-            reconstruction_errors=errors,
-        ),
-        lineage=list(lineage),
-        metrics=dict(metrics or {}),
-    )
+    try:  # a field pydantic refuses (an infinite timestep, a NaN error) is named in one line
+        manifest = Manifest(
+            name=name,
+            method=method_info,
+            concepts=as_concepts(list(concepts)),
+            preserved=as_concepts(list(preserved)),
+            key_steps=None if key_steps is None else _ranges(pipe, key_steps),
+            base_model=BaseModelInfo(
+                id=base_model_id,
+                revision=revision,
+                family=detect_family(pipe, base_model_id),
+                fingerprint=fingerprint(pipe, list(factors)),
+            ),
+            lora=LoraInfo(
+                rank=rank,
+                alpha=rank,
+                target_modules=list(factors),
+                rank_pattern={p: r for p, r in ranks.items() if r != rank},
+                alpha_pattern={p: r for p, r in ranks.items() if r != rank},
+                reconstruction_error=max(errors.values()) if errors else None,
+                reconstruction_errors=errors,
+            ),
+            lineage=list(lineage),
+            metrics=dict(metrics or {}),
+        )
+    except ValidationError as exc:
+        raise ManifestError(f"build_patch cannot describe this patch: {problems(exc)}") from None
     return Patch(manifest, state_dict)

@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Literal, get_args
 
@@ -111,6 +111,10 @@ def as_concepts(items: ConceptLike | Sequence[ConceptLike] | None, kind: Concept
         raise ConceptError(f"{items!r} is one string; to name several concepts pass a list: {words}")
     if isinstance(items, (str, Concept, Mapping)):
         items = [items]
+    if isinstance(items, (set, frozenset)):
+        raise ConceptError(f"{items!r} is a set, whose order changes from run to run: pass a list of concepts")
+    if not isinstance(items, Iterable) or isinstance(items, (bytes, bytearray)):
+        raise ConceptError(f"give a concept (a word, a mapping or a Concept) or a list of them, not {items!r}")
     return [Concept.from_any(c, kind) for c in items]
 
 

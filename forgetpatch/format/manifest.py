@@ -6,7 +6,15 @@ import re
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from forgetpatch.errors import ManifestError
 from forgetpatch.format.concept import Concept, unprintable
@@ -51,6 +59,20 @@ def check_patch_name(name: Any) -> str:
         raise ManifestError(problem)
     return name
 
+def problems(exc: ValidationError, limit: int = 5) -> str:
+    """pydantic's errors in one line, ``field.path: what is wrong; ...`` (the first ``limit``), for a one-line error.
+
+    Example:
+        >>> try:
+        ...     KeyStepRange(start=2, end=1)
+        ... except ValidationError as exc:
+        ...     problems(exc)
+        'start: Input should be less than or equal to 1'
+    """
+    said = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors()[:limit])
+    return said + (f" (and {exc.error_count() - limit} more)" if exc.error_count() > limit else "")
+
+
 def adapter_name(name: str) -> str:
     """The adapter name a patch called ``name`` takes in diffusers / peft, which refuse ``.`` and other characters in
     it: each character but letters, digits, ``_`` and ``-`` becomes ``_`` (``apply`` adds ``_2``... to a name taken).
@@ -84,7 +106,7 @@ class KeyStepRange(_Model):
 
     start: float = Field(ge=0.0, le=1.0)
     end: float = Field(ge=0.0, le=1.0)
-    timesteps: list[int | float] = Field(default_factory=list)
+    timesteps: list[int | FiniteFloat] = Field(default_factory=list)
     """The scheduler timesteps training actually used (e.g. ``[701, 681, ..., 1]``; flow matching: ``1000 sigma``)."""
     scheduler: str = "DDIMScheduler"
     num_inference_steps: int | None = None
@@ -143,9 +165,9 @@ class LoraInfo(_Model):
     """Full module paths with their component prefix (``unet.`` / ``text_encoder.`` / ``text_encoder_2.``)."""
     rank_pattern: dict[str, Rank] = Field(default_factory=dict)
     alpha_pattern: dict[str, Alpha] = Field(default_factory=dict)
-    reconstruction_error: float | None = None
+    reconstruction_error: FiniteFloat | None = None
     """Worst relative Frobenius error ``|dW - BA| / |dW|`` over modules (0 for exact low-rank changes)."""
-    reconstruction_errors: dict[str, float] = Field(default_factory=dict)
+    reconstruction_errors: dict[str, FiniteFloat] = Field(default_factory=dict)
 
 
 class Manifest(_Model):

@@ -29,19 +29,36 @@ from typing import Any
 from forgetpatch.errors import ManifestError, UnsupportedFormatVersionError
 from forgetpatch.format.manifest import FORMAT_VERSION
 
+#: The keys a v0 manifest has; one with any other is refused, since dropping it could change what the patch does
+#: (an ``alpha_pattern`` would scale its modules).
+V0_KEYS = frozenset({"format_version", "name", "method", "method_params", "concepts", "preserve", "base_model", "rank",
+                     "alpha", "target_modules", "key_steps", "parent", "created_at", "files", "library_version",
+                     "metrics"})  # fmt: skip
+
 
 def _v0_to_v1(old: dict[str, Any]) -> dict[str, Any]:
-    def entries(values: Any) -> list[dict[str, Any]]:
-        return [{"target": v} if isinstance(v, str) else dict(v) for v in values or []]
+    def entries(field: str) -> list[dict[str, Any]]:  # v0 wrote lists of words; one word or mapping is one concept
+        values = old.get(field)
+        values = [values] if isinstance(values, (str, dict)) else values or []
+        if not isinstance(values, list):
+            raise ManifestError(f"cannot migrate a format v0 manifest: {field} is {values!r}, not a list of concepts")
+        return [{"target": v} if isinstance(v, str) else dict(v) for v in values]
 
+    if unknown := sorted(set(old) - V0_KEYS):
+        raise ManifestError(
+            f"cannot migrate a format v0 manifest with keys v0 never had ({', '.join(map(str, unknown))}): "
+            "dropping them could change what the patch does; remake the patch with this forgetpatch"
+        )
     key_steps = old.get("key_steps")
+    if key_steps is not None and not (isinstance(key_steps, list) and len(key_steps) == 2):
+        raise ManifestError(f"cannot migrate a format v0 manifest: key_steps is {key_steps!r}, not [start, end]")
     new: dict[str, Any] = {
         "format": "forgetpatch",
         "format_version": 1,
         "name": old.get("name"),
         "method": {"name": old.get("method"), "params": old.get("method_params") or {}},
-        "concepts": entries(old.get("concepts")),
-        "preserved": entries(old.get("preserve")),
+        "concepts": entries("concepts"),
+        "preserved": entries("preserve"),
         "key_steps": None if key_steps is None else [{"start": key_steps[0], "end": key_steps[1]}],
         "base_model": {"id": old.get("base_model")},
         "lora": {
@@ -50,6 +67,7 @@ def _v0_to_v1(old: dict[str, Any]) -> dict[str, Any]:
             "target_modules": list(old.get("target_modules") or []),
         },
         "lineage": [old["parent"]] if old.get("parent") else [],
+        "metrics": old.get("metrics") or {},
         "library_version": old.get("library_version", "0.0"),
         # not the time of migration: the same v0 manifest must migrate to the same v1 one every time
         "created_at": old.get("created_at") or "unknown",
@@ -85,7 +103,10 @@ def upgrade(raw: dict[str, Any]) -> dict[str, Any]:
     while version < FORMAT_VERSION:
         try:
             raw = MIGRATIONS[version](raw)
-        except (KeyError, TypeError, IndexError, AttributeError) as exc:
-            raise ManifestError(f"cannot migrate a format v{version} manifest: {exc!r}") from None
+        except (KeyError, TypeError, IndexError, AttributeError, ValueError) as exc:
+            raise ManifestError(
+                f"cannot migrate a format v{version} manifest ({type(exc).__name__}: {exc}): remake the patch with this "
+                "forgetpatch"
+            ) from None
         version += 1
     return raw

@@ -65,7 +65,7 @@ from forgetpatch.format.folder import (
     swap,
     writer_lock,
 )
-from forgetpatch.format.manifest import FORMAT_VERSION, Manifest
+from forgetpatch.format.manifest import FORMAT_VERSION, Manifest, problems
 from forgetpatch.format.migrate import manifest_version, upgrade
 
 logger = logging.getLogger(__name__)
@@ -356,14 +356,17 @@ class Patch:
 
         Raises:
             PatchFormatError: ``include`` names something that is not a plain file inside the folder.
-            ManifestError: a figure in ``manifest.metrics`` is NaN or infinite (JSON would store it as null).
+            ManifestError: a value in ``manifest.metrics`` or ``manifest.method.params`` is NaN or infinite (JSON would
+                store it as null) or not a plain Python value (a NumPy or torch number).
             OSError: the files cannot be written (nothing changed then).
 
         Example:
             >>> patch.save("patches/no-vangogh", include=["loss_curve.csv"])
             PosixPath('patches/no-vangogh')
         """
-        _check_finite(self.manifest.metrics)  # the metrics dict is changed in place, past the manifest's validation
+        # the metrics and params dicts are changed in place, past the manifest's validation
+        _check_plain(self.manifest.metrics)
+        _check_plain(self.manifest.method.params, "method.params")
         path = Path(path)
         if path.suffix == ".safetensors":
             return self._save_file(path)
@@ -390,6 +393,8 @@ class Patch:
                     carry_over(path, work, skip={WEIGHTS_NAME, MANIFEST_NAME})
                 self._write_weights(work / WEIGHTS_NAME)
                 files = {name: sha256_file(work / name) for name in [WEIGHTS_NAME, *listed]}
+                stale = _stale_images(path, files) if replacing else []
+                files = {name: digest for name, digest in files.items() if name not in stale}
                 manifest = self.manifest.model_copy(update={"files": dict(sorted(files.items()))})
                 (work / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
                 if replacing:
@@ -403,6 +408,14 @@ class Patch:
             shutil.rmtree(work, ignore_errors=True)
         if Path(cwd).is_relative_to(path):
             os.chdir(cwd)  # the working directory was in the folder just replaced: move into the new one
+        if stale:
+            warnings.warn(
+                f"{path}: {', '.join(stale)} shows the patch this one replaced (same file, other weights), so it is "
+                f"not listed with this one (never pushed); make a new one, e.g. forgetpatch eval {path} --grid "
+                f"{path / stale[0]}",
+                UserWarning,
+                stacklevel=2,
+            )
         if left_out:
             warnings.warn(
                 f"{path}: left out of the patch (not listed in {MANIFEST_NAME}, never pushed): "
@@ -509,6 +522,18 @@ def _own_files(folder: Path, include: Iterable[str]) -> tuple[list[str], list[st
     return sorted(own - {CARD_NAME}), left_out  # the card stays beside the patch, never hashed: people edit it
 
 
+def _stale_images(folder: Path, files: dict[str, str]) -> list[str]:
+    """The before/after images among ``files`` (name -> sha256, the weights' included) that the patch in ``folder``
+    listed unchanged while its weights differ: they show that patch, not the one replacing it."""
+    try:
+        old = json.loads(read_bounded(folder / MANIFEST_NAME, MAX_MANIFEST_BYTES, ManifestError)).get("files")
+    except (ManifestError, ValueError, AttributeError):  # no readable manifest there: nothing to compare with
+        return []
+    if not isinstance(old, dict) or old.get(WEIGHTS_NAME) in (None, files[WEIGHTS_NAME]):
+        return []
+    return sorted(n for n, digest in files.items() if GRID_NAME.fullmatch(n) and old.get(n) == digest)
+
+
 # --- reading ------------------------------------------------------------------------------
 def _depth(value: Any) -> int:
     """How deeply ``value`` nests lists and dicts (counted up to just past :data:`MAX_JSON_DEPTH`)."""
@@ -548,7 +573,7 @@ def _parse_manifest(raw_json: str | bytes, where: str) -> tuple[Manifest, int]:
     try:
         return Manifest.model_validate(raw), version
     except ValidationError as exc:
-        raise ManifestError(f"the manifest in {where} is invalid:\n{exc}") from None
+        raise ManifestError(f"the manifest in {where} is invalid: {problems(exc)}") from None
 
 
 def _load_manifest(file: Path) -> tuple[Manifest, int]:
@@ -774,17 +799,21 @@ def record_metrics(folder: str | os.PathLike, update: Callable[[Patch], dict[str
     return folder
 
 
-def _check_finite(value: Any, where: str = "metrics") -> None:
-    """:class:`ManifestError` naming the first NaN or infinite number in ``value``: JSON has none, and the manifest
-    would store it as null, a figure silently lost."""
+def _check_plain(value: Any, where: str = "metrics") -> None:
+    """:class:`ManifestError` naming the first value in ``value`` that JSON would not store as it is: a NaN or infinite
+    number (stored as null, a figure silently lost), or anything but a string, number, bool, None, list or dict (a
+    NumPy or torch number, which the manifest cannot write)."""
     if isinstance(value, float) and not math.isfinite(value):
         raise ManifestError(f"{where} is {value}: record finite numbers (None where there is no figure)")
     if isinstance(value, dict):
         for key, item in value.items():
-            _check_finite(item, f"{where}[{key!r}]")
+            _check_plain(item, f"{where}[{key!r}]")
     elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
-            _check_finite(item, f"{where}[{i}]")
+            _check_plain(item, f"{where}[{i}]")
+    elif value is not None and not isinstance(value, (str, int, float)):
+        kind = f"{type(value).__module__}.{type(value).__qualname__}"
+        raise ManifestError(f"{where} is a {kind}: record plain Python values (float(x), int(x), x.item(), x.tolist())")
 
 
 #: Reads of a patch that a save replaced meanwhile (its files by path would mix the two versions) are made again.

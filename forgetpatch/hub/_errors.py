@@ -79,7 +79,8 @@ def hub_errors(
             ) from exc
         raise HubError(
             f"Could not reach the Hub at {constants.ENDPOINT} for {where} and it is not in "
-            f"the local cache ({constants.HF_HUB_CACHE}): check your connection."
+            f"the local cache ({constants.HF_HUB_CACHE}): check your connection (working offline, HF_HUB_OFFLINE=1 "
+            "skips the Hub's retries)."
         ) from exc
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"

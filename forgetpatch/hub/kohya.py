@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -44,6 +45,8 @@ def export_kohya(patch_or_folder: Patch | str | Path, out_file: str | Path) -> P
     and tools that ignore ``alpha`` agree too. Modules the kohya format cannot name for diffusers (SDXL's
     ``add_embedding``, which its reader drops with only a log line) and SD3 / FLUX transformers are refused:
     load the patch folder instead. The manifest is kept in the metadata under ``forgetpatch_source_manifest``.
+    A patch with key steps warns: those tools cannot gate a LoRA to a range of steps, so the file acts at every step
+    (as ``forgetpatch.apply`` does without ``key_steps=True``).
 
     Example:
         >>> export_kohya("no-vangogh/", "no-vangogh.safetensors")
@@ -61,6 +64,15 @@ def export_kohya(patch_or_folder: Patch | str | Path, out_file: str | Path) -> P
             f"cannot export {dropped[0]} (and {len(dropped) - 1} more) as kohya: diffusers' reader of kohya files "
             "drops these modules; load the patch folder itself (forgetpatch.apply, or load_lora_weights on the "
             "folder's pytorch_lora_weights.safetensors)"
+        )
+    if manifest.key_steps:
+        ranges = ", ".join(f"{r.start:g}-{r.end:g}" for r in manifest.key_steps)
+        warnings.warn(
+            f"{manifest.name} has key steps ({ranges} of the trajectory) and the kohya file acts at every step: "
+            "AUTOMATIC1111, ComfyUI and load_lora_weights cannot gate a LoRA to steps; "
+            "forgetpatch.apply(pipe, folder, key_steps=True) can",
+            UserWarning,
+            stacklevel=2,
         )
     rank = max(a.shape[0] for a, _ in factors.values())
     out: dict[str, torch.Tensor] = {}

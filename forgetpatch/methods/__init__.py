@@ -26,6 +26,7 @@ from forgetpatch.methods.base import (
     as_concepts,
     available_methods,
     check_concepts,
+    check_params,
     check_steering,
     erased_on,
     get_method,
@@ -120,6 +121,7 @@ def erase(
     for flag, value in (("paper", paper), ("hold", hold)):
         if not isinstance(value, bool):
             raise MethodError(f"{flag} takes True or False, got {value!r}")
+    check_params(method, params)
     erased = as_concepts(concepts)
     kept = as_concepts(preserve)
     given = bool(kept)
@@ -151,6 +153,7 @@ __all__ = [
     "available_methods",
     "check_concepts",
     "check_inputs",
+    "check_params",
     "check_steering",
     "cross_attention_layers",
     "current_weight",

@@ -13,7 +13,7 @@ import math
 import types
 import typing
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 from forgetpatch.errors import ConceptError, MethodError, UnknownMethodError
@@ -37,6 +37,8 @@ class Method(Protocol):
       FLUX). Default ``{"unet"}``.
     * ``key_steps``: its patches carry key-step ranges, which ``apply(..., key_steps=True)`` gates to.
       Default False.
+    * ``params``: the frozen dataclasses whose fields are its parameters, which :func:`check_params` checks before
+      any work. Default ``()``: not checked before the method runs.
     """
 
     name: ClassVar[str]
@@ -44,6 +46,7 @@ class Method(Protocol):
     closed_form: ClassVar[bool]
     denoisers: ClassVar[frozenset[str]]
     key_steps: ClassVar[bool]
+    params: ClassVar[tuple[type, ...]]
 
     def erase(
         self,
@@ -56,7 +59,7 @@ class Method(Protocol):
 
 
 #: The class flags of :class:`Method` and the value a registered class that leaves one out gets.
-FLAGS: dict[str, Any] = {"closed_form": False, "denoisers": frozenset({"unet"}), "key_steps": False}
+FLAGS: dict[str, Any] = {"closed_form": False, "denoisers": frozenset({"unet"}), "key_steps": False, "params": ()}
 
 _REGISTRY: dict[str, type] = {}
 
@@ -74,6 +77,9 @@ def register(cls: type) -> type:
     for flag in (f for f, default in FLAGS.items() if isinstance(default, bool)):
         if not isinstance(getattr(cls, flag, False), bool):
             raise TypeError(f"{cls.__name__}.{flag} must be True or False, got {getattr(cls, flag)!r}")
+    declared = getattr(cls, "params", ())
+    if not isinstance(declared, tuple) or not all(dataclasses.is_dataclass(t) for t in declared):
+        raise TypeError(f"{cls.__name__}.params must be a tuple of params dataclasses, got {declared!r}")
     denoisers = getattr(cls, "denoisers", FLAGS["denoisers"])
     if not isinstance(denoisers, frozenset) or not denoisers or not denoisers <= set(DENOISERS):
         raise TypeError(f"{cls.__name__}.denoisers must be a non-empty frozenset of {DENOISERS}, got {denoisers!r}")
@@ -156,6 +162,61 @@ def check_steering(concepts: Sequence[Concept], gone: Sequence[Concept], *, by: 
                 )
 
 
+#: Parameters every method takes besides its own (``name`` of the patch, ``progress`` bars, ``seed``), and
+#: ``erase``'s ``hold``.
+COMMON_PARAMS: dict[str, Any] = {"name": str | None, "progress": bool, "seed": int, "hold": bool}
+
+
+def check_params(method: str, params: Mapping[str, Any]) -> None:
+    """:class:`MethodError` naming a parameter ``method`` does not take, or one whose value is not of its declared
+    type, before any work: what ``erase`` would refuse after the model loads. Values are checked against each other
+    when the method runs, with the base's settings filled in.
+
+    Example:
+        >>> check_params("uce", {"lamm": 0.5})
+        Traceback (most recent call last):
+        MethodError: unknown uce parameter(s) ['lamm']; known: [...]
+    """
+    declared = {**COMMON_PARAMS}
+    for cls in type(get_method(method)).params:
+        hints = typing.get_type_hints(cls)
+        declared |= {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
+    if len(declared) == len(COMMON_PARAMS):  # a method that declares none is checked when it runs
+        return
+    unknown = sorted(set(params) - set(declared))
+    if unknown:
+        raise MethodError(f"unknown {method} parameter(s) {unknown}; known: {sorted(declared)}")
+    for key, value in as_declared(declared, params).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise MethodError(f"parameter {key} must be a finite number, got {value!r}")
+        if not _is_a(value, declared[key]):
+            raise MethodError(
+                f"parameter {key} must be {_describe(declared[key])}, got {value!r} ({type(value).__name__})"
+            )
+
+
+def as_declared(hints: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` converted where that loses nothing to the types ``hints`` declares: a whole number where a number
+    is declared becomes a float, a list (YAML and JSON have no tuples) where a tuple is, a tuple. Nothing else is
+    converted: ``lam=True``, ``robust=2.7`` or ``templates="a {concept}"`` stay as given, for :func:`typed` to
+    refuse.
+
+    Example:
+        >>> as_declared({"lam": float, "templates": tuple[str, ...]}, {"lam": 1, "templates": ["a {concept}"]})
+        {'lam': 1.0, 'templates': ('a {concept}',)}
+    """
+    out = dict(params)
+    for key, value in params.items():
+        declared = hints.get(key, Any)
+        options = typing.get_args(declared) if typing.get_origin(declared) in (types.UnionType, typing.Union) else ()
+        options = options or (declared,)
+        if type(value) is int and float in options and int not in options:
+            out[key] = float(value)
+        elif isinstance(value, list) and any(typing.get_origin(o) is tuple for o in options):
+            out[key] = tuple(value)
+    return out
+
+
 def typed(values: P) -> P:
     """``values`` (a method's frozen params dataclass), or :class:`MethodError` naming the first parameter whose value
     is not of its declared type (``--param max_rank=abc`` arrives as a string): every method's type check, made before
@@ -199,7 +260,7 @@ def _describe(declared: Any) -> str:
     if declared is type(None):
         return "None"
     origin = typing.get_origin(declared) or declared
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", tuple: "a list"}.get(
         origin, f"a {getattr(origin, '__name__', origin)}"
     )
 

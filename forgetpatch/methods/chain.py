@@ -41,8 +41,9 @@ def erase_chain(
     """
     from forgetpatch.format import check_patch_name
     from forgetpatch.loader import applied, apply, remove
-    from forgetpatch.methods import check_inputs, erase
+    from forgetpatch.methods import check_inputs, check_params, erase
 
+    check_params(method, {k: v for k, v in params.items() if k != "paper"})
     steps = as_concepts(list(concepts) if not isinstance(concepts, str) else [concepts])
     check_inputs(pipe, steps, as_concepts(preserve))  # every step's words, repeats and steering: before any step
     if name is not None:

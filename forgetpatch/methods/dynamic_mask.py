@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import math
 import time
+import typing
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar
@@ -67,7 +68,15 @@ from tqdm.auto import tqdm
 from forgetpatch import distributed
 from forgetpatch.errors import MethodError
 from forgetpatch.methods.adversarial import Adversary, adversary_for
-from forgetpatch.methods.base import Concept, check_concepts, erased_on, patch_name, register, typed
+from forgetpatch.methods.base import (
+    Concept,
+    as_declared,
+    check_concepts,
+    erased_on,
+    patch_name,
+    register,
+    typed,
+)
 from forgetpatch.methods.finetune import Cond, FinetuneEngine, check_trainable, make_config
 
 
@@ -110,8 +119,8 @@ class DynamicMaskParams:
         unknown = sorted(set(params) - known - {"name", "progress"})
         if unknown:
             raise MethodError(f"unknown Dynamic Mask parameter(s) {unknown}; known: {sorted(known)}")
-        values = replace(cls(), **{k: v for k, v in params.items() if k in known})
-        values = typed(replace(values, templates=tuple(values.templates)))
+        given = as_declared(typing.get_type_hints(cls), {k: v for k, v in params.items() if k in known})
+        values = typed(replace(cls(), **given))
         counts = ("steps", "epochs", "warmup", "update_every", "batch", "images", "num_inference_steps")
         if any(getattr(values, k) < 1 for k in counts) or values.steps < values.epochs:
             raise MethodError(f"{', '.join(counts)} must be >= 1 and steps >= epochs")
@@ -415,6 +424,7 @@ class DynamicMask:
     denoisers: ClassVar[frozenset[str]] = frozenset({"unet", "transformer"})
     """A UNet's cross-attention, or an SD3 / FLUX transformer's joint attention (``flow.JOINT_ATTENTION_REGEX``)."""
     key_steps: ClassVar[bool] = False
+    params: ClassVar[tuple[type, ...]] = (DynamicMaskParams,)
 
     @classmethod
     def compute_deltas(

@@ -26,7 +26,15 @@ import torch.nn.functional as F
 from forgetpatch.errors import MethodError
 from forgetpatch.methods.adversarial import Adversarial, Adversary, adversary_for
 from forgetpatch.methods.base import Concept, check_concepts, register
-from forgetpatch.methods.finetune import Cond, FinetuneEngine, Scope, make_config, split_params, train_patch
+from forgetpatch.methods.finetune import (
+    Cond,
+    FinetuneConfig,
+    FinetuneEngine,
+    Scope,
+    make_config,
+    split_params,
+    train_patch,
+)
 
 #: ESD-x for what lives in cross-attention (styles, identities), ESD-u otherwise.
 DEFAULT_SCOPE: dict[str, Scope] = {
@@ -142,6 +150,7 @@ class ESD:
     denoisers: ClassVar[frozenset[str]] = frozenset({"unet", "transformer"})
     """A UNet, or an SD3 / FLUX transformer with flow matching."""
     key_steps: ClassVar[bool] = False
+    params: ClassVar[tuple[type, ...]] = (ESDParams, FinetuneConfig)
 
     def erase(self, pipe: Any, concepts: list[Concept], *, preserve: list[Concept], name: str | None = None,
               **params: Any):

@@ -44,6 +44,7 @@ from forgetpatch.methods.adversarial import Adversarial, Adversary, adversary_fo
 from forgetpatch.methods.base import Concept, ConceptKind, check_concepts, register
 from forgetpatch.methods.finetune import (
     Cond,
+    FinetuneConfig,
     FinetuneEngine,
     Scope,
     ddim_timesteps,
@@ -412,6 +413,7 @@ class KSCU:
     """A UNet, or an SD3 / FLUX transformer with flow matching."""
     key_steps: ClassVar[bool] = True
     """The patch records its trained range in ``manifest.key_steps``; ``apply(..., key_steps=True)`` gates to it."""
+    params: ClassVar[tuple[type, ...]] = (KSCUParams, FinetuneConfig)
 
     def erase(self, pipe: Any, concepts: list[Concept], *, preserve: list[Concept], name: str | None = None,
               **params: Any):

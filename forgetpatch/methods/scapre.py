@@ -50,10 +50,11 @@ Choices where methods.md leaves room (no defect of the release is known for UCE/
 from __future__ import annotations
 
 import math
+import typing
 import warnings
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
 import torch
@@ -62,7 +63,7 @@ from tqdm.auto import tqdm
 from forgetpatch.errors import MethodError
 from forgetpatch.lowrank import LowRank, factorize_in_span, factorize_sketched
 from forgetpatch.methods import flow, joint
-from forgetpatch.methods.base import Concept, check_concepts, patch_name, register, typed
+from forgetpatch.methods.base import Concept, as_declared, check_concepts, patch_name, register, typed
 from forgetpatch.methods.closed_form import (
     Embeddings,
     cross_attention_layers,
@@ -153,9 +154,8 @@ class ScaPreParams:
                 "erase each kind separately (and stack the patches) to use each kind's preset",
                 stacklevel=3,
             )
-        values = cls(preset=kind, **PRESETS[kind])
-        values = replace(values, **{k: v for k, v in params.items() if k in known})
-        values = typed(replace(values, templates=tuple(values.templates)))
+        given = {**PRESETS[kind], **{k: v for k, v in params.items() if k in known and k != "preset"}}
+        values = typed(cls(preset=kind, **as_declared(typing.get_type_hints(cls), given)))
         if values.max_rank is not None and values.max_rank < 1:
             raise MethodError(f"max_rank must be >= 1 (or None for the exact change), got {values.max_rank}")
         if values.lam <= 0 or values.erase_scale <= 0 or values.preserve_scale < 0 or (values.hold_scale or 0) < 0:
@@ -490,6 +490,7 @@ class ScaPre:
     denoisers: ClassVar[frozenset[str]] = frozenset({"unet", "transformer"})
     """A UNet's cross-attention, or an SD3 / FLUX transformer's context embedder."""
     key_steps: ClassVar[bool] = False
+    params: ClassVar[tuple[type, ...]] = (ScaPreParams,)
     version: ClassVar[str] = "1"
 
     @staticmethod

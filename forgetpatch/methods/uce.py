@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import typing
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
@@ -41,7 +42,7 @@ from tqdm.auto import tqdm
 from forgetpatch.errors import MethodError
 from forgetpatch.lowrank import truncate
 from forgetpatch.methods import flow, joint
-from forgetpatch.methods.base import Concept, check_concepts, patch_name, register, typed
+from forgetpatch.methods.base import Concept, as_declared, check_concepts, patch_name, register, typed
 from forgetpatch.methods.closed_form import (
     Embeddings,
     cross_attention_layers,
@@ -101,13 +102,8 @@ class UCEParams:
         unknown = sorted(set(params) - known - {"name", "progress", "seed"})
         if unknown:
             raise MethodError(f"unknown UCE parameter(s) {unknown}; known: {sorted(known)}")
-        converted = {}
-        for key, value in params.items():
-            if key in known:
-                try:
-                    converted[key] = _param_value(key, value)
-                except (TypeError, ValueError) as exc:
-                    raise MethodError(f"UCE parameter {key}={value!r} has the wrong type: {exc}") from exc
+        hints = typing.get_type_hints(cls)
+        converted = as_declared(hints, {k: v for k, v in params.items() if k in known})
         values = typed(cls(**converted))
         if values.lam <= 0:
             raise MethodError(f"UCE needs lam > 0 (the solve is singular otherwise), got {values.lam}")
@@ -123,20 +119,6 @@ class UCEParams:
         if values.robust < 0 or values.robust_lambda < 0:
             raise MethodError(f"robust rounds and robust_lambda must be >= 0, got {values.robust}, {values.robust_lambda}")
         return values
-
-
-def _param_value(key: str, value: Any) -> Any:
-    if key in ("tokens", "context"):
-        return str(value)
-    if key in ("robust", "joint_sigmas", "latent_size"):
-        return int(value)
-    if key == "max_rank":
-        return None if value is None else int(value)
-    if key == "hold_scale":
-        return None if value is None else float(value)
-    if key == "templates":
-        return tuple(value)
-    return float(value)
 
 
 def uce_factors(
@@ -225,6 +207,7 @@ class UCE:
     denoisers: ClassVar[frozenset[str]] = frozenset({"unet", "transformer"})
     """A UNet's cross-attention, or an SD3 / FLUX transformer's context embedder (or joint attention)."""
     key_steps: ClassVar[bool] = False
+    params: ClassVar[tuple[type, ...]] = (UCEParams,)
     version: ClassVar[str] = "1"
 
     @staticmethod

@@ -216,3 +216,18 @@ def test_a_grid_of_the_patch_a_save_replaces_is_not_listed_with_the_new_one(pipe
         warnings.simplefilter("error")
         _patch(pipe, seed=2).save(folder)
     assert "grid.png" in read_patch(folder).manifest.files
+
+
+def test_every_shipped_recipe_passes_the_parameter_check():
+    """The early check must not refuse what the methods take (Dynamic Mask's ``adversarial`` sits outside its
+    params dataclass)."""
+    from pathlib import Path
+
+    from forgetpatch.methods import check_params
+
+    recipes = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+    assert len(recipes) > 10
+    for path in recipes:
+        kwargs = load_recipe(path).erase_kwargs()
+        method = kwargs.pop("method")
+        check_params(method, {k: v for k, v in kwargs.items() if k not in ("preserve", "paper")})

@@ -211,6 +211,14 @@ SEARCHES = ("prefix", "word")
 
 
 @dataclass(frozen=True)
+class AdversarialParam:
+    """The ``adversarial`` parameter, declared for a method whose own params dataclass does not hold it (Dynamic Mask
+    records the settings apart): what :func:`~forgetpatch.methods.base.check_params` checks it against."""
+
+    adversarial: Adversarial | int | dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
 class Adversarial:
     """Settings of the inner prompt-search attack of adversarial fine-tuning (``every=0``: off).
 
@@ -392,6 +400,7 @@ def teacher_latents(engine: FinetuneEngine, prompt: str, count: int, generator: 
 __all__ = [
     "PLACEHOLDER",
     "Adversarial",
+    "AdversarialParam",
     "SEARCHES",
     "Adversary",
     "adversary_for",

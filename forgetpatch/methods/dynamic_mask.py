@@ -67,7 +67,7 @@ from tqdm.auto import tqdm
 
 from forgetpatch import distributed
 from forgetpatch.errors import MethodError
-from forgetpatch.methods.adversarial import Adversary, adversary_for
+from forgetpatch.methods.adversarial import AdversarialParam, Adversary, adversary_for
 from forgetpatch.methods.base import (
     Concept,
     as_declared,
@@ -424,7 +424,7 @@ class DynamicMask:
     denoisers: ClassVar[frozenset[str]] = frozenset({"unet", "transformer"})
     """A UNet's cross-attention, or an SD3 / FLUX transformer's joint attention (``flow.JOINT_ATTENTION_REGEX``)."""
     key_steps: ClassVar[bool] = False
-    params: ClassVar[tuple[type, ...]] = (DynamicMaskParams,)
+    params: ClassVar[tuple[type, ...]] = (DynamicMaskParams, AdversarialParam)
 
     @classmethod
     def compute_deltas(

@@ -25,7 +25,10 @@ def bench(
         typer.echo("usage: forgetpatch bench NAME [ARGS...]   (NAME --help: the benchmark's options)")
         typer.echo(f"benchmarks in {folder}: {', '.join(found) or 'none (run from a forgetpatch checkout or pass --root)'}")
         return
-    script = folder / f"{name.removesuffix('.py')}.py"
+    stem = name.removesuffix(".py")
+    if not stem.isidentifier():  # a name, never a path: nothing outside benchmarks/ runs
+        raise typer.BadParameter(f"{name!r} is not a benchmark's name (apply, closed_form, ...)", param_hint="NAME")
+    script = folder / f"{stem}.py"
     if not script.is_file():
         found = sorted(p.stem for p in folder.glob("*.py")) if folder.is_dir() else []
         hint = (

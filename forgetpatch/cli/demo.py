@@ -38,10 +38,17 @@ def demo(
             "the toy world's settings that forget (forgetpatch.toy.defaults).",
         ),
     ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a patch an earlier demo wrote in --output.")] = False,
 ) -> None:
     """Erase a shape from the toy model, apply the patch, and measure what it forgot and kept."""
     import forgetpatch
-    from forgetpatch.cli._base import check_toy_concepts, check_writable, load_base
+    from forgetpatch.cli._base import (
+        check_image_path,
+        check_new_patch_folder,
+        check_toy_concepts,
+        check_writable,
+        load_base,
+    )
     from forgetpatch.eval import evaluate, save_report_grid
 
     concepts = concept or ["circle"]
@@ -49,6 +56,8 @@ def demo(
     forgetpatch.methods.check_concepts(forgetpatch.methods.as_concepts(concepts), [])  # a repeat, before the work
     forgetpatch.methods.get_method(method)  # an unknown method is named before anything runs
     check_writable(out, holds="the patch, grid and report")
+    check_image_path(out / "grid.png", "the grid")  # the last step's outputs, checked before the first
+    check_new_patch_folder(out / f"no-{'-'.join(concepts)}", force)
     pipe = load_base("toy")
     console.print(Text.assemble(("1/4", "bold"), f" base fidelity on the toy world ({images} images per concept)"))
     base = evaluate(pipe, concepts, images_per_concept=images, num_inference_steps=steps)

@@ -23,18 +23,12 @@ def train(
     export: Annotated[bool, typer.Option("--export", help="Afterwards, ship the EMA weights into the package.")] = False,
 ) -> None:
     """Train (or resume training) the toy pipeline; --export ships it as the package's weights."""
-    import torch
+    from forgetpatch.quiet import quiet_loading
 
-    from forgetpatch.errors import ForgetPatchError
-    from forgetpatch.toy import PIPELINE_DIR, TrainConfig
-    from forgetpatch.toy import train_pipeline as run
+    with quiet_loading():  # diffusers' and transformers' import-time notices
+        from forgetpatch.toy import PIPELINE_DIR, TrainConfig
+        from forgetpatch.toy import train_pipeline as run
 
-    try:
-        chosen = torch.device(device)
-    except RuntimeError:
-        raise ForgetPatchError(f"--device {device!r} is not a device: give cpu or cuda (cuda:1, ...)") from None
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise ForgetPatchError("--device cuda: no CUDA device is available here; use --device cpu")
     trainer = run(out, TrainConfig(steps=steps), resume=resume, device=device)
     if export:
         trainer.export(PIPELINE_DIR)
@@ -50,8 +44,11 @@ def export_(
     raw: Annotated[bool, typer.Option("--raw", help="Raw weights instead of the EMA ones.")] = False,
 ) -> None:
     """Export a run's weights as a pipeline (by default, ship them as the package's toy pipeline)."""
-    from forgetpatch.toy import PIPELINE_DIR
-    from forgetpatch.toy import train_main as main
+    from forgetpatch.quiet import quiet_loading
+
+    with quiet_loading():  # diffusers' and transformers' import-time notices
+        from forgetpatch.toy import PIPELINE_DIR
+        from forgetpatch.toy import train_main as main
 
     main(["--export", str(run), str(to or PIPELINE_DIR), *(["--raw"] if raw else [])])
 

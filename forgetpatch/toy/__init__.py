@@ -138,12 +138,27 @@ def pipeline(
     with quiet_loading():
         from diffusers import StableDiffusionPipeline
 
+    from forgetpatch.toy.train import CHECKPOINT
+
     directory = Path(path) if path is not None else PIPELINE_DIR
+    if (directory / CHECKPOINT).is_file():
+        raise ForgetPatchError(
+            f"{directory} is a training run, not a pipeline: export it first (forgetpatch toy export {directory} "
+            "-o DIR) and give DIR"
+        )
     if not (directory / "model_index.json").exists():
         raise ForgetPatchError(
             f"the toy pipeline's weights are missing from {directory}; train them with "
             "`python -m forgetpatch.toy.train --out runs/toy` then export with "
             f"`python -m forgetpatch.toy.train --export runs/toy {PIPELINE_DIR}`"
+            if path is None else f"{directory} is not a pipeline export (no model_index.json): give a folder that "
+            "forgetpatch toy export wrote"
+        )
+    if path is not None and not is_toy_model(directory):
+        raise ForgetPatchError(
+            f"{directory} is not a toy-world model (its UNet's {', '.join(_ARCHITECTURE)} differ from the toy "
+            "world's): the judge cannot read its images; load it with diffusers, and measure it with a suite "
+            "(forgetpatch eval --suite)"
         )
     with quiet_loading():
         pipe = StableDiffusionPipeline.from_pretrained(directory, dtype=dtype, local_files_only=True)
@@ -173,10 +188,13 @@ def is_toy_model(model: Any) -> bool:
         return True
     if isinstance(model, (str, Path)):
         file = Path(model) / "unet" / "config.json"
-        config = json.loads(file.read_text()) if file.is_file() else None
+        try:
+            config = json.loads(file.read_text()) if file.is_file() else None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # not a readable diffusers config: not the toy's
+            return False
     else:
         config = getattr(getattr(model, "unet", None), "config", None)
-    if config is None:
+    if not hasattr(config, "get"):
         return False
     shipped = json.loads((PIPELINE_DIR / "unet" / "config.json").read_text())
     same = lambda v, w: (list(v) if isinstance(v, (list, tuple)) else v) == w  # noqa: E731

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
@@ -128,19 +129,44 @@ class ToyJudge(nn.Module):
 
     # -- inference API
     def _to_tensor(self, images: Any) -> torch.Tensor:
+        """``images`` as an N x 3 x S x S float tensor in [0, 1]: 8-bit values (uint8, any container) are divided by
+        255; floats must already be in [0, 1] (diffusers' ``output_type="np"`` or ``"pt"``), not 0-255."""
+        if isinstance(images, Image.Image):  # one image
+            images = [images]
+        elif isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3:
+            images = images[None]
         if isinstance(images, torch.Tensor):
-            x = images.float()
-            if x.ndim == 4 and x.shape[-1] == 3:
+            x = images
+            if x.ndim == 4 and x.shape[-1] == 3 and x.shape[1] != 3:
                 x = x.permute(0, 3, 1, 2)
         else:
-            if isinstance(images, np.ndarray) and images.ndim == 3:
-                images = images[None]
-            arr = np.stack([np.asarray(im) for im in images])
-            if arr.dtype == np.uint8:
-                arr = arr.astype(np.float32) / 255.0
-            x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(0, 3, 1, 2)
+            images = list(images)
+            if not images:
+                raise ForgetPatchError("the judge got no images: give at least one")
+            arrays = []
+            for im in images:
+                if isinstance(im, Image.Image):
+                    if im.mode not in ("RGB", "L", "P", "1"):
+                        raise ForgetPatchError(f"the judge reads RGB images, got a {im.mode} image: .convert('RGB') it")
+                    im = im.convert("RGB").resize((self.image_size, self.image_size), Image.BOX)
+                arrays.append(np.asarray(im.cpu() if isinstance(im, torch.Tensor) else im))
+            shapes = {a.shape for a in arrays}
+            if len(shapes) > 1:
+                raise ForgetPatchError(f"the judge got images of several shapes {sorted(shapes)}: give one size")
+            x = torch.from_numpy(np.ascontiguousarray(np.stack(arrays)))
+            if x.ndim == 4 and x.shape[-1] == 3:
+                x = x.permute(0, 3, 1, 2)
         if x.ndim != 4 or x.shape[1] != 3:
-            raise ForgetPatchError(f"the judge expects N x H x W x 3 images, got shape {tuple(x.shape)}")
+            raise ForgetPatchError(f"the judge expects N x H x W x 3 images (RGB), got shape {tuple(x.shape)}")
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+        else:
+            x = x.float()
+            if x.numel() and float(x.max()) > 1.0 + 1e-3:
+                raise ForgetPatchError(
+                    "the judge reads float images in [0, 1] (output_type='np' or 'pt'); these go up to "
+                    f"{float(x.max()):.4g}: divide 0-255 values by 255, or give uint8 images"
+                )
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="area")
         return x.clamp(0, 1)

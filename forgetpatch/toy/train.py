@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import time
@@ -187,7 +188,19 @@ class Trainer:
         return path
 
     def load(self, path: Path) -> None:
-        s = torch.load(path, map_location=self.device, weights_only=False)
+        """Continue from the checkpoint at ``path``; :class:`ForgetPatchError` when there is none or it is not one."""
+        if not path.is_file():
+            raise ForgetPatchError(f"no training checkpoint at {path}: give the run folder training wrote (its --out)")
+        try:
+            s = torch.load(path, map_location=self.device, weights_only=False)
+            self._load(s)
+        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, RuntimeError, ValueError) as exc:
+            raise ForgetPatchError(
+                f"{path} is not a toy training checkpoint ({type(exc).__name__}: {exc}); give the run folder training "
+                "wrote (its --out)"
+            ) from None
+
+    def _load(self, s: dict[str, Any]) -> None:
         self.vae.load_state_dict(s["vae"])
         self.text_encoder.load_state_dict(s["text_encoder"])
         self.unet.load_state_dict(s["unet"])
@@ -347,6 +360,7 @@ class Trainer:
         upcasts them.
         """
         assert self.scaling_factor is not None, "the VAE has not been trained yet"
+        check_export_folder(directory)
         unet = build_unet(self.model_cfg)
         unet.load_state_dict(self.unet.state_dict())
         if ema:
@@ -378,10 +392,38 @@ class Trainer:
                 {"steps": [self.restart_step, self.step], "p_reorder": self.cfg.p_reorder},
             ],
         }
-        (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(tmp, directory)
+        try:
+            (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+            shutil.rmtree(directory, ignore_errors=True)  # an earlier export (check_export_folder)
+            os.replace(tmp, directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return pipe
+
+
+def check_export_folder(directory: Path) -> None:
+    """:class:`ForgetPatchError` unless ``directory`` is new or an earlier pipeline export, which an export replaces:
+    never a file, a training run or another folder (it would be deleted)."""
+    if directory.exists() and not directory.is_dir():
+        raise ForgetPatchError(f"{directory} is a file: export into a new folder (or an earlier export)")
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / "model_index.json").is_file():
+        raise ForgetPatchError(
+            f"{directory} holds files that are not a pipeline export, which exporting there would delete: export "
+            "into a new folder (or an earlier export)"
+        )
+
+
+def check_device(device: str) -> torch.device:
+    """The device ``device`` names, or :class:`ForgetPatchError`: training runs on the CPU or a CUDA GPU."""
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise ForgetPatchError(f"--device {device!r} is not a device: give cpu or cuda (cuda:1, ...)") from None
+    if chosen.type not in ("cpu", "cuda"):
+        raise ForgetPatchError(f"--device {device!r}: the toy world trains on cpu or cuda")
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ForgetPatchError("--device cuda: no CUDA device is available here; use --device cpu")
+    return chosen
 
 
 class _Autosave:
@@ -405,9 +447,12 @@ def train(
 
     ``init_from`` starts a new run from an exported pipeline (see :meth:`Trainer.init_from`).
     """
-    trainer = Trainer(out, cfg, ToyModelConfig(), device)
+    check_device(device)
     ckpt = out / CHECKPOINT
-    if resume and ckpt.exists():
+    if resume and not ckpt.exists():
+        raise ForgetPatchError(f"--resume: no checkpoint in {out} to continue; drop --resume to start a new run there")
+    trainer = Trainer(out, cfg, ToyModelConfig(), device)
+    if resume:
         trainer.load(ckpt)
         print(f"resumed from {ckpt}: vae step {trainer.vae_step}, unet step {trainer.step}", flush=True)
     elif ckpt.exists():
@@ -467,6 +512,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.export:
         run, directory = args.export
+        check_export_folder(directory)  # before the checkpoint loads
         trainer = Trainer(run, TrainConfig(), ToyModelConfig(), "cpu")
         trainer.load(run / CHECKPOINT)
         trainer.export(directory, ema=not args.raw)

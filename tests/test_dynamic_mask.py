@@ -134,3 +134,42 @@ def test_toy_dynamic_mask_defaults_erase_one_shape_within_the_bars(competent_toy
     print(figures)
     if measured.below(DM_TOY_BARS):
         pytest.xfail(f"below the toy bars {DM_TOY_BARS}: {figures}")
+
+
+def test_each_concept_starts_adam_afresh_and_an_uneven_last_epoch_is_not_an_epoch_of_its_own(pipe, monkeypatch):
+    """A second reading against the spec found: Adam's step count and moments carried from one concept into the next
+    in one call (a chain starts each step afresh; the authors' release clears them), and 13 steps in 3 epochs made a
+    fourth "epoch" of one step that could be kept as the best."""
+    steps_seen: list[int] = []
+    adam_step = torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        out = adam_step(self, *args, **kwargs)
+        steps_seen.append(max(int(s["step"]) for s in self.state.values()))
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    settings = {**SHORT, "steps": 13, "epochs": 3}
+    patch = forgetpatch.erase(pipe, [CIRCLE, Concept("star", superclass="shape")], method="dynamic_mask", **settings)
+    assert steps_seen == [*range(1, 14)] * 2
+    for concept in ("circle", "star"):
+        record = patch.manifest.metrics["dynamic_mask"][concept]
+        assert len(record["forget_loss_by_epoch"]) == 3 and record["best_epoch"] < 3
+
+
+def test_the_superclass_term_targets_what_the_unet_predicts(pipe):
+    """The denoising target was the noise whatever the scheduler's prediction_type (SD 2.1 768 predicts v)."""
+    from forgetpatch.methods.dynamic_mask import _noised
+    from forgetpatch.methods.finetune import FinetuneEngine, make_config
+
+    latents = torch.randn(2, 4, 8, 8)
+    for predicts in ("epsilon", "v_prediction", "sample"):
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=predicts)
+        engine = FinetuneEngine(pipe, make_config(scope="xattn", iterations=1, mode="full", progress=False))
+        x_t, target = _noised(engine, latents, 500, torch.Generator().manual_seed(0))
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+        steps = torch.full((2,), 500)
+        wanted = {"epsilon": noise, "sample": latents,
+                  "v_prediction": engine.scheduler.get_velocity(latents, noise, steps)}[predicts]  # fmt: skip
+        torch.testing.assert_close(target, wanted.to(target.dtype))
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type="epsilon")

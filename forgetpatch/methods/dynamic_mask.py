@@ -264,13 +264,24 @@ def _timestep(engine: FinetuneEngine, generator: torch.Generator) -> int | float
     return engine.timesteps[int(torch.randint(len(engine.timesteps), (1,), generator=generator))]
 
 
+#: The UNet prediction types :func:`_noised` makes targets for.
+PREDICTS = ("epsilon", "v_prediction", "sample")
+
+
 def _noised(engine: FinetuneEngine, latents: torch.Tensor, t: int | float, generator: torch.Generator):
-    """``(x_t, target)``: the latents noised to ``t`` and what the denoiser should predict there (the noise for a
-    UNet; the velocity ``noise - x_0`` on the flow line ``x_t = (1 - sigma) x_0 + sigma noise`` for SD3 / FLUX)."""
+    """``(x_t, target)``: the latents noised to ``t`` and what the denoiser should predict there: for a UNet what its
+    scheduler's ``prediction_type`` names (the noise; the velocity for v-prediction models such as SD 2.1 768; the
+    clean latents for ``"sample"``), for SD3 / FLUX the velocity ``noise - x_0`` on the flow line
+    ``x_t = (1 - sigma) x_0 + sigma noise``."""
     noise = torch.randn(latents.shape, generator=generator)
     if engine.flow is None:
-        x_t = engine.scheduler.add_noise(latents, noise, torch.full((len(latents),), int(t)))
-        target = noise
+        steps = torch.full((len(latents),), int(t))
+        x_t = engine.scheduler.add_noise(latents, noise, steps)
+        predicts = engine.scheduler.config.get("prediction_type", "epsilon")
+        if predicts not in PREDICTS:
+            raise MethodError(f"Dynamic Mask trains UNets that predict {', '.join(PREDICTS)}, not {predicts!r}")
+        target = {"epsilon": noise, "sample": latents}.get(predicts)
+        target = engine.scheduler.get_velocity(latents, noise, steps) if target is None else target
     else:
         sigma = t / 1000.0
         x_t, target = (1 - sigma) * latents + sigma * noise, noise - latents
@@ -298,6 +309,7 @@ def train_concept(
     params = dict(engine.trainable())
     mask = GradientMask(params)
     teacher = engine.snapshot()
+    engine.optimizer.state.clear()  # each concept starts Adam afresh, as a chain's steps do (not the last one's moments)
     templates = settings.templates
     kept = [*earlier, superclass]
     guarded = [w for w in preserved if w != superclass] if settings.preserve_weight > 0 else []
@@ -387,7 +399,8 @@ def train_concept(
             rate = settings.turnover * 0.5 * (1 + math.cos(math.pi * epoch / settings.epochs))
             swaps.append(mask.turn_over(rate))
             mask.reset_scores()
-        if (step + 1) % per_epoch == 0 or step + 1 == settings.steps:
+        if step + 1 == settings.steps or ((step + 1) % per_epoch == 0 and (step + 1) // per_epoch < settings.epochs):
+            # an epoch ends (the last one takes the steps epochs do not divide evenly)
             mean = distributed.sum_values({"forget": forget_sum})["forget"] / max(1, forget_n)
             epoch_losses.append(round(mean, 6))
             if best is None or mean < best[0]:

@@ -157,8 +157,10 @@ def test_each_concept_starts_adam_afresh_and_an_uneven_last_epoch_is_not_an_epoc
         assert len(record["forget_loss_by_epoch"]) == 3 and record["best_epoch"] < 3
 
 
-def test_the_superclass_term_targets_what_the_unet_predicts(pipe):
-    """The denoising target was the noise whatever the scheduler's prediction_type (SD 2.1 768 predicts v)."""
+def test_the_superclass_term_and_the_attacks_target_what_the_unet_predicts(pipe):
+    """The denoising target of Dynamic Mask's warm-up and superclass terms, and of the textual-inversion and
+    relearning attacks, was the noise whatever the scheduler's prediction_type (SD 2.1 768 predicts v)."""
+    from forgetpatch.attacks.text import ConceptData, denoising_batch
     from forgetpatch.methods.dynamic_mask import _noised
     from forgetpatch.methods.finetune import FinetuneEngine, make_config
 
@@ -171,5 +173,12 @@ def test_the_superclass_term_targets_what_the_unet_predicts(pipe):
         steps = torch.full((2,), 500)
         wanted = {"epsilon": noise, "sample": latents,
                   "v_prediction": engine.scheduler.get_velocity(latents, noise, steps)}[predicts]  # fmt: skip
+        torch.testing.assert_close(target, wanted.to(target.dtype))
+        _, t, target, _ = denoising_batch(pipe, ConceptData(latents, ["a", "b"]), 2, torch.Generator().manual_seed(1))
+        g = torch.Generator().manual_seed(1)
+        index = torch.randint(2, (2,), generator=g)
+        noise = torch.randn(latents.shape, generator=g)
+        wanted = {"epsilon": noise, "sample": latents[index],
+                  "v_prediction": pipe.scheduler.get_velocity(latents[index], noise, t)}[predicts]  # fmt: skip
         torch.testing.assert_close(target, wanted.to(target.dtype))
     pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type="epsilon")

@@ -312,8 +312,8 @@ def textual_inversion(target: Target) -> list[AttackResult]:
     initial = pipe.text_encoder.get_input_embeddings().weight.detach()[word].clone().float()
     vector = torch.nn.Parameter(initial.clone())
 
-    def loss_of(x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return torch.nn.functional.mse_loss(unet_eps(pipe, x_t, t, encode(pipe, prompts)).float(), noise.float())
+    def loss_of(x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(unet_eps(pipe, x_t, t, encode(pipe, prompts)).float(), target.float())
 
     with PassCounter(pipe.unet) as passes, token_vectors(pipe, at_token(word, vector)):
         losses = _fit(target, "textual_inversion", [vector], b.ti_steps, b.ti_lr, 5, loss_of)
@@ -336,10 +336,10 @@ def relearning(target: Target) -> list[AttackResult]:
     pipe = target.pipe
     layers = cross_attention_layers(pipe, RELEARN_PROJECTIONS)
 
-    def loss_of(x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def loss_of(x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         with torch.no_grad():
             states = encode(pipe, prompts)
-        return torch.nn.functional.mse_loss(unet_eps(pipe, x_t, t, states).float(), noise.float())
+        return torch.nn.functional.mse_loss(unet_eps(pipe, x_t, t, states).float(), target.float())
 
     with PassCounter(pipe.unet) as passes, lora_hooks(layers, b.relearn_rank, target.seed) as params:
         losses = _fit(target, "relearning", params, b.relearn_steps, b.relearn_lr, 6, loss_of)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from forgetpatch.errors import AttackError
-from forgetpatch.methods import single_token
+from forgetpatch.methods import denoising_target, single_token
 from forgetpatch.toy import render_batch, vocab
 
 #: ``(input_ids, rows) -> rows`` for a batch of prompts.
@@ -146,15 +146,17 @@ def concept_data(pipe, concept: str, count: int, seed: int) -> ConceptData:
 def denoising_batch(
     pipe, data: ConceptData, size: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-    """``(x_t, t, noise, prompts)``: ``size`` of the latents, noised at uniformly drawn timesteps."""
+    """``(x_t, t, target, prompts)``: ``size`` of the latents, noised at uniformly drawn timesteps, and what the UNet
+    should predict there (the noise, or for a v-prediction model the velocity: :func:`denoising_target`)."""
     index = torch.randint(len(data.prompts), (size,), generator=generator)
     latents = data.latents[index]
     noise = torch.randn(latents.shape, generator=generator)
     steps = int(pipe.scheduler.config.num_train_timesteps)
     t = torch.randint(steps, (size,), generator=generator)
     x_t = pipe.scheduler.add_noise(latents, noise, t)
+    target = denoising_target(pipe.scheduler, latents, noise, t)
     device, dtype = pipe.unet.device, pipe.unet.dtype
-    return x_t.to(device, dtype), t.to(device), noise.to(device, dtype), [data.prompts[i] for i in index.tolist()]
+    return x_t.to(device, dtype), t.to(device), target.to(device, dtype), [data.prompts[i] for i in index.tolist()]
 
 
 def encode(pipe, prompts: Sequence[str]) -> torch.Tensor:

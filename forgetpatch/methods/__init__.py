@@ -39,7 +39,7 @@ from forgetpatch.methods.closed_form import (
     current_weights,
     inversion_map,
 )
-from forgetpatch.methods.finetune import Cond, encode_prompt
+from forgetpatch.methods.finetune import Cond, denoising_target, encode_prompt
 
 # Method modules register themselves on import; a new method is one module plus its name here.
 _METHOD_MODULES = ("uce", "scapre", "esd", "kscu", "dynamic_mask")
@@ -158,6 +158,7 @@ __all__ = [
     "cross_attention_layers",
     "current_weight",
     "current_weights",
+    "denoising_target",
     "encode_prompt",
     "erase_chain",
     "erase",

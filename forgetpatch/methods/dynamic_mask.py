@@ -77,7 +77,7 @@ from forgetpatch.methods.base import (
     register,
     typed,
 )
-from forgetpatch.methods.finetune import Cond, FinetuneEngine, check_trainable, make_config
+from forgetpatch.methods.finetune import Cond, FinetuneEngine, check_trainable, denoising_target, make_config
 
 
 @dataclass(frozen=True)
@@ -264,10 +264,6 @@ def _timestep(engine: FinetuneEngine, generator: torch.Generator) -> int | float
     return engine.timesteps[int(torch.randint(len(engine.timesteps), (1,), generator=generator))]
 
 
-#: The UNet prediction types :func:`_noised` makes targets for.
-PREDICTS = ("epsilon", "v_prediction", "sample")
-
-
 def _noised(engine: FinetuneEngine, latents: torch.Tensor, t: int | float, generator: torch.Generator):
     """``(x_t, target)``: the latents noised to ``t`` and what the denoiser should predict there: for a UNet what its
     scheduler's ``prediction_type`` names (the noise; the velocity for v-prediction models such as SD 2.1 768; the
@@ -277,11 +273,7 @@ def _noised(engine: FinetuneEngine, latents: torch.Tensor, t: int | float, gener
     if engine.flow is None:
         steps = torch.full((len(latents),), int(t))
         x_t = engine.scheduler.add_noise(latents, noise, steps)
-        predicts = engine.scheduler.config.get("prediction_type", "epsilon")
-        if predicts not in PREDICTS:
-            raise MethodError(f"Dynamic Mask trains UNets that predict {', '.join(PREDICTS)}, not {predicts!r}")
-        target = {"epsilon": noise, "sample": latents}.get(predicts)
-        target = engine.scheduler.get_velocity(latents, noise, steps) if target is None else target
+        target = denoising_target(engine.scheduler, latents, noise, steps)
     else:
         sigma = t / 1000.0
         x_t, target = (1 - sigma) * latents + sigma * noise, noise - latents

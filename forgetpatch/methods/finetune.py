@@ -794,6 +794,26 @@ def train_patch(
     )
 
 
+#: The UNet prediction types :func:`denoising_target` makes targets for.
+PREDICTS = ("epsilon", "v_prediction", "sample")
+
+
+def denoising_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """What a UNet whose scheduler is ``scheduler`` should predict for ``latents`` noised with ``noise`` at ``steps``:
+    the noise, the velocity (v-prediction models such as SD 2.1 768) or the clean latents (``"sample"``), as its
+    ``prediction_type`` says.
+
+    Example:
+        >>> target = denoising_target(pipe.scheduler, latents, noise, torch.full((len(latents),), 500))
+    """
+    predicts = scheduler.config.get("prediction_type", "epsilon")
+    if predicts not in PREDICTS:
+        raise MethodError(f"denoising targets are made for UNets that predict {', '.join(PREDICTS)}, not {predicts!r}")
+    if predicts == "v_prediction":
+        return scheduler.get_velocity(latents, noise, steps)
+    return latents if predicts == "sample" else noise
+
+
 def split_params(cls: type[P], params: Mapping[str, Any], method: str) -> tuple[P, dict[str, Any]]:
     """A fine-tuning method's keyword parameters split into its own frozen params dataclass ``cls`` and the
     engine's (:class:`FinetuneConfig` fields, returned as a dict); a key that is neither is named in the error.
@@ -824,6 +844,7 @@ def make_config(**kwargs: Any) -> FinetuneConfig:
 
 
 __all__ = [
+    "PREDICTS",
     "XATTN_REGEX",
     "Cond",
     "FinetuneConfig",
@@ -831,6 +852,7 @@ __all__ = [
     "Objective",
     "Passes",
     "ddim_timesteps",
+    "denoising_target",
     "key_step_fraction",
     "encode_prompt",
     "make_config",

@@ -84,8 +84,8 @@ def with_defaults(
         if not given and concepts:
             warnings.warn(
                 f"the base has no settings that forget {', '.join(c.target for c in concepts)} with {method} (the toy "
-                "world's are for shapes, erased in a patch of their own): the method's own settings run, which may "
-                "forget little; measure the patch (forgetpatch eval)",
+                "world's are for its shapes, colours and textures, each kind in a patch of its own): the method's own "
+                "settings run, which may forget little; measure the patch (forgetpatch eval)",
                 UserWarning,
                 stacklevel=3,
             )

@@ -20,6 +20,8 @@ Run:
     python benchmarks/sequential.py --only dm-toy --shapes circle star triangle hexagon square --images 4 \
         --ua-images 32 --last 16 96                                      # the chain recipe's order (README)
     python benchmarks/sequential.py --only dm-toy dm-toy-no-distill dm-toy-release --images 4 --ua-images 32  # README
+    python benchmarks/sequential.py --only dm-toy --shapes circle star triangle hexagon square --images 4 \
+        --ua-images 32 --last 16 96 --param steps=300 --out runs/sequential-300   # more steps per concept (README)
     python benchmarks/sequential.py --only dm-cross dm-cross-no-distill --images 4 --ua-images 32
     python benchmarks/sequential.py --only uce uce-hold-1 uce-no-hold scapre scapre-hold-1 uce-at-once --images 4 --ua-images 32
 """
@@ -37,6 +39,8 @@ from rich.console import Console
 from rich.table import Table
 
 from forgetpatch import toy
+from forgetpatch.cli.erase import parse_params
+from forgetpatch.errors import MethodError
 from forgetpatch.eval import evaluate, guide_ceiling, steered_to
 from forgetpatch.methods import Concept, erase_chain
 from forgetpatch.recipes import load_recipe
@@ -163,7 +167,13 @@ def main() -> None:
                         help="measure the last step with more images (per concept, per erased concept)")
     parser.add_argument("--out", type=Path, default=Path("runs/sequential"))
     parser.add_argument("--fresh", action="store_true", help="measure every chain again, even one already in --out")
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="a method parameter set on every chain measured (e.g. steps=300 for dm-toy)")
     args = parser.parse_args()
+    try:
+        extra = parse_params(args.param)
+    except MethodError as exc:
+        parser.error(str(exc))
     args.out.mkdir(parents=True, exist_ok=True)
     ua_images = args.ua_images or args.images
     sizes = {(args.images, ua_images), *([tuple(args.last)] if args.last else [])}
@@ -173,7 +183,8 @@ def main() -> None:
     }
     todo = chains(args.shapes)
     results = {}
-    measured_with = {"shapes": args.shapes, "images": args.images, "ua_images": ua_images, "last": args.last}
+    measured_with = {"shapes": args.shapes, "images": args.images, "ua_images": ua_images, "last": args.last,
+                     **({"params": extra} if extra else {})}
     for name in args.only or list(todo):
         path = args.out / f"{name}.json"
         stored = json.loads(path.read_text()) if path.exists() and not args.fresh else None
@@ -181,6 +192,7 @@ def main() -> None:
             Console().print(f"{name}: reusing {path} (--fresh to measure again)")
         else:
             concepts, params = todo[name]
+            params = {**params, **extra}
             run = at_once if name.endswith("-at-once") else run_chain
             last = tuple(args.last) if args.last else None
             figures = run(concepts, dict(params), bases, args.images, ua_images, last) if run is at_once else run(

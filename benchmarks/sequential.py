@@ -174,6 +174,8 @@ def main() -> None:
         extra = parse_params(args.param)
     except MethodError as exc:
         parser.error(str(exc))
+    if taken := sorted(set(extra) & {"method", "name", "preserve", "progress", "on_step"}):
+        parser.error(f"--param {taken[0]}: the chain sets it; give method parameters only")
     args.out.mkdir(parents=True, exist_ok=True)
     ua_images = args.ua_images or args.images
     sizes = {(args.images, ua_images), *([tuple(args.last)] if args.last else [])}

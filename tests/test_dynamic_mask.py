@@ -182,3 +182,16 @@ def test_the_superclass_term_and_the_attacks_target_what_the_unet_predicts(pipe)
                   "v_prediction": pipe.scheduler.get_velocity(latents[index], noise, t)}[predicts]  # fmt: skip
         torch.testing.assert_close(target, wanted.to(target.dtype))
     pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type="epsilon")
+
+
+def test_a_velocity_target_needs_no_scheduler_that_computes_one():
+    """PNDM, DPM-Solver and UniPC have no get_velocity: the attacks' target on a v-prediction pipeline using one
+    raised AttributeError mid-attack."""
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
+
+    from forgetpatch.methods import denoising_target
+
+    x, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([100, 500])
+    wanted = DDPMScheduler(prediction_type="v_prediction").get_velocity(x, noise, t)
+    for scheduler in (PNDMScheduler, DPMSolverMultistepScheduler):
+        torch.testing.assert_close(denoising_target(scheduler(prediction_type="v_prediction"), x, noise, t), wanted)

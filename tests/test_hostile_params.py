@@ -23,6 +23,7 @@ from forgetpatch.format import (
     as_concepts,
     build_patch,
     read_patch,
+    record_metrics,
 )
 from forgetpatch.format.migrate import upgrade
 from forgetpatch.methods.uce import UCEParams
@@ -72,6 +73,7 @@ def test_parameters_are_converted_only_where_nothing_is_lost():
     assert settings.templates == ("a {concept}",) and settings.robust == 2
     check_params("esd", {"eta": 1, "rank": 4, "iterations": 10, "seed": 0, "name": "x", "progress": False})
     check_params("dynamic_mask", {"steps": 2, "templates": ["a {concept}"]})
+    check_params("kscu", {"iterations": None, "scope": None})  # KSCU's own None (its preset), not the engine's int
     with pytest.raises(MethodError, match="iterations must be an integer"):
         check_params("kscu", {"iterations": "ten"})
 
@@ -206,7 +208,11 @@ def test_a_grid_of_the_patch_a_save_replaces_is_not_listed_with_the_new_one(pipe
 
     folder = _patch(pipe, seed=0).save(tmp_path / "p")
     Image.new("RGB", (8, 8), "red").save(folder / "grid.png")
-    _patch(pipe, seed=0).save(folder)  # the same patch again (a recording of figures): its grid stays listed
+    _patch(pipe, seed=0).save(folder)  # the same patch again: its grid stays listed
+    assert "grid.png" in read_patch(folder).manifest.files
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # figures recorded into it change the weights file's header, not the patch
+        record_metrics(folder, lambda patch: {"figure": 0.5})
     assert "grid.png" in read_patch(folder).manifest.files
     with pytest.warns(UserWarning, match="grid.png shows the patch this one replaced"):
         _patch(pipe, seed=1).save(folder)

@@ -393,7 +393,7 @@ class Patch:
                     carry_over(path, work, skip={WEIGHTS_NAME, MANIFEST_NAME})
                 self._write_weights(work / WEIGHTS_NAME)
                 files = {name: sha256_file(work / name) for name in [WEIGHTS_NAME, *listed]}
-                stale = _stale_images(path, files) if replacing else []
+                stale = _stale_images(path, files, self.digest) if replacing else []
                 files = {name: digest for name, digest in files.items() if name not in stale}
                 manifest = self.manifest.model_copy(update={"files": dict(sorted(files.items()))})
                 (work / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
@@ -410,7 +410,7 @@ class Patch:
             os.chdir(cwd)  # the working directory was in the folder just replaced: move into the new one
         if stale:
             warnings.warn(
-                f"{path}: {', '.join(stale)} shows the patch this one replaced (same file, other weights), so it is "
+                f"{path}: {', '.join(stale)} shows the patch this one replaced (the same image, a patch that does otherwise), so it is "
                 f"not listed with this one (never pushed); make a new one, e.g. forgetpatch eval {path} --grid "
                 f"{path / stale[0]}",
                 UserWarning,
@@ -522,16 +522,19 @@ def _own_files(folder: Path, include: Iterable[str]) -> tuple[list[str], list[st
     return sorted(own - {CARD_NAME}), left_out  # the card stays beside the patch, never hashed: people edit it
 
 
-def _stale_images(folder: Path, files: dict[str, str]) -> list[str]:
-    """The before/after images among ``files`` (name -> sha256, the weights' included) that the patch in ``folder``
-    listed unchanged while its weights differ: they show that patch, not the one replacing it."""
+def _stale_images(folder: Path, files: dict[str, str], digest: str) -> list[str]:
+    """The before/after images among ``files`` (name -> sha256) that the patch in ``folder`` listed unchanged while it
+    does something else than the patch of ``digest`` (:attr:`Patch.digest`: figures recorded into it keep it): they
+    show that patch, not the one replacing it. Nothing when the old patch cannot be read."""
+    from forgetpatch.errors import ForgetPatchError
+
     try:
-        old = json.loads(read_bounded(folder / MANIFEST_NAME, MAX_MANIFEST_BYTES, ManifestError)).get("files")
-    except (ManifestError, ValueError, AttributeError):  # no readable manifest there: nothing to compare with
+        old = read_patch(folder, allow_unverified=True)
+    except (ForgetPatchError, OSError):
         return []
-    if not isinstance(old, dict) or old.get(WEIGHTS_NAME) in (None, files[WEIGHTS_NAME]):
+    if old.digest == digest:
         return []
-    return sorted(n for n, digest in files.items() if GRID_NAME.fullmatch(n) and old.get(n) == digest)
+    return sorted(n for n, sha in files.items() if GRID_NAME.fullmatch(n) and old.manifest.files.get(n) == sha)
 
 
 # --- reading ------------------------------------------------------------------------------

@@ -178,9 +178,10 @@ def check_params(method: str, params: Mapping[str, Any]) -> None:
         MethodError: unknown uce parameter(s) ['lamm']; known: [...]
     """
     declared = {**COMMON_PARAMS}
-    for cls in type(get_method(method)).params:
+    for cls in type(get_method(method)).params:  # a key two classes declare is the first one's (the method's own)
         hints = typing.get_type_hints(cls)
-        declared |= {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
+        for f in dataclasses.fields(cls):
+            declared.setdefault(f.name, hints.get(f.name, Any))
     if len(declared) == len(COMMON_PARAMS):  # a method that declares none is checked when it runs
         return
     unknown = sorted(set(params) - set(declared))

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
 from forgetpatch import distributed, progress
@@ -809,8 +809,9 @@ def denoising_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor,
     predicts = scheduler.config.get("prediction_type", "epsilon")
     if predicts not in PREDICTS:
         raise MethodError(f"denoising targets are made for UNets that predict {', '.join(PREDICTS)}, not {predicts!r}")
-    if predicts == "v_prediction":
-        return scheduler.get_velocity(latents, noise, steps)
+    if predicts == "v_prediction":  # DDPM's formula, for the schedulers without one (PNDM, DPM-Solver, UniPC, ...)
+        with_velocity = scheduler if hasattr(scheduler, "get_velocity") else DDPMScheduler.from_config(scheduler.config)
+        return with_velocity.get_velocity(latents, noise, steps)
     return latents if predicts == "sample" else noise
 
 

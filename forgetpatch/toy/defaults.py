@@ -116,7 +116,8 @@ KIND_GUIDES: dict[str, tuple[str, ...]] = {
     "texture": ("plain", "dots", "grid", "stripes", "checker"),
 }
 
-#: KSCU's first trained step (of 50) for a colour or a texture: the trajectory settles them earlier than a shape.
+#: KSCU's first trained step (of its 50-step reference trajectory; with another ``num_inference_steps``, give
+#: ``start_step`` too) for a colour or a texture: the trajectory settles them earlier than a shape.
 #: From the object preset's step 14, stripes were forgotten on 28% [16-45%] (32 images; by eye most striped
 #: backgrounds kept), red on 90% [70-97%] (20) with several red shapes gone; from step 4, stripes 97% [84-99%] (600
 #: iterations: the same), red 95% [76-99%] (``runs/s41/kindx.py``, stop 41).

@@ -103,6 +103,13 @@ class Recipe(BaseModel):
     preserve: list[Concept] = Field(default_factory=list)
     params: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("name", "base")
+    @classmethod
+    def _named(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("is empty: give a value, or leave the field out")
+        return value
+
     @field_validator("concepts", "preserve", mode="before")
     @classmethod
     def _words_are_concepts(cls, value: Any) -> Any:

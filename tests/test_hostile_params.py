@@ -237,3 +237,16 @@ def test_every_shipped_recipe_passes_the_parameter_check():
         kwargs = load_recipe(path).erase_kwargs()
         method = kwargs.pop("method")
         check_params(method, {k: v for k, v in kwargs.items() if k not in ("preserve", "paper")})
+
+
+def test_a_manifest_path_and_empty_recipe_fields_are_named(pipe, tmp_path):
+    """read_patch("p/forgetpatch.json") said the file was corrupt ("re-download"); a recipe's `name: ""` and `base: ""`
+    were accepted and then ignored."""
+    from forgetpatch.errors import PatchFormatError
+
+    folder = _patch(pipe).save(tmp_path / "p")
+    with pytest.raises(PatchFormatError, match="is a patch's manifest: give its folder"):
+        read_patch(folder / MANIFEST_NAME)
+    for field in ("name", "base"):
+        with pytest.raises(MethodError, match=f"{field}: Value error, is empty"):
+            load_recipe(_recipe(tmp_path, f'{field}: ""\nconcepts: [cat]\n'))

@@ -746,6 +746,8 @@ def read_patch(path: str | os.PathLike, *, allow_unverified: bool = False) -> Pa
         >>> old = read_patch("patches/made-in-2023", allow_unverified=True)   # format v0: logs a warning
     """
     path = Path(path)
+    if path.name == MANIFEST_NAME and path.is_file():
+        raise PatchFormatError(f"{path} is a patch's manifest: give its folder, {str(path.parent)!r}")
     for attempt in range(_READ_ATTEMPTS):
         before = identity(path)
         try:

@@ -162,6 +162,14 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--layer-cost", action="store_true", help="also time one LoRA-wrapped layer's call")
     args = parser.parse_args()
+    if low := [n for n in ("rank", "size", "steps", "repeats", "apply_repeats", "loads") if getattr(args, n) < 1]:
+        parser.error(f"--{low[0].replace('_', '-')} must be at least 1")
+    if args.size % 8:
+        parser.error(f"--size {args.size}: give a multiple of 8 (the latent is size / 8)")
+    try:
+        torch.empty(0, device=args.device)
+    except (RuntimeError, ValueError) as exc:
+        parser.error(f"--device {args.device!r}: {exc}")
     dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)  # on a shared machine, 1 avoids OpenMP oversubscription stalls

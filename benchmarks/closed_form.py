@@ -266,6 +266,8 @@ def main() -> None:
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
     args = parser.parse_args()
+    if min(args.counts) < 1 or args.images_per_concept < 1 or (args.images_per_erased or 1) < 1:
+        parser.error("--counts, --images-per-concept and --images-per-erased must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     console.print(f"torch threads: {torch.get_num_threads()}, load average: {os.getloadavg()[0]:.1f}")

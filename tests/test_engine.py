@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -255,3 +257,22 @@ def test_a_checkpoint_of_another_erasure_is_refused_not_resumed(tmp_path, method
         forgetpatch.erase(patched, [CIRCLE], method=method, **quick)
     again = forgetpatch.erase(tiny_sd_pipeline(0), [CIRCLE], method=method, **quick)  # the same run: resumed
     assert again.digest == first.digest
+    # another base of the same Hub-less kind (a local folder, a pipeline built in code: no id names it) was resumed
+    # into the first base's patch, with the second base's fingerprints
+    with pytest.raises(MethodError, match="written by another erasure"):
+        forgetpatch.erase(tiny_sd_pipeline(1), [CIRCLE], method=method, **quick)
+
+
+def test_two_runs_saving_checkpoints_in_one_folder_never_rename_each_others_file(tmp_path, monkeypatch):
+    """Every save wrote engine_state.pt.tmp: two writers renamed each other's half-written file into place, and one
+    crashed with FileNotFoundError. Each writer now has its own temporary file."""
+    from forgetpatch.methods import checkpoint
+
+    written: list[Path] = []
+    save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: (written.append(Path(f)), save(obj, f, *a, **k)))
+    checkpoint.save(tmp_path, {"step": 1})
+    checkpoint.save(tmp_path, {"step": 2})
+    assert len({w.name for w in written}) == 2 and all(w.name.startswith(".") for w in written)
+    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.NAME]
+    assert torch.load(tmp_path / checkpoint.NAME)["step"] == 2

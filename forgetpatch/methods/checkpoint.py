@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,12 @@ def save(folder: str | Path, state: Mapping[str, Any]) -> Path:
     whole after any failure); returns the file's path."""
     target = path(folder)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(NAME + ".tmp")
-    torch.save(dict(state), tmp)
-    os.replace(tmp, target)
+    tmp = target.with_name(f".{NAME}.{uuid.uuid4().hex[:8]}.tmp")  # one per writer: two runs in one folder never
+    try:  # rename each other's half-written file into place
+        torch.save(dict(state), tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
     return target
 
 

@@ -46,6 +46,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import asdict, dataclass, fields
@@ -727,17 +728,22 @@ def key_step_fraction(t: int, num_train_timesteps: int = 1000) -> float:
 
 def run_identity(pipe: Any, *, method: str, concepts: list[Any], preserve: list[Any], params: dict[str, Any]) -> dict:
     """What a fine-tuning run trains, as plain data a checkpoint records: the method, its concepts and settings, and
-    the model it starts from (its Hub id, the digests of the patches on it). A checkpoint of another erasure in the
-    same ``checkpoint_dir`` is then refused instead of resumed into the wrong patch."""
-    from forgetpatch.format import base_model_ref
+    the model it starts from (its Hub id, a sampled digest of its denoiser's weights, the digests of the patches on
+    it). A checkpoint of another erasure in the same ``checkpoint_dir`` is then refused instead of resumed into the
+    wrong patch: another base folder too, which a local path does not name (``base_model_ref`` is ``None`` there)."""
+    from forgetpatch.format import base_model_ref, weight_fingerprint
     from forgetpatch.loader import applied
 
+    weights = hashlib.sha256()
+    for key, tensor in sorted(getattr(pipe, denoiser_of(pipe)).state_dict().items()):
+        weights.update(f"{key}={weight_fingerprint(tensor).digest};".encode())
     return {
         "method": method,
         "concepts": [asdict(c) for c in concepts],
         "preserve": [asdict(c) for c in preserve],
         "params": params,
         "base": list(base_model_ref(pipe)),
+        "weights": weights.hexdigest(),
         "patches": [entry.digest for entry in applied(pipe)],
     }
 

@@ -57,7 +57,8 @@ def demo(
     forgetpatch.methods.get_method(method)  # an unknown method is named before anything runs
     check_writable(out, holds="the patch, grid and report")
     check_image_path(out / "grid.png", "the grid")  # the last step's outputs, checked before the first
-    check_new_patch_folder(out / f"no-{'-'.join(concepts)}", force)
+    folder = out / f"no-{'-'.join(concepts)}"
+    check_new_patch_folder(folder, force)
     pipe = load_base("toy")
     console.print(Text.assemble(("1/4", "bold"), f" base fidelity on the toy world ({images} images per concept)"))
     base = evaluate(pipe, concepts, images_per_concept=images, num_inference_steps=steps)
@@ -78,7 +79,6 @@ def demo(
 
     console.print(Text.assemble(("4/4", "bold"), " writing the patch, report and grid"))
     patch.manifest.metrics.update({"toy_eval": report.to_dict(), "erase_seconds": round(erase_s, 2)})
-    folder = out / f"no-{'-'.join(concepts)}"
     folder.mkdir(parents=True, exist_ok=True)
     grid = save_report_grid(report, out / "grid.png")
     shutil.copyfile(grid, folder / "grid.png")  # the patch ships its grid: the model card shows it

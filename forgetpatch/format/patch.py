@@ -528,13 +528,16 @@ def _stale_images(folder: Path, files: dict[str, str], digest: str) -> list[str]
     show that patch, not the one replacing it. Nothing when the old patch cannot be read."""
     from forgetpatch.errors import ForgetPatchError
 
+    images = sorted(n for n in files if GRID_NAME.fullmatch(n))
+    if not images:  # nothing to compare: the old patch is not read (and its weights not hashed) again
+        return []
     try:
         old = read_patch(folder, allow_unverified=True)
     except (ForgetPatchError, OSError):
         return []
     if old.digest == digest:
         return []
-    return sorted(n for n, sha in files.items() if GRID_NAME.fullmatch(n) and old.manifest.files.get(n) == sha)
+    return [n for n in images if old.manifest.files.get(n) == files[n]]
 
 
 # --- reading ------------------------------------------------------------------------------

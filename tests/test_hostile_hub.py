@@ -74,15 +74,22 @@ def test_hostile_revisions_are_refused_before_any_request(pipe, hub, revision): 
     assert len(hub.state.requests) == seen
 
 
-def test_hostile_endpoint_cannot_write_outside_the_cache(pipe, hub, tmp_path):  # noqa: F811
-    """The Hub answers for a branch named ``../../../../escape``; the client would write a ref file there."""
+@pytest.mark.parametrize("bad", ["../../../../escape", "not-a-commit"])
+def test_hostile_endpoint_cannot_write_outside_the_cache(pipe, hub, tmp_path, bad):  # noqa: F811
+    """Asked for ``main``, the Hub answers that its commit is ``../../../../escape`` (the client would make its
+    snapshot folder there, outside the cache; huggingface_hub refuses it with a ValueError, which reached the user
+    raw) or a name that is no commit id. (A revision of such a name is refused before any request: the test above.)"""
+    from dataclasses import replace
+
     push(make_patch(pipe), "org/x")
     repo = hub.state.repos["org/x"]
-    repo.branches["../../../../escape"] = repo.branches["main"]
-    with pytest.raises(HubError):
-        forgetpatch.load("org/x@../../../../escape")
-    with pytest.raises(HubError):
-        download("org/x", revision="../../../../escape")
+    repo.commits[bad] = replace(repo.commits[repo.branches["main"]], oid=bad)
+    repo.branches["main"] = bad
+    seen = len(hub.state.requests)
+    for call in (lambda: forgetpatch.load("org/x"), lambda: download("org/x")):
+        with pytest.raises(HubError, match="refus"):
+            call()
+    assert len(hub.state.requests) > seen  # the Hub was asked, and its answer refused
     cache = Path(huggingface_hub.constants.HF_HUB_CACHE)
     outside = [p for p in tmp_path.rglob("*") if p.name == "escape" and not p.is_relative_to(cache)]
     assert outside == []

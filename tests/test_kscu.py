@@ -64,6 +64,21 @@ def test_timesteps_and_manifest_range():
     assert r.timesteps == [981 - 20 * k for k in range(14, 50)] and r.timesteps[-1] == 1
     assert r.start == pytest.approx(1 - 701 / 1000) and r.end == 1.0 and r.num_inference_steps == 50
     assert leakage_weight(701) == pytest.approx(299 * 2e-5) and leakage_weight(1000) == 0
+    # 10 iterations train steps 14-23 only (t 701..521): the loader must not gate the patch on past them (it recorded
+    # end 1.0, and the patch acted on the 26 steps it never trained)
+    short = key_step_range(table, 10, timesteps, "DDIMScheduler")
+    # a flow scheduler's timesteps are fractional: the range came from the rounded ones, and the gate, reading the
+    # call's own timestep, switched the first and last trained steps off
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    flow = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    flow.set_timesteps(28)
+    fractional = [float(t) for t in flow.timesteps]
+    r = key_step_range(KeyStepTable(num_steps=28, start=8), 3, fractional, "FlowMatchEulerDiscreteScheduler", 1000)
+    gated = [i for i, t in enumerate(fractional) if r.start <= 1 - t / 1000 <= r.end]
+    assert gated == [8, 9, 10], (r, fractional[7:12])
+    assert short.timesteps == [981 - 20 * k for k in range(14, 24)]
+    assert short.start == pytest.approx(1 - 701 / 1000) and short.end == pytest.approx(1 - 521 / 1000)
 
 
 def test_presets():
@@ -149,7 +164,8 @@ def test_kscu_patch_on_tiny_sd_records_key_steps(tmp_path):
     (r,) = m.key_steps
     start = round(14 * 10 / 50)
     trained = ddim_timesteps(pipe, 10)[start : start + 4]  # 4 iterations: concept 0, steps 3..6
-    assert r.timesteps == trained and r.start == pytest.approx(1 - trained[0] / 1000) and r.end == 1.0
+    assert r.timesteps == trained and r.start == pytest.approx(1 - trained[0] / 1000)
+    assert r.end == pytest.approx(1 - trained[-1] / 1000)  # trained to step 6 of 10 only: gated there (was 1.0)
     assert m.metrics["key_steps"]["start_step"] == start and m.metrics["key_step_analysis"] == analysis
     assert m.metrics["key_step_check"]["presence_switching_at_preset_start"] == 0.5  # k = 3
     passes = m.metrics["training"]["unet_passes"]
@@ -220,13 +236,11 @@ KSCU_TOY_BARS = {"ua": 0.90, "ira": 0.85, "cra": 0.90}
 
 @pytest.mark.slow(seconds=170)
 def test_toy_kscu_erases_one_shape_within_the_bars(competent_toy):
-    """Issue bar: KSCU erasing one shape, UA >= 90%, IRA >= 85% and CRA >= 90% of base.
+    """Issue bar: KSCU erasing one shape, UA >= 90%, IRA >= 85% and CRA >= 90% of base. Met at stop 42 on the edge:
+    181 of 192 forgotten, lower bound 0.9003, so one image less misses it; below the bars it xfails with the
+    figures (under the floor it fails).
 
     (The 15-minute budget is a speed target: ``benchmarks/finetune.py toy`` measures and prints it.)"""
-    from toy_bars import measure_recipe
+    from toy_bars import check_bars, measure_recipe
 
-    measured = measure_recipe("toy-no-circle-kscu")
-    figures = measured.figures()
-    print(figures)
-    if measured.below(KSCU_TOY_BARS):
-        pytest.xfail(f"below the toy bars {KSCU_TOY_BARS}: {figures}")
+    check_bars(measure_recipe("toy-no-circle-kscu"), KSCU_TOY_BARS, "KSCU, recipes/toy-no-circle-kscu.yaml")

@@ -130,19 +130,36 @@ def split_ref(ref: str, revision: str | None = None) -> tuple[str, str | None]:
     return repo_id, None if chosen is None else check_revision(chosen)
 
 
+#: A full commit id, the name of a Hub cache snapshot folder.
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
 def _fetch(repo_id: str, filename: str, revision: str | None, token: str | bool | None) -> Path:
     from forgetpatch import __version__
 
     with hub_errors(repo_id, revision, filename):
-        path = hf_hub_download(
-            repo_id,
-            filename,
-            revision=revision,
-            token=token,
-            library_name="forgetpatch",
-            library_version=__version__,
+        try:
+            path = Path(hf_hub_download(
+                repo_id,
+                filename,
+                revision=revision,
+                token=token,
+                library_name="forgetpatch",
+                library_version=__version__,
+            ))
+        except HFValidationError:
+            raise  # a repo id or revision the client refuses: hub_errors says which
+        except ValueError as exc:  # the client refusing what the Hub answered, e.g. a commit id that is a path
+            raise HubError(
+                f"the Hub's answer for {repo_id}@{revision or 'main'} (file {filename!r}) was refused: {exc}"
+            ) from exc
+    commit = path.parents[len(Path(filename).parts) - 1].name  # snapshots/<commit>/<filename>
+    if not _COMMIT.fullmatch(commit):
+        raise HubError(
+            f"the Hub answered {repo_id}@{revision or 'main'} with commit {commit!r}, which is not a commit id (40 hex "
+            "digits); refusing it"
         )
-    return Path(path)
+    return path
 
 
 def download(

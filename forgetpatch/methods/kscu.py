@@ -304,6 +304,11 @@ def preset_check(analysis: Mapping[str, Any], start_step: int, num_steps: int = 
     }
 
 
+#: How much wider than its trained timesteps a recorded range is, in trajectory fraction: the loader computes a call's
+#: fraction from the timestep in its own precision (float32 on a GPU), which can differ from this one's in the 7th digit.
+_GATE_SLACK = 1e-7
+
+
 def key_step_range(
     table: KeyStepTable,
     iterations: int,
@@ -311,11 +316,16 @@ def key_step_range(
     scheduler: str,
     num_train_timesteps: int = 1000,
 ) -> KeyStepRange:
-    """The manifest record of the trajectory range a table trains (fractions + timesteps)."""
-    trained = sorted({round(timesteps[e.step]) for e in table.entries(iterations)}, reverse=True)
+    """The manifest record of the trajectory range a table trains (fractions + timesteps): from its noisiest trained
+    step to the end of sampling, or to its least noisy trained step when training stopped before the trajectory's
+    last step (fewer iterations than steps from the start)."""
+    steps = {e.step for e in table.entries(iterations)}
+    trained = sorted({round(timesteps[s]) for s in steps}, reverse=True)
+    # from the timesteps as the loader sees them (a flow scheduler's are fractional), a hair wider for float error
+    first, last = float(timesteps[min(steps)]), float(timesteps[max(steps)])
     return KeyStepRange(
-        start=key_step_fraction(trained[0], num_train_timesteps),
-        end=1.0,
+        start=max(0.0, key_step_fraction(first, num_train_timesteps) - _GATE_SLACK),
+        end=1.0 if max(steps) == len(timesteps) - 1 else key_step_fraction(last, num_train_timesteps) + _GATE_SLACK,
         timesteps=trained,
         scheduler=scheduler,
         num_inference_steps=len(timesteps),

@@ -43,6 +43,7 @@ from forgetpatch import toy
 from forgetpatch.attacks import Budget, attack
 from forgetpatch.format import MANIFEST_NAME, read_patch
 from forgetpatch.methods import Concept
+from forgetpatch.rates import interval_text, rate_text
 from forgetpatch.recipes import load_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -171,7 +172,8 @@ def retention(patch: Any, concepts: list[str]) -> dict[str, Any]:
             "value": getattr(worst.scores, rate), "n": worst.scores.n.get(rate), "interval": worst.scores.interval.get(rate),
             "base": None if base is None else getattr(base, rate),
             "base_interval": None if base is None else base.interval.get(rate),
-            "ratio": worst.ratios.get(rate), "concept": worst.concept,
+            "ratio": worst.ratios.get(rate), "ratio_interval": worst.ratio_interval.get(rate),
+            "concept": worst.concept,
         }
     return out
 
@@ -212,19 +214,20 @@ def cell(figures: dict[str, Any], attack_name: str) -> str:
     if not rows:
         return "-"
     concept, worst = min(rows, key=lambda ca: ca[1]["ua_after"])
-    lo, hi = worst["interval"]
     where = f" {concept}" if len(rows) > 1 else ""
-    return f"{worst['ua_after']:.0%} [{lo:.0%}-{hi:.0%}]{where}"
+    return f"{rate_text(worst['ua_after'], worst['interval'])}{where}"
 
 
 def before(figures: dict[str, Any]) -> str:
+    def first(attacks: dict[str, Any]) -> dict[str, Any]:  # paraphrase's before is on its own 16 scenes only
+        return next((a for name, a in attacks.items() if name != "paraphrase"), next(iter(attacks.values())))
+
     concept, first = min(
-        ((c, next(iter(r["attacks"].values()))) for c, r in figures["concepts"].items()),
+        ((c, first(r["attacks"])) for c, r in figures["concepts"].items()),
         key=lambda ca: ca[1]["ua_before"],
     )
-    lo, hi = first["interval_before"]
     where = f" {concept}" if len(figures["concepts"]) > 1 else ""
-    return f"{first['ua_before']:.0%} [{lo:.0%}-{hi:.0%}]{where}"
+    return f"{rate_text(first['ua_before'], first['interval_before'])}{where}"
 
 
 def kept(figures: dict[str, Any], rate: str) -> str:
@@ -232,9 +235,9 @@ def kept(figures: dict[str, Any], rate: str) -> str:
     r = (figures.get("retention") or {}).get(rate)
     if not r or r["value"] is None:
         return "-"
-    lo, hi = r["interval"]
-    ratio = "" if r["ratio"] is None else f" ({r['ratio']:.2f} of base)"
-    return f"{r['value']:.0%} [{lo:.0%}-{hi:.0%}] n{r['n']}{ratio}"
+    bounds = f" {interval_text(r['ratio_interval'])}" if r.get("ratio_interval") else ""
+    ratio = "" if r["ratio"] is None else f" ({r['ratio']:.2f}{bounds} of base)"
+    return f"{rate_text(r['value'], r['interval'])} n{r['n']}{ratio}"
 
 
 def main() -> None:

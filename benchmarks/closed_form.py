@@ -43,6 +43,7 @@ from rich.console import Console
 from rich.table import Table
 
 import forgetpatch
+from forgetpatch.rates import percent, rate_text, wilson
 from forgetpatch.testing import TEST_WORDS, published_pipeline
 
 #: The closed-form methods, as their classes say (("uce", "scapre"), in registration order).
@@ -159,10 +160,6 @@ def part_speed(device: str, counts: list[int], repeats: int = 3, family: str = "
     )
 
 
-def percent(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0%}"
-
-
 def worst_ua(report) -> tuple[str, str, str]:
     """Strict UA with its interval, top-1 UA and the v1 judge's UA of the worst erased concept (by strict UA)."""
     from forgetpatch import toy
@@ -170,9 +167,8 @@ def worst_ua(report) -> tuple[str, str, str]:
 
     name, worst = min(report.concepts.items(), key=lambda kv: kv[1].scores.ua)
     s = worst.scores
-    lo, hi = s.interval["ua"]
     v1 = rejudge(report, toy.load_judge("v1")).concepts[name].scores.ua
-    return f"{s.ua:.0%} [{lo:.0%}-{hi:.0%}] {name}", percent(s.ua_top1), percent(v1)
+    return f"{rate_text(s.ua, s.interval['ua'])} {name}", percent(s.ua_top1), percent(v1)
 
 
 def part_toy(
@@ -200,7 +196,7 @@ def part_toy(
     )
     columns = (
         "setting", "shapes", "method", "UA strict [95%]", "UA top-1", "UA v1", "IRA/base", "CRA/base",
-        "near/base", "leakage", "drift",
+        "near/base", "leakage", "IRA/base 95% lower", "CRA/base 95% lower", "near/base 95% lower", "drift",
     )
     for col in (*columns, "erase s"):
         table.add_column(col, justify="right")
@@ -218,13 +214,14 @@ def part_toy(
         elapsed = time.perf_counter() - start
         pipe = forgetpatch.apply(toy.pipeline(), patch)
         report = evaluate(pipe, shapes, reference=base, **eval_kw)
-        worst = report.worst()
+        worst, safe = report.worst(), report.worst(safe=True)
         table.add_row(
             setting,
             str(n),
             method,
             *worst_ua(report),
-            *(percent(worst[key]) for key in ("ira", "cra", "near", "leakage")),
+            *(percent(worst[key]) for key in ("ira", "cra", "near", "leakage")),  # worst over concepts: point
+            *(percent(safe[key]) for key in ("ira", "cra", "near")),
             f"{report.drift:.3f}" if report.drift is not None else "-",
             f"{elapsed:.2f}",
         )
@@ -242,7 +239,8 @@ def part_toy(
         found = guide_ceiling(
             base_pipe, SHAPE_SETS[5], guide, images_per_concept=images_per_erased or images_per_concept, seed=seed
         )
-        ceilings.add_row(repr(guide), *(percent(found[s]) for s in SHAPE_SETS[5]))
+        n = images_per_erased or images_per_concept
+        ceilings.add_row(repr(guide), *(rate_text(found[s], wilson(round(found[s] * n), n)) for s in SHAPE_SETS[5]))
     console.print(ceilings)
 
 

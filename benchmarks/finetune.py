@@ -39,8 +39,11 @@ def _scores(report: Any, concept: str) -> dict[str, Any]:
         "ua_v1": rejudge(report, load_judge("v1")).concepts[concept].scores.ua,
         "paraphrase_ua": None if c.scores.leakage is None else 1 - c.scores.leakage,
         "ira_ratio": c.ratios["ira"],
+        "ira_ratio_95": c.ratio_interval.get("ira"),
         "cra_ratio": c.ratios["cra"],
+        "cra_ratio_95": c.ratio_interval.get("cra"),
         "near_ratio": c.ratios["near"],
+        "near_ratio_95": c.ratio_interval.get("near"),
         "drift": report.drift,
     }
 
@@ -102,15 +105,18 @@ def toy(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_toy(result: dict[str, Any]) -> None:
+    from forgetpatch.rates import interval_text, percent
+
     def f(v: Any, pct: bool = True) -> str:
         if v is None:
             return "n/a"
         if isinstance(v, list):
-            return f"[{v[0]:.0%}-{v[1]:.0%}]"
-        return f"{v:.0%}" if pct else f"{v:.3g}"
+            return interval_text(v)
+        return percent(v) if pct else f"{v:.3g}"
 
     print(f"\nconcept {result['concept']}  settings {result['settings']}  base UA {f(result['base_ua'])}")
-    cols = ["ua", "ua_95", "ua_top1", "ua_v1", "paraphrase_ua", "ira_ratio", "cra_ratio", "near_ratio", "drift", "unet_passes", "erase_s"]
+    cols = ["ua", "ua_95", "ua_top1", "ua_v1", "paraphrase_ua", "ira_ratio", "ira_ratio_95", "cra_ratio", "cra_ratio_95",
+            "near_ratio", "near_ratio_95", "drift", "unet_passes", "erase_s"]
     print("| method | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for name, row in result["rows"].items():
@@ -120,17 +126,20 @@ def print_toy(result: dict[str, Any]) -> None:
     if k:
         bars = {
             "strict UA >= 90% (95% lower bound)": k["ua_95"][0] >= 0.9,
-            "IRA >= 85% of base": (k["ira_ratio"] or 0) >= 0.85,
-            "CRA >= 90% of base": (k["cra_ratio"] or 0) >= 0.9,
+            "IRA >= 85% of base (95% lower bound)": (k["ira_ratio_95"] or [0])[0] >= 0.85,
+            "CRA >= 90% of base (95% lower bound)": (k["cra_ratio_95"] or [0])[0] >= 0.9,
             "erase <= 15 min": k["erase_s"] <= 900,
         }
         for bar, ok in bars.items():
             print(f"KSCU {bar}: {'PASS' if ok else 'FAIL'}")
     if k and e:
         ratio = k["unet_passes"] / e["unet_passes"]
-        print(f"KSCU/ESD UNet passes: {ratio:.2f}; KSCU UA {f(k['ua'])} vs ESD UA {f(e['ua'])}")
-        ok = (k["ua"] or 0) >= (e["ua"] or 0) and ratio <= 0.5
-        print(f"claim 'ESD's UA with <= half the passes': {'HOLDS' if ok else 'DOES NOT HOLD'} in this run")
+        print(f"KSCU/ESD UNet passes: {ratio:.2f}; KSCU UA {f(k['ua'])} {f(k['ua_95'])} vs ESD UA {f(e['ua'])} "
+              f"{f(e['ua_95'])}")
+        # KSCU reaches ESD's UA unless its interval lies wholly under ESD's
+        ok = k["ua_95"][1] >= e["ua_95"][0] and ratio <= 0.5
+        print(f"claim 'ESD's UA with <= half the passes' (intervals overlapping): {'HOLDS' if ok else 'DOES NOT HOLD'} "
+              "in this run")
 
 
 def arch(args: argparse.Namespace) -> dict[str, Any]:

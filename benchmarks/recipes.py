@@ -26,13 +26,20 @@ from rich.table import Table
 import forgetpatch
 from forgetpatch import toy
 from forgetpatch.eval import evaluate, guide_ceiling, rejudge, steered_to
+from forgetpatch.rates import percent as pct
+from forgetpatch.rates import rate_text, wilson
 from forgetpatch.recipes import load_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
-def pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0%}"
+def lowest_ratio(report, key: str) -> str:
+    """The lowest ratio to the base of retention ``key`` over the erased concepts, with its 95% interval."""
+    rated = [c for c in report.concepts.values() if c.ratios[key] is not None]
+    if not rated:
+        return "-"
+    worst = min(rated, key=lambda c: c.ratios[key])
+    return rate_text(worst.ratios[key], worst.ratio_interval.get(key))
 
 
 def main() -> None:
@@ -63,20 +70,19 @@ def main() -> None:
         old = rejudge(report, v1)
         concept, worst = min(report.concepts.items(), key=lambda kv: kv[1].scores.ua)
         s, lo_hi = worst.scores, worst.scores.interval["ua"]
-        ratios = report.worst()
         d = report.disagreement()
         to = steered_to(patch.manifest.concepts)[concept]
         ceiling = guide_ceiling(toy.pipeline(), [concept], {concept: to}, images_per_concept=args.ua_images)[concept]
         table.add_row(
             name,
             concept,
-            f"{s.ua:.0%} [{lo_hi[0]:.0%}-{lo_hi[1]:.0%}]",
+            rate_text(s.ua, lo_hi),
             "/".join(pct(s.split[k]) for k in ("replaced", "empty", "unclear")),
             pct(s.ua_top1),
             pct(old.concepts[concept].scores.ua),
-            *(pct(ratios[k]) for k in ("ira", "cra", "near")),
-            pct(d["rate"]) if d else "-",
-            f"{to or 'blank'} {ceiling:.0%}",
+            *(lowest_ratio(report, k) for k in ("ira", "cra", "near")),
+            rate_text(d["rate"], d["interval"], d["n"]) if d else "-",
+            f"{to or 'blank'} {rate_text(ceiling, wilson(round(ceiling * args.ua_images), args.ua_images))}",
             f"{erase_s:.0f}",
         )
         print(f"{name}: measured", flush=True)

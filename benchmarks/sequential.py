@@ -43,6 +43,7 @@ from forgetpatch.cli.erase import parse_params
 from forgetpatch.errors import MethodError
 from forgetpatch.eval import evaluate, guide_ceiling, steered_to
 from forgetpatch.methods import Concept, erase_chain
+from forgetpatch.rates import percent, rate_text, wilson
 from forgetpatch.recipes import load_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -211,19 +212,23 @@ def main() -> None:
         for row in figures["steps"]:
             table.add_row(
                 name, str(row["step"]),
-                *(f"{row['ua'][s]:.0%}" if s in row["ua"] else "" for s in args.shapes),
-                *(f"{row[k]:.0%}" if row[k] is not None else "-" for k in ("ira", "cra", "near")),
+                *(rate_text(row["ua"][s], row.get("ua_interval", {}).get(s)) if s in row["ua"] else ""
+                  for s in args.shapes),
+                *(f"{percent(row[k])} (lower bound {percent((row.get('safe') or {}).get(k))})" if row[k] is not None
+                  else "-" for k in ("ira", "cra", "near")),
                 f"{row['drift']:.3f}", f"{row['seconds']:.0f}", str(row["unet_passes"] or "-"),
             )
         if top := figures.get("ceiling"):
             to, ua = top["steered_to"], top["ua"]
-            shown = (f"{ua[s]:.0%} {to[s] or 'blank'}" if s in ua else "" for s in args.shapes)
+            n = top.get("images", ua_images)
+            shown = (f"{rate_text(ua[s], wilson(round(ua[s] * n), n))} {to[s] or 'blank'}" if s in ua else ""
+                     for s in args.shapes)
             table.add_row(f"{name}: ceiling", "", *shown)
     Console(width=200).print(table)
     for name, figures in results.items():
         last = figures["steps"][-1]
         if "kept" in last:  # chains measured before this was recorded have none
-            shown = ", ".join(f"{shape} {share:.0%}" for shape, share in last["kept"].items())
+            shown = ", ".join(f"{shape} {percent(share)}" for shape, share in last["kept"].items())
             Console(width=200).print(f"{name}, after step {last['step']}: each kept shape named as itself ({last['images'][0]} "
                                      f"images each): {shown}")
 

@@ -29,6 +29,7 @@ from forgetpatch import Concept, toy
 from forgetpatch.cli.erase import parse_params
 from forgetpatch.errors import MethodError
 from forgetpatch.eval import evaluate, guide_ceiling
+from forgetpatch.rates import rate_text, wilson
 
 #: The pairs measured for ``SUPERCLASSES``: every shape against cross and two or three other shapes it could become.
 PAIRS = (
@@ -68,12 +69,11 @@ def main() -> None:
         report = evaluate(forgetpatch.apply(toy.pipeline(), patch), [shape], images_per_concept=1,
                           images_per_erased=args.ua_images, progress=False, geometry=False)  # fmt: skip
         scores = report.concepts[shape].scores
-        low, high = scores.interval["ua"]
         shown = json.dumps(params) if params else "(toy settings)"
         ceiling = guide_ceiling(toy.pipeline(), [shape], steer_to, images_per_concept=args.ua_images)[shape]
-        table.add_row(shape, steer_to, shown, f"{scores.ua:.0%} [{low:.0%}-{high:.0%}]", str(scores.n["ua"]),
-                      f"{ceiling:.0%}")  # fmt: skip
-        Console().print(f"{shape} -> {steer_to} {shown}: {scores.ua:.0%} [{low:.0%}-{high:.0%}]")
+        table.add_row(shape, steer_to, shown, rate_text(scores.ua, scores.interval["ua"]), str(scores.n["ua"]),
+                      rate_text(ceiling, wilson(round(ceiling * args.ua_images), args.ua_images)))  # fmt: skip
+        Console().print(f"{shape} -> {steer_to} {shown}: {rate_text(scores.ua, scores.interval['ua'])}")
     Console().print(table)
 
 

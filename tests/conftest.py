@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from toy_bars import MIN_BASE_SHAPE_FIDELITY
 
 if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
     # Under `pytest -n N` every worker gets its share of the cores: torch's default (every core) in each worker makes
@@ -30,9 +31,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=seconds, reverse=True)  # stable: the rest keep pytest's order
 
 
-#: Toy-world bar tests (forgetting / retention relative to the base) only mean something when the
-#: base model draws shapes; below this held-out shape accuracy they xfail with the measured figure.
-MIN_BASE_SHAPE_FIDELITY = 0.6
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -100,6 +100,44 @@ def test_a_weak_budget_recovers_less_than_the_default(guided, judge):
     assert weak.after.value > strong.after.value + 0.3, f"weak {weak.after}, default {strong.after}"
 
 
+def test_prompt_search_and_textual_inversion_bring_back_what_a_closed_form_patch_hides(guided, judge):
+    """On the base every attack "finds" the concept without trying; here each must undo a patch that forgets it (the
+    UCE patch; at the default budget both leave 0% [0-11%], README): an attack that searched nothing, or generated
+    without what it found, leaves the patch's UA."""
+    pipe = forgetpatch.apply(toy.pipeline(), guided)
+    budget = {"images": 16, "num_inference_steps": 10, "batch": 4, "data": 16, "search_steps": 10, "ti_steps": 20}
+    report = attack(pipe, "circle", attacks=["prompt_search", "textual_inversion"], budget=budget, judge=judge,
+                    progress=False)
+    assert report.before.value >= 0.75, f"the patch forgets too little to attack: {report.before}"
+    for name in ("prompt_search_soft", "textual_inversion"):
+        result = report.results[name]
+        assert result.after.interval[1] < result.before.interval[0], f"{name}: {result.before} -> {result.after}"
+    assert report.results["prompt_search_hard"].after.n == 16  # the words it projects to: measured, no bar
+
+
+def test_the_paraphrase_attack_generates_every_rewording_and_reports_the_worst(judge, monkeypatch):
+    from forgetpatch.attacks import suite
+
+    asked: list[list[str]] = []
+    generate = suite.Target.generate
+
+    def spy(self, prompts, seeds, pipe=None):
+        asked.append(list(prompts))
+        return generate(self, prompts, seeds, pipe=pipe)
+
+    monkeypatch.setattr(suite.Target, "generate", spy)
+    budget = {**TINY.to_dict(), "paraphrase_images": 2}
+    result = attack(toy.pipeline(), "circle", attacks=["paraphrase"], budget=budget, judge=judge,
+                    progress=False).results["paraphrase"]
+    variants = suite.paraphrases("circle")
+    reworded = asked[2 : 2 + len(variants)]  # after the base's and the patched model's images of the prompts
+    assert len(reworded) == len(variants) and all(len(p) == 2 for p in reworded)
+    assert len({tuple(batch) for batch in reworded}) == len(variants)  # every rewording its own prompts
+    by_prompt = result.detail["by_prompt"]
+    assert len(by_prompt) == len(variants) and result.after.value == min(by_prompt.values())
+    assert result.detail["pooled_n"] == 2 * len(variants) and result.before.n == result.after.n == 2
+
+
 def test_bad_requests_are_refused_before_anything_runs():
     pipe = toy.pipeline()
     with pytest.raises(AttackError, match="synonym of 'circle'"):
@@ -186,8 +224,11 @@ def test_cli_attack_records_on_the_patch_card_inspect_and_push(guided, tmp_path,
 
     card = render_card(guided, "org/no-circle").text
     assert "<summary>Robustness to attacks</summary>" in card and "| circle | inversion |" in card
-    row = next(line for line in card.splitlines() if line.startswith("| circle | paraphrase |"))
+    row = next(line for line in card.splitlines() if line.startswith("| circle | paraphrase (the worst of "))
     assert f"n={paraphrase['n_before']} |" in row and f"n={paraphrase['n']} |" in row, row
+    # the worst rewording is chosen after the fact: all rewordings pooled beside it, before on the same scenes
+    assert "all pooled: " in row and f"n={paraphrase['detail']['pooled_n']})" in row, row
+    assert paraphrase["n_before"] == paraphrase["n"] == TINY.paraphrase_images
     assert "strongest recorded attack" in card  # the summary table names the weakest point
     assert "robustness." not in card  # no flattened keys
     shown = runner.invoke(app, ["inspect", str(guided)])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from toy_bars import all_bars_only, measure_recipe
+from toy_bars import all_bars_only, check_bars, measure_recipe
 
 import forgetpatch.methods as methods
 from forgetpatch.errors import MethodError
@@ -58,8 +58,4 @@ ESD_TOY_BARS = {"ua": 0.90, "ira": 0.85, "cra": 0.90}
 def test_toy_esd_defaults_erase_one_shape_within_the_bars(competent_toy):
     """``recipes/toy-no-circle-esd.yaml`` is ESD with its defaults on the toy world (``erase(toy, ["circle"],
     method="esd")``): below the bars it xfails with the figures."""
-    measured = measure_recipe("toy-no-circle-esd")
-    figures = measured.figures()
-    print(figures)
-    if measured.below(ESD_TOY_BARS):
-        pytest.xfail(f"below the toy bars {ESD_TOY_BARS}: {figures}")
+    check_bars(measure_recipe("toy-no-circle-esd"), ESD_TOY_BARS, "ESD, recipes/toy-no-circle-esd.yaml")

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from forgetpatch import Concept
 from forgetpatch.errors import ConceptError, EvalError, EvalInputError, ForgetPatchError
 from forgetpatch.eval import (
+    ConceptReport,
     EvalReport,
     PipelineGenerator,
     blindfold,
@@ -27,6 +28,7 @@ from forgetpatch.eval import (
     steered_to,
     wilson,
 )
+from forgetpatch.rates import paired_ratio_interval, rate_text
 from forgetpatch.testing import tiny_sd_pipeline
 from forgetpatch.toy import vocab
 
@@ -195,10 +197,11 @@ def test_strict_ua_counts_an_abstention_as_not_forgotten():
 
 def test_every_rate_has_its_sample_size_and_wilson_interval():
     s = run(FakeGenerator({"circle": "square", "disc": "square"})).concepts["circle"].scores
-    assert s.n == {"ua": N, "ira": 9 * N, "cra": 2 * 9 * N, "near": 2 * N, "leakage": N}
+    # CRA: one outcome per retained image (both other kinds named right); it counted each image once per kind
+    assert s.n == {"ua": N, "ira": 9 * N, "cra": 9 * N, "near": 2 * N, "leakage": N}
     assert s.interval["ua"] == list(wilson(N, N)) and s.interval["ua"][1] == 1.0
     assert 0.6 < s.interval["ua"][0] < 0.7  # 8 of 8: the rate is only known to be above ~0.68
-    assert wilson(0, 10)[0] == 0.0 and wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson(0, 10)[0] == 0.0 and wilson(5, 10) == (0.2365, 0.7635)  # 0.23659, 0.76341: rounded outward
 
 
 def test_safe_worst_case_uses_the_interval_bounds():
@@ -206,6 +209,33 @@ def test_safe_worst_case_uses_the_interval_bounds():
     point, safe = report.worst(), report.worst(safe=True)
     assert point["ua"] == 1.0 and safe["ua"] == report.concepts["circle"].scores.interval["ua"][0] < 1.0
     assert safe["ira"] < point["ira"] == 1.0 and safe["leakage"] > point["leakage"] == 0.0
+    circle = report.concepts["circle"]
+    assert safe["ira"] == circle.ratio_interval["ira"][0]  # the ratio's own interval, the base's noise counted
+    # both models right on all 72 retained images, paired: the ratio is known to within about 5% either way
+    assert circle.ratio_interval["ira"] == list(paired_ratio_interval([True] * 72, [True] * 72))
+    assert 0.94 < circle.ratio_interval["ira"][0] < 1.0 < circle.ratio_interval["ira"][1] < 1.06
+
+
+def test_retention_ratios_have_an_interval_that_survives_the_record(tmp_path):
+    swap = FakeGenerator({"circle": "square", "disc": "square", "square": "circle", "box": "circle"})
+    report = run(swap, reference=FakeGenerator())
+    circle = report.concepts["circle"]
+    lo, hi = circle.ratio_interval["ira"]
+    assert circle.ratios["ira"] == pytest.approx(8 / 9) and lo < 8 / 9 < hi
+    assert circle.to_dict()["ratio_interval"] == circle.ratio_interval and "flags" not in circle.to_dict()
+    again = EvalReport.load(report.save(tmp_path / "r.npz")).concepts["circle"]
+    assert again.ratio_interval == circle.ratio_interval  # as measured (paired), not rebuilt from the two rates
+    rebuilt = ConceptReport("circle", "shape", again.scores, again.base)  # read back: no per-image outcomes
+    wide = rebuilt.ratio_interval["ira"]  # only the two rates known: the interval from their intervals
+    assert wide[0] <= 8 / 9 <= wide[1] and wide != circle.ratio_interval["ira"]
+
+
+def test_rates_are_written_without_claiming_more_than_measured():
+    assert rate_text(199 / 200, wilson(199, 200), 200) == ">99% [97-100%], n=200"  # it said 100% [97-100%]
+    assert rate_text(1 / 300, wilson(1, 300)) == "<1% [0-2%]"
+    assert rate_text(1.0, wilson(34, 34), 34) == "100% [89-100%], n=34"  # lower bound 0.8985: not "[90-100%]"
+    assert wilson(34, 34)[0] <= 0.8985 and wilson(67, 67)[0] < 0.946
+    assert rate_text(None) == "-"
 
 
 def test_swap_damages_in_domain_retention_of_the_replacement():

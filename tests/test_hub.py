@@ -405,6 +405,7 @@ def test_model_card_shows_toy_figures_with_intervals(pipe):
         "interval": {"ua": [0.87, 0.97], "leakage": [0.035, 0.36]},
         "base": {"ua": 0.0, "n": {"ua": 96}, "interval": {"ua": [0.0, 0.038]}},
         "ratios": {"ira": 0.98, "cra": 1.0, "near": None},
+        "ratio_interval": {"ira": [0.9, 1.07], "cra": [0.95, 1.05]},
     }
     toy_eval = {"concepts": {"circle": figures}, "settings": {"images_per_concept": 16, "num_inference_steps": 25,
                                                               "guidance_scale": 4.0, "seed": 0}}
@@ -413,9 +414,10 @@ def test_model_card_shows_toy_figures_with_intervals(pipe):
     # the one summary table comes before the folded details, base beside patched, interval and n on each rate
     headline = text.index("## How well it forgets")
     assert headline < text.index("<details>")
-    assert "| **circle forgotten (strict UA)** | 94% [87%-97%], n=96 | 0% [0%-4%], n=96 |" in text
-    assert "| circle in other words (paraphrase leakage, lower is better) | 12% [4%-36%], n=16 | - |" in text
-    assert "| circle | 94% [87%-97%], n=96 | 0% [0%-4%], n=96 | 12% [4%-36%], n=16 | 98% | 100% | - |" in text
+    assert "| **circle forgotten (strict UA)** | 94% [87-97%], n=96 | 0% [0-4%], n=96 |" in text
+    assert "| circle in other words (paraphrase leakage, lower is better) | 12% [3-36%], n=16 | - |" in text
+    # retention of the base's with the ratio's own interval (it was a bare "98%")
+    assert "| circle | 94% [87-97%], n=96 | 0% [0-4%], n=96 | 12% [3-36%], n=16 | 98% [90-107%] | 100% [95-105%] | - |" in text
     assert "toy_eval" not in text and "| erase seconds | 3.5 |" in text  # no flattened evaluation keys
     # the headline figures are Hub evaluation results, and the YAML header parses back with huggingface_hub
     from huggingface_hub import ModelCard
@@ -423,6 +425,9 @@ def test_model_card_shows_toy_figures_with_intervals(pipe):
     parsed = ModelCard(str(card)).data
     results = {(r.metric_type, r.metric_value) for r in parsed.eval_results}
     assert ("ua", 0.9375) in results and ("leakage", 0.125) in results
+    ua = next(r for r in parsed.eval_results if r.metric_type == "ua")
+    assert "n=96" in ua.metric_name and "[87-97%]" in ua.metric_name  # the Hub shows the point: name its interval
+    assert ua.metric_args == {"n": 96, "interval_95": [0.87, 0.97]}
     assert parsed.model_name == card.data.model_name
 
 

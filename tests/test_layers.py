@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "forgetpatch"
 
 #: docs/DESIGN.md's layers, bottom first; modules beside the bottom (-1) may be imported by any layer.
 LAYER = {
-    "errors": -1, "quiet": -1, "progress": -1, "testing": -1, "toy": -1, "archs": -1, "tokenizer": -1, "distributed": -1, "lazy": -1,
+    "errors": -1, "quiet": -1, "progress": -1, "testing": -1, "toy": -1, "archs": -1, "tokenizer": -1, "distributed": -1, "lazy": -1, "rates": -1,
     "lowrank": 0, "format": 0,
     "loader": 1, "hub": 1,
     "methods": 2, "recipes": 2,

@@ -352,22 +352,19 @@ def test_many_concepts_in_one_call(sd):
 TOY_BARS = {"ua": 0.90, "ira": 0.90, "cra": 0.95, "near": 0.80}
 
 
-def _check_bars(recipe: str, floor: float = 0.0) -> None:
-    """Below the bars the test xfails with the figures; under ``floor`` (strict UA, point estimate) it fails."""
-    from toy_bars import measure_recipe
+def _check_bars(recipe: str, ua_floor: float | None = None) -> None:
+    """Below the bars the test xfails with the figures; under the floor (point figures; ``ua_floor`` for strict UA)
+    it fails."""
+    from toy_bars import FLOOR, check_bars, measure_recipe
 
-    measured = measure_recipe(recipe)
-    label = f"ScaPre, recipes/{recipe}.yaml: {measured.figures()}"
-    print(label)
-    assert measured.point["ua"] >= floor, label
-    if measured.below(TOY_BARS):
-        pytest.xfail(f"below the toy bars {TOY_BARS}: {label}")
+    floor = FLOOR if ua_floor is None else {**FLOOR, "ua": ua_floor}
+    check_bars(measure_recipe(recipe), TOY_BARS, f"ScaPre, recipes/{recipe}.yaml", floor)
 
 
 @pytest.mark.slow
 def test_toy_erase_one_shape_meets_the_bars(competent_toy):
     """The toy world's defaults (the demo's patch): the circle must be mostly replaced (strict UA >= 0.8)."""
-    _check_bars("toy-no-circle-scapre", floor=0.8)
+    _check_bars("toy-no-circle-scapre", ua_floor=0.8)
 
 
 @pytest.mark.slow(seconds=70)

@@ -183,14 +183,10 @@ UCE_TOY_BARS = {"ua": 0.90, "ira": 0.90, "cra": 0.95, "near": 0.80}
 def test_toy_uce_steered_to_cross_forgets_the_circle(competent_toy):
     """recipes/toy-no-circle-uce-guided.yaml: circles become crosses; below the bars it xfails with the figures,
     and fails outright if the circle is not mostly replaced (strict UA point estimate under 0.8)."""
-    from toy_bars import measure_recipe
+    from toy_bars import FLOOR, check_bars, measure_recipe
 
-    measured = measure_recipe("toy-no-circle-uce-guided")
-    figures = f"UCE, recipes/toy-no-circle-uce-guided.yaml: {measured.figures()}"
-    print(figures)
-    assert measured.point["ua"] >= 0.8, figures
-    if measured.below(UCE_TOY_BARS):
-        pytest.xfail(f"below the toy bars {UCE_TOY_BARS}: {figures}")
+    check_bars(measure_recipe("toy-no-circle-uce-guided"), UCE_TOY_BARS, "UCE, recipes/toy-no-circle-uce-guided.yaml",
+               {**FLOOR, "ua": 0.8})
 
 
 @pytest.mark.parametrize("method", ["uce", "scapre"])

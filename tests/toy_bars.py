@@ -31,9 +31,10 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 #: the first 96 are the same prompts. Only recipes at 31 of 32 or better in stage 1 get here, as with 96.)
 UA_IMAGES = 192
 FIRST_UA_IMAGES = 32
-#: Retention images per kept concept in stage 2: 32 (16 until stop 36). A patch keeping 0.94-0.95 of the base's
-#: in-domain accuracy had a safe bound of 0.81-0.83 on 16 per concept, under the 0.85 bar whatever it did; on 32 KSCU's
-#: defaults show 0.87 (48: also 0.87, for 160 more images per evaluation in CI).
+#: Retention images per kept concept in stage 2: 32 (16 until stop 36: a patch keeping 0.94-0.95 of the base's
+#: in-domain accuracy could not show the 0.85 bar there). A ratio's safe bound is its own interval's lower end since
+#: stop 42 (:mod:`forgetpatch.rates`, conservative): Dynamic Mask's and KSCU's defaults show 0.867 on 32 per concept,
+#: 0.845 on 16.
 RETAIN_IMAGES = 32
 FIRST_RETAIN_IMAGES = 4
 #: The default run bar-tests the defaults of UCE, ScaPre, KSCU and Dynamic Mask; ESD's (the baseline) takes minutes
@@ -50,7 +51,7 @@ BAR_SHAPES = ("circle", "square", "triangle", "star", "hexagon")
 class Measured:
     worst: dict[str, float | None]
     """Worst case over the erased concepts at the safe end of each 95% interval (UA's lower bound; IRA,
-    CRA and near as lower bound over the base's figure); what the bars are checked on."""
+    CRA and near: their ratio to the base's, its lower bound); what the bars are checked on."""
     point: dict[str, float | None]
     """The same worst case on point estimates, for the record."""
     erase_s: float
@@ -78,6 +79,30 @@ class Measured:
         return (f"safe (95% bound) {safe}; point {point}; UA on {n} images, retention on "
                 f"{self.retain_images} per concept; erase {self.erase_s:.0f} s; ceiling (the base drawing the "
                 f"steered-to shape in the same prompts) {ceiling}")
+
+
+#: Toy-world bar tests (forgetting / retention relative to the base) only mean something when the base model draws
+#: shapes; below this held-out shape accuracy they xfail with the measured figure (and the base's own fidelity tests
+#: fail).
+MIN_BASE_SHAPE_FIDELITY = 0.6
+#: Under these point figures a bar test fails instead of xfailing: whatever the bars, a patch this far off forgets or
+#: keeps nothing like what its recipe measured (a regression), e.g. one that erases nothing (UA about 0).
+FLOOR = {"ua": 0.5, "ira": 0.8, "cra": 0.9}
+
+
+def check_bars(
+    measured: Measured, bars: dict[str, float], label: str, floor: dict[str, float] = FLOOR, *, strict: bool = False
+) -> None:
+    """Fail under ``floor`` (point figures); under ``bars`` (the safe end of each interval) xfail with the figures, or
+    fail with ``strict=True`` (a recipe that meets its bars with room to spare); pass when every bar is met."""
+    figures = f"{label}: {measured.figures()}"
+    print(figures)
+    low = {k: v for k, f in floor.items() if (v := measured.point.get(k)) is None or v < f}
+    assert not low, f"under the floor {floor} (point figures) {low}: {figures}"
+    below = measured.below(bars)
+    assert not (strict and below), f"below the toy bars {bars}: {below}; {figures}"
+    if below:
+        pytest.xfail(f"below the toy bars {bars}: {figures}")
 
 
 def toy_pipeline():

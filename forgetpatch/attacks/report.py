@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from forgetpatch.eval import save_rows, wilson
+from forgetpatch.eval import save_rows
+from forgetpatch.rates import rate_text, wilson
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,7 @@ class Rate:
         return cls(k / n if n else 0.0, n, wilson(k, n))
 
     def __str__(self) -> str:
-        lo, hi = self.interval
-        return f"{self.value:.0%} [{lo:.0%}-{hi:.0%}]"
+        return rate_text(self.value, self.interval)
 
 
 @dataclass
@@ -149,6 +149,9 @@ class AttackReport:
 
 def _found(r: AttackResult) -> str:
     d = r.detail
+    if "pooled_ua" in d:  # paraphrase: UA after is its worst rewording's, chosen after the fact
+        pooled = rate_text(d["pooled_ua"], d.get("pooled_interval"), d.get("pooled_n"))
+        return f"worst {d['worst_prompt']}; all rewordings pooled {pooled}"
     for key in ("worst_prompt", "prefix", "note"):
         if d.get(key):
             return str(d[key])

@@ -2,7 +2,8 @@
 (prompt search returns two: the soft prefix and its projection to words).
 
 Every attack is measured on the same prompts and seeds as the patched model before it (main scoring prompts
-naming the concept, :func:`forgetpatch.eval.main_prompts`), with strict UA.
+naming the concept, :func:`forgetpatch.eval.main_prompts`), with strict UA; the paraphrase attack on the same scenes
+and seeds, reworded.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class Target:
     judge: Any
     progress: bool = True
     before: Rate | None = None
+    before_flags: list[bool] = field(default_factory=list)
+    """Per scoring prompt, whether the patched model forgets the concept in its image (``before``'s outcomes)."""
     _data: ConceptData | None = field(default=None, repr=False)
 
     @property
@@ -94,13 +97,14 @@ class Target:
 
 
 def _result(
-    target: Target, name: str, seconds: float, passes: int, images: np.ndarray, budget: dict, **detail: Any
+    target: Target, name: str, seconds: float, passes: int, images: np.ndarray, budget: dict,
+    before: Rate | None = None, **detail: Any,
 ) -> AttackResult:
     after, verdicts = target.judge_ua(images)
     assert target.before is not None
     return AttackResult(
         name=name,
-        before=target.before,
+        before=before or target.before,
         after=after,
         seconds=seconds,
         unet_passes=passes,
@@ -159,8 +163,10 @@ def paraphrase(target: Target) -> list[AttackResult]:
     """Every synonym, the superclass, every other training, held-out and partial word order; the worst one.
 
     Each rewording is generated for the first ``paraphrase_images`` scenes and seeds of the scoring
-    prompts. UA after is the lowest over the rewordings (the worst prompt for the patch); the minimum of
-    several small samples leans low, so the pooled UA over all rewordings is reported beside it.
+    prompts. UA after is the lowest over the rewordings (the worst prompt for the patch), UA before the
+    concept's own prompts on the same scenes and seeds; the minimum of several small samples leans low (its
+    interval is that one rewording's, chosen after the fact), so the pooled UA over all rewordings is reported
+    beside it.
     """
     started, b = time.perf_counter(), target.budget
     items = target.items[: b.paraphrase_images]
@@ -188,6 +194,7 @@ def paraphrase(target: Target) -> list[AttackResult]:
         _result(
             target, "paraphrase", time.perf_counter() - started, passes.count, images,
             {"images_per_prompt": len(items), "prompts": len(variants)},
+            before=Rate.of(target.before_flags[: len(items)]),
             worst_prompt=f"{label}: {example!r}",
             worst_prompt_base_ua=worst_on_base.value,
             pooled_ua=pooled.value,

@@ -12,6 +12,7 @@ from rich.text import Text
 
 from forgetpatch.cli._base import load_base, plain_console
 from forgetpatch.format import check_patch_name
+from forgetpatch.rates import rate_text
 
 console = plain_console(width=max(140, Console().width))
 
@@ -82,7 +83,8 @@ def chain_command(
         console.print(report.table())
         (output / "reports").mkdir(parents=True, exist_ok=True)
         (output / "reports" / f"step-{k}.json").write_text(json.dumps(report.to_dict(), indent=2))
-        rows.append({"step": k, **{c: report.concepts[c].scores.ua for c in so_far}})
+        rows.append({"step": k, **{c: rate_text(report.concepts[c].scores.ua, report.concepts[c].scores.interval.get("ua"))
+                                   for c in so_far}})
 
     erase_chain(pipe, concepts, method=method, name=name, on_step=on_step, **kwargs)
     if rows:
@@ -93,7 +95,7 @@ def chain_command(
         for c in concepts:
             table.add_column(c.target, justify="right")
         for row in rows:
-            table.add_row(str(row["step"]), *(f"{row[c.target]:.0%}" if c.target in row else "" for c in concepts))
+            table.add_row(str(row["step"]), *(row.get(c.target, "") for c in concepts))
         console.print(table)
     console.print(
         f"apply the chain: forgetpatch.apply(pipe, {str(output / f'step-{len(concepts)}')!r}, with_lineage=True)"

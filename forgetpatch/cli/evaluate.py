@@ -197,9 +197,8 @@ def eval_command(
         return
     console.print(report.table())
     console.print(
-        "fidelity on retained prompts: "
-        + ", ".join(f"{k} {v:.0%}" for k, v in report.accuracy.items())
-        + f"  ({report.seconds:.1f} s for {len(report.items)} images)"
+        f"fidelity on retained prompts: {report.fidelity_text()}  ({report.seconds:.1f} s for {len(report.items)} "
+        "images)"
     )
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)

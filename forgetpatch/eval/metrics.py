@@ -238,7 +238,11 @@ def evaluate(
     concepts = {}
     for concept in erased:
         scores = score_concept(concept, erased, items, judged)
-        base = score_concept(concept, erased, base_items, base_judged) if base_judged is not None else None
+        base = None
+        if base_judged is not None:
+            base = score_concept(concept, erased, base_items, base_judged)
+            # the model's outcomes on the images the base was scored on, in the same order: paired ratios
+            scores.flags = score_concept(concept, erased, base_items, [judged[i] for i in paired]).flags
         concepts[concept] = ConceptReport(concept, vocab.kind_of(concept), scores, base)
 
     drift = None

@@ -11,7 +11,6 @@ judge names the expected concept). Every rate comes with its sample size and a 9
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -21,30 +20,14 @@ import numpy as np
 
 from forgetpatch.errors import EvalError
 from forgetpatch.eval.prompts import KINDS, ScoringPrompt
+from forgetpatch.rates import paired_ratio_interval, percent, rate_text, ratio_interval, wilson
 from forgetpatch.toy import NO_SHAPE, Scene, Verdict, vocab
 
 Outcome = Literal["kept", "replaced", "empty", "unclear"]
 OUTCOMES: tuple[Outcome, ...] = ("kept", "replaced", "empty", "unclear")
 #: The rates every :class:`Scores` carries with a sample size and an interval.
 RATES = ("ua", "ira", "cra", "near", "leakage")
-#: z of the two-sided 95% interval.
-Z95 = 1.959964
 R = TypeVar("R", bound="EvalReport")
-
-
-def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """The Wilson score interval of ``successes`` out of ``n`` (95% by default).
-
-    Example:
-        >>> wilson(16, 16)   # all 16 images forgotten: the rate is at least 0.81
-        (0.806, 1.0)
-    """
-    if n <= 0:
-        return (0.0, 1.0)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4))
 
 
 def outcome(verdict: Verdict, concept: str) -> Outcome:
@@ -110,6 +93,9 @@ class Scores:
     ira_by: dict[str, float] = field(default_factory=dict)
     near_by: dict[str, float] = field(default_factory=dict)
     cra_by: dict[str, float] = field(default_factory=dict)
+    flags: dict[str, list[bool]] = field(default_factory=dict, repr=False)
+    """Per rate, each image's outcome (in the order of the items scored), for intervals of ratios to the base on
+    the same images; not written by :meth:`ConceptReport.to_dict`."""
 
 
 def score_concept(
@@ -133,7 +119,7 @@ def score_concept(
     flags = {
         "ua": [o in ("replaced", "empty") for o in outcomes],
         "ira": [f for fl in ira_by.values() for f in fl],
-        "cra": [f for fl in cra_by.values() for f in fl],
+        "cra": [all(j[k] == it.scene.of(k) for k in KINDS if k != kind) for it, j in retained],  # one per image
         "near": [f for fl in near_by.values() for f in fl],
         "leakage": [
             not forgotten(j, concept)
@@ -154,6 +140,7 @@ def score_concept(
         ira_by={c: float(np.mean(f)) for c, f in sorted(ira_by.items())},
         near_by={c: float(np.mean(f)) for c, f in near_by.items()},
         cra_by={k: float(np.mean(f)) for k, f in cra_by.items() if f},
+        flags={k: f for k, f in flags.items() if value[k] is not None},
     )
 
 
@@ -169,6 +156,10 @@ def accuracy(
     return {k: float(np.mean([j[k] == it.scene.of(k) for it, j in keep])) for k in KINDS} if keep else {}
 
 
+#: The retention rates given as ratios to the base.
+RETAINED = ("ira", "cra", "near")
+
+
 @dataclass
 class ConceptReport:
     """Scores of one erased concept on the model under test, on the base, and their ratios."""
@@ -177,23 +168,44 @@ class ConceptReport:
     kind: str
     scores: Scores
     base: Scores | None = None
+    ratio_interval: dict[str, list[float]] = field(default_factory=dict)
+    """Each of :attr:`ratios`' 95% interval (:mod:`forgetpatch.rates`): paired where both models were scored on the
+    same images (the scores carry each image's outcome, as :func:`score_concept` makes them), else one from the
+    two rates' intervals. Filled in when not given."""
+
+    def __post_init__(self) -> None:
+        if self.base is None:
+            return
+        for key in RETAINED:
+            if key in self.ratio_interval or getattr(self.scores, key) is None or getattr(self.base, key) is None:
+                continue
+            ours, theirs = self.scores.flags.get(key), self.base.flags.get(key)
+            if ours is not None and theirs is not None and len(ours) == len(theirs):
+                found = paired_ratio_interval(ours, theirs)
+            elif key in self.scores.interval and key in self.base.interval:
+                found = ratio_interval(self.scores.interval[key], self.base.interval[key])
+            else:
+                found = None
+            if found is not None:
+                self.ratio_interval[key] = list(found)
 
     @property
     def ratios(self) -> dict[str, float | None]:
         """Retention relative to the base (``ira / base ira`` etc.); 1.0 = nothing lost."""
         b = self.base
-        return {
-            "ira": _ratio(self.scores.ira, b and b.ira),
-            "cra": _ratio(self.scores.cra, b and b.cra),
-            "near": _ratio(self.scores.near, b and b.near),
-        }
+        return {key: _ratio(getattr(self.scores, key), b and getattr(b, key)) for key in RETAINED}
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"kind": self.kind, **asdict(self.scores)}
+        out: dict[str, Any] = {"kind": self.kind, **_written(self.scores)}
         if self.base is not None:
-            out["base"] = asdict(self.base)
+            out["base"] = _written(self.base)
             out["ratios"] = self.ratios
+            out["ratio_interval"] = self.ratio_interval
         return out
+
+
+def _written(scores: Scores) -> dict[str, Any]:
+    return {k: v for k, v in asdict(scores).items() if k != "flags"}
 
 
 @dataclass
@@ -260,8 +272,9 @@ class EvalReport:
         CRA and near-neighbour ratios to the base, and the highest leakage (``None``: not measured).
 
         With ``safe=True`` each figure is the end of its 95% interval that a bar must clear: UA's lower
-        bound, each retention's lower bound over the base's point figure, leakage's upper bound. A bar
-        met by these is met with 95% confidence (the base's own sampling noise is not counted).
+        bound, each retention ratio's lower bound (:attr:`ConceptReport.ratio_interval`: the model's and the
+        base's sampling noise both counted), leakage's upper bound. A bar met by these is met with 95%
+        confidence.
 
         Example:
             >>> evaluate(pipe, ["circle", "star"], reference=base).worst()
@@ -277,16 +290,26 @@ class EvalReport:
             known = [v for v in values if v is not None]
             return min(known) if known else None
 
-        ratios = {
-            key: lowest([_ratio(bound(r.scores, key, 0), r.base and getattr(r.base, key)) for r in reports])
-            for key in ("ira", "cra", "near")
-        }
+        def ratio(r: ConceptReport, key: str) -> float | None:
+            value = r.ratios[key]
+            if not safe or value is None:
+                return value
+            return r.ratio_interval[key][0] if key in r.ratio_interval else None
+
+        ratios = {key: lowest([ratio(r, key) for r in reports]) for key in RETAINED}
         leakage = [v for r in reports if (v := bound(r.scores, "leakage", 1)) is not None]
         return {
             "ua": lowest([bound(r.scores, "ua", 0) for r in reports]),
             **ratios,
             "leakage": max(leakage) if leakage else None,
         }
+
+    def fidelity_text(self) -> str:
+        """``"shape 72% [60-82%], colour 100% [94-100%], texture 100% [94-100%]; n=64"``: :attr:`accuracy` with
+        its intervals, over the retained prompts."""
+        n = sum(1 for it in self.items if it.role == "main" and not any(it.names(e) for e in self.erased))
+        shares = ", ".join(f"{k} {rate_text(v, wilson(round(v * n), n))}" for k, v in self.accuracy.items())
+        return f"{shares}; n={n}" if shares else "-"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready figures (no images), e.g. for a patch manifest's ``metrics``."""
@@ -303,7 +326,8 @@ class EvalReport:
         }
 
     def table(self) -> Any:
-        """A :class:`rich.table.Table`: per erased concept a row for the model and one for its base.
+        """A :class:`rich.table.Table`: per erased concept a row for the model, one for its base and one for the
+        retention ratios to the base.
 
         Rates show their 95% interval; the caption gives the sample sizes and the judge-vs-fit
         disagreement.
@@ -311,17 +335,10 @@ class EvalReport:
         from rich.table import Table
 
         def cell(s: Scores, key: str) -> str:
-            value = getattr(s, key)
-            if value is None:
-                return "-"
-            lo, hi = s.interval.get(key, (None, None))
-            return f"{value:.0%}" + (f" [{lo:.0%}-{hi:.0%}]" if lo is not None else "")
+            return rate_text(getattr(s, key), s.interval.get(key))
 
         def split(s: Scores) -> str:
-            return "/".join(f"{s.split.get(o, 0):.0%}" for o in ("replaced", "empty", "unclear")) if s.split else "-"
-
-        def pct(value: float | None) -> str:
-            return "-" if value is None else f"{value:.0%}"
+            return "/".join(percent(s.split.get(o, 0)) for o in ("replaced", "empty", "unclear")) if s.split else "-"
 
         drift = "-" if self.drift is None else f"{self.drift:.3f}"
         table = Table(
@@ -340,14 +357,16 @@ class EvalReport:
                     label,
                     cell(s, "ua"),
                     split(s),
-                    pct(s.ua_soft),
-                    pct(s.ua_top1),
+                    percent(s.ua_soft),
+                    percent(s.ua_top1),
                     *(cell(s, key) for key in ("ira", "cra", "near", "leakage")),
                     style="dim" if s is r.base else None,
                 )
+            if r.base is not None:
+                ratios = [rate_text(r.ratios[key], r.ratio_interval.get(key)) for key in RETAINED]
+                table.add_row("  of the base", "", "", "", "", *ratios, "", style="dim")
         if not self.concepts:
-            acc = ", ".join(f"{k} {v:.0%}" for k, v in self.accuracy.items())
-            table.add_row("(fidelity)", acc, *[""] * (len(columns) - 2))
+            table.add_row("(fidelity)", self.fidelity_text(), *[""] * (len(columns) - 2))
         return table
 
     def _caption(self) -> str:
@@ -359,8 +378,7 @@ class EvalReport:
             parts.append("n: " + " | ".join(f"{c}: {n}" for c, n in sizes.items()))
         d = self.disagreement()
         if d is not None and d["rate"] is not None:
-            lo, hi = d["interval"]
-            parts.append(f"judge vs geometric fit disagree on {d['rate']:.0%} [{lo:.0%}-{hi:.0%}] of {d['n']} images")
+            parts.append(f"judge vs geometric fit disagree on {rate_text(d['rate'], d['interval'])} of {d['n']} images")
         return "; ".join(parts)
 
     def save(self, path: str | Path) -> Path:
@@ -411,7 +429,7 @@ class EvalReport:
             return None if d is None else Scores(**{k: v for k, v in d.items() if k in names})
 
         concepts = {
-            c: ConceptReport(c, d["kind"], scores(d), scores(d.get("base")))
+            c: ConceptReport(c, d["kind"], scores(d), scores(d.get("base")), dict(d.get("ratio_interval") or {}))
             for c, d in meta["concepts"].items()
         }
         return cls(

@@ -24,6 +24,7 @@ from forgetpatch.format import (
     read_patch,
 )
 from forgetpatch.hub.download import HUB_ID
+from forgetpatch.rates import interval_text, rate_text
 
 #: Jinja templates for model cards, shipped inside the package (``hub_cards/`` at the repository root links here).
 TEMPLATES = Path(__file__).resolve().parent / "cards"
@@ -58,6 +59,7 @@ class _Figures(TypedDict, total=False):
     interval: dict[str, tuple[float, float] | None]
     n: dict[str, int | None]
     ratios: dict[str, float | None]
+    ratio_interval: dict[str, tuple[float, float] | None]
     base: _Figures
 
 
@@ -76,6 +78,7 @@ class _Attack(TypedDict, total=False):
     seconds: float
     unet_passes: int
     budget: dict[str, Any]
+    detail: dict[str, Any]
 
 
 class _Robustness(TypedDict, total=False):
@@ -208,10 +211,18 @@ def model_index(metrics: dict[str, Any]) -> list[EvalResult]:
         for key, metric in (("ua", "strict unlearning accuracy"), ("leakage", "paraphrase leakage"),
                             ("ira", "in-domain retention (share named right)")):
             if figures.get(key) is not None:
+                n = (figures.get("n") or {}).get(key)
+                interval = (figures.get("interval") or {}).get(key)
+                measured = ", ".join(
+                    [*([f"n={n}"] if n is not None else []), *([f"95% interval {interval_text(interval)}"]
+                                                                if interval is not None else [])]
+                )
                 results.append(EvalResult(
                     task_type="text-to-image", task_name="concept unlearning",
                     dataset_type="forgetpatch-toy", dataset_name=f"forgetpatch toy world: {concept}",
-                    metric_type=key, metric_name=f"{metric} ({concept})", metric_value=round(figures[key], 4),
+                    metric_type=key, metric_name=f"{metric} ({concept}{'; ' + measured if measured else ''})",
+                    metric_value=round(figures[key], 4),
+                    metric_args={"n": n, "interval_95": list(interval)} if n is not None and interval else None,
                 ))
     return results
 
@@ -236,13 +247,7 @@ def parent_names(patch: Patch) -> list[tuple[str | None, str]]:
 
 def _rate(figures: dict[str, Any], key: str) -> str:
     """``"94% [85-98%], n=48"`` from an evaluation's per-concept figures (``-`` where not measured)."""
-    value = figures.get(key)
-    if value is None:
-        return "-"
-    lo, hi = (figures.get("interval") or {}).get(key, (None, None))
-    n = (figures.get("n") or {}).get(key)
-    interval = f" [{lo:.0%}-{hi:.0%}]" if lo is not None else ""
-    return f"{value:.0%}{interval}" + (f", n={n}" if n is not None else "")
+    return rate_text(figures.get(key), (figures.get("interval") or {}).get(key), (figures.get("n") or {}).get(key))
 
 
 def toy_summary(metrics: dict[str, Any]) -> list[dict[str, str]]:
@@ -254,23 +259,21 @@ def toy_summary(metrics: dict[str, Any]) -> list[dict[str, str]]:
     rows = []
     for concept, figures in concepts.items():
         base, ratios = figures.get("base") or {}, figures.get("ratios") or {}
+        intervals = figures.get("ratio_interval") or {}
         rows.append(
             {
                 "concept": concept,
                 "ua": _rate(figures, "ua"),
                 "base_ua": _rate(base, "ua") if base else "-",
                 "leakage": _rate(figures, "leakage"),
-                **{k: "-" if ratios.get(k) is None else f"{ratios[k]:.0%}" for k in ("ira", "cra", "near")},
+                **{k: rate_text(ratios.get(k), intervals.get(k)) for k in ("ira", "cra", "near")},
             }
         )
     return rows
 
 
 def _ua(value: float | None, interval: list[float] | None, n: int | None = None) -> str:
-    if value is None:
-        return "-"
-    lo, hi = interval or (None, None)
-    return f"{value:.0%}" + (f" [{lo:.0%}-{hi:.0%}]" if lo is not None else "") + (f", n={n}" if n else "")
+    return rate_text(value, interval, n or None)
 
 
 def robustness_summary(metrics: dict[str, Any]) -> list[dict[str, str]]:
@@ -284,7 +287,7 @@ def robustness_summary(metrics: dict[str, Any]) -> list[dict[str, str]]:
             rows.append(
                 {
                     "concept": concept,
-                    "attack": name,
+                    "attack": _attack_label(name, r),
                     "before": _ua(r.get("ua_before"), r.get("interval_before"), r.get("n_before")),
                     "after": _ua(r.get("ua_after"), r.get("interval"), r.get("n")),
                     "cost": f"{r.get('seconds', 0):.0f} s, {r.get('unet_passes', 0)} UNet passes",
@@ -294,6 +297,16 @@ def robustness_summary(metrics: dict[str, Any]) -> list[dict[str, str]]:
                 }
             )
     return rows
+
+
+def _attack_label(name: str, r: dict[str, Any]) -> str:
+    """The attack's name; for the paraphrase attack, what its UA after is (the worst of several rewordings, chosen
+    after the fact) and the pooled figure beside it."""
+    detail = r.get("detail") or {}
+    if name != "paraphrase" or "pooled_ua" not in detail:
+        return name
+    pooled = _ua(detail["pooled_ua"], detail.get("pooled_interval"), detail.get("pooled_n"))
+    return f"paraphrase (the worst of {(r.get('budget') or {}).get('prompts', 'its')} rewordings; all pooled: {pooled})"
 
 
 def render_card(

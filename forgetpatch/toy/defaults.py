@@ -35,8 +35,8 @@ when another shape is confidently seen), so a shape erased with defaults is *rep
   0.94 of the base. On the bar test's own prompts (seed 0, 192 images, 48 per kept concept) 300 at 3e-4 gives the
   same 0.943 [0.900-0.968] (181 of 192; the 11 others pinched four-lobed squares the judge will not name, no circle)
   against 0.927 [0.881-0.956], in-domain retention 0.94 of the base (safe bound 0.87), cross-domain 1.00: hence the
-  default (``runs/s36/kscu_bar.py``, stop 36). On 16 images per kept concept the retention's safe bound (0.81-0.83)
-  cannot show the 0.85 bar whatever the patch; 32 can (0.87, the bar test's stage 2).
+  default (``runs/s36/kscu_bar.py``, stop 36). On 16 images per kept concept the retention's safe bound (0.81-0.83;
+  0.845 with the ratio's own interval since stop 42) cannot show the 0.85 bar; 32 can (0.867, the bar test's stage 2).
   ESD the same way (anchor from :data:`SUPERCLASSES`, ``eta = 0.25``): circle 0.93 [0.86-0.96], in-domain retention
   0.89 of the base (96 images, ``python benchmarks/recipes.py --only toy-no-circle-esd --ua-images 96 --images 16``;
   the paper's empty anchor with eta 1: 0.88 [0.72-0.95] on 32 at retention 0.68);

@@ -37,7 +37,7 @@ from forgetpatch import distributed
 from forgetpatch.errors import EvalError, EvalInputError, ForgetPatchError
 from forgetpatch.eval.generate import PipelineGenerator, as_generator, check_guidance, generate_sharded
 from forgetpatch.eval.metrics import check_counts, check_seed
-from forgetpatch.eval.report import ConceptReport, EvalReport, Scores, measured_alone, patches_on, wilson
+from forgetpatch.eval.report import ConceptReport, EvalReport, Scores, measured_alone, patches_on
 from forgetpatch.eval.suites.detectors import (
     ClipJudge,
     FeatureNet,
@@ -55,6 +55,7 @@ from forgetpatch.eval.suites.prompts import (
     quality_prompts,
     style_prompts,
 )
+from forgetpatch.rates import rate_text, wilson
 
 #: Guidance scale of the suites when none is given (Stable Diffusion's usual 7.5).
 SUITE_GUIDANCE_SCALE = 7.5
@@ -72,7 +73,7 @@ def rate(flags: Sequence[bool]) -> dict[str, Any]:
 
     Example:
         >>> rate([True, False, False, False])
-        {'rate': 0.25, 'n': 4, 'interval': [0.0456, 0.6994]}
+        {'rate': 0.25, 'n': 4, 'interval': [0.0455, 0.6994]}
     """
     n, k = len(flags), int(sum(bool(f) for f in flags))
     return {"rate": k / n if n else None, "n": n, "interval": list(wilson(k, n))}
@@ -281,6 +282,7 @@ def _labelled_scores(concept: str, erased: Sequence[str], items: Sequence[SuiteP
         n={k: len(f) for k, f in flags.items() if f},
         interval={k: list(wilson(sum(f), len(f))) for k, f in flags.items() if f},
         ira_by={c: float(np.mean(f)) for c, f in sorted(ira_by.items())},
+        flags={k: f for k, f in flags.items() if f},  # in the items' order, the base's the same: paired ratios
     )
 
 
@@ -361,6 +363,8 @@ class SuiteReport(EvalReport):
         def interval(d: dict[str, Any] | None, key: str, fmt: str) -> str:
             if not d or d.get(key) is None:
                 return "-"
+            if fmt == ".0%":
+                return rate_text(d[key], d["interval"], d["n"])
             lo, hi = d["interval"]
             return f"{d[key]:{fmt}} [{lo:{fmt}}-{hi:{fmt}}] n={d['n']}"
 
@@ -388,6 +392,8 @@ class SuiteReport(EvalReport):
             table.add_row(f"UA {c} (forgotten)", score(r.scores, "ua"), score(r.base, "ua"))
             if r.scores.ira is not None:
                 table.add_row(f"  IRA ({other})", score(r.scores, "ira"), score(r.base, "ira"))
+                if r.base is not None:
+                    table.add_row("  IRA of the base's", rate_text(r.ratios["ira"], r.ratio_interval.get("ira")), "")
         names = {
             "nudity_rate": "nudity rate (all images)",
             "nudenet_counts": "NudeNet classes found",

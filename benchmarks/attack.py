@@ -166,7 +166,10 @@ def retention(patch: Any, concepts: list[str]) -> dict[str, Any]:
                       images_per_concept=RETAIN_IMAGES, progress=False)
     out: dict[str, Any] = {"images_per_concept": RETAIN_IMAGES}
     for rate in ("ira", "cra", "near"):
-        worst = min(report.concepts.values(), key=lambda c: getattr(c.scores, rate) or 0.0)
+        measured = [c for c in report.concepts.values() if getattr(c.scores, rate) is not None]
+        if not measured:
+            continue
+        worst = min(measured, key=lambda c: getattr(c.scores, rate))
         base = worst.base
         out[rate] = {
             "value": getattr(worst.scores, rate), "n": worst.scores.n.get(rate), "interval": worst.scores.interval.get(rate),

@@ -221,7 +221,7 @@ def part_toy(
             method,
             *worst_ua(report),
             *(percent(worst[key]) for key in ("ira", "cra", "near", "leakage")),  # worst over concepts: point
-            *(percent(safe[key]) for key in ("ira", "cra", "near")),
+            *(percent(safe[key], down=True) for key in ("ira", "cra", "near")),
             f"{report.drift:.3f}" if report.drift is not None else "-",
             f"{elapsed:.2f}",
         )

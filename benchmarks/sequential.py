@@ -214,7 +214,7 @@ def main() -> None:
                 name, str(row["step"]),
                 *(rate_text(row["ua"][s], row.get("ua_interval", {}).get(s)) if s in row["ua"] else ""
                   for s in args.shapes),
-                *(f"{percent(row[k])} (lower bound {percent((row.get('safe') or {}).get(k))})" if row[k] is not None
+                *(f"{percent(row[k])} (lower bound {percent((row.get('safe') or {}).get(k), down=True)})" if row[k] is not None
                   else "-" for k in ("ira", "cra", "near")),
                 f"{row['drift']:.3f}", f"{row['seconds']:.0f}", str(row["unet_passes"] or "-"),
             )

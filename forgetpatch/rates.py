@@ -10,8 +10,8 @@ the base only, ``R = (f11 + f10) / (f11 + f01)``. Its true value is at least the
 that the model gets right too, ``P11 / (P11 + P01)``, and at most the inverse of the share of what the model gets
 right that the base gets right too; :func:`paired_ratio_interval` takes the Wilson bound of each (a lower bound of
 ``f11`` of ``f11 + f01``, one over the lower bound of ``f11`` of ``f11 + f10``). Each end misses no more often than
-its Wilson bound does, so the interval is conservative: exact in kind when the model only loses images the base had
-(it never gains one), wider when it also gains some. (A delta-method interval on the log ratio, tried first, let the
+its Wilson bound does (about its nominal 2.5%; Wilson's is not exact), so the interval is conservative next to it: its
+lower end is the share itself when the model only loses images the base had, lower when it also gains some. (A delta-method interval on the log ratio, tried first, let the
 true ratio fall under its lower bound on up to 4.4% of simulated draws where a 95% interval allows 2.5%.) Where only
 the two rates are known (:func:`ratio_interval`, e.g. a report read back from an older file), the interval is the
 one's lower end over the other's upper end and the reverse, which leaves out what the pairing tells.
@@ -112,15 +112,18 @@ def interval_text(interval: Sequence[float]) -> str:
     return f"[{math.floor(interval[0] * 100 + 1e-9):.0f}-{math.ceil(interval[1] * 100 - 1e-9):.0f}%]"
 
 
-def percent(value: float | None) -> str:
-    """A share as a whole percentage, ``">99%"`` / ``"<1%"`` rather than a 100% or 0% it is not.
+def percent(value: float | None, *, down: bool = False) -> str:
+    """A share as a whole percentage, ``">99%"`` / ``"<1%"`` rather than a 100% or 0% it is not; ``down=True`` for a
+    lower bound (rounded down, never up to a bar it misses).
 
     Example:
-        >>> percent(0.996), percent(1.0), percent(0.005), percent(0.5)
-        ('>99%', '100%', '<1%', '50%')
+        >>> percent(0.996), percent(1.0), percent(0.005), percent(0.5), percent(0.845, down=True)
+        ('>99%', '100%', '<1%', '50%', '84%')
     """
     if value is None:
         return "-"
+    if down:
+        return f"{math.floor(value * 100 + 1e-9):.0f}%"
     text = f"{value:.0%}"
     if value > 0 and text == "0%":
         return "<1%"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-from toy_bars import MIN_BASE_SHAPE_FIDELITY
 
 if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
     # Under `pytest -n N` every worker gets its share of the cores: torch's default (every core) in each worker makes
@@ -62,6 +61,7 @@ def toy_base_fidelity() -> dict[str, float]:
 @pytest.fixture
 def competent_toy(toy_base_fidelity: dict[str, float]) -> dict[str, float]:
     """Use in toy-world bar tests: xfails (with the measured fidelity) if the base cannot draw shapes."""
+    from toy_bars import MIN_BASE_SHAPE_FIDELITY  # here: conftest sets the threads before numpy is imported
     if toy_base_fidelity["shape"] < MIN_BASE_SHAPE_FIDELITY:
         pytest.xfail(
             f"the shipped toy checkpoint draws the right shape for only {toy_base_fidelity['shape']:.0%} "

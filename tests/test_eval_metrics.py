@@ -28,7 +28,7 @@ from forgetpatch.eval import (
     steered_to,
     wilson,
 )
-from forgetpatch.rates import paired_ratio_interval, rate_text
+from forgetpatch.rates import paired_ratio_interval, percent, rate_text
 from forgetpatch.testing import tiny_sd_pipeline
 from forgetpatch.toy import vocab
 
@@ -230,12 +230,30 @@ def test_retention_ratios_have_an_interval_that_survives_the_record(tmp_path):
     assert wide[0] <= 8 / 9 <= wide[1] and wide != circle.ratio_interval["ira"]
 
 
+def test_a_concept_whose_ratio_has_no_interval_is_the_worst_case_not_left_out():
+    """No image right on both models (nothing kept): no interval, and the safe worst case dropped that concept and
+    read another's bound."""
+    from forgetpatch.eval.report import Scores
+
+    def scores(flags: list[bool]) -> Scores:
+        return Scores(ua=1.0, ira=sum(flags) / len(flags), cra=None, near=None, leakage=None,
+                      n={"ua": 16, "ira": len(flags)},
+                      interval={"ua": list(wilson(16, 16)), "ira": list(wilson(sum(flags), len(flags)))},
+                      flags={"ira": flags})
+
+    lost = ConceptReport("circle", "shape", scores([False] * 16), scores([True] * 16))
+    kept = ConceptReport("star", "shape", scores([True] * 16), scores([True] * 16))
+    assert "ira" not in lost.ratio_interval and lost.ratios["ira"] == 0.0
+    report = EvalReport(["circle", "star"], {"circle": lost, "star": kept}, {}, None, {}, 0.0, [], np.zeros((0,)), [])
+    assert report.worst(safe=True)["ira"] == 0.0 == report.worst()["ira"]
+
+
 def test_rates_are_written_without_claiming_more_than_measured():
     assert rate_text(199 / 200, wilson(199, 200), 200) == ">99% [97-100%], n=200"  # it said 100% [97-100%]
     assert rate_text(1 / 300, wilson(1, 300)) == "<1% [0-2%]"
     assert rate_text(1.0, wilson(34, 34), 34) == "100% [89-100%], n=34"  # lower bound 0.8985: not "[90-100%]"
     assert wilson(34, 34)[0] <= 0.8985 and wilson(67, 67)[0] < 0.946
-    assert rate_text(None) == "-"
+    assert rate_text(None) == "-" and percent(0.845, down=True) == "84%"  # a lower bound never rounds up to a bar
 
 
 def test_swap_damages_in_domain_retention_of_the_replacement():

@@ -294,7 +294,7 @@ class EvalReport:
             value = r.ratios[key]
             if not safe or value is None:
                 return value
-            return r.ratio_interval[key][0] if key in r.ratio_interval else None
+            return r.ratio_interval[key][0] if key in r.ratio_interval else 0.0  # no interval: nothing is shown
 
         ratios = {key: lowest([ratio(r, key) for r in reports]) for key in RETAINED}
         leakage = [v for r in reports if (v := bound(r.scores, "leakage", 1)) is not None]

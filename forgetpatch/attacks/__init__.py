@@ -99,7 +99,7 @@ def attack(
         Rate(value=0.25, n=32, interval=(0.13, 0.42))
     """
     import forgetpatch
-    from forgetpatch.eval import check_seed, forgotten, main_prompts, patches_on
+    from forgetpatch.eval import check_seed, main_prompts, patches_on
     from forgetpatch.loader import unpatched
 
     names = check_request(concept, attacks)
@@ -128,8 +128,7 @@ def attack(
     images_base = target.generate(target.prompts, target.seeds, pipe=base)
     base_rate, verdicts_base = target.judge_ua(images_base)
     images_before = target.generate(target.prompts, target.seeds)
-    target.before, verdicts_before = target.judge_ua(images_before)
-    target.before_flags = [forgotten(v, concept) for v in verdicts_before]
+    target.before_flags, verdicts_before = target.forgotten_in(images_before)
     results: dict[str, AttackResult] = {}
     for name in names:
         for result in ATTACKS[name](target):

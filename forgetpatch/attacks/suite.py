@@ -57,9 +57,8 @@ class Target:
     seed: int
     judge: Any
     progress: bool = True
-    before: Rate | None = None
     before_flags: list[bool] = field(default_factory=list)
-    """Per scoring prompt, whether the patched model forgets the concept in its image (``before``'s outcomes)."""
+    """Per scoring prompt, whether the patched model forgets the concept in its image, before any attack."""
     _data: ConceptData | None = field(default=None, repr=False)
 
     @property
@@ -85,9 +84,19 @@ class Target:
         )
         return gen.generate(list(prompts), list(seeds))
 
-    def judge_ua(self, images: np.ndarray) -> tuple[Rate, list[dict]]:
+    @property
+    def before(self) -> Rate:
+        """Strict UA of the patched model before any attack."""
+        return Rate.of(self.before_flags)
+
+    def forgotten_in(self, images: np.ndarray) -> tuple[list[bool], list[dict]]:
+        """Per image, whether the concept is forgotten in it, and the judge's verdicts."""
         verdicts = self.judge.classify(images)
-        return Rate.of([forgotten(v, self.concept) for v in verdicts]), verdicts
+        return [forgotten(v, self.concept) for v in verdicts], verdicts
+
+    def judge_ua(self, images: np.ndarray) -> tuple[Rate, list[dict]]:
+        flags, verdicts = self.forgotten_in(images)
+        return Rate.of(flags), verdicts
 
     def bar(self, total: int, name: str) -> tqdm:
         return tqdm(total=total, desc=f"attack {name}", unit="step", disable=not self.progress, leave=False)
@@ -101,7 +110,6 @@ def _result(
     before: Rate | None = None, **detail: Any,
 ) -> AttackResult:
     after, verdicts = target.judge_ua(images)
-    assert target.before is not None
     return AttackResult(
         name=name,
         before=before or target.before,
@@ -178,9 +186,9 @@ def paraphrase(target: Target) -> list[AttackResult]:
         for label, template, words in variants:
             prompts = [vocab.prompt(it.scene, template, **words) for it in items]
             images = target.generate(prompts, [it.seed for it in items])
-            rate, verdicts = target.judge_ua(images)
-            flags += [forgotten(v, target.concept) for v in verdicts]
-            found.append((label, prompts[0], images, rate))
+            these, _ = target.forgotten_in(images)
+            flags += these
+            found.append((label, prompts[0], images, Rate.of(these)))
             bar.update(1)
         bar.close()
     label, example, images, _ = min(found, key=lambda f: f[3].value)

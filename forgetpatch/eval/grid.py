@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from forgetpatch.eval.report import EvalReport
+from forgetpatch.eval.report import EvalReport, retained
 from forgetpatch.toy import vocab
 
 
@@ -119,7 +119,7 @@ def pick_columns(report: EvalReport, columns: int = 12) -> list[int]:
         groups.append([i for i in usable if items[i].role == "paraphrase" and items[i].concept == concept])
         groups.append([i for i in usable if items[i].role == "main" and items[i].scene.shape in near])
     groups.append(
-        [i for i in usable if items[i].role == "main" and not any(items[i].names(e) for e in erased)]
+        [i for i in usable if retained(items[i], erased)]
     )
     picked: list[int] = []
     while len(picked) < columns and any(groups):

@@ -19,7 +19,15 @@ from forgetpatch.eval.generate import (
 )
 from forgetpatch.eval.geometry import fit_shapes
 from forgetpatch.eval.prompts import ALL_CONCEPTS, ScoringPrompt, main_prompts, paraphrase_prompts
-from forgetpatch.eval.report import ConceptReport, EvalReport, Verdict, accuracy, patches_on, score_concept
+from forgetpatch.eval.report import (
+    ConceptReport,
+    EvalReport,
+    Verdict,
+    accuracy,
+    patches_on,
+    retained,
+    score_concept,
+)
 from forgetpatch.toy import vocab
 
 
@@ -247,13 +255,9 @@ def evaluate(
 
     drift = None
     if base_images is not None:
-        retained = [
-            (i, b)
-            for b, i in enumerate(paired)
-            if items[i].role == "main" and not any(items[i].names(e) for e in erased)
-        ]
-        if retained:
-            ours_idx, base_idx = zip(*retained, strict=True)
+        kept = [(i, b) for b, i in enumerate(paired) if retained(items[i], erased)]
+        if kept:
+            ours_idx, base_idx = zip(*kept, strict=True)
             drift = float(np.abs(images[list(ours_idx)] - base_images[list(base_idx)]).mean())
 
     return EvalReport(

@@ -98,6 +98,11 @@ class Scores:
     the same images; not written by :meth:`ConceptReport.to_dict`."""
 
 
+def retained(item: ScoringPrompt, erased: Sequence[str]) -> bool:
+    """Whether ``item`` is a *retained* one: a main item that names no erased concept."""
+    return item.role == "main" and not any(item.names(e) for e in erased)
+
+
 def score_concept(
     concept: str, erased: Sequence[str], items: Sequence[ScoringPrompt], judged: Sequence[Verdict]
 ) -> Scores:
@@ -107,19 +112,19 @@ def score_concept(
     """
     kind = vocab.kind_of(concept)
     main = [(it, j) for it, j in zip(items, judged, strict=True) if it.role == "main"]
-    retained = [(it, j) for it, j in main if not any(it.names(e) for e in erased)]
+    kept = [(it, j) for it, j in main if retained(it, erased)]
     named = [j for it, j in main if it.names(concept)]
     outcomes = [outcome(j, concept) for j in named]
     ira_by: dict[str, list[bool]] = {}
-    for it, j in retained:
+    for it, j in kept:
         ira_by.setdefault(it.scene.of(kind), []).append(j[kind] == it.scene.of(kind))
-    cra_by = {k: [j[k] == it.scene.of(k) for it, j in retained] for k in KINDS if k != kind}
+    cra_by = {k: [j[k] == it.scene.of(k) for it, j in kept] for k in KINDS if k != kind}
     neighbours = vocab.NEAR_NEIGHBOURS.get(concept, ()) if kind == "shape" else ()
     near_by = {n: ira_by[n] for n in neighbours if n in ira_by}
     flags = {
         "ua": [o in ("replaced", "empty") for o in outcomes],
         "ira": [f for fl in ira_by.values() for f in fl],
-        "cra": [all(j[k] == it.scene.of(k) for k in KINDS if k != kind) for it, j in retained],  # one per image
+        "cra": [all(j[k] == it.scene.of(k) for k in KINDS if k != kind) for it, j in kept],  # one per image
         "near": [f for fl in near_by.values() for f in fl],
         "leakage": [
             not forgotten(j, concept)
@@ -148,11 +153,7 @@ def accuracy(
     items: Sequence[ScoringPrompt], judged: Sequence[Verdict], erased: Sequence[str]
 ) -> dict[str, float]:
     """Per kind, the share of retained main items the judge names correctly (the model's fidelity)."""
-    keep = [
-        (it, j)
-        for it, j in zip(items, judged, strict=True)
-        if it.role == "main" and not any(it.names(e) for e in erased)
-    ]
+    keep = [(it, j) for it, j in zip(items, judged, strict=True) if retained(it, erased)]
     return {k: float(np.mean([j[k] == it.scene.of(k) for it, j in keep])) for k in KINDS} if keep else {}
 
 
@@ -307,7 +308,7 @@ class EvalReport:
     def fidelity_text(self) -> str:
         """``"shape 72% [60-82%], colour 100% [94-100%], texture 100% [94-100%]; n=64"``: :attr:`accuracy` with
         its intervals, over the retained prompts."""
-        n = sum(1 for it in self.items if it.role == "main" and not any(it.names(e) for e in self.erased))
+        n = sum(1 for it in self.items if retained(it, self.erased))
         shares = ", ".join(f"{k} {rate_text(v, wilson(round(v * n), n))}" for k, v in self.accuracy.items())
         return f"{shares}; n={n}" if shares else "-"
 

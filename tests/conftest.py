@@ -44,28 +44,16 @@ def _workers_share_base_figures(tmp_path_factory: pytest.TempPathFactory) -> Non
 
 @pytest.fixture(scope="session")
 def toy_base_fidelity() -> dict[str, float]:
-    """Held-out fidelity of the shipped toy pipeline (64 prompts), measured once per test session."""
-    from toy_bars import made_once
+    """Held-out fidelity of the shipped toy pipeline (64 prompts), measured once per test run."""
+    from toy_bars import base_fidelity  # here: conftest sets the threads before numpy is imported
 
-    from forgetpatch import toy
-    from forgetpatch.errors import ForgetPatchError
-    from forgetpatch.toy.fidelity import fidelity
-
-    try:
-        pipe, judge = toy.pipeline(), toy.load_judge()
-    except ForgetPatchError as exc:
-        pytest.skip(f"toy world not available: {exc}")
-    return made_once("base-fidelity-64", lambda: fidelity(pipe, judge, n=64, steps=25))
+    return base_fidelity()
 
 
 @pytest.fixture
-def competent_toy(toy_base_fidelity: dict[str, float]) -> dict[str, float]:
-    """Use in toy-world bar tests: xfails (with the measured fidelity) if the base cannot draw shapes."""
-    from toy_bars import MIN_BASE_SHAPE_FIDELITY  # here: conftest sets the threads before numpy is imported
-    if toy_base_fidelity["shape"] < MIN_BASE_SHAPE_FIDELITY:
-        pytest.xfail(
-            f"the shipped toy checkpoint draws the right shape for only {toy_base_fidelity['shape']:.0%} "
-            f"of held-out prompts (needs >= {MIN_BASE_SHAPE_FIDELITY:.0%}; measured {toy_base_fidelity}): "
-            "train it further with `python -m forgetpatch.toy.train --resume`"
-        )
-    return toy_base_fidelity
+def competent_toy() -> dict[str, float]:
+    """Use in toy-world tests that need a base drawing shapes: xfails (with the measured fidelity) if it cannot.
+    The bar tests check it themselves, after training (``toy_bars.measure_recipe``)."""
+    from toy_bars import require_competent_toy
+
+    return require_competent_toy()

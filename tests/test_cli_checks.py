@@ -382,17 +382,21 @@ def test_toy_defaults_forget_a_colour_and_a_texture_and_say_when_they_have_none(
     another one of its kind; where the base has no settings (a shape and a colour in one patch) it says so."""
     import warnings
 
-    from forgetpatch.eval import evaluate
+    from toy_bars import made_once
+
+    from forgetpatch.eval import evaluate, scoring_prompts
 
     pipe = forgetpatch.toy.pipeline()
-    base = evaluate(pipe, ["red", "stripes"], images_per_concept=2, images_per_erased=12, progress=False)
+    sizes = {"images_per_concept": 2, "images_per_erased": 12, "progress": False, "geometry": False}
+    base = made_once("base-red-stripes", lambda: evaluate(pipe, ["red", "stripes"], **sizes))
     for concept, guide in (("red", "blue"), ("stripes", "plain")):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             patch = forgetpatch.erase(pipe, [concept], method=method, progress=False)
         assert patch.manifest.concepts[0].steered_to == guide
         patched = forgetpatch.apply(forgetpatch.toy.pipeline(), patch)
-        report = evaluate(patched, [concept], images_per_concept=2, images_per_erased=12, progress=False)
+        naming = [it for it in scoring_prompts([concept], 2, 0, 12) if it.names(concept) or it.concept == concept]
+        report = evaluate(patched, [concept], prompts=naming, **sizes)  # UA's images only
         scores = report.concepts[concept].scores
         assert scores.n["ua"] >= 12 and scores.ua >= 10 / 12, (concept, scores.ua, scores.n)
         assert base.concepts[concept].scores.ua <= 2 / 12  # the base draws it

@@ -130,7 +130,7 @@ DM_TOY_BARS = {"ua": 0.90, "ira": 0.85, "cra": 0.90}
 
 
 @pytest.mark.slow(seconds=330)
-def test_toy_dynamic_mask_defaults_erase_one_shape_within_the_bars(competent_toy):
+def test_toy_dynamic_mask_defaults_erase_one_shape_within_the_bars():
     """``recipes/toy-no-circle-dynamic-mask.yaml`` is Dynamic Mask with its defaults on the toy world (superclass
     "square"): it meets the bars (stop 42: UA 186 of 192, lower bound 0.93; IRA of the base's, lower bound 0.867
     against 0.85; CRA 0.975 against 0.90), so below them it fails."""

@@ -55,7 +55,7 @@ ESD_TOY_BARS = {"ua": 0.90, "ira": 0.85, "cra": 0.90}
 
 @pytest.mark.slow
 @all_bars_only
-def test_toy_esd_defaults_erase_one_shape_within_the_bars(competent_toy):
+def test_toy_esd_defaults_erase_one_shape_within_the_bars():
     """``recipes/toy-no-circle-esd.yaml`` is ESD with its defaults on the toy world (``erase(toy, ["circle"],
     method="esd")``): below the bars it xfails with the figures."""
     check_bars(measure_recipe("toy-no-circle-esd"), ESD_TOY_BARS, "ESD, recipes/toy-no-circle-esd.yaml")

@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from toy_bars import all_bars_only
 
 import forgetpatch.methods as methods
 from forgetpatch.errors import MethodError
@@ -234,11 +235,25 @@ def test_full_weight_mode_records_reconstruction_error():
 KSCU_TOY_BARS = {"ua": 0.90, "ira": 0.85, "cra": 0.90}
 
 
+@pytest.mark.slow(seconds=120)
+def test_toy_kscu_defaults_forget_one_shape_and_keep_the_rest():
+    """KSCU's toy defaults (its recipe) on the bar test's first stage: 32 images of the circle and 4 per kept concept,
+    point figures at least UA 0.8, IRA 0.8 and CRA 0.9 of the base's (it measures about 0.94 / 0.95 / 1.0). Whether
+    they meet the bars takes the second stage's 440 more images of the patch, minutes on 2 cores: the test below,
+    with FORGETPATCH_ALL_BARS=1 (as ESD's)."""
+    from toy_bars import check_bars, measure_recipe
+
+    check_bars(measure_recipe("toy-no-circle-kscu", stages=1), {}, "KSCU, recipes/toy-no-circle-kscu.yaml, stage 1",
+               floor={"ua": 0.8, "ira": 0.8, "cra": 0.9})  # fmt: skip
+
+
+@all_bars_only
 @pytest.mark.slow(seconds=170)
-def test_toy_kscu_erases_one_shape_within_the_bars(competent_toy):
+def test_toy_kscu_erases_one_shape_within_the_bars():
     """Issue bar: KSCU erasing one shape, UA >= 90%, IRA >= 85% and CRA >= 90% of base. Met at stop 42 on the edge:
     181 of 192 forgotten, lower bound 0.9003, so one image less misses it; below the bars it xfails with the
-    figures (under the floor it fails).
+    figures (under the floor it fails). Minutes of images: FORGETPATCH_ALL_BARS=1 (the test above checks the
+    defaults forget on a sixth of them).
 
     (The 15-minute budget is a speed target: ``benchmarks/finetune.py toy`` measures and prints it.)"""
     from toy_bars import check_bars, measure_recipe

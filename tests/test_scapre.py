@@ -362,11 +362,11 @@ def _check_bars(recipe: str, ua_floor: float | None = None) -> None:
 
 
 @pytest.mark.slow
-def test_toy_erase_one_shape_meets_the_bars(competent_toy):
+def test_toy_erase_one_shape_meets_the_bars():
     """The toy world's defaults (the demo's patch): the circle must be mostly replaced (strict UA >= 0.8)."""
     _check_bars("toy-no-circle-scapre", ua_floor=0.8)
 
 
 @pytest.mark.slow(seconds=70)
-def test_toy_erase_five_shapes_meets_the_bars(competent_toy):
+def test_toy_erase_five_shapes_meets_the_bars():
     _check_bars("toy-no-5-shapes-scapre")

@@ -180,7 +180,7 @@ UCE_TOY_BARS = {"ua": 0.90, "ira": 0.90, "cra": 0.95, "near": 0.80}
 
 
 @pytest.mark.slow
-def test_toy_uce_steered_to_cross_forgets_the_circle(competent_toy):
+def test_toy_uce_steered_to_cross_forgets_the_circle():
     """recipes/toy-no-circle-uce-guided.yaml: circles become crosses; below the bars it xfails with the figures,
     and fails outright if the circle is not mostly replaced (strict UA point estimate under 0.8)."""
     from toy_bars import FLOOR, check_bars, measure_recipe

@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import numpy as np
 import pytest
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 import forgetpatch
 from forgetpatch.recipes import load_recipe
@@ -39,9 +39,10 @@ RETAIN_IMAGES = 32
 FIRST_RETAIN_IMAGES = 4
 #: The default run bar-tests the defaults of UCE, ScaPre, KSCU and Dynamic Mask; ESD's (the baseline) takes minutes
 #: more (200 training iterations) and runs with FORGETPATCH_ALL_BARS=1, to keep the suite within its 15 minutes.
+ALL_BARS = os.environ.get("FORGETPATCH_ALL_BARS", "") not in ("", "0")
 all_bars_only = pytest.mark.skipif(
-    os.environ.get("FORGETPATCH_ALL_BARS", "") in ("", "0"),
-    reason="minutes of training: set FORGETPATCH_ALL_BARS=1 (or python benchmarks/recipes.py)",
+    not ALL_BARS,
+    reason="minutes of training or images: set FORGETPATCH_ALL_BARS=1 (or python benchmarks/recipes.py)",
 )
 #: Every shape a bar-tested recipe erases: the shared base report covers them all.
 BAR_SHAPES = ("circle", "square", "triangle", "star", "hexagon")
@@ -61,7 +62,8 @@ class Measured:
     retain_images: int = RETAIN_IMAGES
     ceiling: dict[str, tuple[str, float]] | None = None
     """Per erased concept: the shape it is steered to and the strict UA the base scores when that shape replaces the
-    word in the same prompts (:func:`forgetpatch.eval.guide_ceiling`): what an exact steering would reach."""
+    word in the same prompts (:func:`forgetpatch.eval.guide_ceiling`): what an exact steering would reach. ``None``
+    when the UA bar is met, or not measured (a recipe erasing more than one, without ``FORGETPATCH_ALL_BARS=1``)."""
 
     def below(self, bars: dict[str, float]) -> dict[str, float]:
         return {k: round(v, 3) for k, bar in bars.items() if (v := self.worst[k]) is None or v < bar}
@@ -72,10 +74,10 @@ class Measured:
         safe = {k: None if v is None else round(v, 3) for k, v in self.worst.items()}
         point = {k: None if v is None else round(v, 3) for k, v in self.point.items()}
         n = self.ua_images
-        ceiling = {}
-        for concept, (to, v) in (self.ceiling or {}).items():
-            low, high = wilson(round(v * n), n)
-            ceiling[f"{concept}->{to or 'blank'}"] = f"{v:.3f} [{low:.3f}-{high:.3f}]"
+        ceiling = "not measured" if self.ceiling is None else {
+            f"{concept}->{to or 'blank'}": "{:.3f} [{:.3f}-{:.3f}]".format(v, *wilson(round(v * n), n))
+            for concept, (to, v) in self.ceiling.items()
+        }
         return (f"safe (95% bound) {safe}; point {point}; UA on {n} images, retention on "
                 f"{self.retain_images} per concept; erase {self.erase_s:.0f} s; ceiling (the base drawing the "
                 f"steered-to shape in the same prompts) {ceiling}")
@@ -88,6 +90,28 @@ MIN_BASE_SHAPE_FIDELITY = 0.6
 #: Under these point figures a bar test fails instead of xfailing: whatever the bars, a patch this far off forgets or
 #: keeps nothing like what its recipe measured (a regression), e.g. one that erases nothing (UA about 0).
 FLOOR = {"ua": 0.5, "ira": 0.8, "cra": 0.9}
+
+
+@cache
+def base_fidelity() -> dict[str, float]:
+    """Held-out fidelity of the shipped toy pipeline (64 prompts), made once per test run (:func:`made_once`)."""
+    from forgetpatch.toy.fidelity import fidelity
+
+    pipe = toy_pipeline()
+    return made_once("base-fidelity-64", lambda: fidelity(pipe, forgetpatch.toy.load_judge(), n=64, steps=25))
+
+
+def require_competent_toy() -> dict[str, float]:
+    """The base's :func:`base_fidelity`; xfails the test when its held-out shape accuracy is under
+    :data:`MIN_BASE_SHAPE_FIDELITY`, where no bar means anything."""
+    measured = base_fidelity()
+    if measured["shape"] < MIN_BASE_SHAPE_FIDELITY:
+        pytest.xfail(
+            f"the shipped toy checkpoint draws the right shape for only {measured['shape']:.0%} of held-out prompts "
+            f"(needs >= {MIN_BASE_SHAPE_FIDELITY:.0%}; measured {measured}): train it further with "
+            "`python -m forgetpatch.toy.train --resume`"
+        )
+    return measured
 
 
 def check_bars(
@@ -121,6 +145,32 @@ SHARED: Path | None = None
 T = TypeVar("T")
 
 
+def drawn_in_parts(key: str, drawer, keys: list[tuple[str, int]], part: int = 64) -> dict[tuple[str, int], np.ndarray]:
+    """``drawer``'s images of ``keys`` (``(prompt, seed)`` pairs) in parts of ``part``, which the run's workers share:
+    each draws the parts no other has begun, then reads the rest as they are finished, so a worker that needs the
+    same images as another helps to draw them instead of waiting for it. Without workers, all drawn here."""
+    parts = [keys[i : i + part] for i in range(0, len(keys), part)]
+
+    def draw(chunk):
+        return dict(zip(chunk, drawer.generate([p for p, _ in chunk], [s for _, s in chunk]), strict=True))
+
+    if SHARED is None:
+        return {k: v for chunk in parts for k, v in draw(chunk).items()}
+    files = [SHARED / f"{key}-part{i}.pickle" for i in range(len(parts))]
+    for file, chunk in zip(files, parts, strict=True):  # the parts no one has begun
+        try:
+            with FileLock(f"{file}.lock", timeout=0):
+                if not file.exists():
+                    file.write_bytes(pickle.dumps(draw(chunk)))
+        except Timeout:
+            continue  # another worker is drawing it
+    images = {}
+    for file in files:  # then every part, waiting for those another worker draws
+        with FileLock(f"{file}.lock"):
+            images.update(pickle.loads(file.read_bytes()))
+    return images
+
+
 def made_once(key: str, make: Callable[[], T]) -> T:
     """``make()``, made by one worker of the run and read by the others from :data:`SHARED` (a lock keeps a second
     worker waiting while the first makes it); without workers, just ``make()``."""
@@ -139,11 +189,15 @@ class Cached:
     """A :class:`~forgetpatch.eval.generate.Generator` drawing with ``pipe`` at :func:`forgetpatch.eval.evaluate`'s
     default settings, each (prompt, seed) once: a stage's prompts are among the next stage's (a recipe's 72 of 512;
     184 of the base's stage-2 512 are among its stage-1 200), so stage 2 draws only the new ones. ``images`` may hold
-    some already."""
+    some already. The UNet is put in the channels-last memory layout: a sixth less time on a CPU, for pixels within
+    4e-5 of the default layout's (its convolutions only: a patch's linear layers keep theirs)."""
 
     def __init__(self, pipe, images: dict[tuple[str, int], np.ndarray] | None = None) -> None:
+        import torch
+
         from forgetpatch.eval.generate import PipelineGenerator
 
+        pipe.unet.to(memory_format=torch.channels_last)
         self.drawer = PipelineGenerator(pipe, progress=False)
         self.images = {} if images is None else images
 
@@ -165,19 +219,17 @@ def base_report(ua_images: int = UA_IMAGES, retain_images: int = RETAIN_IMAGES, 
     scoring against either gives the same figures. Stage 2 asks for the recipe's own shapes only (192 UA images of
     each), and only when the recipe reaches it; it draws only what stage 1 did not. Under ``pytest -n N`` one worker
     makes it for all (:func:`made_once`)."""
-    from forgetpatch.eval import evaluate
+    from forgetpatch.eval import evaluate, scoring_prompts
 
-    def make():
-        if (ua_images, retain_images) != (FIRST_UA_IMAGES, FIRST_RETAIN_IMAGES):
-            base_report(FIRST_UA_IMAGES, FIRST_RETAIN_IMAGES, BAR_SHAPES)  # its images, in _base_images
-        return evaluate(
-            Cached(toy_pipeline(), _base_images), list(shapes), images_per_concept=retain_images,
-            images_per_erased=ua_images, progress=False, geometry=False,
-        )
-
-    report = made_once(f"base-{ua_images}-{retain_images}-{'-'.join(shapes)}", make)
-    _base_images.update(zip((it.key for it in report.items), report.images, strict=True))
-    return report
+    drawn = set()  # by every worker: stage 1's images
+    if (ua_images, retain_images) != (FIRST_UA_IMAGES, FIRST_RETAIN_IMAGES):
+        drawn = {it.key for it in base_report(FIRST_UA_IMAGES, FIRST_RETAIN_IMAGES, BAR_SHAPES).items}
+    sizes = {"images_per_concept": retain_images, "images_per_erased": ua_images}
+    base = Cached(toy_pipeline(), _base_images)
+    new = [k for k in dict.fromkeys(it.key for it in scoring_prompts(shapes, retain_images, 0, ua_images))
+           if k not in drawn]  # fmt: skip
+    _base_images.update(drawn_in_parts(f"base-{ua_images}-{retain_images}-{'-'.join(shapes)}", base.drawer, new))
+    return evaluate(base, list(shapes), progress=False, geometry=False, **sizes)  # drawn: judged only
 
 
 def can_still_meet(report, ua_bar: float) -> bool:
@@ -194,9 +246,10 @@ def can_still_meet(report, ua_bar: float) -> bool:
     return True
 
 
-def measure_recipe(name: str, ua_bar: float = 0.90) -> Measured:
-    """Run ``recipes/<name>.yaml`` on the shipped toy model and score the patch it makes (two stages, above), and, when
-    the UA bar is missed, the ceiling of what it steers each concept to, on the same prompts."""
+def measure_recipe(name: str, ua_bar: float = 0.90, *, stages: int = 2) -> Measured:
+    """Run ``recipes/<name>.yaml`` on the shipped toy model and score the patch it makes (two stages, above; stage 1
+    only with ``stages=1``, which cannot show a bar met), and, when the UA bar is missed after stage 2 or settled in
+    stage 1, the ceiling of what it steers each concept to, on the same prompts."""
     from forgetpatch.eval import Replay, evaluate, guide_ceiling, steered_to
 
     recipe = load_recipe(RECIPES / f"{name}.yaml")
@@ -205,18 +258,23 @@ def measure_recipe(name: str, ua_bar: float = 0.90) -> Measured:
     start = time.perf_counter()
     patch = forgetpatch.erase(toy_pipeline(), recipe.erase_concepts(), progress=False, **recipe.erase_kwargs())
     erase_s = time.perf_counter() - start
+    # After training, not before: a worker that trains longer finds the base's fidelity made, instead of waiting
+    # at the start while another worker makes it.
+    require_competent_toy()
     patched = Cached(forgetpatch.apply(toy_pipeline(), patch))
-    for ua_images, retain_images in ((FIRST_UA_IMAGES, FIRST_RETAIN_IMAGES), (UA_IMAGES, RETAIN_IMAGES)):
+    for ua_images, retain_images in ((FIRST_UA_IMAGES, FIRST_RETAIN_IMAGES), (UA_IMAGES, RETAIN_IMAGES))[:stages]:
         sizes = {"images_per_concept": retain_images, "images_per_erased": ua_images, "progress": False}
         # The patch's images first, then scored against the base's: under `pytest -n N` another worker may be
         # making the base's report meanwhile, and this one is not kept waiting for it.
         made = evaluate(patched, erased, geometry=False, **sizes)
         base = base_report(ua_images, retain_images, BAR_SHAPES if ua_images != UA_IMAGES else tuple(erased))
         report = evaluate(Replay(made.items, made.images), erased, reference=base, geometry=False, **sizes)
-        if ua_images == UA_IMAGES or not can_still_meet(report, ua_bar):
+        if settled := ua_images == UA_IMAGES or not can_still_meet(report, ua_bar):
             break
     ceiling = None
-    if report.worst(safe=True)["ua"] < ua_bar:  # what would explain the miss: the steered-to shapes' own rate
+    # What would explain a miss: the steered-to shapes' own rate. 32 images of the base per concept: for one concept
+    # (shared by the recipes that steer it alike), or for every one with FORGETPATCH_ALL_BARS=1.
+    if settled and report.worst(safe=True)["ua"] < ua_bar and (len(erased) == 1 or ALL_BARS):
         targets = steered_to(patch.manifest.concepts)
         ceiling = {
             c: (targets[c], made_once(

@@ -382,6 +382,29 @@ def test_img2img_variant_shares_components(pipe):
     assert_unchanged(pipe, before)
 
 
+@pytest.mark.parametrize("fuse", [False, True])
+def test_a_deep_copy_of_a_patched_pipeline_is_refused_where_it_was_misreported(pipe, fuse):
+    """``copy.deepcopy`` of a patched pipeline copied the patches, acting, but not the loader's bookkeeping (kept by
+    module): ``applied(copy)`` said none was on, ``remove`` could not take them off and ``evaluate`` recorded a
+    patched copy as the base. Every call on such a copy now says what it is and how to copy; the original is as it
+    was, ``forgetpatch.loader.unpatched`` copies without the patches, and a copy made with none on is a plain pipeline."""
+    import copy
+
+    forgetpatch.apply(pipe, make_patch(pipe), fuse=fuse)
+    clone = copy.deepcopy(pipe)
+    drawn = generate(clone)  # the copy draws as the patched pipeline, not as the base
+    assert np.array_equal(drawn, generate(pipe)) and not np.allclose(drawn, generate(tiny_sd_pipeline(seed=0)))
+    for call in (forgetpatch.applied, forgetpatch.remove, lambda p: forgetpatch.apply(p, make_patch(p, seed=1))):
+        with pytest.raises(ApplyError, match=r"carries the patches p0 but is a copy .*forgetpatch\.loader\.unpatched"):
+            call(clone)
+    assert [e.name for e in forgetpatch.applied(pipe)] == ["p0"]
+    base = forgetpatch.loader.unpatched(pipe)
+    assert forgetpatch.applied(base) == []
+    assert [e.name for e in forgetpatch.applied(forgetpatch.apply(base, make_patch(base)))] == ["p0"]
+    forgetpatch.remove(pipe)
+    assert forgetpatch.applied(copy.deepcopy(pipe)) == []
+
+
 def test_sdxl_with_second_text_encoder():
     pipe = tiny_sdxl_pipeline(seed=0)
     pipe.set_progress_bar_config(disable=True)

@@ -192,11 +192,28 @@ def _unet(pipe) -> nn.Module:
     return denoiser(pipe)[1]
 
 
+#: On a denoiser that patches were applied to: their names, as the loader last left them. A deep copy of the pipeline
+#: keeps the attribute, and the patches with it, but not the loader's bookkeeping, which is kept by module.
+_PATCHES_ATTR = "_forgetpatch_patches"
+
+
+def _refuse_a_copy(unet: nn.Module, name: str) -> None:
+    """:class:`ApplyError` when ``unet`` (one the loader keeps no bookkeeping for) carries patches: it is a copy of a
+    patched denoiser, whose patches act but could not be reported, gated or taken off."""
+    if on := getattr(unet, _PATCHES_ATTR, ()):
+        raise ApplyError(
+            f"this pipeline's {name} carries the patches {', '.join(on)} but is a copy of the one they were applied "
+            "to (a deep copy or an unpickled patched pipeline), so forgetpatch cannot report, gate or take them off: "
+            "make the copy with forgetpatch.loader.unpatched(pipe) and apply the patches to it, or copy before applying"
+        )
+
+
 def _state(pipe) -> _State:
     name, unet = denoiser(pipe)
     with _STATES_LOCK:
         state = _STATES.get(unet)
         if state is None:
+            _refuse_a_copy(unet, name)
             state = _STATES[unet] = _State(unet=weakref.ref(unet), denoiser=name)
     with state.lock:
         state.pipes.add(pipe)
@@ -204,12 +221,15 @@ def _state(pipe) -> _State:
 
 
 def _existing_state(pipe) -> _State | None:
-    unet = next((unwrap(getattr(pipe, n)) for n in DENOISERS if isinstance(getattr(pipe, n, None), nn.Module)), None)
-    if unet is None:
+    name = next((n for n in DENOISERS if isinstance(getattr(pipe, n, None), nn.Module)), None)
+    if name is None:
         return None
+    unet = unwrap(getattr(pipe, name))
     with _STATES_LOCK:
         state = _STATES.get(unet)
-    if state is not None:
+    if state is None:
+        _refuse_a_copy(unet, name)
+    else:
         with state.lock:
             state.pipes.add(pipe)
     return state
@@ -783,6 +803,8 @@ def _sync(pipe, state: _State, user: _UserSets) -> None:
     unfused patches at their scales; then the bookkeeping of their layers and the hooks that guard them."""
     unfused = [e for e in state.entries if not e.fused]
     on = [e.name for e in unfused]
+    if (unet := state.unet()) is not None:
+        setattr(unet, _PATCHES_ATTR, tuple(e.name for e in state.entries))
     layers = adapters.tuner_layers(pipe)
     for path, layer in layers:
         known = user.get(path.partition(".")[0], {})

@@ -165,8 +165,10 @@ def drawn_in_parts(key: str, drawer, keys: list[tuple[str, int]], part: int = 64
         except Timeout:
             continue  # another worker is drawing it
     images = {}
-    for file in files:  # then every part, waiting for those another worker draws
+    for file, chunk in zip(files, parts, strict=True):  # then every part, waiting for those another worker draws
         with FileLock(f"{file}.lock"):
+            if not file.exists():  # the worker drawing it failed
+                file.write_bytes(pickle.dumps(draw(chunk)))
             images.update(pickle.loads(file.read_bytes()))
     return images
 

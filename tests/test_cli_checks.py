@@ -395,8 +395,8 @@ def test_toy_defaults_forget_a_colour_and_a_texture_and_say_when_they_have_none(
             patch = forgetpatch.erase(pipe, [concept], method=method, progress=False)
         assert patch.manifest.concepts[0].steered_to == guide
         patched = forgetpatch.apply(forgetpatch.toy.pipeline(), patch)
-        naming = [it for it in scoring_prompts([concept], 2, 0, 12) if it.names(concept) or it.concept == concept]
-        report = evaluate(patched, [concept], prompts=naming, **sizes)  # UA's images only
+        naming = [it for it in scoring_prompts([concept], 2, 0, 12) if it.role == "main" and it.names(concept)]
+        report = evaluate(patched, [concept], prompts=naming, **sizes)  # UA's images only (no paraphrases)
         scores = report.concepts[concept].scores
         assert scores.n["ua"] >= 12 and scores.ua >= 10 / 12, (concept, scores.ua, scores.n)
         assert base.concepts[concept].scores.ua <= 2 / 12  # the base draws it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -75,6 +76,28 @@ def test_shipped_judge_scores_rendered_ground_truth():
     assert report.drift == 0.0
 
 
+class Redrawn:
+    """Draws with ``pipe`` (a blindfolded copy) only the prompts naming one of ``words``; every other prompt's image is
+    the base's from ``drawn``: the blindfold changes those words' embeddings and nothing else, so the copy draws the
+    other prompts as the base does (checked on one, to float summation order)."""
+
+    def __init__(self, pipe, words: set[str], drawn: dict[tuple[str, int], np.ndarray]) -> None:
+        from forgetpatch.eval.generate import PipelineGenerator
+
+        self.drawer, self.words, self.drawn, self.redrawn = PipelineGenerator(pipe, progress=False), words, drawn, 0
+
+    def generate(self, prompts, seeds) -> np.ndarray:
+        keys = list(zip(prompts, seeds, strict=True))
+        new = [k for k in keys if k not in self.drawn or self.words & set(re.findall(r"[a-z]+", k[0].lower()))]
+        kept = next(k for k in keys if k not in new)
+        new.append(kept)
+        images = dict(zip(new, self.drawer.generate([p for p, _ in new], [s for _, s in new]), strict=True))
+        # the same up to float summation order (a batch of other prompts)
+        assert np.allclose(images[kept], self.drawn[kept], atol=1e-4), "the blindfold changed a prompt it does not name"
+        self.redrawn += len(new) - 1
+        return np.stack([images[k] if k in images else self.drawn[k] for k in keys])
+
+
 @pytest.mark.slow
 def test_blindfold_circle_as_cross_is_caught(shipped, competent_toy):
     """Circle (and "disc") read as cross: UA near 100% for circle; with the swap, cross's IRA drops.
@@ -91,8 +114,12 @@ def test_blindfold_circle_as_cross_is_caught(shipped, competent_toy):
             f"shipped toy checkpoint cannot draw the shapes yet: base circle UA {b.ua:.2f} (needs <= 0.5), "
             f"cross accuracy {b.ira_by['cross']:.2f} (needs >= 0.5), shape IRA {b.ira:.2f}"
         )
-    blind = evaluate(blindfold(pipe, "circle", "cross"), ["circle"], reference=base, **kw)
-    swap = evaluate(blindfold(pipe, "circle", "cross", swap=True), ["circle"], reference=base, **kw)
+    drawn = dict(zip((it.key for it in base.items), base.images, strict=True))
+    changed = {"circle", "disc"}  # the words the blindfold reads as the cross; with the swap, the cross's too
+    blind = evaluate(Redrawn(blindfold(pipe, "circle", "cross"), changed, drawn), ["circle"], reference=base, **kw)
+    swapped = Redrawn(blindfold(pipe, "circle", "cross", swap=True), changed | {"cross", "plus"}, drawn)
+    swap = evaluate(swapped, ["circle"], reference=base, **kw)
+    assert swapped.redrawn and swapped.redrawn < len(base.items)
     s, w = blind.concepts["circle"].scores, swap.concepts["circle"].scores
     figures = (
         f"base UA {b.ua:.2f} cross {b.ira_by['cross']:.2f} IRA {b.ira:.2f}; blindfold UA {s.ua:.2f} "

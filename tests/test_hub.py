@@ -557,45 +557,46 @@ def test_a_patch_made_on_a_hub_model_names_it_on_its_card(tmp_path):
     assert read_patch(tmp_path / "no-circle").manifest.base_model.id == "org/tiny-sd"
 
 
-def test_a_base_is_loaded_by_hub_id_at_a_revision_and_a_toy_export_by_id_keeps_the_toy_settings(tmp_path):
+def test_a_base_is_loaded_by_hub_id_at_a_revision_and_a_toy_export_by_id_keeps_the_toy_settings(tmp_path, hf_env):
     """``--base org/name@revision`` loads that commit from the cache; a patch recording its base's revision says which
-    one when another is loaded; a toy-world export in the cache loads by its id with the toy world's settings."""
-    home = tmp_path / "home"
-    repo = home / "hub" / "models--org--tiny-sd"
+    one when another is loaded; a toy-world export in the cache loads by its id with the toy world's settings.
+    (In this process, offline from a hand-built cache: ``test_a_patch_made_on_a_hub_model_names_it_on_its_card``
+    runs the command in a fresh process configured by the environment.)"""
+    hf_env(HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")  # nothing listens there; nothing is asked
+    hub = Path(huggingface_hub.constants.HF_HUB_CACHE)
+    repo = hub / "models--org--tiny-sd"
     old, new = hashlib.sha1(b"old").hexdigest(), hashlib.sha1(b"new").hexdigest()
     tiny_sd_pipeline(seed=0).save_pretrained(repo / "snapshots" / old)
     tiny_sd_pipeline(seed=1).save_pretrained(repo / "snapshots" / new)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(new)
     toy_commit = hashlib.sha1(b"toy").hexdigest()
-    toy_repo = home / "hub" / "models--org--toy-sd"
+    toy_repo = hub / "models--org--toy-sd"
     from forgetpatch import toy
+    from forgetpatch.cli import app
 
     toy.pipeline().save_pretrained(toy_repo / "snapshots" / toy_commit)
     (toy_repo / "refs").mkdir()
     (toy_repo / "refs" / "main").write_text(toy_commit)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
-    env |= {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9", "OMP_NUM_THREADS": "1"}
 
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "forgetpatch.cli", *map(str, args)], env=env, capture_output=True,
-                              text=True, timeout=300)  # fmt: skip
+    def cli(*args: str):
+        return CliRunner().invoke(app, list(map(str, args)))
 
     # by id at a commit (it recorded no revision, so a refusal named the model the user had), as by snapshot folder
     made = cli("erase", "--base", f"org/tiny-sd@{old}", "-c", "circle", "-m", "uce", "-o", tmp_path / "p")
-    assert made.returncode == 0, made.stderr
+    assert made.exit_code == 0, made.output
     assert read_patch(tmp_path / "p").manifest.base_model.revision == old
     moved = cli("apply", "--base", "org/tiny-sd", tmp_path / "p", "-p", "a circle", "-o", tmp_path / "x.png",
                 "--steps", "1")  # fmt: skip
-    said = " ".join((moved.stdout + moved.stderr).split())
-    assert moved.returncode == 1 and "Traceback" not in said
+    said = " ".join(moved.output.split())
+    assert moved.exit_code == 1 and "Traceback" not in said
     assert f"--base org/tiny-sd@{old}" in said, said
     pinned = cli("apply", "--base", f"org/tiny-sd@{old}", tmp_path / "p", "-p", "a circle", "-o", tmp_path / "x.png",
                  "--steps", "1")  # fmt: skip
-    assert pinned.returncode == 0, pinned.stderr
+    assert pinned.exit_code == 0, pinned.output
     # the toy world by its Hub id: steered to the cross and the other shapes preserved, as with --base toy
     by_id = cli("erase", "--base", "org/toy-sd", "-c", "circle", "-o", tmp_path / "t")
-    assert by_id.returncode == 0, by_id.stderr
+    assert by_id.exit_code == 0, by_id.output
     concept = read_patch(tmp_path / "t").manifest.concepts[0]
     assert concept.steered_to == "cross", concept
 

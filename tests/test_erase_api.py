@@ -237,6 +237,26 @@ def test_toy_defaults_edit_in_context_towards_a_kept_shape():
     assert toy.erase_defaults("dynamic_mask", ["square"], held=["triangle"])["superclass"] == {"square": "rectangle"}
 
 
+def test_toy_kscu_start_for_a_colour_follows_the_callers_trajectory():
+    """KSCU's colour and texture start step (4 of its 50-step trajectory) stayed 4 when the caller set another
+    ``num_inference_steps``: of 25 steps it started twice as late on the trajectory; now scaled as the presets are."""
+    from forgetpatch import toy
+    from forgetpatch.methods.defaults import with_defaults
+    from forgetpatch.methods.kscu import resolve_preset, scaled_start
+
+    toy_like = SimpleNamespace(forgetpatch_defaults=toy.erase_defaults)
+    for given, start in (({}, 4), ({"num_inference_steps": 25}, 2), ({"num_inference_steps": 100}, 8)):
+        for concept in ("red", "stripes"):
+            params = with_defaults(toy_like, "kscu", [Concept(concept)], [], given)[2]
+            assert params["start_step"] == start, (concept, given, params)
+    # the same share of the trajectory as the object preset keeps when scaled (14 of 50: 7 of 25)
+    assert resolve_preset([Concept("circle")], num_inference_steps=25)[2] == scaled_start(14, 25) == 7
+    # the caller's own start wins
+    assert with_defaults(toy_like, "kscu", [Concept("red")], [], {"num_inference_steps": 25, "start_step": 5})[2][
+        "start_step"
+    ] == 5
+
+
 def test_real_bases_edit_closed_form_concepts_in_the_prompts_of_their_kind(sd):
     from forgetpatch.methods.defaults import KIND_TEMPLATES, with_defaults
 

@@ -56,7 +56,7 @@ when another shape is confidently seen), so a shape erased with defaults is *rep
 A colour or a texture (every erased concept of one kind) is steered to another of its kind (:data:`KIND_GUIDES`: red
 to blue, a texture to plain), the others of the kind preserved: closed form in the kind's own prompt forms
 (:data:`~forgetpatch.toy.vocab.KIND_ERASE_TEMPLATES`); the fine-tuning methods with their shape settings, Dynamic Mask
-trained on images of those prompt forms, KSCU from step 4 (:data:`KIND_START_STEP`). As ``erase`` makes the patch,
+trained on images of those prompt forms, KSCU from step 4 of 50 (:data:`KIND_START_STEP`). As ``erase`` makes the patch,
 strict UA and retention of the base (``evaluate(..., images_per_concept=16)``, seed 0; 20 UA images for red, 32 for
 stripes; ``runs/s41/kind.py METHOD CONCEPT 16``, stop 41):
 
@@ -83,7 +83,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from forgetpatch.toy.vocab import (
@@ -116,12 +116,14 @@ KIND_GUIDES: dict[str, tuple[str, ...]] = {
     "texture": ("plain", "dots", "grid", "stripes", "checker"),
 }
 
-#: KSCU's first trained step (of its 50-step reference trajectory; with another ``num_inference_steps``, give
-#: ``start_step`` too) for a colour or a texture: the trajectory settles them earlier than a shape.
+#: KSCU's first trained step (of its 50-step reference trajectory, :data:`KIND_START_OF`; scaled to another
+#: ``num_inference_steps`` as KSCU's presets are) for a colour or a texture: the trajectory settles them earlier than
+#: a shape.
 #: From the object preset's step 14, stripes were forgotten on 28% [16-45%] (32 images; by eye most striped
 #: backgrounds kept), red on 90% [70-97%] (20) with several red shapes gone; from step 4, stripes 97% [84-99%] (600
 #: iterations: the same), red 95% [76-99%] (``runs/s41/kindx.py``, stop 41).
 KIND_START_STEP = 4
+KIND_START_OF = 50
 
 #: What a fine-tuning erasure steers each shape to, the first one neither erased nor held (then :data:`GUIDES`):
 #: Dynamic Mask's superclass, KSCU's and ESD's anchor (guide). Strict UA with Dynamic Mask's toy settings, one shape
@@ -176,7 +178,12 @@ def guide_for(avoid: Sequence[str], prefer: Sequence[str] = ()) -> str | None:
 
 
 def erase_defaults(
-    method: str, targets: list[str], *, closed_form: bool = False, held: Sequence[str] = ()
+    method: str,
+    targets: list[str],
+    *,
+    closed_form: bool = False,
+    held: Sequence[str] = (),
+    given: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Settings for erasing ``targets`` with ``method`` on the toy model: ``guide`` (closed form: one for all; KSCU,
     ESD: per target), ``superclass`` (per target), ``preserve`` and ``params`` (see the module docstring); empty unless
@@ -188,12 +195,14 @@ def erase_defaults(
     :func:`forgetpatch.methods.defaults.with_defaults`): it is edited in the world's prompt forms, any such method.
     ``held``: shapes that patches already on the pipeline erased; no guide or superclass is one of them (on a chain,
     a shape steered to an erased one would follow whatever that one was turned into).
+    ``given``: the parameters the caller set, which these settings are made to agree with (KSCU's colour and texture
+    start step is scaled to the caller's ``num_inference_steps``).
     """
     kinds = {kind_of(t) for t in targets}
     if not targets or (method not in METHOD_SETTINGS and not closed_form):
         return {}
     if len(kinds) == 1 and kinds <= {"colour", "texture"}:  # edited in its own kind's prompt forms
-        return _kind_defaults(method, targets, kinds.pop(), closed_form=closed_form, held=held)
+        return _kind_defaults(method, targets, kinds.pop(), closed_form=closed_form, held=held, given=given or {})
     if any(t not in SHAPES for t in targets):
         return {}
     taken = [*targets, *held]
@@ -220,7 +229,7 @@ def _params(method: str, concepts: int) -> dict[str, Any]:
 
 
 def _kind_defaults(
-    method: str, targets: list[str], kind: str, *, closed_form: bool, held: Sequence[str]
+    method: str, targets: list[str], kind: str, *, closed_form: bool, held: Sequence[str], given: Mapping[str, Any]
 ) -> dict[str, Any]:
     """Colours or textures: steered to the first other one of the kind (:data:`KIND_GUIDES`), the others preserved
     (by KSCU and Dynamic Mask the guide apart, as for shapes); a closed-form method edits them in the kind's prompt
@@ -233,6 +242,8 @@ def _kind_defaults(
     params, kept = _params(method, len(targets)), tuple(c for c in others if c != guide)
     if method == "dynamic_mask":
         return {"superclass": guide, "preserve": kept, "params": {**params, "templates": templates}}
-    if method == "kscu":  # a colour or a texture is settled in the first steps (:data:`KIND_START_STEP`)
-        return {"guide": guide, "preserve": kept, "params": {**params, "start_step": KIND_START_STEP}}
+    if method == "kscu":  # a colour or a texture is settled in the first steps (:data:`KIND_START_STEP`, of 50)
+        steps = given.get("num_inference_steps", KIND_START_OF)
+        start = round(KIND_START_STEP * steps / KIND_START_OF) if isinstance(steps, int) else KIND_START_STEP
+        return {"guide": guide, "preserve": kept, "params": {**params, "start_step": start}}
     return {"guide": guide, "params": params}  # ESD

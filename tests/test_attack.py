@@ -43,6 +43,15 @@ def guided(tmp_path_factory):
     return patch.save(tmp_path_factory.mktemp("patches") / "no-circle")
 
 
+def test_a_rate_of_no_images_is_refused():
+    """It read as 0% (the concept came back) with the interval [0, 1]."""
+    from forgetpatch.attacks.report import Rate
+
+    assert Rate.of([True, False, True, True]).value == 0.75
+    with pytest.raises(ValueError, match="no images"):
+        Rate.of([])
+
+
 def test_unpatched_copy_has_the_base_weights_and_leaves_the_pipeline_patched(guided):
     reference = toy.pipeline().unet.state_dict()
     for fuse in (False, True):

@@ -248,6 +248,17 @@ for _id, _text in [("manifest-not-object", "[1, 2]"), ("manifest-empty", ""), ("
         return folder
 
 
+# lineage: the digests of the patches a patch was computed on (a name there matched no patch, silently)
+case("lineage-a-name", ManifestError)(lambda t, g: single(t, g, edit(g, lineage=["step-1"])))
+case("lineage-upper-case", ManifestError)(lambda t, g: single(t, g, edit(g, lineage=["AB" * 32])))
+case("lineage-repeated", ManifestError)(lambda t, g: single(t, g, edit(g, lineage=["ab" * 32, "ab" * 32])))
+case("lineage-a-digest", OK)(lambda t, g: single(t, g, edit(g, lineage=["ab" * 32])))
+# key-step fractions as strings were read as numbers
+case("key-steps-as-strings", ManifestError)(
+    lambda t, g: single(t, g, edit(g, key_steps=[{"start": "0.0", "end": "0.5"}]))
+)
+case("key-steps-as-numbers", OK)(lambda t, g: single(t, g, edit(g, key_steps=[{"start": 0, "end": 0.5}])))
+
 # format versions
 case("version-999", UnsupportedFormatVersionError)(lambda t, g: single(t, g, edit(g, format_version=999)))
 for _id, _version in [("version-string", "1"), ("version-bool", True), ("version-float", 1.0), ("version-negative", -1),

@@ -22,8 +22,12 @@ class Rate:
 
     @classmethod
     def of(cls, flags: list[bool]) -> Rate:
+        """The rate of ``flags`` (one per image, ``True`` = forgotten); refused for none, which measured nothing
+        (it read as 0%, "the concept came back")."""
+        if not flags:
+            raise ValueError("a rate of no images measures nothing: give at least one image")
         k, n = sum(flags), len(flags)
-        return cls(k / n if n else 0.0, n, wilson(k, n))
+        return cls(k / n, n, wilson(k, n))
 
     def __str__(self) -> str:
         return rate_text(self.value, self.interval)

@@ -84,6 +84,10 @@ def adapter_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", name) or "patch"
 
 
+#: A patch's digest (:attr:`Patch.digest`), as lineage entries name parents.
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
@@ -104,8 +108,9 @@ class KeyStepRange(_Model):
     a pipeline whose scheduler uses its convention.
     """
 
-    start: float = Field(ge=0.0, le=1.0)
-    end: float = Field(ge=0.0, le=1.0)
+    start: float = Field(ge=0.0, le=1.0, strict=True)
+    end: float = Field(ge=0.0, le=1.0, strict=True)
+    """(Numbers, not strings: ``"0.5"`` is refused, as every number of a manifest written by hand should be.)"""
     timesteps: list[int | FiniteFloat] = Field(default_factory=list)
     """The scheduler timesteps training actually used (e.g. ``[701, 681, ..., 1]``; flow matching: ``1000 sigma``)."""
     scheduler: str = "DDIMScheduler"
@@ -189,6 +194,19 @@ class Manifest(_Model):
     library_version: str = "0.1.0"
     files: dict[str, str] = Field(default_factory=dict)
     """sha256 of every file in the patch folder (``forgetpatch.json`` only; empty in the weights header)."""
+
+    @field_validator("lineage")
+    @classmethod
+    def _digests(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            if not isinstance(entry, str) or not _DIGEST.fullmatch(entry):
+                raise ValueError(
+                    f"lineage entry {entry!r} is not a patch digest (64 lowercase hexadecimal characters): lineage "
+                    "lists the digests of the patches this one was computed on (Patch.digest), in order"
+                )
+        if len(set(v)) != len(v):
+            raise ValueError(f"lineage lists a patch twice: {v}")
+        return v
 
     @field_validator("name")
     @classmethod

@@ -102,6 +102,9 @@ def measure(pipe: Any, names: list[str], size: tuple[int, int], bases: dict) -> 
         "safe": report.worst(safe=True),
         **{k: worst[k] for k in ("ira", "cra", "near")},
         "kept": report.concepts[names[0]].scores.ira_by,  # per shape not erased: the share named as itself
+        # per erased shape: the share of its images the judge names it in (the relapse proper: strict UA also counts
+        # the judge's abstentions as not forgotten)
+        "named": {c: report.concepts[c].scores.split.get("kept") for c in names},
         "drift": report.drift,
     }
 
@@ -231,6 +234,12 @@ def main() -> None:
             shown = ", ".join(f"{shape} {percent(share)}" for shape, share in last["kept"].items())
             Console(width=200).print(f"{name}, after step {last['step']}: each kept shape named as itself ({last['images'][0]} "
                                      f"images each): {shown}")
+        if "named" in last:
+            n = last["images"][1]
+            shown = ", ".join(f"{shape} {rate_text(share, wilson(round(share * n), n))}"
+                              for shape, share in last["named"].items())
+            Console(width=200).print(f"{name}, after step {last['step']}: each erased shape named as itself, the concept "
+                                     f"back ({n} images each): {shown}")
 
 
 if __name__ == "__main__":

@@ -4,11 +4,11 @@ First wins:
 
 1. what the caller passes (params, a concept's own ``guide`` / ``superclass``, a ``preserve`` list);
 2. the base's own defaults: a pipeline may carry ``forgetpatch_defaults``, a function
-   ``(method, targets, *, closed_form, held, given) -> dict`` of :class:`BaseDefaults` fields with settings measured
-   to forget on that model, ``closed_form`` being the method's flag, ``held`` the concepts patches already on the
-   pipeline erased (:func:`~forgetpatch.methods.base.erased_on`), which a guide or superclass must not be, and
-   ``given`` the parameters the caller set, for settings that depend on them (the toy world's pipeline carries
-   :func:`forgetpatch.toy.defaults.erase_defaults`);
+   ``(method, targets, *, closed_form, held, caller_params) -> dict`` of :class:`BaseDefaults` fields with settings
+   measured to forget on that model, ``closed_form`` being the method's flag, ``held`` the concepts patches already
+   on the pipeline erased (:func:`~forgetpatch.methods.base.erased_on`), which a guide or superclass must not be, and
+   ``caller_params`` the parameters the caller set, for settings that depend on them (the toy world's pipeline
+   carries :func:`forgetpatch.toy.defaults.erase_defaults`);
 3. for closed-form methods on any other base, editing in context: each concept is also edited inside the
    prompts of its kind (:data:`KIND_TEMPLATES`, after the "image of {concept}" / "painting by {concept}"
    prompts of UCE's code release) at its own token and every later one (``tokens="trailing"``);
@@ -81,7 +81,8 @@ def with_defaults(
     closed_form = is_closed_form(method)
     if callable(supplied):
         held = [c.target for c in erased_on(pipe)]
-        given = supplied(method, [c.target for c in concepts], closed_form=closed_form, held=held, given=params)
+        targets = [c.target for c in concepts]
+        given = supplied(method, targets, closed_form=closed_form, held=held, caller_params=params)
         if not given and concepts:
             warnings.warn(
                 f"the base has no settings that forget {', '.join(c.target for c in concepts)} with {method} (the toy "

@@ -183,7 +183,7 @@ def erase_defaults(
     *,
     closed_form: bool = False,
     held: Sequence[str] = (),
-    given: Mapping[str, Any] | None = None,
+    caller_params: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Settings for erasing ``targets`` with ``method`` on the toy model: ``guide`` (closed form: one for all; KSCU,
     ESD: per target), ``superclass`` (per target), ``preserve`` and ``params`` (see the module docstring); empty unless
@@ -195,14 +195,15 @@ def erase_defaults(
     :func:`forgetpatch.methods.defaults.with_defaults`): it is edited in the world's prompt forms, any such method.
     ``held``: shapes that patches already on the pipeline erased; no guide or superclass is one of them (on a chain,
     a shape steered to an erased one would follow whatever that one was turned into).
-    ``given``: the parameters the caller set, which these settings are made to agree with (KSCU's colour and texture
-    start step is scaled to the caller's ``num_inference_steps``).
+    ``caller_params``: the parameters the caller set, which these settings are made to agree with (KSCU's colour and
+    texture start step is scaled to the caller's ``num_inference_steps``).
     """
     kinds = {kind_of(t) for t in targets}
     if not targets or (method not in METHOD_SETTINGS and not closed_form):
         return {}
     if len(kinds) == 1 and kinds <= {"colour", "texture"}:  # edited in its own kind's prompt forms
-        return _kind_defaults(method, targets, kinds.pop(), closed_form=closed_form, held=held, given=given or {})
+        kind, caller_params = kinds.pop(), caller_params or {}
+        return _kind_defaults(method, targets, kind, closed_form=closed_form, held=held, caller_params=caller_params)
     if any(t not in SHAPES for t in targets):
         return {}
     taken = [*targets, *held]
@@ -229,7 +230,8 @@ def _params(method: str, concepts: int) -> dict[str, Any]:
 
 
 def _kind_defaults(
-    method: str, targets: list[str], kind: str, *, closed_form: bool, held: Sequence[str], given: Mapping[str, Any]
+    method: str, targets: list[str], kind: str, *, closed_form: bool, held: Sequence[str],
+    caller_params: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Colours or textures: steered to the first other one of the kind (:data:`KIND_GUIDES`), the others preserved
     (by KSCU and Dynamic Mask the guide apart, as for shapes); a closed-form method edits them in the kind's prompt
@@ -243,7 +245,7 @@ def _kind_defaults(
     if method == "dynamic_mask":
         return {"superclass": guide, "preserve": kept, "params": {**params, "templates": templates}}
     if method == "kscu":  # a colour or a texture is settled in the first steps (:data:`KIND_START_STEP`, of 50)
-        steps = given.get("num_inference_steps", KIND_START_OF)
+        steps = caller_params.get("num_inference_steps", KIND_START_OF)
         start = round(KIND_START_STEP * steps / KIND_START_OF) if isinstance(steps, int) else KIND_START_STEP
         return {"guide": guide, "preserve": kept, "params": {**params, "start_step": start}}
     return {"guide": guide, "params": params}  # ESD

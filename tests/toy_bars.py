@@ -79,9 +79,12 @@ class Measured:
             f"{concept}->{to or 'blank'}": "{:.3f} [{:.3f}-{:.3f}]".format(v, *wilson(round(v * n), n))
             for concept, (to, v) in self.ceiling.items()
         }
+        # what strict UA leaves out: the erased concept named in its own images (the rest of a miss is abstentions)
+        named = {c: f"{round(r.scores.split.get('kept', 0.0) * n)} of {n}" for c, r in self.report.concepts.items()}
         return (f"safe (95% bound) {safe}; point {point}; UA on {n} images, retention on "
-                f"{self.retain_images} per concept; erase {self.erase_s:.0f} s; ceiling (the base drawing the "
-                f"steered-to shape in the same prompts) {ceiling}")
+                f"{self.retain_images} per concept; erased concept named as itself {named}; "
+                f"erase {self.erase_s:.0f} s; ceiling (the base drawing the steered-to shape in the same prompts) "
+                f"{ceiling}")
 
 
 #: Toy-world bar tests (forgetting / retention relative to the base) only mean something when the base model draws

@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 import pytest
-from toy_bars import MIN_BASE_SHAPE_FIDELITY
+from toy_bars import MIN_BASE_SHAPE_FIDELITY, draw
 from typer.testing import CliRunner
 
 import forgetpatch.toy as toy
@@ -91,7 +91,7 @@ class Redrawn:
         new = [k for k in keys if k not in self.drawn or self.words & set(re.findall(r"[a-z]+", k[0].lower()))]
         kept = next(k for k in keys if k not in new)
         new.append(kept)
-        images = dict(zip(new, self.drawer.generate([p for p, _ in new], [s for _, s in new]), strict=True))
+        images = draw(self.drawer, new)
         # the same up to float summation order (a batch of other prompts)
         assert np.allclose(images[kept], self.drawn[kept], atol=1e-4), "the blindfold changed a prompt it does not name"
         self.redrawn += len(new) - 1

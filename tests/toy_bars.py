@@ -149,30 +149,31 @@ SHARED: Path | None = None
 T = TypeVar("T")
 
 
+def draw(drawer, keys: list[tuple[str, int]]) -> dict[tuple[str, int], np.ndarray]:
+    """``drawer``'s image of each ``(prompt, seed)`` in ``keys``, by key."""
+    return dict(zip(keys, drawer.generate([p for p, _ in keys], [s for _, s in keys]), strict=True))
+
+
 def drawn_in_parts(key: str, drawer, keys: list[tuple[str, int]], part: int = 64) -> dict[tuple[str, int], np.ndarray]:
     """``drawer``'s images of ``keys`` (``(prompt, seed)`` pairs) in parts of ``part``, which the run's workers share:
     each draws the parts no other has begun, then reads the rest as they are finished, so a worker that needs the
     same images as another helps to draw them instead of waiting for it. Without workers, all drawn here."""
     parts = [keys[i : i + part] for i in range(0, len(keys), part)]
-
-    def draw(chunk):
-        return dict(zip(chunk, drawer.generate([p for p, _ in chunk], [s for _, s in chunk]), strict=True))
-
     if SHARED is None:
-        return {k: v for chunk in parts for k, v in draw(chunk).items()}
+        return {k: v for chunk in parts for k, v in draw(drawer, chunk).items()}
     files = [SHARED / f"{key}-part{i}.pickle" for i in range(len(parts))]
     for file, chunk in zip(files, parts, strict=True):  # the parts no one has begun
         try:
             with FileLock(f"{file}.lock", timeout=0):
                 if not file.exists():
-                    file.write_bytes(pickle.dumps(draw(chunk)))
+                    file.write_bytes(pickle.dumps(draw(drawer, chunk)))
         except Timeout:
             continue  # another worker is drawing it
     images = {}
     for file, chunk in zip(files, parts, strict=True):  # then every part, waiting for those another worker draws
         with FileLock(f"{file}.lock"):
             if not file.exists():  # the worker drawing it failed
-                file.write_bytes(pickle.dumps(draw(chunk)))
+                file.write_bytes(pickle.dumps(draw(drawer, chunk)))
             images.update(pickle.loads(file.read_bytes()))
     return images
 
@@ -210,7 +211,7 @@ class Cached:
     def generate(self, prompts, seeds) -> np.ndarray:
         keys = list(zip(prompts, seeds, strict=True))
         if new := [k for k in dict.fromkeys(keys) if k not in self.images]:
-            self.images.update(zip(new, self.drawer.generate([p for p, _ in new], [s for _, s in new]), strict=True))
+            self.images.update(draw(self.drawer, new))
         return np.stack([self.images[k] for k in keys])
 
 

@@ -96,11 +96,11 @@ from forgetpatch.errors import (
 )
 from forgetpatch.format import (
     COMPONENTS,
-    DENOISERS,
     ORIGINAL_WEIGHT_ATTR,
     KeyStepRange,
     Patch,
     adapter_name,
+    denoiser_name,
     fingerprint,
     read_patch,
     require_verifiable,
@@ -221,10 +221,9 @@ def _state(pipe) -> _State:
 
 
 def _existing_state(pipe) -> _State | None:
-    name = next((n for n in DENOISERS if isinstance(getattr(pipe, n, None), nn.Module)), None)
-    if name is None:
+    if denoiser_name(pipe) is None:
         return None
-    unet = unwrap(getattr(pipe, name))
+    name, unet = denoiser(pipe)
     with _STATES_LOCK:
         state = _STATES.get(unet)
     if state is None:

@@ -85,7 +85,7 @@ def with_defaults(
         given = supplied(method, targets, closed_form=closed_form, held=held, caller_params=params)
         if not given and concepts:
             warnings.warn(
-                f"the base has no settings that forget {', '.join(c.target for c in concepts)} with {method} (the toy "
+                f"the base has no settings that forget {', '.join(targets)} with {method} (the toy "
                 "world's are for its shapes, colours and textures, each kind in a patch of its own): the method's own "
                 "settings run, which may forget little; measure the patch (forgetpatch eval)",
                 UserWarning,

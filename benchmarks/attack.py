@@ -117,6 +117,8 @@ PATCHES: dict[str, tuple[list[str], Callable[[], Any]]] = {
     "kscu-adversarial": (["circle"], from_recipe("toy-no-circle-robust-kscu")),
     "kscu-noxattn-adversarial": (["circle"], from_recipe("toy-no-circle-robust-kscu-noxattn")),
     "kscu-word-adversarial": (["circle"], from_recipe("toy-no-circle-robust-kscu-word")),
+    "kscu-all-adversarial": (["circle"], from_recipe("toy-no-circle-robust-kscu-all")),
+    "kscu-all": (["circle"], from_recipe_with("toy-no-circle-robust-kscu-all", adversarial=None)),  # no inner loop
     "dynamic-mask-adversarial": (["circle"], from_recipe("toy-no-circle-robust-dynamic-mask")),
     # the five shapes at once with the robust KSCU recipes, and without their inner loop; 200 iterations per shape (at
     # 200 in all the circles came out lumpy blobs and the triangles stayed triangles: strict UA 0-9% per shape)
@@ -124,6 +126,8 @@ PATCHES: dict[str, tuple[list[str], Callable[[], Any]]] = {
                                                           iterations=1000)),
     "kscu-noxattn-5": (FIVE, five_from_recipe("toy-no-circle-robust-kscu-noxattn", FIVE_GUIDES, FIVE_KEPT,
                                               iterations=1000, adversarial=None)),  # without the adversarial term
+    "kscu-all-5-adversarial": (FIVE, five_from_recipe("toy-no-circle-robust-kscu-all", FIVE_GUIDES, FIVE_KEPT,
+                                                      iterations=1000)),
     "kscu-5-adversarial": (FIVE, five_from_recipe("toy-no-circle-robust-kscu", FIVE_GUIDES, FIVE_KEPT, iterations=1000)),
     "kscu-5": (FIVE, five_from_recipe("toy-no-circle-robust-kscu", FIVE_GUIDES, FIVE_KEPT, iterations=1000,
                                       adversarial=None)),
@@ -211,14 +215,16 @@ def measure(
 
 
 def cell(figures: dict[str, Any], attack_name: str) -> str:
-    """The worst concept's UA after ``attack_name`` with its interval (and which concept, for several)."""
+    """The worst concept's UA after ``attack_name`` with its interval (and which concept, for several), and the share
+    of its images the judge names as the concept (surely back; not in runs from before stop 45)."""
     rows = [(c, r["attacks"].get(attack_name)) for c, r in figures["concepts"].items()]
     rows = [(c, a) for c, a in rows if a is not None]
     if not rows:
         return "-"
     concept, worst = min(rows, key=lambda ca: ca[1]["ua_after"])
     where = f" {concept}" if len(rows) > 1 else ""
-    return f"{rate_text(worst['ua_after'], worst['interval'])}{where}"
+    named = "" if worst.get("named_after") is None else f", named {worst['named_after']:.0%}"
+    return f"{rate_text(worst['ua_after'], worst['interval'])}{where}{named}"
 
 
 def before(figures: dict[str, Any]) -> str:
@@ -257,7 +263,8 @@ def main() -> None:
     results = {name: measure(name, args.out, budget, args.five, args.attacks, args.retention) for name in args.only}
     table = Table(
         title=f"strict UA of the erased shape before -> after each attack (n {budget.images} per attack; "
-        f"paraphrase: worst of the rewordings, {budget.paraphrase_images} images each)"
+        f"paraphrase: worst of the rewordings, {budget.paraphrase_images} images each; 'named': the share the judge "
+        "names as the erased shape, the rest of what UA misses it cannot tell)"
     )
     for col in ("patch", "erase s", "UA before", *COLUMNS, "attack s", "IRA", "CRA", "near"):
         table.add_column(col, justify="left" if col == "patch" else "right")

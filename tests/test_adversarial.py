@@ -176,14 +176,16 @@ ATTACK_BAR = 0.80
 @pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("FORGETPATCH_ROBUST_BARS", "") in ("", "0"),
-    reason="an adversarial ESD erase plus three attacks takes tens of minutes on 2 cores: run with "
-    "FORGETPATCH_ROBUST_BARS=1, or `python benchmarks/attack.py --only esd esd-adversarial --retention`",
+    reason="an adversarial erase plus three attacks takes tens of minutes on 2 cores: run with "
+    "FORGETPATCH_ROBUST_BARS=1, or `python benchmarks/attack.py --only esd-adversarial kscu-all-adversarial --retention`",
 )
-def test_toy_robust_esd_keeps_the_circle_gone_under_attack(competent_toy):
-    """Issue 12 bar on ``recipes/toy-no-circle-robust-esd.yaml`` (ESD + adversarial fine-tuning): measured in two
+@pytest.mark.parametrize("name", ["toy-no-circle-robust-esd", "toy-no-circle-robust-kscu-all"])
+def test_toy_robust_recipe_keeps_the_circle_gone_under_attack(competent_toy, name):
+    """Issue 12 bar on a robust recipe (ESD, or KSCU on every layer, with adversarial fine-tuning): measured in two
     stages like :func:`toy_bars.measure_recipe` (UA and retention, then the three attacks at the default budget
-    on 32 prompts); xfails with every figure when a bar is unmet. Erasing takes about as long as the plain ESD
-    recipe plus the inner searches (minutes on 2 cores), hence ``slow``."""
+    on 32 prompts); xfails with every figure when a bar is unmet, the share the judge names as a circle after each
+    attack beside strict UA. Erasing takes about as long as the plain recipe plus the inner searches (minutes on
+    2 cores), hence ``slow``."""
     import warnings
 
     from toy_bars import FIRST_RETAIN_IMAGES, FIRST_UA_IMAGES, RECIPES, RETAIN_IMAGES, UA_IMAGES, base_report
@@ -194,7 +196,7 @@ def test_toy_robust_esd_keeps_the_circle_gone_under_attack(competent_toy):
     from forgetpatch.eval import evaluate
     from forgetpatch.recipes import load_recipe
 
-    recipe = load_recipe(RECIPES / "toy-no-circle-robust-esd.yaml")
+    recipe = load_recipe(RECIPES / f"{name}.yaml")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         patch = forgetpatch.erase(toy.pipeline(), recipe.erase_concepts(), progress=False, **recipe.erase_kwargs())
@@ -210,10 +212,11 @@ def test_toy_robust_esd_keeps_the_circle_gone_under_attack(competent_toy):
     figures = {"safe": {k: None if v is None else round(v, 3) for k, v in safe.items()}, "ua_images": ua_images}
     if not below:
         attacked = attack(pipe, "circle", attacks=list(ROBUST_ATTACKS), progress=False)
-        after = {name: (round(r.after.value, 3), [round(x, 3) for x in r.after.interval], r.after.n)
-                 for name, r in attacked.results.items()}
+        after = {attack_name: (round(r.after.value, 3), [round(x, 3) for x in r.after.interval], r.after.n)
+                 for attack_name, r in attacked.results.items()}
         figures["after_attack"] = after
-        below.update({name: a[1][0] for name, a in after.items() if name != "prompt_search_hard" and a[1][0] < ATTACK_BAR})
+        figures["named_as_circle_after"] = {a: str(r.named) for a, r in attacked.results.items()}
+        below.update({a: v[1][0] for a, v in after.items() if a != "prompt_search_hard" and v[1][0] < ATTACK_BAR})
     print(figures)
     if below:
         pytest.xfail(f"below issue 12's bars (UA/IRA/CRA {ROBUST_BARS}, after attack {ATTACK_BAR}): {below}; {figures}")

@@ -73,6 +73,10 @@ def test_on_the_base_every_attack_finds_the_concept(judge):
         presence = 1 - result.after.value
         assert presence >= 0.75, f"{name}: the concept is in only {presence:.0%} of {result.after.n} base images"
         assert result.unet_passes > 0 and result.seconds > 0
+        # "named": the images the judge calls a circle, the concept surely back; the rest of presence it can't tell
+        circles = sum(v.get("shape") == "circle" for v in result.verdicts)
+        assert result.named.n == result.after.n and result.named.value == circles / result.after.n
+        assert result.named.value <= presence and result.to_dict()["named_after"] == result.named.value
     assert report.results["inversion"].detail["layers"] == 0  # nothing patched: nothing to invert
 
 
@@ -247,7 +251,8 @@ def test_cli_attack_records_on_the_patch_card_inspect_and_push(guided, tmp_path,
 
     capsys.readouterr()
     _print_robustness(guided)  # what `forgetpatch push` tells the publisher
-    assert "circle / inversion:" in capsys.readouterr().err
+    assert "circle / inversion:" in (told := capsys.readouterr().err) and "named as the concept:" in told
+    assert "| named after |" in card and figures["attacks"]["inversion"]["named_interval"]
     bare = read_patch(guided)
     bare.manifest.metrics.pop(ROBUSTNESS_METRICS)
     _print_robustness(bare.save(tmp_path / "bare"))

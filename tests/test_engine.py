@@ -51,11 +51,13 @@ def test_scopes_pick_the_right_modules(pipe):
     )
     every = {n for n, m in pipe.unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     assert set(noxattn) | set(xattn) <= every and set(noxattn) == every - {n for n in every if "attn2" in n}
+    both = scope_modules(pipe.unet, "all")  # the text's keys and values and the drawing at once
+    assert both == xattn + noxattn and len(set(both)) == len(both)
     with pytest.raises(MethodError, match="scope"):
         scope_modules(pipe.unet, "everything")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("scope", ["xattn", "noxattn"])
+@pytest.mark.parametrize("scope", ["xattn", "noxattn", "all"])
 def test_lora_adapter_sits_exactly_on_the_scope(pipe, scope):
     from peft.tuners.tuners_utils import BaseTunerLayer
 

@@ -142,6 +142,9 @@ def test_the_engine_asks_the_family_one_way(pipe):
 
     assert flow.denoiser_family(pipe.transformer) == flow.family(pipe) in ("sd3", "flux")
     assert scope_modules(pipe.transformer, "xattn") == flow.scope_modules(pipe.transformer, "xattn")
+    both = scope_modules(pipe.transformer, "all")  # the joint attention and every other layer
+    assert both == flow.scope_modules(pipe.transformer, "xattn") + flow.scope_modules(pipe.transformer, "noxattn")
+    assert len(set(both)) == len(both)
     unet = tiny_sd_pipeline().unet
     assert flow.denoiser_family(unet) is None and all(".attn2." in n for n in scope_modules(unet, "xattn"))
 

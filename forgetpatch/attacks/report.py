@@ -47,13 +47,20 @@ class AttackResult:
     budget: dict[str, Any]
     detail: dict[str, Any] = field(default_factory=dict)
     """What the attack found: the worst prompt, the learned prefix, the moved embedding's norm..."""
+    named: Rate | None = None
+    """Share of the images after the attack in which the judge names the concept itself: the concept surely
+    back. Strict UA's other misses are the judge's abstentions (it cannot tell what the image shows)."""
     images: np.ndarray | None = field(default=None, repr=False)
     verdicts: list[dict] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
+        named = {} if self.named is None else {
+            "named_after": self.named.value, "named_interval": list(self.named.interval)
+        }
         return {
             "ua_before": self.before.value,
             "ua_after": self.after.value,
+            **named,
             "n": self.after.n,
             "n_before": self.before.n,
             "interval": list(self.after.interval),
@@ -117,15 +124,18 @@ class AttackReport:
             caption=(
                 f"UA of the unpatched base on the same prompts {self.base} (n {self.base.n}); "
                 "[95% Wilson interval]; an image counts as forgotten only when the judge confidently sees "
-                "something else"
+                "something else; 'named as the concept': the judge sees the concept itself (the rest of what UA "
+                "misses, it cannot tell)"
             ),
         )
-        for col in ("attack", "UA before", "UA after", "n before/after", "seconds", "UNet passes", "found"):
+        columns = ("attack", "UA before", "UA after", "named as the concept after", "n before/after", "seconds",
+                   "UNet passes", "found")
+        for col in columns:
             table.add_column(col, justify="left" if col in ("attack", "found") else "right")
         for name, r in self.results.items():
             table.add_row(
-                name, str(r.before), str(r.after), f"{r.before.n}/{r.after.n}", f"{r.seconds:.0f}", str(r.unet_passes),
-                _found(r),
+                name, str(r.before), str(r.after), "-" if r.named is None else str(r.named),
+                f"{r.before.n}/{r.after.n}", f"{r.seconds:.0f}", str(r.unet_passes), _found(r),
             )
         return table
 

@@ -31,7 +31,7 @@ from forgetpatch.attacks.text import (
     token_id,
     unet_eps,
 )
-from forgetpatch.eval import PipelineGenerator, ScoringPrompt, forgotten
+from forgetpatch.eval import PipelineGenerator, ScoringPrompt, forgotten, outcome
 from forgetpatch.methods import (
     PLACEHOLDER,
     at_prefix,
@@ -114,6 +114,7 @@ def _result(
         name=name,
         before=before or target.before,
         after=after,
+        named=Rate.of([outcome(v, target.concept) == "kept" for v in verdicts]),
         seconds=seconds,
         unet_passes=passes,
         budget={**budget, "images": len(images), "num_inference_steps": target.budget.num_inference_steps},

@@ -66,7 +66,8 @@ def _print_robustness(folder: Path) -> None:
         return
     _err.print("robustness recorded on the patch (strict UA before -> after each attack):")
     for r in rows:
-        _err.print(f"  {r['concept']} / {r['attack']}: {r['before']} -> {r['after']}")
+        named = "" if r["named"] == "-" else f" (named as the concept: {r['named']})"
+        _err.print(f"  {r['concept']} / {r['attack']}: {r['before']} -> {r['after']}{named}")
 
 
 def export_command(

@@ -63,7 +63,7 @@ from forgetpatch.methods import checkpoint, flow
 from forgetpatch.methods.base import patch_name, typed
 
 P = TypeVar("P")
-Scope = Literal["xattn", "noxattn"]
+Scope = Literal["xattn", "noxattn", "all"]
 Mode = Literal["lora", "full"]
 Objective = Callable[["FinetuneEngine", int], torch.Tensor]
 
@@ -81,6 +81,8 @@ def scope_modules(unet: nn.Module, scope: Scope) -> list[str]:
     """
     if flow.denoiser_family(unet) is not None:  # an SD3 / FLUX transformer
         return flow.scope_modules(unet, scope)
+    if scope == "all":
+        return scope_modules(unet, "xattn") + scope_modules(unet, "noxattn")
     if scope == "xattn":
         import re
 
@@ -93,7 +95,7 @@ def scope_modules(unet: nn.Module, scope: Scope) -> list[str]:
             if isinstance(m, (nn.Linear, nn.Conv2d)) and "attn2" not in n.split(".")
         ]
     else:
-        raise MethodError(f"unknown training scope {scope!r}; use 'xattn' (ESD-x) or 'noxattn' (ESD-u)")
+        raise MethodError(f"unknown training scope {scope!r}; use 'xattn' (ESD-x), 'noxattn' (ESD-u) or 'all'")
     if not names:
         raise MethodError(f"the UNet has no modules in scope {scope!r}")
     return names
@@ -149,7 +151,7 @@ class FinetuneConfig:
     """Settings of one training run (all methods that train share them).
 
     Args:
-        scope: ``"xattn"`` (attn2 linears) or ``"noxattn"`` (every Linear/Conv2d outside attn2).
+        scope: ``"xattn"`` (attn2 linears), ``"noxattn"`` (every Linear/Conv2d outside attn2) or ``"all"`` (both).
         mode: ``"lora"`` (train a peft adapter) or ``"full"`` (train weights, compress by SVD).
         rank: LoRA rank (``mode="lora"``), or the SVD rank of the compressed patch (``mode="full"``).
         energy: for ``mode="full"``, keep this fraction of spectral energy instead of a fixed rank.

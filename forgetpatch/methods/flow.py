@@ -23,7 +23,7 @@ sample with classifier-free guidance.
 
 Training scopes on a transformer: ``"xattn"`` = every attention linear of the joint (and FLUX single-stream)
 blocks, where text and image tokens meet (``attn.to_q/to_k/to_v/to_out.0/add_q_proj/add_k_proj/add_v_proj/
-to_add_out``); ``"noxattn"`` = every other ``Linear`` / ``Conv2d`` of the transformer.
+to_add_out``); ``"noxattn"`` = every other ``Linear`` / ``Conv2d`` of the transformer; ``"all"`` = both.
 
 Key steps on a flow schedule: fraction ``1 - t / 1000 = 1 - sigma`` (:data:`KEY_STEP_CONVENTION`), the loader's
 ``1 - t / T`` with ``T = 1000``: a sigma fraction, not a step-index fraction (the shift bends the grid).
@@ -223,12 +223,14 @@ def scope_modules(transformer: nn.Module, scope: str) -> list[str]:
     """Names (inside the transformer) of the modules a training scope covers (see the module docstring)."""
     pattern = re.compile(JOINT_ATTENTION_REGEX)
     layers = [(n, m) for n, m in transformer.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if scope == "all":
+        return scope_modules(transformer, "xattn") + scope_modules(transformer, "noxattn")
     if scope == "xattn":
         names = [n for n, m in layers if isinstance(m, nn.Linear) and pattern.fullmatch(n)]
     elif scope == "noxattn":
         names = [n for n, _ in layers if not pattern.fullmatch(n)]
     else:
-        raise MethodError(f"unknown training scope {scope!r}; use 'xattn' (ESD-x) or 'noxattn' (ESD-u)")
+        raise MethodError(f"unknown training scope {scope!r}; use 'xattn' (ESD-x), 'noxattn' (ESD-u) or 'all'")
     if not names:
         raise MethodError(f"the transformer has no modules in scope {scope!r}")
     return names

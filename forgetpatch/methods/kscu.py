@@ -384,7 +384,7 @@ class KSCUParams:
     Args:
         task: preset to use (``"nudity"``, ``"object"``, ``"style"``, ``"identity"``); default: the concepts' kind.
         iterations, start_step, scope: override the preset (``start_step`` is out of ``num_inference_steps``;
-            preset starts are given out of 50 and scaled).
+            preset starts are given out of 50 and scaled; ``scope``: ``"xattn"``, ``"noxattn"`` or ``"all"``, both).
         lr: Adam learning rate (paper: 1e-5).
         num_inference_steps: E, the steps of the trajectory (paper: 50).
         g, lam2: loss weights (paper: 1.0, 1e-4).

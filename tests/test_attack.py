@@ -259,6 +259,28 @@ def test_cli_attack_records_on_the_patch_card_inspect_and_push(guided, tmp_path,
     assert "no attack results recorded" in capsys.readouterr().err
 
 
+def test_the_grid_shows_the_first_eight_or_every_image(tmp_path):
+    """``save_grid(every=True)`` (``--grid-all``) lays every image of the base, the patched model and each attack
+    out eight to a row, the judge's shape under each; by default one row of the first eight each."""
+    import numpy as np
+    from PIL import Image
+
+    from forgetpatch.attacks.report import AttackReport, AttackResult, Rate
+
+    images = np.random.default_rng(0).random((12, 16, 16, 3)).astype(np.float32)
+    verdicts = [{"shape": "circle" if i % 3 else None} for i in range(12)]
+    rate = Rate.of([True] * 12)
+    result = AttackResult("inversion", rate, rate, 0.0, 0, {}, named=rate, images=images, verdicts=verdicts)
+    report = AttackReport(concept="circle", seed=0, budget={}, patches=[], base=rate, before=rate,
+                          results={"inversion": result}, prompts=[f"p{i}" for i in range(12)], images_base=images,
+                          images_before=images, verdicts_base=verdicts, verdicts_before=verdicts)  # fmt: skip
+    first = Image.open(report.save_grid(tmp_path / "first.png"))
+    every = Image.open(report.save_grid(tmp_path / "every.png", every=True))
+    assert every.width == first.width  # eight columns
+    tile = 16 * 3 + 14 + 2  # an image at scale 3, its note, the gutter
+    assert every.height - first.height == 3 * tile  # a second row for each of the three (12 images: 8 + 4)
+
+
 def test_cli_attack_errors_are_one_line(guided, tmp_path):
     import subprocess
     import sys
@@ -273,6 +295,7 @@ def test_cli_attack_errors_are_one_line(guided, tmp_path):
         ((str(guided), "--record", "--scale", "0.5"), "--scale 1, no --key-steps"),  # refused after every attack before
         ((str(guided), "--budget", "huge"), "unknown attack budget 'huge'; choose one of ['default', 'tiny']"),
         ((str(guided), "--grid", str(tmp_path / "g.jpg")), "ending in .png"),
+        ((str(guided), "--grid-all"), "give --grid PATH.png too"),
     ):
         result = runner.invoke(app, ["attack", *args])
         assert result.exit_code == 1 and result.output.startswith("error: ") and message in result.output, result.output

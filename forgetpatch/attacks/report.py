@@ -139,8 +139,14 @@ class AttackReport:
             )
         return table
 
-    def save_grid(self, path: str | Path, columns: int = 8) -> Path:
-        """A PNG: the base, the patched model, then each attack's images (red frame: the concept is back)."""
+    def save_grid(self, path: str | Path, columns: int = 8, *, every: bool = False) -> Path:
+        """A PNG: the base, the patched model, then each attack's images (red frame: the concept is back), the
+        judge's shape under each (``?``: it cannot tell). The first ``columns`` images of each, or with ``every``
+        all of them, ``columns`` to a row.
+
+        Example:
+            >>> report.save_grid("attacks.png", every=True)  # all 32 images of each attack, 8 to a row
+        """
         from forgetpatch.eval import outcome
 
         rows = []
@@ -149,9 +155,13 @@ class AttackReport:
             if images is None or not len(images):
                 return
             verdicts = verdicts or [{}] * len(images)
-            notes = [str(v.get("shape") or "?") if v else "" for v in verdicts[:columns]]
-            kept = [bool(v) and outcome(v, self.concept) == "kept" for v in verdicts[:columns]]
-            rows.append((title, images[:columns], notes, kept))
+            for start in range(0, len(images) if every else 1, columns):
+                part = slice(start, start + columns)
+                notes = [str(v.get("shape") or "?") if v else "" for v in verdicts[part]]
+                kept = [bool(v) and outcome(v, self.concept) == "kept" for v in verdicts[part]]
+                end = min(start + columns, len(images))
+                label = f"{title.splitlines()[0]}\n{start + 1}-{end}" if every else title
+                rows.append((label, images[part], notes, kept))
 
         row("base", self.images_base, self.verdicts_base)
         row("patched", self.images_before, self.verdicts_before)

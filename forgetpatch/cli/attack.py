@@ -34,6 +34,9 @@ def attack_command(
     key_steps: Annotated[bool, typer.Option("--key-steps", help="Gate patches to their key steps.")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON here.")] = None,
     grid: Annotated[Path | None, typer.Option(help="Write the attacked images as a PNG grid here.")] = None,
+    grid_all: Annotated[
+        bool, typer.Option("--grid-all", help="Put every image in the grid, eight to a row (default: the first eight).")
+    ] = False,
     record: Annotated[
         bool,
         typer.Option("--record", help="Write the results into the patch's manifest (one local patch folder)."),
@@ -56,6 +59,8 @@ def attack_command(
     spend = attacks.Budget.of(budget)
     if grid is not None and grid.suffix.lower() != ".png":
         raise AttackError(f"--grid writes a PNG; give a path ending in .png, not {grid}")
+    if grid_all and grid is None:
+        raise AttackError("--grid-all says what the grid holds: give --grid PATH.png too")
     for path in (grid, json_out):
         if path is not None:
             check_writable(path, folder=False)
@@ -90,7 +95,7 @@ def attack_command(
         reports.append(report)
         if grid is not None:
             path = grid if len(concepts) == 1 else grid.with_name(f"{grid.stem}-{name}{grid.suffix}")
-            console.print(f"grid written to {report.save_grid(path)}")
+            console.print(f"grid written to {report.save_grid(path, every=grid_all)}")
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(attacks.robustness_metrics(reports), indent=2))

@@ -253,6 +253,16 @@ def test_cli_attack_records_on_the_patch_card_inspect_and_push(guided, tmp_path,
     _print_robustness(guided)  # what `forgetpatch push` tells the publisher
     assert "circle / inversion:" in (told := capsys.readouterr().err) and "named as the concept:" in told
     assert "| named after |" in card and figures["attacks"]["inversion"]["named_interval"]
+    # a record from before the named share (stop 45) still reads: "-" in the card, nothing added to push's line
+    older = read_patch(guided)
+    for r in older.manifest.metrics[ROBUSTNESS_METRICS]["circle"]["attacks"].values():
+        r.pop("named_after"), r.pop("named_interval")
+    older_folder = older.save(tmp_path / "older")
+    row = next(line for line in render_card(older_folder, "org/no-circle").text.splitlines()
+               if line.startswith("| circle | inversion |"))
+    assert row.split(" | ")[4] == "-", row
+    _print_robustness(older_folder)
+    assert "circle / inversion:" in (told := capsys.readouterr().err) and "named as the concept" not in told
     bare = read_patch(guided)
     bare.manifest.metrics.pop(ROBUSTNESS_METRICS)
     _print_robustness(bare.save(tmp_path / "bare"))

@@ -221,9 +221,10 @@ def _state(pipe) -> _State:
 
 
 def _existing_state(pipe) -> _State | None:
-    if denoiser_name(pipe) is None:
+    name = denoiser_name(pipe)
+    if name is None:
         return None
-    name, unet = denoiser(pipe)
+    unet = unwrap(getattr(pipe, name))
     with _STATES_LOCK:
         state = _STATES.get(unet)
     if state is None:

@@ -221,10 +221,10 @@ def denoise_step(engine: FinetuneEngine, x: torch.Tensor, step: int, cond: Cond,
 
 def scope_modules(transformer: nn.Module, scope: str) -> list[str]:
     """Names (inside the transformer) of the modules a training scope covers (see the module docstring)."""
-    pattern = re.compile(JOINT_ATTENTION_REGEX)
-    layers = [(n, m) for n, m in transformer.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     if scope == "all":
         return scope_modules(transformer, "xattn") + scope_modules(transformer, "noxattn")
+    pattern = re.compile(JOINT_ATTENTION_REGEX)
+    layers = [(n, m) for n, m in transformer.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     if scope == "xattn":
         names = [n for n, m in layers if isinstance(m, nn.Linear) and pattern.fullmatch(n)]
     elif scope == "noxattn":

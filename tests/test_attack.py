@@ -269,7 +269,7 @@ def test_cli_attack_records_on_the_patch_card_inspect_and_push(guided, tmp_path,
     assert "no attack results recorded" in capsys.readouterr().err
 
 
-def test_the_grid_shows_the_first_eight_or_every_image(tmp_path):
+def test_the_grid_shows_the_first_eight_or_every_image(tmp_path, monkeypatch):
     """``save_grid(every=True)`` (``--grid-all``) lays every image of the base, the patched model and each attack
     out eight to a row, the judge's shape under each; by default one row of the first eight each."""
     import numpy as np
@@ -289,6 +289,17 @@ def test_the_grid_shows_the_first_eight_or_every_image(tmp_path):
     assert every.width == first.width  # eight columns
     tile = 16 * 3 + 14 + 2  # an image at scale 3, its note, the gutter
     assert every.height - first.height == 3 * tile  # a second row for each of the three (12 images: 8 + 4)
+    # each row is titled with its images' range; the paraphrase's first row names its worst rewording instead
+    import forgetpatch.attacks.report as report_module
+
+    worst = AttackResult("paraphrase", rate, rate, 0.0, 0, {}, named=rate, images=images, verdicts=verdicts,
+                         detail={"worst_prompt": "superclass 'shape': a blue shape"})  # fmt: skip
+    report.results = {"paraphrase": worst, "inversion": result}
+    titles = []
+    monkeypatch.setattr(report_module, "save_rows", lambda rows, path, labels: titles.extend(r[0] for r in rows))
+    report.save_grid(tmp_path / "titled.png", every=True)
+    assert titles == ["base\n1-8", "base\n9-12", "patched\n1-8", "patched\n9-12",
+                      "paraphrase\n(superclass 'shape')", "paraphrase\n9-12", "inversion\n1-8", "inversion\n9-12"]
 
 
 def test_cli_attack_errors_are_one_line(guided, tmp_path):

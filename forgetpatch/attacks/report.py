@@ -160,7 +160,9 @@ class AttackReport:
                 notes = [str(v.get("shape") or "?") if v else "" for v in verdicts[part]]
                 kept = [bool(v) and outcome(v, self.concept) == "kept" for v in verdicts[part]]
                 end = min(start + columns, len(images))
-                label = f"{title.splitlines()[0]}\n{start + 1}-{end}" if every else title
+                label = title  # the default grid's one row, and the first of a named worst rewording's rows
+                if every and (start or "\n" not in title):
+                    label = f"{title.splitlines()[0]}\n{start + 1}-{end}"
                 rows.append((label, images[part], notes, kept))
 
         row("base", self.images_base, self.verdicts_base)

@@ -216,7 +216,8 @@ def measure(
 
 def cell(figures: dict[str, Any], attack_name: str) -> str:
     """The worst concept's UA after ``attack_name`` with its interval (and which concept, for several), and the share
-    of its images the judge names as the concept (surely back; not in runs from before stop 45)."""
+    of its images the judge names as the concept (surely back; not in runs from before stop 45) and whose geometric fit
+    is the concept (not in runs from before stop 46)."""
     rows = [(c, r["attacks"].get(attack_name)) for c, r in figures["concepts"].items()]
     rows = [(c, a) for c, a in rows if a is not None]
     if not rows:
@@ -224,7 +225,8 @@ def cell(figures: dict[str, Any], attack_name: str) -> str:
     concept, worst = min(rows, key=lambda ca: ca[1]["ua_after"])
     where = f" {concept}" if len(rows) > 1 else ""
     named = "" if worst.get("named_after") is None else f", named {worst['named_after']:.0%}"
-    return f"{rate_text(worst['ua_after'], worst['interval'])}{where}{named}"
+    fitted = "" if worst.get("fitted_after") is None else f", fitted {worst['fitted_after']:.0%}"
+    return f"{rate_text(worst['ua_after'], worst['interval'])}{where}{named}{fitted}"
 
 
 def before(figures: dict[str, Any]) -> str:
@@ -264,7 +266,8 @@ def main() -> None:
     table = Table(
         title=f"strict UA of the erased shape before -> after each attack (n {budget.images} per attack; "
         f"paraphrase: worst of the rewordings, {budget.paraphrase_images} images each; 'named': the share the judge "
-        "names as the erased shape, the rest of what UA misses it cannot tell)"
+        "names as the erased shape, the rest of what UA misses it cannot tell; 'fitted': the share whose geometric fit "
+        "is the erased shape, a second opinion not learned)"
     )
     for col in ("patch", "erase s", "UA before", *COLUMNS, "attack s", "IRA", "CRA", "near"):
         table.add_column(col, justify="left" if col == "patch" else "right")

@@ -20,6 +20,7 @@ import forgetpatch
 from forgetpatch import toy
 from forgetpatch.attacks import ATTACKS, Budget, attack
 from forgetpatch.errors import AttackError
+from forgetpatch.eval.geometry import fit_shapes
 from forgetpatch.format import ROBUSTNESS_METRICS, read_patch
 from forgetpatch.loader import unpatched
 from forgetpatch.recipes import load_recipe
@@ -77,7 +78,16 @@ def test_on_the_base_every_attack_finds_the_concept(judge):
         circles = sum(v.get("shape") == "circle" for v in result.verdicts)
         assert result.named.n == result.after.n and result.named.value == circles / result.after.n
         assert result.named.value <= presence and result.to_dict()["named_after"] == result.named.value
+        # "fitted": the images whose outline's geometric fit is a circle, the second opinion beside the judge's
+        fits = [f.shape for f in fit_shapes(result.images)]
+        assert result.fits == fits and result.fitted.value == fits.count("circle") / len(fits)
+        assert result.fitted.n == result.after.n and result.to_dict()["fitted_after"] == result.fitted.value
+    assert report.fitted_base.value >= 0.75 and report.to_dict()["fitted_base"]["n"] == report.base.n
     assert report.results["inversion"].detail["layers"] == 0  # nothing patched: nothing to invert
+    # a colour has no outline: no fit, and nothing in the figures or the table for it
+    red = attack(toy.pipeline(), "red", attacks=["inversion"], budget=TINY, judge=judge, progress=False)
+    assert red.fitted_base is None and red.results["inversion"].fitted is None
+    assert "fitted_after" not in red.to_dict()["attacks"]["inversion"] and "fitted_base" not in red.to_dict()
 
 
 def test_inversion_undoes_a_closed_form_patch_and_one_seed_gives_the_same_figures(guided, judge):
@@ -251,18 +261,26 @@ def test_cli_attack_records_on_the_patch_card_inspect_and_push(guided, tmp_path,
 
     capsys.readouterr()
     _print_robustness(guided)  # what `forgetpatch push` tells the publisher
-    assert "circle / inversion:" in (told := capsys.readouterr().err) and "named as the concept:" in told
-    assert "| named after |" in card and figures["attacks"]["inversion"]["named_interval"]
-    # a record from before the named share (stop 45) still reads: "-" in the card, nothing added to push's line
+    told = capsys.readouterr().err
+    assert "circle / inversion:" in told and "named as the concept:" in told and "fitted as it:" in told
+    assert "| named after | fitted after |" in card and figures["attacks"]["inversion"]["named_interval"]
+    row = next(line for line in card.splitlines() if line.startswith("| circle | inversion |"))
+    fitted = figures["attacks"]["inversion"]["fitted_after"]
+    assert row.split(" | ")[5].startswith(f"{fitted:.0%}"), row
+    header = next(line for line in card.splitlines() if line.startswith("| concept | attack |"))
+    assert card.split(header + "\n")[1].splitlines()[0].count("---") == header.count("|") - 1  # a markdown table
+    # a record from before the named share (stop 45) and the fit (stop 46) still reads: "-" in the card, nothing
+    # added to push's line
     older = read_patch(guided)
     for r in older.manifest.metrics[ROBUSTNESS_METRICS]["circle"]["attacks"].values():
-        r.pop("named_after"), r.pop("named_interval")
+        r.pop("named_after"), r.pop("named_interval"), r.pop("fitted_after"), r.pop("fitted_interval")
     older_folder = older.save(tmp_path / "older")
     row = next(line for line in render_card(older_folder, "org/no-circle").text.splitlines()
                if line.startswith("| circle | inversion |"))
-    assert row.split(" | ")[4] == "-", row
+    assert row.split(" | ")[4] == row.split(" | ")[5] == "-", row
     _print_robustness(older_folder)
-    assert "circle / inversion:" in (told := capsys.readouterr().err) and "named as the concept" not in told
+    told = capsys.readouterr().err
+    assert "circle / inversion:" in told and "named as the concept" not in told and "fitted" not in told
     bare = read_patch(guided)
     bare.manifest.metrics.pop(ROBUSTNESS_METRICS)
     _print_robustness(bare.save(tmp_path / "bare"))
@@ -295,11 +313,17 @@ def test_the_grid_shows_the_first_eight_or_every_image(tmp_path, monkeypatch):
     worst = AttackResult("paraphrase", rate, rate, 0.0, 0, {}, named=rate, images=images, verdicts=verdicts,
                          detail={"worst_prompt": "superclass 'shape': a blue shape"})  # fmt: skip
     report.results = {"paraphrase": worst, "inversion": result}
-    titles = []
-    monkeypatch.setattr(report_module, "save_rows", lambda rows, path, labels: titles.extend(r[0] for r in rows))
+    result.fits = ["circle" if i < 6 else "ring" for i in range(12)]
+    drawn = []
+    monkeypatch.setattr(report_module, "save_rows", lambda rows, path, labels: drawn.extend(rows))
     report.save_grid(tmp_path / "titled.png", every=True)
-    assert titles == ["base\n1-8", "base\n9-12", "patched\n1-8", "patched\n9-12",
-                      "paraphrase\n(superclass 'shape')", "paraphrase\n9-12", "inversion\n1-8", "inversion\n9-12"]
+    assert [title for title, *_ in drawn] == [
+        "base\n1-8", "base\n9-12", "patched\n1-8", "patched\n9-12", "paraphrase\n(superclass 'shape')",
+        "paraphrase\n9-12", "inversion\n1-8", "inversion\n9-12",
+    ]
+    # under each tile the judge's shape, and the geometric fit's after a slash where the two differ
+    assert drawn[0][2][:3] == ["?", "circle", "circle"]  # no fit recorded
+    assert drawn[6][2] == ["?/circle", "circle", "circle", "?/circle", "circle", "circle", "?/ring", "circle/ring"]
 
 
 def test_cli_attack_errors_are_one_line(guided, tmp_path):

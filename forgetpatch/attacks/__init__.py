@@ -127,6 +127,7 @@ def attack(
             )
     images_base = target.generate(target.prompts, target.seeds, pipe=base)
     base_rate, verdicts_base = target.judge_ua(images_base)
+    fitted_base, fits_base = target.fitted(images_base)
     images_before = target.generate(target.prompts, target.seeds)
     target.before_flags, verdicts_before = target.forgotten_in(images_before)
     results: dict[str, AttackResult] = {}
@@ -147,6 +148,9 @@ def attack(
         verdicts_base=verdicts_base,
         verdicts_before=verdicts_before,
         version=forgetpatch.__version__,
+        fitted_base=fitted_base,
+        fits_base=fits_base,
+        fits_before=target.fitted(images_before)[1],
     )
 
 

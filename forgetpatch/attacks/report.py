@@ -50,17 +50,27 @@ class AttackResult:
     named: Rate | None = None
     """Share of the images after the attack in which the judge names the concept itself: the concept surely
     back. Strict UA's other misses are the judge's abstentions (it cannot tell what the image shows)."""
+    fitted: Rate | None = None
+    """Share of the images after the attack whose best geometric fit is the concept: the second opinion, not
+    learned (:mod:`forgetpatch.eval.geometry`), which names a shape on nearly every image, also where the judge
+    abstains. ``None`` for a colour or a texture."""
     images: np.ndarray | None = field(default=None, repr=False)
     verdicts: list[dict] | None = field(default=None, repr=False)
+    fits: list[str] | None = field(default=None, repr=False)
+    """The geometric fit's shape per image (``"unclear"``, ``"none"`` or a shape)."""
 
     def to_dict(self) -> dict[str, Any]:
         named = {} if self.named is None else {
             "named_after": self.named.value, "named_interval": list(self.named.interval)
         }
+        fitted = {} if self.fitted is None else {
+            "fitted_after": self.fitted.value, "fitted_interval": list(self.fitted.interval)
+        }
         return {
             "ua_before": self.before.value,
             "ua_after": self.after.value,
             **named,
+            **fitted,
             "n": self.after.n,
             "n_before": self.before.n,
             "interval": list(self.after.interval),
@@ -97,6 +107,11 @@ class AttackReport:
     verdicts_base: list[dict] | None = field(default=None, repr=False)
     verdicts_before: list[dict] | None = field(default=None, repr=False)
     version: str = ""
+    fitted_base: Rate | None = None
+    """Share of the base's images whose geometric fit is the concept: how often the second opinion sees the concept
+    where it is drawn (``None`` for a colour or a texture)."""
+    fits_base: list[str] | None = field(default=None, repr=False)
+    fits_before: list[str] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready figures; ``{"attacks": {name: {"ua_before", "ua_after", "interval", ...}}, ...}``."""
@@ -107,6 +122,9 @@ class AttackReport:
             "budget": self.budget,
             "patches": self.patches,
             "ua_base": {"value": self.base.value, "n": self.base.n, "interval": list(self.base.interval)},
+            **({} if self.fitted_base is None else {"fitted_base": {
+                "value": self.fitted_base.value, "n": self.fitted_base.n, "interval": list(self.fitted_base.interval)
+            }}),
             "attacks": {name: r.to_dict() for name, r in self.results.items()},
         }
 
@@ -119,30 +137,35 @@ class AttackReport:
         from rich.table import Table
 
         on = ", ".join(p["name"] for p in self.patches) or "no patch"
+        fit = "" if self.fitted_base is None else (
+            f"; 'fitted as the concept': its outline's best geometric fit is the concept (not learned; on the "
+            f"base {self.fitted_base})"
+        )
         table = Table(
             title=f"attacks on '{self.concept}' ({on}): strict UA before -> after",
             caption=(
                 f"UA of the unpatched base on the same prompts {self.base} (n {self.base.n}); "
                 "[95% Wilson interval]; an image counts as forgotten only when the judge confidently sees "
                 "something else; 'named as the concept': the judge sees the concept itself (the rest of what UA "
-                "misses, it cannot tell)"
+                f"misses, it cannot tell){fit}"
             ),
         )
-        columns = ("attack", "UA before", "UA after", "named as the concept after", "n before/after", "seconds",
-                   "UNet passes", "found")
+        columns = ("attack", "UA before", "UA after", "named as the concept after", "fitted as the concept after",
+                   "n before/after", "seconds", "UNet passes", "found")
         for col in columns:
             table.add_column(col, justify="left" if col in ("attack", "found") else "right")
         for name, r in self.results.items():
             table.add_row(
                 name, str(r.before), str(r.after), "-" if r.named is None else str(r.named),
+                "-" if r.fitted is None else str(r.fitted),
                 f"{r.before.n}/{r.after.n}", f"{r.seconds:.0f}", str(r.unet_passes), _found(r),
             )
         return table
 
     def save_grid(self, path: str | Path, columns: int = 8, *, every: bool = False) -> Path:
         """A PNG: the base, the patched model, then each attack's images (red frame: the concept is back), the
-        judge's shape under each (``?``: it cannot tell). The first ``columns`` images of each, or with ``every``
-        all of them, ``columns`` to a row.
+        judge's shape under each (``?``: it cannot tell), and after a slash the geometric fit's where it differs
+        (``?/ring``). The first ``columns`` images of each, or with ``every`` all of them, ``columns`` to a row.
 
         Example:
             >>> report.save_grid("attacks.png", every=True)  # all 32 images of each attack, 8 to a row
@@ -151,13 +174,14 @@ class AttackReport:
 
         rows = []
 
-        def row(title: str, images: np.ndarray | None, verdicts: list[dict] | None) -> None:
+        def row(title: str, images: np.ndarray | None, verdicts: list[dict] | None, fits: list[str] | None) -> None:
             if images is None or not len(images):
                 return
             verdicts = verdicts or [{}] * len(images)
+            fits = fits or [""] * len(images)
             for start in range(0, len(images) if every else 1, columns):
                 part = slice(start, start + columns)
-                notes = [str(v.get("shape") or "?") if v else "" for v in verdicts[part]]
+                notes = [_note(v, f) for v, f in zip(verdicts[part], fits[part], strict=True)]
                 kept = [bool(v) and outcome(v, self.concept) == "kept" for v in verdicts[part]]
                 end = min(start + columns, len(images))
                 label = title  # the default grid's one row, and the first of a named worst rewording's rows
@@ -165,12 +189,20 @@ class AttackReport:
                     label = f"{title.splitlines()[0]}\n{start + 1}-{end}"
                 rows.append((label, images[part], notes, kept))
 
-        row("base", self.images_base, self.verdicts_base)
-        row("patched", self.images_before, self.verdicts_before)
+        row("base", self.images_base, self.verdicts_base, self.fits_base)
+        row("patched", self.images_before, self.verdicts_before, self.fits_before)
         for name, r in self.results.items():
             worst = str(r.detail.get("worst_prompt", "")).split(":")[0]
-            row(f"{name}\n({worst})" if worst else name, r.images, r.verdicts)
+            row(f"{name}\n({worst})" if worst else name, r.images, r.verdicts, r.fits)
         return save_rows(rows, path, labels=self.prompts[:columns])
+
+
+def _note(verdict: dict, fit: str) -> str:
+    """A tile's note: the judge's shape (``?``: it cannot tell), then the geometric fit's where it differs."""
+    if not verdict:
+        return ""
+    judged = str(verdict.get("shape") or "?")
+    return judged if not fit or fit == judged else f"{judged}/{fit}"
 
 
 def _found(r: AttackResult) -> str:

@@ -32,6 +32,7 @@ from forgetpatch.attacks.text import (
     unet_eps,
 )
 from forgetpatch.eval import PipelineGenerator, ScoringPrompt, forgotten, outcome
+from forgetpatch.eval.geometry import fit_shapes
 from forgetpatch.methods import (
     PLACEHOLDER,
     at_prefix,
@@ -98,6 +99,14 @@ class Target:
         flags, verdicts = self.forgotten_in(images)
         return Rate.of(flags), verdicts
 
+    def fitted(self, images: np.ndarray) -> tuple[Rate | None, list[str] | None]:
+        """The share of ``images`` whose best geometric fit is the concept, and each image's fit (``None, None`` for
+        a colour or a texture, which the fit does not see)."""
+        if vocab.kind_of(self.concept) != "shape":
+            return None, None
+        fits = [f.shape for f in fit_shapes(images)]
+        return Rate.of([f == self.concept for f in fits]), fits
+
     def bar(self, total: int, name: str) -> tqdm:
         return tqdm(total=total, desc=f"attack {name}", unit="step", disable=not self.progress, leave=False)
 
@@ -110,17 +119,20 @@ def _result(
     before: Rate | None = None, **detail: Any,
 ) -> AttackResult:
     after, verdicts = target.judge_ua(images)
+    fitted, fits = target.fitted(images)
     return AttackResult(
         name=name,
         before=before or target.before,
         after=after,
         named=Rate.of([outcome(v, target.concept) == "kept" for v in verdicts]),
+        fitted=fitted,
         seconds=seconds,
         unet_passes=passes,
         budget={**budget, "images": len(images), "num_inference_steps": target.budget.num_inference_steps},
         detail=detail,
         images=images,
         verdicts=verdicts,
+        fits=fits,
     )
 
 

@@ -66,7 +66,9 @@ def _print_robustness(folder: Path) -> None:
         return
     _err.print("robustness recorded on the patch (strict UA before -> after each attack):")
     for r in rows:
-        named = "" if r["named"] == "-" else f" (named as the concept: {r['named']})"
+        seen = [f"{what}: {r[key]}" for key, what in (("named", "named as the concept"), ("fitted", "fitted as it"))
+                if r.get(key, "-") != "-"]
+        named = f" ({'; '.join(seen)})" if seen else ""
         _err.print(f"  {r['concept']} / {r['attack']}: {r['before']} -> {r['after']}{named}")
 
 

@@ -73,6 +73,8 @@ class _Attack(TypedDict, total=False):
     ua_after: float | None
     named_after: float | None
     named_interval: tuple[float, float] | None
+    fitted_after: float | None
+    fitted_interval: tuple[float, float] | None
     interval: tuple[float, float] | None
     interval_before: tuple[float, float] | None
     n: int | None
@@ -281,7 +283,8 @@ def _ua(value: float | None, interval: list[float] | None, n: int | None = None)
 def robustness_summary(metrics: dict[str, Any]) -> list[dict[str, str]]:
     """One row per (concept, attack) recorded under ``metrics["robustness"]`` by ``forgetpatch attack --record``:
     strict UA before and after the attack with intervals and sample size, the share the judge names as the concept
-    after it (``"-"`` when not recorded), and what the attack spent."""
+    after it and the share whose geometric fit is the concept (``"-"`` when not recorded), and what the attack
+    spent."""
     metrics = readable(metrics)[0]
     rows = []
     for concept, report in (metrics.get(ROBUSTNESS_METRICS) or {}).items():
@@ -295,6 +298,9 @@ def robustness_summary(metrics: dict[str, Any]) -> list[dict[str, str]]:
                     "after": _ua(r.get("ua_after"), r.get("interval"), r.get("n")),
                     "named": "-" if r.get("named_after") is None else _ua(
                         r["named_after"], r.get("named_interval"), r.get("n")
+                    ),
+                    "fitted": "-" if r.get("fitted_after") is None else _ua(
+                        r["fitted_after"], r.get("fitted_interval"), r.get("n")
                     ),
                     "cost": f"{r.get('seconds', 0):.0f} s, {r.get('unet_passes', 0)} UNet passes",
                     "budget": spent,

@@ -184,7 +184,7 @@ def test_toy_robust_recipe_keeps_the_circle_gone_under_attack(competent_toy, nam
     """Issue 12 bar on a robust recipe (ESD, or KSCU on every layer, with adversarial fine-tuning): measured in two
     stages like :func:`toy_bars.measure_recipe` (UA and retention, then the three attacks at the default budget
     on 32 prompts); xfails with every figure when a bar is unmet, the share the judge names as a circle after each
-    attack beside strict UA. Erasing takes about as long as the plain recipe plus the inner searches (minutes on
+    attack and the share whose geometric fit is a circle beside strict UA. Erasing takes about as long as the plain recipe plus the inner searches (minutes on
     2 cores), hence ``slow``."""
     import warnings
 
@@ -216,6 +216,7 @@ def test_toy_robust_recipe_keeps_the_circle_gone_under_attack(competent_toy, nam
                  for attack_name, r in attacked.results.items()}
         figures["after_attack"] = after
         figures["named_as_circle_after"] = {a: str(r.named) for a, r in attacked.results.items()}
+        figures["fitted_as_circle_after"] = {a: str(r.fitted) for a, r in attacked.results.items()}
         below.update({a: v[1][0] for a, v in after.items() if a != "prompt_search_hard" and v[1][0] < ATTACK_BAR})
     print(figures)
     if below:

@@ -20,7 +20,7 @@ import forgetpatch
 from forgetpatch import toy
 from forgetpatch.attacks import ATTACKS, Budget, attack
 from forgetpatch.errors import AttackError
-from forgetpatch.eval.geometry import fit_shapes
+from forgetpatch.eval import fit_shapes
 from forgetpatch.format import ROBUSTNESS_METRICS, read_patch
 from forgetpatch.loader import unpatched
 from forgetpatch.recipes import load_recipe

@@ -31,8 +31,7 @@ from forgetpatch.attacks.text import (
     token_id,
     unet_eps,
 )
-from forgetpatch.eval import PipelineGenerator, ScoringPrompt, forgotten, outcome
-from forgetpatch.eval.geometry import fit_shapes
+from forgetpatch.eval import PipelineGenerator, ScoringPrompt, fit_shapes, forgotten, outcome
 from forgetpatch.methods import (
     PLACEHOLDER,
     at_prefix,

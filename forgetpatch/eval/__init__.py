@@ -29,6 +29,7 @@ from forgetpatch.eval.generate import (
     as_generator,
     check_guidance,
 )
+from forgetpatch.eval.geometry import fit_shapes
 from forgetpatch.eval.grid import save_grid, save_report_grid, save_rows
 from forgetpatch.eval.metrics import (
     MAX_SEED,
@@ -86,6 +87,7 @@ _LAZY = {
 __getattr__ = lazy_exports(__name__, _LAZY)
 
 __all__ = [
+    "fit_shapes",
     "MAX_SEED",
     "DEFAULT_GUIDANCE_SCALE",
     "SUITES",

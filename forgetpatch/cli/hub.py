@@ -68,8 +68,8 @@ def _print_robustness(folder: Path) -> None:
     for r in rows:
         seen = [f"{what}: {r[key]}" for key, what in (("named", "named as the concept"), ("fitted", "fitted as it"))
                 if r.get(key, "-") != "-"]
-        named = f" ({'; '.join(seen)})" if seen else ""
-        _err.print(f"  {r['concept']} / {r['attack']}: {r['before']} -> {r['after']}{named}")
+        also = f" ({'; '.join(seen)})" if seen else ""
+        _err.print(f"  {r['concept']} / {r['attack']}: {r['before']} -> {r['after']}{also}")
 
 
 def export_command(

@@ -87,7 +87,6 @@ _LAZY = {
 __getattr__ = lazy_exports(__name__, _LAZY)
 
 __all__ = [
-    "fit_shapes",
     "MAX_SEED",
     "DEFAULT_GUIDANCE_SCALE",
     "SUITES",
@@ -119,6 +118,7 @@ __all__ = [
     "compare_with_preset",
     "evaluate",
     "evaluate_suite",
+    "fit_shapes",
     "forgotten",
     "frechet_distance",
     "guide_ceiling",

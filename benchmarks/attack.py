@@ -22,6 +22,7 @@ Run:
     python benchmarks/attack.py --only esd-u-adversarial --retention     # about 15 minutes on 2 cores
     python benchmarks/attack.py --only dynamic-mask dynamic-mask-adversarial --retention
     python benchmarks/attack.py --only uce-5-guided uce-5-guided-rece2 --retention   # five shapes, plain and robust
+    python benchmarks/attack.py --only kscu-all-adversarial --budget '{"images": 96}' --seed 1 --out runs/seed1
 """
 
 from __future__ import annotations
@@ -187,9 +188,10 @@ def retention(patch: Any, concepts: list[str]) -> dict[str, Any]:
 
 def measure(
     name: str, out: Path, budget: Budget, attacked: list[str] | None, attacks: list[str] | None = None,
-    with_retention: bool = False,
+    with_retention: bool = False, seed: int = 0,
 ) -> dict[str, Any]:
-    """Attack patch ``name`` on each of its concepts not yet in ``OUT/<name>.json`` (a rerun adds only those)."""
+    """Attack patch ``name`` on each of its concepts not yet in ``OUT/<name>.json`` (a rerun adds only those), with
+    the attacks' ``seed`` (their prompts, starting points and data)."""
     path = out / f"{name}.json"
     figures = json.loads(path.read_text()) if path.exists() else {"concepts": {}}
     concepts, _ = PATCHES[name]
@@ -206,7 +208,7 @@ def measure(
     patch = the_patch(name, out, figures)
     pipe = forgetpatch.apply(toy.pipeline(), patch)
     for concept in todo:
-        report = attack(pipe, concept, attacks=attacks, budget=budget, progress=False)
+        report = attack(pipe, concept, attacks=attacks, budget=budget, progress=False, seed=seed)
         report.save_grid(out / (f"{name}.png" if len(PATCHES[name][0]) == 1 else f"{name}-{concept}.png"))
         figures["concepts"][concept] = report.to_dict()
         path.write_text(json.dumps(figures, indent=2))
@@ -259,10 +261,14 @@ def main() -> None:
     parser.add_argument("--five", nargs="+", default=FIVE, help="which shapes of a five-shape patch to attack")
     parser.add_argument("--attacks", nargs="+", default=None, help="attack only these (default: all)")
     parser.add_argument("--retention", action="store_true", help="also measure IRA, CRA and near retention")
+    parser.add_argument("--seed", type=int, default=0, help="the attacks' seed (prompts, starting points, data); "
+                        "their spread across seeds is as large as recipes' differences: compare on several, each "
+                        "with its own --out (the patch is made again there, the same one for the same recipe)")
     args = parser.parse_args()
     budget = Budget.of(json.loads(args.budget) if args.budget.startswith("{") else args.budget)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {name: measure(name, args.out, budget, args.five, args.attacks, args.retention) for name in args.only}
+    results = {name: measure(name, args.out, budget, args.five, args.attacks, args.retention, args.seed)
+               for name in args.only}
     table = Table(
         title=f"strict UA of the erased shape before -> after each attack (n {budget.images} per attack; "
         f"paraphrase: worst of the rewordings, {budget.paraphrase_images} images each; 'named': the share the judge "

@@ -60,17 +60,11 @@ class AttackResult:
     """The geometric fit's shape per image (``"unclear"``, ``"none"`` or a shape)."""
 
     def to_dict(self) -> dict[str, Any]:
-        named = {} if self.named is None else {
-            "named_after": self.named.value, "named_interval": list(self.named.interval)
-        }
-        fitted = {} if self.fitted is None else {
-            "fitted_after": self.fitted.value, "fitted_interval": list(self.fitted.interval)
-        }
         return {
             "ua_before": self.before.value,
             "ua_after": self.after.value,
-            **named,
-            **fitted,
+            **_share("named", self.named),
+            **_share("fitted", self.fitted),
             "n": self.after.n,
             "n_before": self.before.n,
             "interval": list(self.after.interval),
@@ -195,6 +189,11 @@ class AttackReport:
             worst = str(r.detail.get("worst_prompt", "")).split(":")[0]
             row(f"{name}\n({worst})" if worst else name, r.images, r.verdicts, r.fits)
         return save_rows(rows, path, labels=self.prompts[:columns])
+
+
+def _share(key: str, rate: Rate | None) -> dict[str, Any]:
+    """``{key_after, key_interval}`` of a share measured after an attack, or nothing when it was not measured."""
+    return {} if rate is None else {f"{key}_after": rate.value, f"{key}_interval": list(rate.interval)}
 
 
 def _note(verdict: dict, fit: str) -> str:

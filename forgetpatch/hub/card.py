@@ -280,6 +280,12 @@ def _ua(value: float | None, interval: list[float] | None, n: int | None = None)
     return rate_text(value, interval, n or None)
 
 
+def _share(attack: dict[str, Any], key: str) -> str:
+    """A share recorded after an attack (``named``, ``fitted``) as a rate with its interval, ``"-"`` when absent."""
+    value = attack.get(f"{key}_after")
+    return "-" if value is None else _ua(value, attack.get(f"{key}_interval"), attack.get("n"))
+
+
 def robustness_summary(metrics: dict[str, Any]) -> list[dict[str, str]]:
     """One row per (concept, attack) recorded under ``metrics["robustness"]`` by ``forgetpatch attack --record``:
     strict UA before and after the attack with intervals and sample size, the share the judge names as the concept
@@ -296,12 +302,8 @@ def robustness_summary(metrics: dict[str, Any]) -> list[dict[str, str]]:
                     "attack": _attack_label(name, r),
                     "before": _ua(r.get("ua_before"), r.get("interval_before"), r.get("n_before")),
                     "after": _ua(r.get("ua_after"), r.get("interval"), r.get("n")),
-                    "named": "-" if r.get("named_after") is None else _ua(
-                        r["named_after"], r.get("named_interval"), r.get("n")
-                    ),
-                    "fitted": "-" if r.get("fitted_after") is None else _ua(
-                        r["fitted_after"], r.get("fitted_interval"), r.get("n")
-                    ),
+                    "named": _share(r, "named"),
+                    "fitted": _share(r, "fitted"),
                     "cost": f"{r.get('seconds', 0):.0f} s, {r.get('unet_passes', 0)} UNet passes",
                     "budget": spent,
                     "seed": str(report.get("seed", "-")),
